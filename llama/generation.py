@@ -1,0 +1,338 @@
+"""The public `Llama` class: build, the one decoding loop, text and chat completion."""
+
+import os
+import time
+from pathlib import Path
+from typing import List, Literal, Optional, Tuple, TypedDict  # noqa: F401  (Literal: API parity)
+
+import torch
+import torch.nn.functional as F
+
+from llama import checkpoint, distributed
+from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
+    B_INST,
+    B_SYS,
+    E_INST,
+    E_SYS,
+    SPECIAL_TAGS,
+    UNSAFE_ERROR,
+    Dialog,
+    Message,
+    Role,
+    encode_dialog,
+    has_special_tags,
+)
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling: draw from the smallest set of tokens whose mass reaches `p`.
+
+    `probs` is (bsz, vocab); returns (bsz, 1) token ids. The steps are the
+    reference's, so the same generator state draws the same tokens.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p.
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1)
+    next_token = torch.gather(probs_idx, -1, next_token)
+    return next_token
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(bsz,) next tokens from last-position logits (bsz, vocab): greedy at temperature 0."""
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return sample_top_p(probs, top_p).reshape(-1)
+    return torch.argmax(logits, dim=-1).reshape(-1)
+
+
+def token_logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under `logits`: (bsz, seqlen, vocab), (bsz, seqlen) -> (bsz, seqlen)."""
+    return -F.cross_entropy(input=logits.transpose(1, 2), target=targets, reduction="none")
+
+
+def _check_sampling(temperature: float, top_p: float) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        device: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "Llama":
+        """Load a Meta-format checkpoint and its tokenizer, ready to generate.
+
+        Starts the process group and model parallelism when needed (NCCL on
+        CUDA, gloo on CPU; a world of one under plain `python`), loads this
+        rank's shard and seeds every rank with `seed`. `device` defaults to
+        this process's GPU or the CPU, `dtype` to fp16 on CUDA and fp32 on CPU.
+
+        Raises FileNotFoundError for a missing directory, shard, params.json
+        or tokenizer, and ValueError for anything that does not fit.
+        """
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        device = distributed.choose_device(device)
+        dtype = distributed.choose_dtype(device, dtype)
+        # Cheap checks first, so that a typo fails before any process group exists.
+        shards = checkpoint.find_shards(ckpt_dir)
+        params = checkpoint.read_params(ckpt_dir)
+        tokenizer = Tokenizer(model_path=str(tokenizer_path))
+
+        model_parallel_size = distributed.init_distributed(device, model_parallel_size)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # The seed must be the same on all ranks: they sample the same tokens.
+        torch.manual_seed(seed)
+        distributed.silence_other_ranks()
+
+        start_time = time.time()
+        if len(shards) != model_parallel_size:
+            raise ValueError(
+                f"checkpoint {str(ckpt_dir)!r} has {len(shards)} shard(s) but the model-parallel "
+                f"size is {model_parallel_size}; run with torchrun --nproc_per_node {len(shards)}"
+            )
+        model_args = checkpoint.model_args_from_params(
+            params, max_seq_len=max_seq_len, max_batch_size=max_batch_size
+        )
+        if model_args.vocab_size not in (-1, tokenizer.n_words):
+            raise ValueError(
+                f"params.json says vocab_size {model_args.vocab_size} but the tokenizer "
+                f"{str(tokenizer_path)!r} has {tokenizer.n_words} pieces"
+            )
+        model_args.vocab_size = tokenizer.n_words
+        checkpoint.check_model_parallel_fit(model_args, model_parallel_size)
+
+        shard_path = shards[distributed.model_parallel_rank()]
+        state_dict = checkpoint.load_shard(shard_path)
+        embedding = state_dict.get("tok_embeddings.weight")
+        if embedding is not None and embedding.shape[0] != tokenizer.n_words:
+            raise ValueError(
+                f"the tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} pieces but the "
+                f"checkpoint's tok_embeddings has {embedding.shape[0]} rows: wrong tokenizer for this model?"
+            )
+        with checkpoint.init_on_meta():
+            model = Transformer(model_args)
+        checkpoint.load_into(model, state_dict, device, dtype, source=str(shard_path))
+        model.setup_caches(device=device, dtype=dtype)
+        model.eval()
+        print(f"Loaded in {time.time() - start_time:.2f} seconds")
+
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def _check_prompts(self, prompt_tokens: List[List[int]]) -> None:
+        params = self.model.params
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}; "
+                "build with a larger max_batch_size or send fewer at a time"
+            )
+        for i, tokens in enumerate(prompt_tokens):
+            if len(tokens) == 0:
+                raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+            if len(tokens) > params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(tokens)} tokens, more than max_seq_len {params.max_seq_len}"
+                )
+            bad = [t for t in tokens if not isinstance(t, int) or not 0 <= t < params.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt {i} holds token id {bad[0]!r}, outside the vocabulary [0, {params.vocab_size})"
+                )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt by up to `max_gen_len` tokens.
+
+        Prompts of different lengths run as one batch: positions are filled
+        from the shortest prompt on, a longer prompt's own tokens taking
+        precedence over sampled ones until it ends, so each row gets the tokens
+        it would get alone. Stops when every row has produced EOS; each row is
+        cut before its first generated EOS. With `echo` the prompt is included;
+        with `logprobs` each returned token comes with log p(token | before).
+
+        Returns (tokens per row, logprobs per row or None).
+        """
+        _check_sampling(temperature, top_p)
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
+        prompt_tokens = [list(t) for t in prompt_tokens]
+        if not prompt_tokens:
+            return [], ([] if logprobs else None)
+        self._check_prompts(prompt_tokens)
+
+        params = self.model.params
+        bsz = len(prompt_tokens)
+        prompt_lens = [len(t) for t in prompt_tokens]
+        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+
+        device = self.device
+        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        lengths = torch.tensor(prompt_lens, device=device)
+        # True where a position holds prompt text (known from the lengths, not
+        # from a pad id that a prompt might itself contain).
+        input_text_mask = torch.arange(total_len, device=device)[None, :] < lengths[:, None]
+        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
+
+        prev_pos = 0
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+        if min_prompt_len == total_len:
+            # Nothing to generate: the reference computes unshifted logprobs
+            # here, and even when none were asked for.
+            if logprobs:
+                logits = self.model.forward(tokens, prev_pos)
+                token_logprobs[:, 1:] = token_logprobs_of(logits[:, :-1], tokens[:, 1:])
+
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            next_token = sample_next_token(logits[:, -1], temperature, top_p)
+            # Rows still inside their prompt keep the prompt's token.
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = token_logprobs_of(
+                    logits, tokens[:, prev_pos + 1 : cur_pos + 1]
+                )
+            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            prev_pos = cur_pos
+            if bool(eos_reached.all()):
+                break
+
+        all_logprobs = token_logprobs.tolist() if logprobs else None
+        out_tokens, out_logprobs = [], []
+        for i, row in enumerate(tokens.tolist()):
+            prompt_len = prompt_lens[i]
+            start = 0 if echo else prompt_len
+            end = prompt_len + max_gen_len
+            toks = row[start:end]
+            probs = all_logprobs[i][start:end] if logprobs else None
+            # Cut before the first *generated* EOS; an EOS in an echoed prompt stays.
+            generated = row[prompt_len:end]
+            if self.tokenizer.eos_id in generated:
+                eos_idx = prompt_len - start + generated.index(self.tokenizer.eos_id)
+                toks = toks[:eos_idx]
+                probs = probs[:eos_idx] if logprobs else None
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Complete each prompt; returns one CompletionPrediction per prompt."""
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings; wrap a single prompt in a list")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+            echo=echo,
+        )
+        return [
+            self._prediction(self.tokenizer.decode(t), t, generation_logprobs, i)
+            for i, t in enumerate(generation_tokens)
+        ]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog as the assistant; returns one ChatPrediction per dialog.
+
+        A dialog whose messages hold the format's own tags ([INST], <<SYS>>,
+        ...) is answered with UNSAFE_ERROR. Raises ValueError for a dialog the
+        format cannot encode (empty, wrong role order, ending with the assistant).
+        """
+        _check_sampling(temperature, top_p)
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
+        unsafe_requests = [has_special_tags(dialog) for dialog in dialogs]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+        )
+        return [
+            self._prediction(
+                {"role": "assistant", "content": UNSAFE_ERROR if unsafe else self.tokenizer.decode(t)},
+                t,
+                generation_logprobs,
+                i,
+            )
+            for i, (t, unsafe) in enumerate(zip(generation_tokens, unsafe_requests))
+        ]
+
+    def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[List[float]]], i: int):
+        # The one place a result dict is built, for text and chat alike.
+        if logprobs is None:
+            return {"generation": generation}
+        return {
+            "generation": generation,
+            "tokens": self.tokenizer.decode_pieces(tokens),
+            "logprobs": logprobs[i],
+        }
