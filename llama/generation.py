@@ -1,9 +1,7 @@
 """The public `Llama` class: build, the one decoding loop, text and chat completion."""
 
-import os
 import time
-from pathlib import Path
-from typing import List, Literal, Optional, Tuple, TypedDict  # noqa: F401  (Literal: API parity)
+from typing import Iterator, List, Optional, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,7 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
     encode_dialog,
     has_special_tags,
 )
-from llama.model import ModelArgs, Transformer
+from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 
 
@@ -73,6 +71,32 @@ def _check_sampling(temperature: float, top_p: float) -> None:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+class _Decoding:
+    """The tensors of one generate() call, shared by its loop and its results."""
+
+    def __init__(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, max_seq_len, device):
+        self.prompt_lens = [len(t) for t in prompt_tokens]
+        self.max_gen_len = max_gen_len
+        self.temperature = temperature
+        self.top_p = top_p
+        self.logprobs = logprobs
+        bsz = len(prompt_tokens)
+        self.min_prompt_len, max_prompt_len = min(self.prompt_lens), max(self.prompt_lens)
+        self.total_len = min(max_seq_len, max_gen_len + max_prompt_len)
+
+        self.tokens = torch.zeros((bsz, self.total_len), dtype=torch.long, device=device)
+        for k, t in enumerate(prompt_tokens):
+            self.tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        lengths = torch.tensor(self.prompt_lens, device=device)
+        # True where a position holds prompt text (known from the lengths, not
+        # from a pad id that a prompt might itself contain).
+        self.input_text_mask = torch.arange(self.total_len, device=device)[None, :] < lengths[:, None]
+        self.token_logprobs = (
+            torch.zeros((bsz, self.total_len), dtype=torch.float, device=device) if logprobs else None
+        )
+        self.eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
 
 
 class Llama:
@@ -197,71 +221,94 @@ class Llama:
 
         Returns (tokens per row, logprobs per row or None).
         """
+        state = self._start_decoding(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        if state is None:
+            return [], ([] if logprobs else None)
+        for _ in self._decode_steps(state):
+            pass
+        return self._finish_decoding(state, echo)
+
+    def _start_decoding(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+    ) -> Optional["_Decoding"]:
+        """Check the arguments and lay out the batch; None for an empty batch."""
         _check_sampling(temperature, top_p)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompt_tokens = [list(t) for t in prompt_tokens]
         if not prompt_tokens:
-            return [], ([] if logprobs else None)
+            return None
         self._check_prompts(prompt_tokens)
+        return _Decoding(
+            prompt_tokens,
+            max_gen_len,
+            temperature,
+            top_p,
+            logprobs,
+            max_seq_len=self.model.params.max_seq_len,
+            device=self.device,
+        )
 
-        params = self.model.params
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(t) for t in prompt_tokens]
-        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
-        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+    def _decode_steps(self, state: "_Decoding") -> Iterator[int]:
+        """Run the decoding loop; yields each position `cur_pos` once it is filled.
 
-        device = self.device
-        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        lengths = torch.tensor(prompt_lens, device=device)
-        # True where a position holds prompt text (known from the lengths, not
-        # from a pad id that a prompt might itself contain).
-        input_text_mask = torch.arange(total_len, device=device)[None, :] < lengths[:, None]
-        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
-
+        After a yield, `state.tokens[:, cur_pos]` holds the new token of every
+        row (or the row's own prompt token while the row is still in its
+        prompt). The loop ends when every row has produced EOS or the
+        sequence is full.
+        """
+        tokens, token_logprobs = state.tokens, state.token_logprobs
         prev_pos = 0
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
-        if min_prompt_len == total_len:
-            # Nothing to generate: the reference computes unshifted logprobs
+        if state.min_prompt_len == state.total_len:
+            # Nothing to generate. The reference computes unshifted logprobs
             # here, and even when none were asked for.
-            if logprobs:
+            if state.logprobs:
                 logits = self.model.forward(tokens, prev_pos)
                 token_logprobs[:, 1:] = token_logprobs_of(logits[:, :-1], tokens[:, 1:])
+            return
 
-        for cur_pos in range(min_prompt_len, total_len):
+        for cur_pos in range(state.min_prompt_len, state.total_len):
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
-            next_token = sample_next_token(logits[:, -1], temperature, top_p)
+            next_token = sample_next_token(logits[:, -1], state.temperature, state.top_p)
             # Rows still inside their prompt keep the prompt's token.
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            next_token = torch.where(state.input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
-            if logprobs:
+            if state.logprobs:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = token_logprobs_of(
                     logits, tokens[:, prev_pos + 1 : cur_pos + 1]
                 )
-            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            state.eos_reached |= (~state.input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
             prev_pos = cur_pos
-            if bool(eos_reached.all()):
+            yield cur_pos
+            if bool(state.eos_reached.all()):
                 break
 
-        all_logprobs = token_logprobs.tolist() if logprobs else None
+    def _finish_decoding(
+        self, state: "_Decoding", echo: bool
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Cut each row to its answer (or prompt + answer with `echo`)."""
+        all_logprobs = state.token_logprobs.tolist() if state.logprobs else None
         out_tokens, out_logprobs = [], []
-        for i, row in enumerate(tokens.tolist()):
-            prompt_len = prompt_lens[i]
+        for i, row in enumerate(state.tokens.tolist()):
+            prompt_len = state.prompt_lens[i]
             start = 0 if echo else prompt_len
-            end = prompt_len + max_gen_len
+            end = prompt_len + state.max_gen_len
             toks = row[start:end]
-            probs = all_logprobs[i][start:end] if logprobs else None
+            probs = all_logprobs[i][start:end] if state.logprobs else None
             # Cut before the first *generated* EOS; an EOS in an echoed prompt stays.
             generated = row[prompt_len:end]
             if self.tokenizer.eos_id in generated:
                 eos_idx = prompt_len - start + generated.index(self.tokenizer.eos_id)
                 toks = toks[:eos_idx]
-                probs = probs[:eos_idx] if logprobs else None
+                probs = probs[:eos_idx] if state.logprobs else None
             out_tokens.append(toks)
             out_logprobs.append(probs)
-        return out_tokens, (out_logprobs if logprobs else None)
+        return out_tokens, (out_logprobs if state.logprobs else None)
 
     def text_completion(
         self,
