@@ -21,7 +21,7 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
     has_special_tags,
 )
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -175,6 +175,10 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        # The decoding that owns the KV cache now. A suspended stream checks it
+        # before each step, so that one left open while another generation ran
+        # raises instead of reading a cache that now holds other tokens.
+        self._current_decoding: Optional[_Decoding] = None
 
     @property
     def device(self) -> torch.device:
@@ -244,7 +248,7 @@ class Llama:
         if not prompt_tokens:
             return None
         self._check_prompts(prompt_tokens)
-        return _Decoding(
+        self._current_decoding = _Decoding(
             prompt_tokens,
             max_gen_len,
             temperature,
@@ -253,6 +257,7 @@ class Llama:
             max_seq_len=self.model.params.max_seq_len,
             device=self.device,
         )
+        return self._current_decoding
 
     def _decode_steps(self, state: "_Decoding") -> Iterator[int]:
         """Run the decoding loop; yields each position `cur_pos` once it is filled.
@@ -373,6 +378,114 @@ class Llama:
             )
             for i, (t, unsafe) in enumerate(zip(generation_tokens, unsafe_requests))
         ]
+
+    def stream_generate(
+        self,
+        prompt_tokens: List[int],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+    ) -> Iterator[int]:
+        """Continue one prompt (a list of token ids), yielding each new token id as it is sampled.
+
+        Runs the same decoding loop as `generate`, so for the same seed it
+        yields exactly `generate([prompt_tokens], ...)[0][0]` (the tokens
+        before EOS) and draws the same random numbers. Ends at EOS (not
+        yielded) or after `max_gen_len` tokens; the caller may stop earlier
+        by leaving the loop or calling `.close()`. Arguments are checked
+        here, before the first token: raises ValueError as `generate` does.
+        A stream left open while another generation runs on this Llama
+        raises RuntimeError when resumed, since the KV cache moved on.
+        """
+        if not isinstance(prompt_tokens, (list, tuple)) or any(isinstance(t, (list, tuple)) for t in prompt_tokens):
+            raise ValueError("stream_generate takes one prompt, a list of token ids; call it once per prompt")
+        with torch.inference_mode():
+            state = self._start_decoding([prompt_tokens], max_gen_len, temperature, top_p, logprobs=False)
+        return self._stream_tokens(state)
+
+    def _stream_tokens(self, state: "_Decoding") -> Iterator[int]:
+        steps = self._decode_steps(state)
+        while True:
+            if self._current_decoding is not state:
+                raise RuntimeError(
+                    "this stream was overtaken by a later generation on the same Llama, which "
+                    "reused the KV cache; finish or close a stream before starting another"
+                )
+            # Inference mode around each step only: a `with` (or the decorator)
+            # spanning the yield would also hold it over the caller's code
+            # between tokens.
+            with torch.inference_mode():
+                cur_pos = next(steps, None)
+            if cur_pos is None or bool(state.eos_reached[0]):
+                return
+            yield int(state.tokens[0, cur_pos])
+
+    def _stream_text(self, token_stream: Iterator[int]) -> Iterator[str]:
+        # One piece per token ("" while a character is still incomplete), and
+        # at the end whatever an unfinished character leaves, as decode() would.
+        decoder = IncrementalDecoder(self.tokenizer)
+        try:
+            for token in token_stream:
+                yield decoder.push(token)
+            rest = decoder.flush()
+            if rest:
+                yield rest
+        finally:
+            token_stream.close()
+
+    def stream_text_completion(
+        self,
+        prompt: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+    ) -> Iterator[str]:
+        """Complete one prompt, yielding text pieces as each token is sampled.
+
+        Yields one str per generated token, "" while a character spread over
+        byte tokens is incomplete (so no piece holds half a character); the
+        pieces join to `text_completion([prompt], ...)[0]["generation"]` for
+        the same seed. Stops as `stream_generate` does. Raises ValueError for
+        a non-str prompt or bad arguments, before the first piece.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"stream_text_completion takes one prompt str, got {type(prompt).__name__}; "
+                "call it once per prompt"
+            )
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        return self._stream_text(self.stream_generate(prompt_tokens, max_gen_len, temperature, top_p))
+
+    def stream_chat_completion(
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+    ) -> Iterator[str]:
+        """Answer one dialog as the assistant, yielding text pieces as each token is sampled.
+
+        The pieces join to `chat_completion([dialog], ...)[0]["generation"]["content"]`
+        for the same seed. As there, a dialog holding the format's own tags is
+        answered with UNSAFE_ERROR, yielded once after the tokens have been
+        drawn (so the random state moves on as in `chat_completion`). Raises
+        ValueError for a dialog the format cannot encode, before the first piece.
+        """
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = encode_dialog(self.tokenizer, dialog)
+        token_stream = self.stream_generate(prompt_tokens, max_gen_len, temperature, top_p)
+        if has_special_tags(dialog):
+            return self._stream_unsafe(token_stream)
+        return self._stream_text(token_stream)
+
+    @staticmethod
+    def _stream_unsafe(token_stream: Iterator[int]) -> Iterator[str]:
+        for _ in token_stream:
+            pass
+        yield UNSAFE_ERROR
 
     def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[List[float]]], i: int):
         # The one place a result dict is built, for text and chat alike.
