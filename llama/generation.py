@@ -411,9 +411,10 @@ class Llama:
                     "this stream was overtaken by a later generation on the same Llama, which "
                     "reused the KV cache; finish or close a stream before starting another"
                 )
-            # Inference mode around each step only: a `with` (or the decorator)
-            # spanning the yield would also hold it over the caller's code
-            # between tokens.
+            # Inference mode around each step, never across the yield: the
+            # caller's code between tokens runs in its own mode. (torch's
+            # decorator would do the same for a generator function; spelled
+            # out here so that it does not depend on that.)
             with torch.inference_mode():
                 cur_pos = next(steps, None)
             if cur_pos is None or bool(state.eos_reached[0]):

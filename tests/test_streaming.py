@@ -138,11 +138,14 @@ def forcing_llama(tmp_path_factory, tiny_tokenizer):
     starts each chat answer with the 4-byte "🦙" before going on at random."""
     tokenizer = Tokenizer(str(tiny_tokenizer))
     piece = tokenizer.sp_model.piece_to_id
-    ids = {p: piece(p) for p in ["▁the", "▁one", "<0xE4>", "<0xB8>", "<0xAD>", "<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]}
+    names = ["▁the", "▁one", "<0xE4>", "<0xB8>", "<0xAD>", "<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]
+    ids = {name: piece(name) for name in names}
     assert all(ids.values()), f"the tiny tokenizer lacks a piece the test needs: {ids}"
     text_start = tokenizer.encode(TEXT_PROMPT, bos=True, eos=False)[-1]
     chat_start = encode_dialog(tokenizer, _chat("hi"))[-1]
-    chain_text = [text_start, ids["▁the"], ids["<0xE4>"], ids["<0xB8>"], ids["<0xAD>"], ids["▁one"], tokenizer.eos_id]
+    # 中 is E4 B8 AD in UTF-8, 🦙 is F0 9F A6 99.
+    chain_text = [text_start, ids["▁the"], ids["<0xE4>"], ids["<0xB8>"], ids["<0xAD>"], ids["▁one"]]
+    chain_text.append(tokenizer.eos_id)
     chain_chat = [chat_start, ids["<0xF0>"], ids["<0x9F>"], ids["<0xA6>"], ids["<0x99>"]]
     successor = {**dict(zip(chain_text, chain_text[1:])), **dict(zip(chain_chat, chain_chat[1:]))}
     assert len(successor) == len(chain_text) + len(chain_chat) - 2, "the two chains must not share tokens"
