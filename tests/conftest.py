@@ -80,9 +80,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(nproc: int, args, timeout: float = 300, env=None, extra=()) -> subprocess.CompletedProcess:
-    """Run `torchrun --nproc_per_node nproc ARGS` on CPU; fails the test on a non-zero exit."""
-    cmd = [
+def torchrun_cmd(nproc: int, args, extra=()) -> list:
+    """The command line of `torchrun --nproc_per_node nproc ARGS` on a free local port."""
+    return [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1",
@@ -90,12 +90,22 @@ def run_torchrun(nproc: int, args, timeout: float = 300, env=None, extra=()) -> 
         *extra,
         *[str(a) for a in args],
     ]
-    return run_checked(cmd, timeout=timeout, env=env)
+
+
+def run_torchrun(nproc: int, args, timeout: float = 300, env=None, extra=()) -> subprocess.CompletedProcess:
+    """Run `torchrun --nproc_per_node nproc ARGS` on CPU; fails the test on a non-zero exit."""
+    return run_checked(torchrun_cmd(nproc, args, extra), timeout=timeout, env=env)
+
+
+def subprocess_env(env=None) -> dict:
+    """The environment a test's child process runs in: CPU only, one thread, this checkout first."""
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    return full_env
 
 
 def run_checked(cmd, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    full_env = subprocess_env(env)
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
