@@ -33,6 +33,8 @@ def main(
 ):
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint(int(os.environ.get("WORLD_SIZE", 1)))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"No --ckpt_dir: chatting with the tiny demo model in {ckpt_dir} (random weights, gibberish replies)")
     if tokenizer_path is None:
         tokenizer_path = Path(ckpt_dir) / "tokenizer.model"
     llama = Llama.build(

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, subprocess_env, torchrun_cmd
 from llama import Llama, Tokenizer
 from llama.chat_format import encode_dialog
-from llama.chat_repl import PROMPT, Conversation, MessageTooLong, Terminal, printable
+from llama.chat_repl import HELP, PROMPT, Conversation, MessageTooLong, Terminal, printable, run_chat
 from llama.tiny import demo_checkpoint
 
 SYSTEM = "answer in one line"
@@ -91,17 +91,31 @@ def test_terminal_reads_lines_ctrl_c_and_ctrl_d_from_a_tty():
         os.close(follower)
 
 
+def test_run_chat_checks_its_arguments_before_reading(reference):
+    with pytest.raises(ValueError, match=r"max_gen_len must be an int in \[1, max_seq_len - 1\]"):
+        run_chat(reference, max_gen_len=reference.model.params.max_seq_len, input_fd=-1)
+    with pytest.raises(ValueError, match="system prompt holds"):
+        run_chat(reference, system="[INST]", input_fd=-1)
+
+
 # --- whole sessions through a pseudo-terminal ---
 
 
-def spawn_chat(world: int, args, env=None) -> pexpect.spawn:
+def spawn_chat(world: int, args, env=None, retried=False) -> pexpect.spawn:
     chat = [str(REPO / "chat.py"), *[str(a) for a in args]]
     cmd = [sys.executable, *chat] if world == 1 else torchrun_cmd(world, chat)
     child = pexpect.spawn(
         cmd[0], cmd[1:], cwd=str(REPO), env=subprocess_env(env), encoding="utf-8", timeout=120, dimensions=(24, 200)
     )
     child.logfile_read = sys.stdout  # the session's screen, shown by pytest when a test fails
-    child.expect_exact(PROMPT)
+    try:
+        child.expect_exact(PROMPT)
+    except pexpect.EOF:
+        # Another test run on this machine took the free port between the
+        # check and torchrun's bind: try once more on a fresh one.
+        if world > 1 and "EADDRINUSE" in child.before and not retried:
+            return spawn_chat(world, args, env, retried=True)
+        raise
     return child
 
 
@@ -196,6 +210,8 @@ def test_chat_session_history_reset_truncation_and_exit(world, reference, tiny_c
         with pytest.raises(pexpect.TIMEOUT):
             child.read_nonblocking(1000, timeout=1.0)
         assert send(child, "/reset") == "[history cleared]"
+        assert send(child, "/nope") == f"[unknown command '/nope'] {HELP}"
+        assert send(child, "[INST] hi").startswith("[not sent: a message may not hold the chat format's tags")
         assert send(child, "a quiet village") == printable(second_alone)
         assert send(child, long_message) == (
             f"[history too long for max_seq_len {max_seq_len}: dropped the oldest 1 turn]\n" + printable(long_reply)
@@ -232,6 +248,10 @@ def test_chat_ctrl_c_stops_a_reply_on_every_rank_and_ctrl_d_leaves(world, demo_c
         dialog = [_user("the river"), _assistant(first), _user("a quiet village")]
         shown = send_and_interrupt(child, "a quiet village")
         shown_prefix(reference.stream_chat_completion(dialog, temperature=0, max_gen_len=gen_len), shown)
+        # Ctrl-C while typing drops the line and gives a fresh prompt.
+        child.send("half a line")
+        child.send("\x03")
+        child.expect_exact("half a line^C\r\n" + PROMPT)
         leave(child, "Ctrl-D")
     finally:
         child.close(force=True)
