@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from llama.chat_format import Dialog, encode_dialog, has_special_tags
-from llama.generation import Llama
+from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
 PROMPT = ">>> "
@@ -237,6 +237,8 @@ class ChatRepl:
                 f"max_gen_len must be an int in [1, max_seq_len - 1] = [1, {self.max_seq_len - 1}], "
                 f"got {max_gen_len!r}; the rest of max_seq_len holds the history"
             )
+        # Checked now, not at the first message after someone has typed it.
+        _check_sampling(temperature, top_p)
         self.max_gen_len = max_gen_len
         self.temperature = temperature
         self.top_p = top_p
@@ -350,8 +352,8 @@ def run_chat(
     (stdout); all ranks must call this with the same arguments. Replies are
     at most `max_gen_len` tokens (default: half of `max_seq_len`); the
     oldest turns are dropped when the history and a reply would pass
-    `max_seq_len`. Raises ValueError for a bad `max_gen_len` or a system
-    prompt holding the format's tags.
+    `max_seq_len`. Raises ValueError for a bad `max_gen_len`, temperature
+    or top_p, or a system prompt holding the format's tags.
     """
     terminal = Terminal(sys.stdin.fileno() if input_fd is None else input_fd, output or sys.stdout)
     repl = ChatRepl(llama, system, temperature, top_p, max_gen_len, terminal, heartbeat_s)

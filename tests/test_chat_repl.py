@@ -96,6 +96,8 @@ def test_run_chat_checks_its_arguments_before_reading(reference):
         run_chat(reference, max_gen_len=reference.model.params.max_seq_len, input_fd=-1)
     with pytest.raises(ValueError, match="system prompt holds"):
         run_chat(reference, system="[INST]", input_fd=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        run_chat(reference, top_p=0, input_fd=-1)
 
 
 # --- whole sessions through a pseudo-terminal ---
