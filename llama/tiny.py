@@ -203,6 +203,7 @@ def demo_checkpoint(mp: int = 1) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".demo-mp{mp}-", dir=target.parent))
     try:
         make_tiny_checkpoint(tmp, mp=mp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not
         try:
             os.rename(tmp, target)
         except OSError:
