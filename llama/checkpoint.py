@@ -309,10 +309,6 @@ def assemble_rank(
     (views, for slices along dim 0); `on_tensor(1)` is called after each.
     `release_copied` is for memory-mapped shards only: once a tensor has
     been copied out of one, its pages are dropped from resident memory."""
-    check_model_parallel_fit(args, n_shards)
-    check_model_parallel_fit(args, model_parallel_size, n_shards=n_shards)
-    if not 0 <= rank < model_parallel_size:
-        raise ValueError(f"rank {rank} is outside the model-parallel size {model_parallel_size}")
     shapes = full_shapes(args)
     # Parts are looked for in this rank's own shards first, so that
     # replicated KV heads and norms come from a shard it reads anyway.
@@ -357,9 +353,17 @@ def assemble_rank(
 
 
 def _home_shards(args: ModelArgs, n_shards: int, model_parallel_size: int, rank: int) -> List[int]:
-    """The shards that hold `rank`'s query heads: the ones it reads in any case."""
-    check_model_parallel_fit(args, n_shards)
+    """The shards that hold `rank`'s query heads: the ones it reads in any case.
+
+    Raises ValueError first if the shard count does not fit the model or the
+    model-parallel size.
+    """
+    problem = _fit_problem(args, n_shards)
+    if problem is not None:
+        raise ValueError(f"the checkpoint's {n_shards} shard(s) do not fit the model in params.json: {problem}")
     check_model_parallel_fit(args, model_parallel_size, n_shards=n_shards)
+    if not 0 <= rank < model_parallel_size:
+        raise ValueError(f"rank {rank} is outside the model-parallel size {model_parallel_size}")
     if n_shards >= model_parallel_size:
         per_rank = n_shards // model_parallel_size
         return list(range(rank * per_rank, (rank + 1) * per_rank))

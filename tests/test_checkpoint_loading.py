@@ -218,6 +218,9 @@ def test_sizes_that_do_not_fit_name_what_would():
     with pytest.raises(ValueError, match=r"n_heads = 4 cannot be split over a model-parallel size of 8; "
                                          r"model-parallel sizes that work: 1, 2, 4"):
         checkpoint.check_model_parallel_fit(tiny, 8)
+    with pytest.raises(ValueError, match=r"the checkpoint's 8 shard\(s\) do not fit the model in params.json: "
+                                         r"n_heads = 4 cannot be split"):
+        checkpoint.load_for_rank([Path("unused.pth")] * 8, 0, 1, tiny)
     with pytest.raises(ValueError, match="n_kv_heads = 4 can neither be split over nor replicated"):
         checkpoint.check_model_parallel_fit(ModelArgs(dim=48, n_layers=1, n_heads=6, n_kv_heads=4, vocab_size=6,
                                                       multiple_of=48), 3)
