@@ -167,13 +167,13 @@ def main():
     first = rows[0]
     print(f"checkpoint: {first['model_bytes'] / 4 / 1e6:.0f}M parameters, {SHAPE}, fp32 shard {first['shard_bytes'] / mib:.0f} MiB")
     print(f"{'method':<18} {'shard MiB':>9} {'model MiB':>9} {'peak RSS MiB':>12} {'x larger':>8} "
-          f"{'peak anon MiB':>13} {'x larger':>8} {'RSS after reading all MiB':>25}")
+          f"{'peak anon MiB':>13} {'x larger':>8} {'RSS after reading all MiB':>25} {'x larger':>8}")
     for row in rows:
         larger = max(row["shard_bytes"], row["model_bytes"])
         print(f"{row['method']:<18} {row['shard_bytes'] / mib:>9.0f} {row['model_bytes'] / mib:>9.0f} "
               f"{row['peak_rss_above'] / mib:>12.0f} {row['peak_rss_above'] / larger:>8.2f} "
               f"{row['peak_anon_above'] / mib:>13.0f} {row['peak_anon_above'] / larger:>8.2f} "
-              f"{row['rss_after_reading_all'] / mib:>25.0f}")
+              f"{row['rss_after_reading_all'] / mib:>25.0f} {row['rss_after_reading_all'] / larger:>8.2f}")
     checksums = {round(row["checksum"], 3) for row in rows if "bf16" not in row["method"]}
     if len(checksums) != 1:
         sys.exit(f"the loads disagree on the weights: {checksums}")

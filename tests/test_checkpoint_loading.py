@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, _shape, free_port, run_checked, run_torchrun
+from conftest import TINY, _shape, cuda_only, free_port, run_checked, run_torchrun
 from llama import Llama, checkpoint
 from llama.model import ModelArgs
 from llama.reshard import main as reshard_main
@@ -141,6 +141,19 @@ def test_bf16_checkpoint_and_rope_freqs(tmp_path, tiny_tokenizer):
     assert all(torch.equal(as_fp32.model.state_dict()[k], v.float()) for k, v in state.items())
     # bf16 on disk loaded as fp32 is exactly the fp32 model of the same values.
     assert_same_decoding(load_worker.decode(as_fp32), load_worker.decode(build(tmp_path / "fp32")))
+
+
+@cuda_only
+def test_bf16_shards_to_fp16_on_cuda(tmp_path, tiny_tokenizer):
+    # Meta's bf16 shards, joined and converted tensor by tensor onto the GPU.
+    args = ModelArgs(**_shape_args(), vocab_size=TINY["vocab_size"])
+    state = {k: v.to(torch.bfloat16) for k, v in random_weights(args, seed=1).items()}
+    write_checkpoint(tmp_path, state, args, mp=2, dtype=torch.bfloat16)
+    shutil.copyfile(tiny_tokenizer, tmp_path / "tokenizer.model")
+    loaded = build(tmp_path, device="cuda", dtype=torch.float16).model.state_dict()
+    for key, value in state.items():
+        assert loaded[key].device.type == "cuda" and loaded[key].dtype == torch.float16
+        assert torch.equal(loaded[key].cpu(), value.to(torch.float16)), key
 
 
 def _shape_args():
