@@ -111,6 +111,22 @@ def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
     return args
 
 
+def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
+    """`ModelArgs` of a checkpoint on its own, without a tokenizer: where
+    params.json says vocab_size -1 (as Meta's do), the embedding's row count."""
+    args = model_args_from_params(read_params(ckpt_dir))
+    if args.vocab_size <= 0:
+        args.vocab_size = load_shard(shards[0])["tok_embeddings.weight"].shape[0]
+    return args
+
+
+def require_new_dir(path) -> None:
+    """Raise FileExistsError unless `path` is absent or an empty directory."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{str(path)!r} exists and is not an empty directory; choose a new one")
+
+
 def n_kv_heads_of(args: ModelArgs) -> int:
     return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
 

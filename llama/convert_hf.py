@@ -172,11 +172,6 @@ def hf_config_from_model_args(args: ModelArgs, dtype: torch.dtype, max_position_
     }
 
 
-def _check_new_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{str(out_dir)!r} exists and is not an empty directory; choose a new one")
-
-
 def _safetensors_files(hf_dir: Path) -> Dict[str, Path]:
     """HuggingFace key -> the file holding it, from the index file or every *.safetensors."""
     from safetensors import safe_open
@@ -220,7 +215,7 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"config.json not found in {str(hf_dir)!r}")
-    _check_new_dir(out_dir)
+    checkpoint.require_new_dir(out_dir)
     config = json.loads(config_path.read_text())
     args = model_args_from_hf_config(config)
     checkpoint.check_model_parallel_fit(args, model_parallel_size)
@@ -271,10 +266,8 @@ def meta_to_hf(
 
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     shards = checkpoint.find_shards(meta_dir)
-    args = checkpoint.model_args_from_params(checkpoint.read_params(meta_dir))
-    _check_new_dir(out_dir)
-    if args.vocab_size <= 0:
-        args.vocab_size = checkpoint.load_shard(shards[0])["tok_embeddings.weight"].shape[0]
+    checkpoint.require_new_dir(out_dir)
+    args = checkpoint.model_args_of_checkpoint(meta_dir, shards)
     state = checkpoint.load_for_rank(shards, 0, 1, args, dtype=dtype)
     hf_state = {}
     for key, tensor in state.items():

@@ -27,14 +27,8 @@ def reshard(src, dst, model_parallel_size: int, dtype: Optional[torch.dtype] = N
     """
     src, dst = Path(src), Path(dst)
     shards = checkpoint.find_shards(src)
-    params = checkpoint.read_params(src)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{str(dst)!r} exists and is not an empty directory; choose a new one")
-    args = checkpoint.model_args_from_params(params)
-    if args.vocab_size <= 0:
-        # Meta's params.json says -1: the vocabulary is as long as the embedding.
-        embedding = checkpoint.load_shard(shards[0])["tok_embeddings.weight"]
-        args.vocab_size = embedding.shape[0]
+    checkpoint.require_new_dir(dst)
+    args = checkpoint.model_args_of_checkpoint(src, shards)
     checkpoint.check_model_parallel_fit(args, model_parallel_size, n_shards=len(shards))
 
     created = not dst.exists()

@@ -214,9 +214,14 @@ def test_reshard_tool(tmp_path, tiny_ckpt, tiny_ckpt_mp2, expected, capsys):
 
 
 def test_reshard_cli_runs_as_a_module(tmp_path, tiny_ckpt):
-    proc = run_checked([sys.executable, "-m", "llama.reshard", str(tiny_ckpt), str(tmp_path / "out"), "--mp", "2"])
+    # params.json with vocab_size -1, as Meta writes it: the size comes from the embedding.
+    src = shutil.copytree(tiny_ckpt, tmp_path / "src")
+    params = json.loads((src / "params.json").read_text())
+    (src / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
+    proc = run_checked([sys.executable, "-m", "llama.reshard", str(src), str(tmp_path / "out"), "--mp", "2"])
     assert "wrote 2 shard(s)" in proc.stdout
-    assert len(list((tmp_path / "out").glob("consolidated.*.pth"))) == 2
+    shards = [torch.load(path, weights_only=True) for path in sorted((tmp_path / "out").glob("consolidated.*.pth"))]
+    assert [shard["tok_embeddings.weight"].shape for shard in shards] == [(TINY["vocab_size"], 32)] * 2
 
 
 # --- checkpoints that must fail with a clear message ---------------------------------
