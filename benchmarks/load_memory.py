@@ -94,7 +94,8 @@ def measure(method: str, ckpt_dir: Path, tokenizer: Path) -> dict:
             model.load_state_dict(state_dict, strict=True)
             del state_dict
         else:
-            model = Llama.build(str(ckpt_dir), str(tokenizer), max_seq_len=128, max_batch_size=1, device="cpu").model
+            generator = Llama.build(str(ckpt_dir), str(tokenizer), max_seq_len=128, max_batch_size=1, device="cpu")
+            model = generator.model
     peak_rss = status_kib("VmHWM")
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     checksum = sum(float(p.double().sum()) for p in model.parameters())  # reads every weight once
@@ -165,7 +166,8 @@ def main():
 
     mib = 2**20
     first = rows[0]
-    print(f"checkpoint: {first['model_bytes'] / 4 / 1e6:.0f}M parameters, {SHAPE}, fp32 shard {first['shard_bytes'] / mib:.0f} MiB")
+    print(f"checkpoint: {first['model_bytes'] / 4 / 1e6:.0f}M parameters, {SHAPE}, "
+          f"fp32 shard {first['shard_bytes'] / mib:.0f} MiB")
     print(f"{'method':<18} {'shard MiB':>9} {'model MiB':>9} {'peak RSS MiB':>12} {'x larger':>8} "
           f"{'peak anon MiB':>13} {'x larger':>8} {'RSS after reading all MiB':>25} {'x larger':>8}")
     for row in rows:

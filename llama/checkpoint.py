@@ -159,11 +159,14 @@ def valid_model_parallel_sizes(args: ModelArgs, n_shards: Optional[int] = None) 
     return sizes
 
 
-def check_model_parallel_fit(args: ModelArgs, model_parallel_size: int, n_shards: Optional[int] = None) -> None:
+def check_model_parallel_fit(
+    args: ModelArgs, model_parallel_size: int, n_shards: Optional[int] = None
+) -> None:
     """Raise ValueError, listing the sizes that would work, unless the model can
     be split `model_parallel_size` ways (from a checkpoint of `n_shards` shards)."""
     problem = _fit_problem(args, model_parallel_size)
-    if problem is None and n_shards is not None and n_shards % model_parallel_size and model_parallel_size % n_shards:
+    neither_divides = n_shards is not None and n_shards % model_parallel_size and model_parallel_size % n_shards
+    if problem is None and neither_divides:
         problem = (
             f"a checkpoint of {n_shards} shard(s) cannot be loaded on a model-parallel size of "
             f"{model_parallel_size}: one must divide the other"
@@ -376,7 +379,9 @@ def _home_shards(args: ModelArgs, n_shards: int, model_parallel_size: int, rank:
     """
     problem = _fit_problem(args, n_shards)
     if problem is not None:
-        raise ValueError(f"the checkpoint's {n_shards} shard(s) do not fit the model in params.json: {problem}")
+        raise ValueError(
+            f"the checkpoint's {n_shards} shard(s) do not fit the model in params.json: {problem}"
+        )
     check_model_parallel_fit(args, model_parallel_size, n_shards=n_shards)
     if not 0 <= rank < model_parallel_size:
         raise ValueError(f"rank {rank} is outside the model-parallel size {model_parallel_size}")

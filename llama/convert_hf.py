@@ -82,11 +82,14 @@ def ffn_params_for(dim: int, hidden: int, hints: Tuple = ()) -> Tuple[int, Optio
     for multiple_of in powers:
         if hidden % multiple_of == 0:
             ratio = hidden / base
-            candidates += [(multiple_of, round(ratio, digits)) for digits in (1, 2, 3, 4, 6)] + [(multiple_of, ratio)]
+            candidates += [(multiple_of, round(ratio, digits)) for digits in (1, 2, 3, 4, 6)]
+            candidates.append((multiple_of, ratio))
     for multiple_of, multiplier in candidates:
         if multiple_of >= 1 and ffn_hidden_dim(dim, multiple_of, multiplier) == hidden:
             return multiple_of, multiplier
-    raise ValueError(f"no multiple_of / ffn_dim_multiplier gives a feed-forward size of {hidden} for dim {dim}")
+    raise ValueError(
+        f"no multiple_of / ffn_dim_multiplier gives a feed-forward size of {hidden} for dim {dim}"
+    )
 
 
 def _rope_settings(config: Dict) -> Tuple[float, Optional[str]]:
@@ -120,7 +123,9 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     if head_dim is not None and head_dim * n_heads != dim:
         problems.append(f"head_dim {head_dim} is not hidden_size / num_attention_heads = {dim // n_heads}")
     if problems:
-        raise ValueError("this HuggingFace config cannot be expressed in Meta's format: " + "; ".join(problems))
+        raise ValueError(
+            "this HuggingFace config cannot be expressed in Meta's format: " + "; ".join(problems)
+        )
     hints = [(config["multiple_of"], config.get("ffn_dim_multiplier"))] if "multiple_of" in config else []
     multiple_of, multiplier = ffn_params_for(dim, config["intermediate_size"], tuple(hints))
     n_kv_heads = config.get("num_key_value_heads") or n_heads
@@ -235,12 +240,14 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
         elif key.endswith("attention.wk.weight"):
             tensor = permute_to_meta(tensor, checkpoint.n_kv_heads_of(args))
         state[key] = tensor
-    if "output.weight" not in state and config.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
+    tied = config.get("tie_word_embeddings") and "tok_embeddings.weight" in state
+    if "output.weight" not in state and tied:
         # Tied embeddings: Meta's format keeps the output as a weight of its own.
         state["output.weight"] = state["tok_embeddings.weight"]
     missing = sorted(set(to_meta.values()) - set(state))
     if missing:
-        raise ValueError(f"{str(hf_dir)!r} lacks {len(missing)} weight(s): " + ", ".join(map(meta_to_hf_key, missing[:5])))
+        names = ", ".join(map(meta_to_hf_key, missing[:5]))
+        raise ValueError(f"{str(hf_dir)!r} lacks {len(missing)} weight(s): {names}")
     expected = checkpoint.full_shapes(args)
     for key, tensor in state.items():
         if tuple(tensor.shape) != expected[key]:

@@ -18,7 +18,9 @@ import torch
 from llama import checkpoint
 
 
-def reshard(src, dst, model_parallel_size: int, dtype: Optional[torch.dtype] = None, progress: bool = True) -> Path:
+def reshard(
+    src, dst, model_parallel_size: int, dtype: Optional[torch.dtype] = None, progress: bool = True
+) -> Path:
     """Write `src` resharded into `model_parallel_size` shards in `dst`; returns `dst`.
 
     Raises FileExistsError if `dst` is a non-empty directory (or a file),
@@ -38,7 +40,9 @@ def reshard(src, dst, model_parallel_size: int, dtype: Optional[torch.dtype] = N
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_tensors * model_parallel_size, unit="tensor", desc=f"Resharding to MP={model_parallel_size}")
+        bar = tqdm(
+            total=n_tensors * model_parallel_size, unit="tensor", desc=f"Resharding to MP={model_parallel_size}"
+        )
     try:
         for rank in range(model_parallel_size):
             part = checkpoint.load_for_rank(
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint directory to read (params.json, consolidated.NN.pth)")
     parser.add_argument("dst", help="new or empty directory to write")
-    parser.add_argument("--mp", type=int, required=True, help="model-parallel size (number of shards) to write")
+    parser.add_argument("--mp", type=int, required=True, help="number of model-parallel shards to write")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="store the weights in this dtype (default: as in SRC)")
     args = parser.parse_args(argv)
