@@ -107,6 +107,10 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     Raises ValueError for what this model cannot represent: another model
     type or activation, biases, rope scaling, a head size of its own.
     """
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    absent = [name for name in required if not isinstance(config.get(name), int)]
+    if absent:
+        raise ValueError(f"config.json lacks {', '.join(absent)} (or not as integers)")
     if config.get("model_type") != "llama":
         raise ValueError(f"config.json has model_type {config.get('model_type')!r}; only 'llama' converts")
     problems = []
@@ -225,7 +229,8 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     args = model_args_from_hf_config(config)
     checkpoint.check_model_parallel_fit(args, model_parallel_size)
 
-    to_meta = {meta_to_hf_key(key): key for key in checkpoint.full_shapes(args)}
+    expected = checkpoint.full_shapes(args)
+    to_meta = {meta_to_hf_key(key): key for key in expected}
     state: Dict[str, torch.Tensor] = {}
     for hf_key, tensor in _read_hf_tensors(_safetensors_files(hf_dir)):
         if hf_key.endswith(".bias"):
@@ -235,25 +240,21 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
         if hf_key not in to_meta:
             raise ValueError(f"unexpected weight {hf_key!r} in {str(hf_dir)!r}")
         key = to_meta[hf_key]
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{hf_key} has shape {tuple(tensor.shape)}; config.json implies {expected[key]}")
         if key.endswith("attention.wq.weight"):
             tensor = permute_to_meta(tensor, args.n_heads)
         elif key.endswith("attention.wk.weight"):
             tensor = permute_to_meta(tensor, checkpoint.n_kv_heads_of(args))
         state[key] = tensor
-    tied = config.get("tie_word_embeddings") and "tok_embeddings.weight" in state
-    if "output.weight" not in state and tied:
-        # Tied embeddings: Meta's format keeps the output as a weight of its own.
+    if config.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
+        # Tied embeddings (transformers then uses the embedding as the output,
+        # whatever lm_head holds): Meta's format keeps a copy of its own.
         state["output.weight"] = state["tok_embeddings.weight"]
     missing = sorted(set(to_meta.values()) - set(state))
     if missing:
         names = ", ".join(map(meta_to_hf_key, missing[:5]))
         raise ValueError(f"{str(hf_dir)!r} lacks {len(missing)} weight(s): {names}")
-    expected = checkpoint.full_shapes(args)
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != expected[key]:
-            raise ValueError(
-                f"{meta_to_hf_key(key)} has shape {tuple(tensor.shape)}; config.json implies {expected[key]}"
-            )
 
     write_checkpoint(out_dir, state, args, mp=model_parallel_size, dtype=dtype or state["norm.weight"].dtype)
     _copy_tokenizer(hf_dir, out_dir)

@@ -125,3 +125,16 @@ def test_cli(tmp_path, tiny_ckpt, capsys):
     assert convert_hf.main(["to-meta", str(tmp_path / "hf"), str(tmp_path / "out")]) == 1
     assert "cannot be expressed in Meta's format: attention_bias is set" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_do_not_match_config_are_refused(tmp_path, tiny_ckpt):
+    convert_hf.meta_to_hf(tiny_ckpt, tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "intermediate_size": 256, "multiple_of": 256}))
+    with pytest.raises(ValueError, match=r"mlp.down_proj.weight has shape \(64, 192\); config.json implies \(64, 256\)"):
+        convert_hf.hf_to_meta(tmp_path / "hf", tmp_path / "meta")
+    config_path.write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"lacks 9 weight\(s\): model.layers.2."):
+        convert_hf.hf_to_meta(tmp_path / "hf", tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()
