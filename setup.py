@@ -16,6 +16,6 @@ setup(
     python_requires=">=3.9",
     install_requires=requirements(),
     extras_require={
-        "test": ["pytest>=7", "pexpect>=4.8"],
+        "test": ["pytest>=7", "pexpect>=4.8", "transformers>=4.40"],
     },
 )

@@ -7,15 +7,20 @@ device, so loading holds one copy of the weights, not two.
 """
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import json
+import mmap
+import os
+import sys
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from llama.model import ModelArgs
+from llama.model import ModelArgs, ffn_hidden_dim
 
 # Older Meta checkpoints carry the rotary table; the model computes its own.
 IGNORED_KEYS = ("rope.freqs",)
@@ -96,7 +101,7 @@ def read_params(ckpt_dir) -> Dict:
 def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
     """`ModelArgs` from params.json fields, then `overrides` (max_seq_len, ...)."""
     args = ModelArgs(**{**params, **overrides})
-    n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+    n_kv_heads = n_kv_heads_of(args)
     if args.dim % args.n_heads != 0:
         raise ValueError(f"dim {args.dim} is not a multiple of n_heads {args.n_heads}")
     if (args.dim // args.n_heads) % 2 != 0:
@@ -106,14 +111,117 @@ def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
     return args
 
 
-def check_model_parallel_fit(args: ModelArgs, model_parallel_size: int) -> None:
-    """Raise ValueError unless every split dimension divides by the MP size."""
-    n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-    for name, value in (("n_heads", args.n_heads), ("n_kv_heads", n_kv_heads), ("dim", args.dim)):
+def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
+    """`ModelArgs` of a checkpoint on its own, without a tokenizer: where
+    params.json says vocab_size -1 (as Meta's do), the embedding's row count."""
+    args = model_args_from_params(read_params(ckpt_dir))
+    if args.vocab_size <= 0:
+        args.vocab_size = load_shard(shards[0])["tok_embeddings.weight"].shape[0]
+    return args
+
+
+def require_new_dir(path) -> None:
+    """Raise FileExistsError unless `path` is absent or an empty directory."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{str(path)!r} exists and is not an empty directory; choose a new one")
+
+
+def n_kv_heads_of(args: ModelArgs) -> int:
+    return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+
+
+def _fit_problem(args: ModelArgs, model_parallel_size: int) -> Optional[str]:
+    """Why `args` cannot be split `model_parallel_size` ways, or None if it can."""
+    n_kv_heads = n_kv_heads_of(args)
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    sizes = [("n_heads", args.n_heads), ("dim", args.dim), ("the feed-forward hidden size", hidden)]
+    if args.vocab_size > 0:
+        sizes.append(("vocab_size", args.vocab_size))
+    for name, value in sizes:
         if value % model_parallel_size != 0:
-            raise ValueError(
-                f"{name} = {value} cannot be split over a model-parallel size of {model_parallel_size}"
-            )
+            return f"{name} = {value} cannot be split over a model-parallel size of {model_parallel_size}"
+    # KV heads are split when there are enough of them, and replicated (each
+    # rank keeps the one its query heads share) when there are fewer than ranks.
+    if n_kv_heads % model_parallel_size != 0 and model_parallel_size % n_kv_heads != 0:
+        return (
+            f"n_kv_heads = {n_kv_heads} can neither be split over nor replicated on a "
+            f"model-parallel size of {model_parallel_size}"
+        )
+    return None
+
+
+def valid_model_parallel_sizes(args: ModelArgs, n_shards: Optional[int] = None) -> List[int]:
+    """The model-parallel sizes `args` can run on (and, given `n_shards`, that fit them)."""
+    sizes = [m for m in range(1, args.n_heads + 1) if _fit_problem(args, m) is None]
+    if n_shards is not None:
+        sizes = [m for m in sizes if n_shards % m == 0 or m % n_shards == 0]
+    return sizes
+
+
+def check_model_parallel_fit(
+    args: ModelArgs, model_parallel_size: int, n_shards: Optional[int] = None
+) -> None:
+    """Raise ValueError, listing the sizes that would work, unless the model can
+    be split `model_parallel_size` ways (from a checkpoint of `n_shards` shards)."""
+    problem = _fit_problem(args, model_parallel_size)
+    neither_divides = n_shards is not None and n_shards % model_parallel_size and model_parallel_size % n_shards
+    if problem is None and neither_divides:
+        problem = (
+            f"a checkpoint of {n_shards} shard(s) cannot be loaded on a model-parallel size of "
+            f"{model_parallel_size}: one must divide the other"
+        )
+    if problem is not None:
+        sizes = ", ".join(map(str, valid_model_parallel_sizes(args, n_shards)))
+        hint = f"; model-parallel sizes that work: {sizes}"
+        if n_shards is not None:
+            hint += " (or write a copy for another size with `python -m llama.reshard SRC DST --mp N`)"
+        raise ValueError(problem + hint)
+
+
+def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """Every weight of an unsplit (MP=1) model and its shape, in state-dict order."""
+    head_dim = args.dim // args.n_heads
+    q_width, kv_width = args.n_heads * head_dim, n_kv_heads_of(args) * head_dim
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention.wq.weight"] = (q_width, args.dim)
+        shapes[p + "attention.wk.weight"] = (kv_width, args.dim)
+        shapes[p + "attention.wv.weight"] = (kv_width, args.dim)
+        shapes[p + "attention.wo.weight"] = (args.dim, q_width)
+        shapes[p + "feed_forward.w1.weight"] = (hidden, args.dim)
+        shapes[p + "feed_forward.w2.weight"] = (args.dim, hidden)
+        shapes[p + "feed_forward.w3.weight"] = (hidden, args.dim)
+        shapes[p + "attention_norm.weight"] = (args.dim,)
+        shapes[p + "ffn_norm.weight"] = (args.dim,)
+    shapes["norm.weight"] = (args.dim,)
+    shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def shard_range(key: str, full_shape: Sequence[int], args: ModelArgs, model_parallel_size: int, rank: int):
+    """(dim, start, stop): the part of the full tensor `key` that `rank` holds, or None if replicated."""
+    dim = split_dim(key)
+    if dim is None:
+        return None
+    n_kv_heads = n_kv_heads_of(args)
+    if key.endswith(("attention.wk.weight", "attention.wv.weight")) and model_parallel_size > n_kv_heads:
+        # Fewer KV heads than ranks: every rank holds the one KV head that its
+        # query heads (rank * n_heads / mp onwards) are grouped with.
+        head_dim = args.dim // args.n_heads
+        head = rank * n_kv_heads // model_parallel_size
+        return dim, head * head_dim, (head + 1) * head_dim
+    size = full_shape[dim] // model_parallel_size
+    return dim, rank * size, (rank + 1) * size
+
+
+def _local_shape(full_shape: Sequence[int], part) -> Tuple[int, ...]:
+    if part is None:
+        return tuple(full_shape)
+    dim, start, stop = part
+    return tuple(stop - start if d == dim else n for d, n in enumerate(full_shape))
 
 
 @contextlib.contextmanager
@@ -149,6 +257,224 @@ def load_shard(path) -> Dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict):
         raise ValueError(f"checkpoint shard {str(path)!r} does not hold a state dict")
     return state_dict
+
+
+# Loading more bytes than this shows a progress bar (on the rank asked to).
+PROGRESS_MIN_BYTES = 256 * 2**20
+
+# Opens shard `index`: its state dict and a name for messages.
+ShardSource = Callable[[int], Tuple[Mapping[str, torch.Tensor], str]]
+
+
+def load_for_rank(
+    shards: Sequence[Path],
+    rank: int,
+    model_parallel_size: int,
+    args: ModelArgs,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+    progress_min_bytes: int = PROGRESS_MIN_BYTES,
+) -> Dict[str, torch.Tensor]:
+    """Model-parallel rank `rank`'s state dict out of a checkpoint of any shard count.
+
+    `shards` (k files, Meta's layout) are resharded for `model_parallel_size`
+    (n) ranks, where one of k and n divides the other: a rank concatenates
+    its k / n shards, or slices its part out of one shard. KV heads are
+    replicated when there are fewer than ranks. Only the shards this rank
+    needs are opened, memory-mapped, so only the bytes it takes are read.
+    A tensor that needs no change is returned as the mapped tensor itself,
+    else it is sliced, joined and converted to `device` and `dtype` (None:
+    keep) one tensor at a time. With `progress`, a bar over the tensors is
+    shown when the shards this rank reads hold `progress_min_bytes` or more.
+
+    Raises ValueError when the sizes do not fit (naming sizes that do), for
+    a shard that cannot be read, and for a shard whose keys or shapes do
+    not match params.json and the tokenizer.
+    """
+    if not shards:
+        raise FileNotFoundError("no checkpoint shards given")
+    home = _home_shards(args, len(shards), model_parallel_size, rank)
+    home_bytes = sum(os.path.getsize(shards[index]) for index in home)
+    shapes = full_shapes(args)
+
+    def open_shard(index: int):
+        state_dict = load_shard(shards[index])
+        _check_keys(state_dict, shapes, shards[index])
+        return state_dict, repr(str(shards[index]))
+
+    bar = _progress_bar(len(shapes), enabled=progress and home_bytes >= progress_min_bytes)
+    try:
+        return assemble_rank(
+            open_shard, len(shards), rank, model_parallel_size, args, device, dtype, bar, release_copied=True
+        )
+    finally:
+        bar(None)
+
+
+def assemble_rank(
+    open_shard: ShardSource,
+    n_shards: int,
+    rank: int,
+    model_parallel_size: int,
+    args: ModelArgs,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+    on_tensor: Callable[[int], None] = lambda count: None,
+    release_copied: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """`load_for_rank` over any source of shards: `open_shard(i)` is called once
+    for each shard `rank` needs. Unchanged tensors are returned as they are
+    (views, for slices along dim 0); `on_tensor(1)` is called after each.
+    `release_copied` is for memory-mapped shards only: once a tensor has
+    been copied out of one, its pages are dropped from resident memory."""
+    shapes = full_shapes(args)
+    # Parts are looked for in this rank's own shards first, so that
+    # replicated KV heads and norms come from a shard it reads anyway.
+    home = _home_shards(args, n_shards, model_parallel_size, rank)
+    search_order = home + [index for index in range(n_shards) if index not in home]
+    opened: Dict[int, Tuple[Mapping[str, torch.Tensor], str]] = {}
+
+    def piece(index: int, key: str, part_in_shard) -> torch.Tensor:
+        if index not in opened:
+            opened[index] = open_shard(index)
+        state_dict, name = opened[index]
+        tensor = state_dict[key]
+        expected = _local_shape(shapes[key], shard_range(key, shapes[key], args, n_shards, index))
+        if tuple(tensor.shape) != expected:
+            hint = ""
+            if key in ("tok_embeddings.weight", "output.weight"):
+                hint = " (the vocabulary size comes from the tokenizer: wrong tokenizer for this model?)"
+            raise ValueError(
+                f"{key} has shape {tuple(tensor.shape)} in {name}, but shard {index} of "
+                f"{n_shards} of the model in params.json has {expected}{hint}"
+            )
+        if part_in_shard is None:
+            return tensor
+        dim, start, stop = part_in_shard
+        return tensor.narrow(dim, start, stop - start)
+
+    state_dict = {}
+    for key, shape in shapes.items():
+        want = shard_range(key, shape, args, model_parallel_size, rank)
+        if want is None:  # replicated: every shard has it whole
+            parts = [(search_order[0], None)]
+        else:
+            parts = _pieces(key, want, shape, args, n_shards, search_order)
+        state_dict[key] = _join([piece(index, key, part) for index, part in parts], want, device, dtype)
+        if release_copied:
+            for index, _ in parts:
+                source = opened[index][0][key]
+                if source.untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr():
+                    _release_pages(source)
+        on_tensor(1)
+    return state_dict
+
+
+def _home_shards(args: ModelArgs, n_shards: int, model_parallel_size: int, rank: int) -> List[int]:
+    """The shards that hold `rank`'s query heads: the ones it reads in any case.
+
+    Raises ValueError first if the shard count does not fit the model or the
+    model-parallel size.
+    """
+    problem = _fit_problem(args, n_shards)
+    if problem is not None:
+        raise ValueError(
+            f"the checkpoint's {n_shards} shard(s) do not fit the model in params.json: {problem}"
+        )
+    check_model_parallel_fit(args, model_parallel_size, n_shards=n_shards)
+    if not 0 <= rank < model_parallel_size:
+        raise ValueError(f"rank {rank} is outside the model-parallel size {model_parallel_size}")
+    if n_shards >= model_parallel_size:
+        per_rank = n_shards // model_parallel_size
+        return list(range(rank * per_rank, (rank + 1) * per_rank))
+    return [rank * n_shards // model_parallel_size]
+
+
+def _pieces(key, want, shape, args, n_shards, search_order):
+    """(shard, part of that shard) pairs that together make the range `want`."""
+    dim, start, stop = want
+    pieces = []
+    while start < stop:
+        for index in search_order:
+            _, lo, hi = shard_range(key, shape, args, n_shards, index)
+            if lo <= start < hi:
+                end = min(stop, hi)
+                pieces.append((index, (dim, start - lo, end - lo)))
+                start = end
+                break
+        else:  # cannot happen for Meta's layout: the shards cover every row
+            raise ValueError(f"no shard holds rows {start}:{stop} of {key}")
+    return pieces
+
+
+def _join(pieces: List[torch.Tensor], want, device, dtype) -> torch.Tensor:
+    """One tensor from its pieces, on `device` in `dtype`, copied only when it must be."""
+    pieces = [p.to(device=device, dtype=dtype) for p in pieces]
+    if len(pieces) > 1:
+        return torch.cat(pieces, dim=want[0])
+    # A slice across columns (dim 1) is strided: give the layer a dense copy.
+    return pieces[0].contiguous()
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Drop the memory-mapped pages wholly inside `tensor` from resident memory.
+
+    Without this, a shard's pages read while slicing or converting stay
+    resident next to the copies until the shard is unmapped, so a join or a
+    bf16 -> fp32 load would peak at 1.5-2x. The mapping is file-backed, so a
+    later read would fetch the bytes again; pages shared with a neighbouring
+    tensor are left alone. A no-op where madvise is not available.
+    """
+    libc = _libc()
+    if libc is None:
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.nbytes) // page * page
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _check_keys(state_dict: Mapping[str, torch.Tensor], shapes: Mapping, path) -> None:
+    keys = set(state_dict) - set(IGNORED_KEYS)
+    missing, unexpected = sorted(shapes.keys() - keys), sorted(keys - shapes.keys())
+    if missing or unexpected:
+        problems = [f"missing {k}" for k in missing[:10]] + [f"unexpected {k}" for k in unexpected[:10]]
+        raise ValueError(
+            f"checkpoint shard {str(path)!r} does not match params.json ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected weights):\n  " + "\n  ".join(problems)
+        )
+
+
+def _progress_bar(total: int, enabled: bool) -> Callable[[Optional[int]], None]:
+    """A callback that advances a bar over `total` tensors (None closes it); a no-op when not enabled."""
+    if not enabled:
+        return lambda nbytes: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="tensor", desc="Loading weights")
+
+    def advance(count: Optional[int]) -> None:
+        if count is None:
+            bar.close()
+        else:
+            bar.update(count)
+
+    return advance
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

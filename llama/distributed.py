@@ -90,3 +90,8 @@ def silence_other_ranks() -> None:
     """Send stdout of every rank but the first to /dev/null, as the reference does."""
     if dist.get_rank() > 0 and getattr(sys.stdout, "name", None) != os.devnull:
         sys.stdout = open(os.devnull, "w")
+
+
+def is_first_rank() -> bool:
+    """True on global rank 0 (or without a process group): the rank that reports progress."""
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -115,8 +115,10 @@ class Llama:
 
         Starts the process group and model parallelism when needed (NCCL on
         CUDA, gloo on CPU; a world of one under plain `python`), loads this
-        rank's shard and seeds every rank with `seed`. `device` defaults to
-        this process's GPU or the CPU, `dtype` to fp16 on CUDA and fp32 on CPU.
+        rank's part of a checkpoint of any shard count that divides or is a
+        multiple of the model-parallel size, and seeds every rank with `seed`.
+        `device` defaults to this process's GPU or the CPU, `dtype` to fp16 on
+        CUDA and fp32 on CPU.
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit.
@@ -139,11 +141,6 @@ class Llama:
         distributed.silence_other_ranks()
 
         start_time = time.time()
-        if len(shards) != model_parallel_size:
-            raise ValueError(
-                f"checkpoint {str(ckpt_dir)!r} has {len(shards)} shard(s) but the model-parallel "
-                f"size is {model_parallel_size}; run with torchrun --nproc_per_node {len(shards)}"
-            )
         model_args = checkpoint.model_args_from_params(
             params, max_seq_len=max_seq_len, max_batch_size=max_batch_size
         )
@@ -153,19 +150,20 @@ class Llama:
                 f"{str(tokenizer_path)!r} has {tokenizer.n_words} pieces"
             )
         model_args.vocab_size = tokenizer.n_words
-        checkpoint.check_model_parallel_fit(model_args, model_parallel_size)
-
-        shard_path = shards[distributed.model_parallel_rank()]
-        state_dict = checkpoint.load_shard(shard_path)
-        embedding = state_dict.get("tok_embeddings.weight")
-        if embedding is not None and embedding.shape[0] != tokenizer.n_words:
-            raise ValueError(
-                f"the tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} pieces but the "
-                f"checkpoint's tok_embeddings has {embedding.shape[0]} rows: wrong tokenizer for this model?"
-            )
+        # Any shard count loads on any model-parallel size that divides it or
+        # that it divides: this rank's part is cut from the shards it needs.
+        state_dict = checkpoint.load_for_rank(
+            shards,
+            distributed.model_parallel_rank(),
+            model_parallel_size,
+            model_args,
+            device=device,
+            dtype=dtype,
+            progress=distributed.is_first_rank(),
+        )
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
-        checkpoint.load_into(model, state_dict, device, dtype, source=str(shard_path))
+        checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
         model.setup_caches(device=device, dtype=dtype)
         model.eval()
         print(f"Loaded in {time.time() - start_time:.2f} seconds")

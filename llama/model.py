@@ -116,18 +116,21 @@ class Attention(nn.Module):
         self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
         model_parallel_size = fs_init.get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // model_parallel_size
-        self.n_local_kv_heads = self.n_kv_heads // model_parallel_size
+        # With more ranks than KV heads, each rank keeps a copy of the one KV
+        # head its query heads share, so wk/wv span max(n_kv_heads, mp) heads.
+        self.n_local_kv_heads = max(1, self.n_kv_heads // model_parallel_size)
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.dim // args.n_heads
+        kv_width = self.n_local_kv_heads * model_parallel_size * self.head_dim
 
         self.wq = ColumnParallelLinear(
             args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init
         )
         self.wk = ColumnParallelLinear(
-            args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init
+            args.dim, kv_width, bias=False, gather_output=False, init_method=_no_init
         )
         self.wv = ColumnParallelLinear(
-            args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_no_init
+            args.dim, kv_width, bias=False, gather_output=False, init_method=_no_init
         )
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 
 import torch
 
-from llama.checkpoint import params_dict, split_dim
+from llama.checkpoint import assemble_rank, params_dict
 from llama.model import ModelArgs, ffn_hidden_dim
 
 _WORDS = (
@@ -114,18 +114,13 @@ def random_weights(args: ModelArgs, seed: int = 0) -> Dict[str, torch.Tensor]:
     return state
 
 
-def shard_state_dict(state: Dict[str, torch.Tensor], mp: int, rank: int) -> Dict[str, torch.Tensor]:
-    """Rank `rank`'s part of a full state dict under Meta's MP layout."""
-    out = {}
-    for key, tensor in state.items():
-        dim = split_dim(key)
-        if dim is None:
-            out[key] = tensor.clone()
-        else:
-            if tensor.shape[dim] % mp != 0:
-                raise ValueError(f"{key} of shape {tuple(tensor.shape)} cannot be split {mp} ways on dim {dim}")
-            out[key] = tensor.chunk(mp, dim=dim)[rank].clone()
-    return out
+def shard_state_dict(
+    state: Dict[str, torch.Tensor], mp: int, rank: int, args: ModelArgs
+) -> Dict[str, torch.Tensor]:
+    """Rank `rank`'s part of a full state dict under Meta's MP layout (KV heads
+    replicated when `mp` exceeds them), as tensors of their own."""
+    part = assemble_rank(lambda index: (state, "the full state dict"), 1, rank, mp, args)
+    return {key: tensor.clone() for key, tensor in part.items()}
 
 
 def write_checkpoint(
@@ -140,7 +135,7 @@ def write_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params_dict(args), indent=2) + "\n")
     for rank in range(mp):
-        shard = {k: v.to(dtype) for k, v in shard_state_dict(state, mp, rank).items()}
+        shard = {k: v.to(dtype) for k, v in shard_state_dict(state, mp, rank, args).items()}
         torch.save(shard, out_dir / f"consolidated.{rank:02d}.pth")
 
 
@@ -203,6 +198,7 @@ def demo_checkpoint(mp: int = 1) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".demo-mp{mp}-", dir=target.parent))
     try:
         make_tiny_checkpoint(tmp, mp=mp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not
         try:
             os.rename(tmp, target)
         except OSError:

@@ -1,0 +1,64 @@
+"""Answer a few dialogs with a Llama 2 chat checkpoint.
+
+    torchrun --nproc_per_node 1 example_chat_completion.py \
+        --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
+
+Without --ckpt_dir it runs on a tiny random demo checkpoint.
+"""
+
+from typing import List, Optional
+
+import fire
+
+from llama import Dialog, Llama
+from llama.demo import resolve_checkpoint
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 8,
+    max_gen_len: Optional[int] = None,
+):
+    ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+    )
+
+    dialogs: List[Dialog] = [
+        # A single turn.
+        [{"role": "user", "content": "What are three things to pack for a day of hiking?"}],
+        # Several turns: the last question depends on the earlier answer.
+        [
+            {"role": "user", "content": "Suggest a name for a grey cat."},
+            {"role": "assistant", "content": "How about Pebble? It suits a small grey cat."},
+            {"role": "user", "content": "Why does that name suit it?"},
+        ],
+        # A system prompt that sets the assistant's manner.
+        [
+            {"role": "system", "content": "Answer in one short sentence."},
+            {"role": "user", "content": "How does a rainbow form?"},
+        ],
+    ]
+    results = generator.chat_completion(
+        dialogs,
+        max_gen_len=max_gen_len,
+        temperature=temperature,
+        top_p=top_p,
+    )
+
+    for dialog, result in zip(dialogs, results):
+        for msg in dialog:
+            print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+        print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
+        print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,333 @@
+"""Convert between HuggingFace Llama checkpoints and Meta's format.
+
+    python -m llama.convert_hf to-meta HF_DIR OUT_DIR [--mp N] [--dtype bfloat16]
+    python -m llama.convert_hf to-hf META_DIR OUT_DIR [--dtype bfloat16]
+
+A HuggingFace directory holds `config.json`, one or more `*.safetensors`
+(with `model.safetensors.index.json` when there are several) and
+`tokenizer.model`; a Meta directory holds `params.json`,
+`consolidated.NN.pth` and `tokenizer.model`. The two differ in key names and
+in the rotary layout: Meta rotates adjacent pairs (x[2i], x[2i+1]) of a
+head, HuggingFace the two halves (x[i], x[i + head_dim/2]), so HuggingFace's
+`q_proj` and `k_proj` hold Meta's rows in a permuted order, head by head.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+from llama import checkpoint
+from llama.model import ModelArgs, ffn_hidden_dim
+
+# Meta key (with {i} for the layer) -> HuggingFace key.
+_LAYER_KEYS = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_KEYS = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+# (multiple_of, ffn_dim_multiplier) pairs Meta's own models use, tried first
+# so that their params.json comes back as Meta wrote it: Llama 2 7B and 13B,
+# Llama 2 70B, Llama 3.
+_KNOWN_FFN_PARAMS = ((256, None), (4096, 1.3), (1024, 1.3))
+
+
+def meta_to_hf_key(key: str) -> str:
+    if key in _TOP_KEYS:
+        return _TOP_KEYS[key]
+    _, layer, rest = key.split(".", 2)
+    return f"model.layers.{layer}.{_LAYER_KEYS[rest]}"
+
+
+def permute_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's q/k rows (pairs interleaved per head) in HuggingFace's order (halves)."""
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    return weight.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_to_meta(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_to_hf`."""
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    return weight.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def ffn_params_for(dim: int, hidden: int, hints: Tuple = ()) -> Tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) for which Meta's formula gives exactly `hidden`.
+
+    `hints` (pairs to try first) and Meta's own choices are preferred; then
+    the largest power of two with no multiplier; then a multiplier.
+    Raises ValueError when none fits.
+    """
+    powers = [2**k for k in range(12, -1, -1)]
+    candidates = list(hints) + list(_KNOWN_FFN_PARAMS) + [(m, None) for m in powers]
+    base = int(2 * (4 * dim) / 3)
+    for multiple_of in powers:
+        if hidden % multiple_of == 0:
+            ratio = hidden / base
+            candidates += [(multiple_of, round(ratio, digits)) for digits in (1, 2, 3, 4, 6)]
+            candidates.append((multiple_of, ratio))
+    for multiple_of, multiplier in candidates:
+        if multiple_of >= 1 and ffn_hidden_dim(dim, multiple_of, multiplier) == hidden:
+            return multiple_of, multiplier
+    raise ValueError(
+        f"no multiple_of / ffn_dim_multiplier gives a feed-forward size of {hidden} for dim {dim}"
+    )
+
+
+def _rope_settings(config: Dict) -> Tuple[float, Optional[str]]:
+    """(rope_theta, rope type or None for plain RoPE), from transformers 4 or 5 fields."""
+    parameters = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    return float(theta), (None if rope_type in (None, "default") else rope_type)
+
+
+def model_args_from_hf_config(config: Dict) -> ModelArgs:
+    """`ModelArgs` equivalent to a HuggingFace `LlamaConfig` dict.
+
+    Raises ValueError for what this model cannot represent: another model
+    type or activation, biases, rope scaling, a head size of its own.
+    """
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    absent = [name for name in required if not isinstance(config.get(name), int)]
+    if absent:
+        raise ValueError(f"config.json lacks {', '.join(absent)} (or not as integers)")
+    if config.get("model_type") != "llama":
+        raise ValueError(f"config.json has model_type {config.get('model_type')!r}; only 'llama' converts")
+    problems = []
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {config['hidden_act']!r} (this model uses silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            problems.append(f"{flag} is set (this model has no biases)")
+    theta, rope_type = _rope_settings(config)
+    if rope_type is not None:
+        problems.append(f"rope scaling of type {rope_type!r} (this model implements plain RoPE only)")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim * n_heads != dim:
+        problems.append(f"head_dim {head_dim} is not hidden_size / num_attention_heads = {dim // n_heads}")
+    if problems:
+        raise ValueError(
+            "this HuggingFace config cannot be expressed in Meta's format: " + "; ".join(problems)
+        )
+    hints = [(config["multiple_of"], config.get("ffn_dim_multiplier"))] if "multiple_of" in config else []
+    multiple_of, multiplier = ffn_params_for(dim, config["intermediate_size"], tuple(hints))
+    n_kv_heads = config.get("num_key_value_heads") or n_heads
+    return checkpoint.model_args_from_params(
+        {
+            "dim": dim,
+            "n_layers": config["num_hidden_layers"],
+            "n_heads": n_heads,
+            "n_kv_heads": None if n_kv_heads == n_heads else n_kv_heads,
+            "vocab_size": config["vocab_size"],
+            "multiple_of": multiple_of,
+            "ffn_dim_multiplier": multiplier,
+            "norm_eps": config.get("rms_norm_eps", 1e-6),
+            "rope_theta": theta,
+        }
+    )
+
+
+def hf_config_from_model_args(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int) -> Dict:
+    """A HuggingFace `LlamaConfig` dict for `args` (transformers 4 and 5 both read it).
+
+    `multiple_of` and `ffn_dim_multiplier` ride along, unused by transformers,
+    so that converting back gives the same params.json.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": checkpoint.n_kv_heads_of(args),
+        "head_dim": args.dim // args.n_heads,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "max_position_embeddings": max_position_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "multiple_of": args.multiple_of,
+        "ffn_dim_multiplier": args.ffn_dim_multiplier,
+    }
+
+
+def _safetensors_files(hf_dir: Path) -> Dict[str, Path]:
+    """HuggingFace key -> the file holding it, from the index file or every *.safetensors."""
+    from safetensors import safe_open
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: hf_dir / name for key, name in weight_map.items()}
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {str(hf_dir)!r} (.bin checkpoints are not read)")
+    located = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            located.update({key: path for key in f.keys()})
+    return located
+
+
+def _read_hf_tensors(located: Dict[str, Path]) -> Iterator[Tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    by_file: Dict[Path, list] = {}
+    for key, path in located.items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys:
+                yield key, f.get_tensor(key)
+
+
+def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a HuggingFace Llama directory as a Meta checkpoint of `model_parallel_size` shards.
+
+    Weights keep their dtype unless `dtype` is given. Raises FileNotFoundError
+    for missing files, FileExistsError for a non-empty `out_dir`, ValueError
+    for a config or weights this model cannot represent.
+    """
+    from llama.tiny import write_checkpoint
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config.json not found in {str(hf_dir)!r}")
+    checkpoint.require_new_dir(out_dir)
+    config = json.loads(config_path.read_text())
+    args = model_args_from_hf_config(config)
+    checkpoint.check_model_parallel_fit(args, model_parallel_size)
+
+    expected = checkpoint.full_shapes(args)
+    to_meta = {meta_to_hf_key(key): key for key in expected}
+    state: Dict[str, torch.Tensor] = {}
+    for hf_key, tensor in _read_hf_tensors(_safetensors_files(hf_dir)):
+        if hf_key.endswith(".bias"):
+            raise ValueError(f"{hf_key}: this model has no biases")
+        if hf_key.endswith("rotary_emb.inv_freq"):  # older exports carry the rotary table
+            continue
+        if hf_key not in to_meta:
+            raise ValueError(f"unexpected weight {hf_key!r} in {str(hf_dir)!r}")
+        key = to_meta[hf_key]
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{hf_key} has shape {tuple(tensor.shape)}; config.json implies {expected[key]}")
+        if key.endswith("attention.wq.weight"):
+            tensor = permute_to_meta(tensor, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            tensor = permute_to_meta(tensor, checkpoint.n_kv_heads_of(args))
+        state[key] = tensor
+    if config.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
+        # Tied embeddings (transformers then uses the embedding as the output,
+        # whatever lm_head holds): Meta's format keeps a copy of its own.
+        state["output.weight"] = state["tok_embeddings.weight"]
+    missing = sorted(set(to_meta.values()) - set(state))
+    if missing:
+        names = ", ".join(map(meta_to_hf_key, missing[:5]))
+        raise ValueError(f"{str(hf_dir)!r} lacks {len(missing)} weight(s): {names}")
+
+    write_checkpoint(out_dir, state, args, mp=model_parallel_size, dtype=dtype or state["norm.weight"].dtype)
+    _copy_tokenizer(hf_dir, out_dir)
+    return out_dir
+
+
+def meta_to_hf(
+    meta_dir, out_dir, dtype: Optional[torch.dtype] = None, max_position_embeddings: int = 4096
+) -> Path:
+    """Write a Meta checkpoint (any shard count) as a HuggingFace Llama directory:
+    `config.json`, one `model.safetensors`, `tokenizer.model`.
+
+    Raises as `checkpoint.load_for_rank` does, and FileExistsError for a
+    non-empty `out_dir`.
+    """
+    from safetensors.torch import save_file
+
+    meta_dir, out_dir = Path(meta_dir), Path(out_dir)
+    shards = checkpoint.find_shards(meta_dir)
+    checkpoint.require_new_dir(out_dir)
+    args = checkpoint.model_args_of_checkpoint(meta_dir, shards)
+    state = checkpoint.load_for_rank(shards, 0, 1, args, dtype=dtype)
+    hf_state = {}
+    for key, tensor in state.items():
+        if key.endswith("attention.wq.weight"):
+            tensor = permute_to_hf(tensor, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            tensor = permute_to_hf(tensor, checkpoint.n_kv_heads_of(args))
+        hf_state[meta_to_hf_key(key)] = tensor.contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config_from_model_args(args, state["norm.weight"].dtype, max_position_embeddings)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _copy_tokenizer(meta_dir, out_dir)
+    return out_dir
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    if (src / "tokenizer.model").is_file():
+        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    else:
+        print(f"note: no tokenizer.model in {str(src)!r}; copy it to {str(dst)!r} yourself", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama.convert_hf", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_meta = sub.add_parser("to-meta", help="HuggingFace directory -> Meta checkpoint")
+    to_meta.add_argument("src")
+    to_meta.add_argument("dst")
+    to_meta.add_argument("--mp", type=int, default=1, help="number of model-parallel shards to write")
+    to_hf = sub.add_parser("to-hf", help="Meta checkpoint -> HuggingFace directory")
+    to_hf.add_argument("src")
+    to_hf.add_argument("dst")
+    to_hf.add_argument("--max-position-embeddings", type=int, default=4096)
+    for p in (to_meta, to_hf):
+        p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                       help="store the weights in this dtype (default: as in SRC)")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        if args.direction == "to-meta":
+            if args.mp < 1:
+                parser.error("--mp must be at least 1")
+            hf_to_meta(args.src, args.dst, model_parallel_size=args.mp, dtype=dtype)
+        else:
+            meta_to_hf(args.src, args.dst, dtype=dtype, max_position_embeddings=args.max_position_embeddings)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Write a copy of a Meta-format checkpoint for another model-parallel size.
+
+    python -m llama.reshard SRC DST --mp N [--dtype bfloat16]
+
+`Llama.build` already reshards at load time; a copy saves that work on
+every start and lets each rank read one file. DST must be new or empty; SRC
+is only read. `params.json` and `tokenizer.model` are copied alongside.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama import checkpoint
+
+
+def reshard(
+    src, dst, model_parallel_size: int, dtype: Optional[torch.dtype] = None, progress: bool = True
+) -> Path:
+    """Write `src` resharded into `model_parallel_size` shards in `dst`; returns `dst`.
+
+    Raises FileExistsError if `dst` is a non-empty directory (or a file),
+    ValueError if the model cannot be split that way, and whatever
+    reading `src` raises (see `checkpoint.load_for_rank`).
+    """
+    src, dst = Path(src), Path(dst)
+    shards = checkpoint.find_shards(src)
+    checkpoint.require_new_dir(dst)
+    args = checkpoint.model_args_of_checkpoint(src, shards)
+    checkpoint.check_model_parallel_fit(args, model_parallel_size, n_shards=len(shards))
+
+    created = not dst.exists()
+    dst.mkdir(parents=True, exist_ok=True)
+    n_tensors = len(checkpoint.full_shapes(args))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=n_tensors * model_parallel_size, unit="tensor", desc=f"Resharding to MP={model_parallel_size}"
+        )
+    try:
+        for rank in range(model_parallel_size):
+            part = checkpoint.load_for_rank(
+                shards,
+                rank,
+                model_parallel_size,
+                args,
+                dtype=dtype,
+                progress=False,
+            )
+            # clone(): a slice saved as it is would drag its whole source storage along.
+            shard = {key: tensor.clone() for key, tensor in part.items()}
+            torch.save(shard, dst / f"consolidated.{rank:02d}.pth")
+            del part, shard
+            if bar is not None:
+                bar.update(n_tensors)
+    except BaseException:
+        # Leave no half-written checkpoint behind (DST was new or empty).
+        for path in dst.glob("consolidated.*.pth"):
+            path.unlink()
+        if created:
+            dst.rmdir()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    shutil.copyfile(src / "params.json", dst / "params.json")
+    if (src / "tokenizer.model").is_file():
+        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    return dst
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="checkpoint directory to read (params.json, consolidated.NN.pth)")
+    parser.add_argument("dst", help="new or empty directory to write")
+    parser.add_argument("--mp", type=int, required=True, help="number of model-parallel shards to write")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="store the weights in this dtype (default: as in SRC)")
+    args = parser.parse_args(argv)
+    if args.mp < 1:
+        parser.error("--mp must be at least 1")
+    try:
+        reshard(args.src, args.dst, args.mp, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.mp} shard(s) to {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

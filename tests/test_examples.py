@@ -1,0 +1,52 @@
+import sys
+
+import pytest
+
+from conftest import run_checked, run_torchrun
+
+SEPARATOR = "=================================="
+
+
+def answers(out: str) -> int:
+    """How many generations were printed ("> ..." lines, not fairscale's "> initializing ...")."""
+    return sum(1 for line in out.splitlines() if line.startswith("> ") and not line.startswith("> initializing"))
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """A private cache folder, so the demo checkpoint is made fresh here."""
+    return {"LLAMA_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+def test_text_example_under_torchrun_with_two_shards(tiny_ckpt_mp2):
+    out = run_torchrun(2, ["example_text_completion.py", "--ckpt_dir", tiny_ckpt_mp2, "--max_gen_len", "8"]).stdout
+    assert out.count(SEPARATOR) == 3
+    assert answers(out) == 3
+    assert "The best way to learn a new language is\n> " in out
+    assert "Loaded in" in out
+    assert "demo checkpoint" not in out
+
+
+def test_chat_example_with_plain_python_on_the_demo_checkpoint(cache_env):
+    out = run_checked([sys.executable, "example_chat_completion.py", "--max_gen_len", "8"], env=cache_env).stdout
+    assert "using the demo checkpoint" in out
+    assert out.count("> Assistant: ") == 3
+    assert "System: Answer in one short sentence.\n\nUser: How does a rainbow form?\n\n> Assistant: " in out
+    assert out.count(SEPARATOR) == 3
+
+
+def test_text_example_under_torchrun_on_the_demo_checkpoint(cache_env):
+    out = run_torchrun(1, ["example_text_completion.py", "--max_gen_len", "4", "--temperature", "0"],
+                       env=cache_env).stdout
+    assert "using the demo checkpoint" in out
+    assert answers(out) == 3
+
+
+def test_example_reports_a_missing_checkpoint_clearly(tmp_path):
+    proc = None
+    try:
+        run_checked([sys.executable, "example_text_completion.py", "--ckpt_dir", str(tmp_path / "nope"),
+                     "--tokenizer_path", str(tmp_path / "t.model")])
+    except AssertionError as err:
+        proc = str(err)
+    assert proc is not None and "checkpoint directory not found" in proc
