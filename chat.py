@@ -4,19 +4,18 @@
     torchrun --nproc_per_node N chat.py --ckpt_dir DIR_WITH_N_SHARDS ...
 
 Without --ckpt_dir it chats with a tiny random demo model (gibberish, made
-once in ~/.cache/llama or $LLAMA_CACHE). /reset starts over, /exit or Ctrl-D
-leaves, Ctrl-C stops a reply.
+once in ~/.cache/llama or $LLAMA_CACHE); --tokenizer_path defaults to the
+tokenizer.model in --ckpt_dir or its parent. /reset starts over, /exit or
+Ctrl-D leaves, Ctrl-C stops a reply.
 """
 
-import os
-from pathlib import Path
 from typing import Optional
 
 import fire
 
 from llama import Llama
 from llama.chat_repl import run_chat
-from llama.tiny import demo_checkpoint
+from llama.demo import resolve_checkpoint
 
 
 def main(
@@ -31,15 +30,10 @@ def main(
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
 ):
-    if ckpt_dir is None:
-        ckpt_dir = demo_checkpoint(int(os.environ.get("WORLD_SIZE", 1)))
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"No --ckpt_dir: chatting with the tiny demo model in {ckpt_dir} (random weights, gibberish replies)")
-    if tokenizer_path is None:
-        tokenizer_path = Path(ckpt_dir) / "tokenizer.model"
+    ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     llama = Llama.build(
-        ckpt_dir=str(ckpt_dir),
-        tokenizer_path=str(tokenizer_path),
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=1,
         seed=seed,

@@ -242,6 +242,7 @@ def test_chat_ctrl_c_stops_a_reply_on_every_rank_and_ctrl_d_leaves(world, demo_c
     child = spawn_chat(world, ["--max_seq_len", 2048, "--max_gen_len", gen_len, "--temperature", 0],
                        env={"LLAMA_CACHE": str(cache)})
     try:
+        assert "using the demo checkpoint" in child.before
         shown = send_and_interrupt(child, "the river")
         stream = reference.stream_chat_completion([_user("the river")], temperature=0, max_gen_len=gen_len)
         first = shown_prefix(stream, shown)
