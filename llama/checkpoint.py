@@ -343,7 +343,8 @@ def assemble_rank(
         expected = _local_shape(shapes[key], shard_range(key, shapes[key], args, n_shards, index))
         if tuple(tensor.shape) != expected:
             hint = ""
-            if key in ("tok_embeddings.weight", "output.weight"):
+            if key == "tok_embeddings.weight" and tensor.shape[0] != expected[0]:
+                # Rows are the vocabulary, never split: a size mismatch there is the tokenizer's.
                 hint = " (the vocabulary size comes from the tokenizer: wrong tokenizer for this model?)"
             raise ValueError(
                 f"{key} has shape {tuple(tensor.shape)} in {name}, but shard {index} of "
@@ -453,7 +454,8 @@ def _check_keys(state_dict: Mapping[str, torch.Tensor], shapes: Mapping, path) -
     keys = set(state_dict) - set(IGNORED_KEYS)
     missing, unexpected = sorted(shapes.keys() - keys), sorted(keys - shapes.keys())
     if missing or unexpected:
-        problems = [f"missing {k}" for k in missing[:10]] + [f"unexpected {k}" for k in unexpected[:10]]
+        problems = [f"missing {k} (full shape {shapes[k]})" for k in missing[:10]]
+        problems += [f"unexpected {k} (shape {tuple(state_dict[k].shape)})" for k in unexpected[:10]]
         raise ValueError(
             f"checkpoint shard {str(path)!r} does not match params.json ({len(missing)} missing, "
             f"{len(unexpected)} unexpected weights):\n  " + "\n  ".join(problems)
