@@ -81,12 +81,12 @@ def free_port() -> int:
 
 
 def torchrun_cmd(nproc: int, args, extra=()) -> list:
-    """The command line of `torchrun --nproc_per_node nproc ARGS` on a free local port."""
+    """The command line of `torchrun --standalone --nproc_per_node nproc ARGS`."""
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()),
+        # The launcher picks a free port itself: no race with other tests.
+        "--standalone",
         *extra,
         *[str(a) for a in args],
     ]

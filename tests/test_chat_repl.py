@@ -103,21 +103,14 @@ def test_run_chat_checks_its_arguments_before_reading(reference):
 # --- whole sessions through a pseudo-terminal ---
 
 
-def spawn_chat(world: int, args, env=None, retried=False) -> pexpect.spawn:
+def spawn_chat(world: int, args, env=None) -> pexpect.spawn:
     chat = [str(REPO / "chat.py"), *[str(a) for a in args]]
     cmd = [sys.executable, *chat] if world == 1 else torchrun_cmd(world, chat)
     child = pexpect.spawn(
         cmd[0], cmd[1:], cwd=str(REPO), env=subprocess_env(env), encoding="utf-8", timeout=120, dimensions=(24, 200)
     )
     child.logfile_read = sys.stdout  # the session's screen, shown by pytest when a test fails
-    try:
-        child.expect_exact(PROMPT)
-    except pexpect.EOF:
-        # Another test run on this machine took the free port between the
-        # check and torchrun's bind: try once more on a fresh one.
-        if world > 1 and "EADDRINUSE" in child.before and not retried:
-            return spawn_chat(world, args, env, retried=True)
-        raise
+    child.expect_exact(PROMPT)
     return child
 
 
