@@ -183,12 +183,10 @@ def test_chat_session_history_reset_truncation_and_exit(world, reference, tiny_c
     assert second != second_alone  # else the session could not show that the history was used
     max_seq_len = encoded_len(second_dialog) + gen_len  # the second turn just fits
     # A message that fits after the system prompt alone, but not after the turn before it too.
-    long_message = next(
-        message
-        for message in (" ".join(["bright morning"] * n) for n in range(1, 50))
-        if encoded_len([system, _user("a quiet village"), _assistant(second_alone), _user(message)]) + gen_len
-        > max_seq_len
-    )
+    history = [system, _user("a quiet village"), _assistant(second_alone)]
+    long_message = "bright morning"
+    while encoded_len([*history, _user(long_message)]) + gen_len <= max_seq_len:
+        long_message += " bright morning"
     assert encoded_len([system, _user(long_message)]) + gen_len <= max_seq_len
     long_reply = greedy(reference, [system, _user(long_message)], gen_len)
 
@@ -230,7 +228,7 @@ def demo_cache(tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 2])
 def test_chat_ctrl_c_stops_a_reply_on_every_rank_and_ctrl_d_leaves(world, demo_cache):
     cache, reference = demo_cache
-    gen_len = 600  # long enough that Ctrl-C comes before the reply ends
+    gen_len = 1200  # long enough that Ctrl-C comes before the reply ends
     # No --ckpt_dir: the demo checkpoint (at world 2 made by the ranks themselves, in two shards).
     child = spawn_chat(world, ["--max_seq_len", 2048, "--max_gen_len", gen_len, "--temperature", 0],
                        env={"LLAMA_CACHE": str(cache)})
