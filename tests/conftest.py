@@ -85,8 +85,8 @@ def run_torchrun(nproc: int, args, timeout: float = 300, env=None, extra=()) -> 
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()),
+        # The launcher picks a free port itself: no race with other tests.
+        "--standalone",
         *extra,
         *[str(a) for a in args],
     ]
