@@ -91,6 +91,17 @@ def test_terminal_reads_lines_ctrl_c_and_ctrl_d_from_a_tty():
         os.close(follower)
 
 
+def test_terminal_that_hangs_up_ends_the_input():
+    leader, follower = os.openpty()
+    terminal = Terminal(follower, io.StringIO())
+    os.close(leader)  # as when the terminal window is closed: reads return nothing
+    try:
+        with pytest.raises(EOFError):
+            terminal.read_line(5)
+    finally:
+        os.close(follower)
+
+
 def test_run_chat_checks_its_arguments_before_reading(reference):
     with pytest.raises(ValueError, match=r"max_gen_len must be an int in \[1, max_seq_len - 1\]"):
         run_chat(reference, max_gen_len=reference.model.params.max_seq_len, input_fd=-1)
