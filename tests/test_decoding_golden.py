@@ -1,0 +1,97 @@
+"""The decoding fast paths against tokens and logprobs recorded from the
+reference-style code (before any speed work), on two shapes.
+
+The golden file was written by `python tests/test_decoding_golden.py` on the
+straightforward model (separate wq/wk/wv, complex rotary, explicit softmax).
+Optimisations may change the last float bits but never a greedy token, and
+logprobs must stay within 1e-5.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.tiny import make_tiny_checkpoint
+
+GOLDEN = Path(__file__).with_name("data") / "golden_decoding.json"
+
+SHAPES = {
+    # the test suite's tiny model: grouped-query attention
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, seed=0),
+    # the ~15M benchmark shape's layers (dim 288, 6 layers, 6 heads), with the tiny vocabulary
+    "small": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=None, multiple_of=32, seed=1),
+}
+
+# Token ids, not text, so the golden file does not depend on the tokenizer training.
+PROMPTS = [[1, 72, 300, 45, 17, 260, 99], [1, 5, 400], [1, 250, 251, 252, 253, 254, 255, 256, 257, 258, 30]]
+MAX_GEN_LEN = 20
+
+
+def build(ckpt_dir, **kwargs) -> Llama:
+    return Llama.build(
+        ckpt_dir=str(ckpt_dir),
+        tokenizer_path=str(Path(ckpt_dir) / "tokenizer.model"),
+        max_seq_len=64,
+        max_batch_size=4,
+        device="cpu",
+        **kwargs,
+    )
+
+
+def run_cases(generator: Llama):
+    """Greedy runs: the batch of three prompts, and the first prompt alone."""
+    cases = {}
+    for name, prompts in (("batch", PROMPTS), ("single", PROMPTS[:1])):
+        tokens, logprobs = generator.generate(
+            prompts, max_gen_len=MAX_GEN_LEN, temperature=0, logprobs=True, echo=True
+        )
+        cases[name] = {"tokens": tokens, "logprobs": logprobs}
+    return cases
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def shape_ckpt(request, tmp_path_factory, tiny_tokenizer):
+    out = tmp_path_factory.mktemp(f"golden_{request.param}")
+    return request.param, make_tiny_checkpoint(out, tokenizer=tiny_tokenizer, **SHAPES[request.param])
+
+
+def assert_matches_golden(shape: str, cases) -> None:
+    golden = json.loads(GOLDEN.read_text())[shape]
+    for name, want in golden.items():
+        got = cases[name]
+        assert got["tokens"] == want["tokens"], f"{shape}/{name}: greedy tokens changed"
+        for row_got, row_want in zip(got["logprobs"], want["logprobs"]):
+            diff = (torch.tensor(row_got) - torch.tensor(row_want)).abs().max().item()
+            assert diff <= 1e-5, f"{shape}/{name}: logprobs moved by {diff:.2e}"
+
+
+def test_generate_matches_golden(shape_ckpt):
+    shape, ckpt = shape_ckpt
+    assert_matches_golden(shape, run_cases(build(ckpt)))
+
+
+def regenerate() -> None:
+    import tempfile
+
+    from llama.tiny import train_tokenizer
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp) / "tokenizer.model"
+        train_tokenizer(tok, vocab_size=512)
+        for shape, kwargs in SHAPES.items():
+            ckpt = make_tiny_checkpoint(Path(tmp) / shape, tokenizer=tok, **kwargs)
+            out[shape] = run_cases(build(ckpt))
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(out) + "\n")
+    print(f"wrote {GOLDEN}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit("usage: python tests/test_decoding_golden.py --regenerate  (only on the reference-style code)")
+    regenerate()
