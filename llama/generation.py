@@ -164,10 +164,17 @@ class Llama:
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
         checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
-        model.setup_caches(device=device, dtype=dtype)
-        model.eval()
+        generator = Llama.from_model(model, tokenizer)
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
+        return generator
 
+    @staticmethod
+    def from_model(model: Transformer, tokenizer: Tokenizer) -> "Llama":
+        """A Llama around `model` whose weights are loaded: caches set up on the
+        weights' device and dtype, ready to generate. `build` ends here; the
+        benchmark starts here with weights it made in memory."""
+        model.setup_caches()
+        model.eval()
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -276,7 +283,8 @@ class Llama:
             return
 
         for cur_pos in range(state.min_prompt_len, state.total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            # Without logprobs only the last position's logits are needed.
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not state.logprobs)
             next_token = sample_next_token(logits[:, -1], state.temperature, state.top_p)
             # Rows still inside their prompt keep the prompt's token.
             next_token = torch.where(state.input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)

@@ -280,11 +280,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int):
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_logits_only: bool = False):
         """Logits (float32) for `tokens` (bsz, seqlen) placed at `start_pos`.
 
         Keys and values of these positions enter the cache; positions before
-        `start_pos` must already be there.
+        `start_pos` must already be there. With `last_logits_only` the logits
+        are those of the last position alone, (bsz, 1, vocab): a prompt's
+        other positions then skip the largest matrix of the model.
         """
         _bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
@@ -300,6 +302,8 @@ class Transformer(nn.Module):
 
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
+        if last_logits_only:
+            h = h[:, -1:]
         h = self.norm(h)
         output = self.output(h).float()
         return output

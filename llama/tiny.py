@@ -80,19 +80,20 @@ def train_tokenizer(path, vocab_size: int = 512) -> None:
     Path(path).write_bytes(model.getvalue())
 
 
-def random_weights(args: ModelArgs, seed: int = 0) -> Dict[str, torch.Tensor]:
+def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
     """A full (MP=1) state dict with Meta's keys and seeded random values.
 
     Scaled so that activations stay O(1) and the logits are spread widely
-    enough that greedy choices are not decided by float rounding.
+    enough that greedy choices are not decided by float rounding. Made on
+    `device` (a 7B one straight on the GPU); the values depend on the device.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
     head_dim = args.dim // args.n_heads
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
 
     def normal(*shape, std):
-        return torch.randn(*shape, generator=gen) * std
+        return (torch.randn(*shape, generator=gen, device=device) * std).to(dtype)
 
     def norm_weight():
         return 1.0 + normal(args.dim, std=0.1)

@@ -74,6 +74,15 @@ def test_generate_matches_golden(shape_ckpt):
     assert_matches_golden(shape, run_cases(build(ckpt)))
 
 
+def test_greedy_tokens_without_logprobs_match_golden(shape_ckpt):
+    # Without logprobs the prompt's logits are not all computed: a different path.
+    shape, ckpt = shape_ckpt
+    golden = json.loads(GOLDEN.read_text())[shape]["batch"]["tokens"]
+    tokens, logprobs = build(ckpt).generate(PROMPTS, max_gen_len=MAX_GEN_LEN, temperature=0, echo=True)
+    assert logprobs is None
+    assert tokens == golden
+
+
 def regenerate() -> None:
     import tempfile
 

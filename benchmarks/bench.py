@@ -1,0 +1,470 @@
+"""Decoding speed of this library, side by side with `transformers`, on random weights.
+
+    python benchmarks/bench.py                        # ~15M and ~100M shapes, fp32, CPU
+    python benchmarks/bench.py --shapes 100M --compile --plot bench.png
+    python benchmarks/bench.py --shapes 7B --device cuda --dtype float16 --compile
+
+For each named shape it makes one random Meta-format state dict (Meta's keys,
+seeded), loads it into our `Transformer` through the library's strict loader,
+and, when `transformers` is installed (`pip install -e .[bench]`), into a
+`LlamaForCausalLM` after the usual q/k row permutation, so both run the same
+numbers. The two then run alternately, after warm-up, on the same random
+prompts; every figure is a median over `--runs` runs:
+
+- decode tokens/s at each batch size (generated tokens after the first, over
+  the time they took; greedy, no early stop unless EOS is drawn),
+- time to first token and prefill tokens/s (the prompt plus one sampled token),
+- memory: the model's own tensors plus the peak growth during one generation
+  (CUDA: allocator peak; CPU: resident set size, sampled),
+- our/their ratio for each.
+
+It also measures the machine's read bandwidth (a `torch.sum` over a large
+array) and prints, for batch 1, the ceiling bandwidth / bytes of weights read
+per token and each library's fraction of it. Results go to a JSON file and a
+table; `--plot` draws decode tokens/s against batch size.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llama import Llama, Tokenizer, checkpoint, distributed  # noqa: E402
+from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.tiny import random_weights, train_tokenizer  # noqa: E402
+
+SHAPES = {
+    # llama2.c's stories15M
+    "15M": dict(dim=288, n_layers=6, n_heads=6, multiple_of=32, vocab_size=32000),
+    # the ~100M shape of PERF-FACTS.md: ~438 MB of fp32 weights read per token
+    "100M": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256, vocab_size=32000),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, vocab_size=32000),
+}
+
+LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def read_bandwidth(device: torch.device, gib: float = 1.0, runs: int = 15) -> float:
+    """Bytes/s of a plain streaming read (`torch.sum` over `gib` GiB of fp32)."""
+    data = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+    data.sum()
+    seconds = median_time(lambda: data.sum(), device, runs)
+    return data.numel() * 4 / seconds
+
+
+def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Weight bytes one batch-1 decode step must read: every matrix and norm, one embedding row."""
+    n_kv_heads = args.n_kv_heads or args.n_heads
+    head_dim = args.dim // args.n_heads
+    from llama.model import ffn_hidden_dim
+
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    attention = args.dim * head_dim * (2 * args.n_heads + 2 * n_kv_heads)
+    feed_forward = 3 * args.dim * hidden
+    per_layer = attention + feed_forward + 2 * args.dim
+    total = args.n_layers * per_layer + args.dim + args.vocab_size * args.dim + args.dim
+    return total * torch.finfo(dtype).bits // 8
+
+
+class RssPeak:
+    """Peak resident set size of this process while the `with` block runs (sampled)."""
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = self.process.memory_info().rss
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers."""
+    seen = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t is not None and t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+class Runner:
+    """One library on one model: runs a greedy generation and reports per-step times."""
+
+    name: str
+
+    def steps(self, prompts: torch.Tensor, gen_len: int) -> List[float]:
+        """Time from the call to each generated token's arrival, in seconds."""
+        raise NotImplementedError
+
+    def memory(self, prompts: torch.Tensor, gen_len: int, device: torch.device) -> int:
+        """Model tensors plus peak growth over one generation, in bytes."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.steps(prompts, gen_len)
+            growth = torch.cuda.max_memory_allocated(device) - before
+        else:
+            with RssPeak() as rss:
+                self.steps(prompts, gen_len)
+            growth = rss.peak - rss.start
+        return self.model_bytes + max(growth, 0)
+
+
+class OurRunner(Runner):
+    def __init__(self, name, state, args, tokenizer, device, dtype, **build_options):
+        distributed.init_distributed(device, 1)
+        with checkpoint.init_on_meta():
+            model = Transformer(args)
+        checkpoint.load_into(model, state, device, dtype, source="random weights")
+        self.generator = Llama.from_model(model, tokenizer, **build_options)
+        self.model_bytes = tensor_bytes(self.generator.model)
+        self.device = device
+        self.name = name
+
+    def steps(self, prompts, gen_len):
+        g = self.generator
+        times = []
+        start = time.perf_counter()
+        state = g._start_decoding(prompts.tolist(), gen_len, temperature=0.0, top_p=1.0, logprobs=False)
+        for _ in g._decode_steps(state):
+            synchronize(self.device)
+            times.append(time.perf_counter() - start)
+        return times
+
+
+class TheirRunner(Runner):
+    """`transformers.LlamaForCausalLM` on the same weights (their half-split rotary layout)."""
+
+    def __init__(self, state, args: ModelArgs, device, dtype):
+        import transformers
+
+        n_kv_heads = args.n_kv_heads or args.n_heads
+        head_dim = args.dim // args.n_heads
+        from llama.model import ffn_hidden_dim
+
+        config = transformers.LlamaConfig(
+            vocab_size=args.vocab_size,
+            hidden_size=args.dim,
+            intermediate_size=ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+            num_hidden_layers=args.n_layers,
+            num_attention_heads=args.n_heads,
+            num_key_value_heads=n_kv_heads,
+            max_position_embeddings=args.max_seq_len,
+            rms_norm_eps=args.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+            tie_word_embeddings=False,
+        )
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = transformers.LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+
+        def pairs_to_halves(w, n_heads):
+            # Meta rotates adjacent pairs (x[2i], x[2i+1]); HF rotates (x[i], x[i + head_dim/2]).
+            return w.view(n_heads, head_dim // 2, 2, args.dim).transpose(1, 2).reshape(n_heads * head_dim, args.dim)
+
+        hf = {
+            "model.embed_tokens.weight": state["tok_embeddings.weight"],
+            "model.norm.weight": state["norm.weight"],
+            "lm_head.weight": state["output.weight"],
+        }
+        for i in range(args.n_layers):
+            meta, ours = f"layers.{i}.", f"model.layers.{i}."
+            hf[ours + "self_attn.q_proj.weight"] = pairs_to_halves(state[meta + "attention.wq.weight"], args.n_heads)
+            hf[ours + "self_attn.k_proj.weight"] = pairs_to_halves(state[meta + "attention.wk.weight"], n_kv_heads)
+            hf[ours + "self_attn.v_proj.weight"] = state[meta + "attention.wv.weight"]
+            hf[ours + "self_attn.o_proj.weight"] = state[meta + "attention.wo.weight"]
+            hf[ours + "mlp.gate_proj.weight"] = state[meta + "feed_forward.w1.weight"]
+            hf[ours + "mlp.up_proj.weight"] = state[meta + "feed_forward.w3.weight"]
+            hf[ours + "mlp.down_proj.weight"] = state[meta + "feed_forward.w2.weight"]
+            hf[ours + "input_layernorm.weight"] = state[meta + "attention_norm.weight"]
+            hf[ours + "post_attention_layernorm.weight"] = state[meta + "ffn_norm.weight"]
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in hf.items()}, strict=True)
+        model.eval()
+        model.generation_config.pad_token_id = 0
+        self.model = model
+        self.model_bytes = tensor_bytes(model)
+        self.device = device
+        self.name = f"transformers {transformers.__version__}"
+
+    def steps(self, prompts, gen_len):
+        import transformers
+
+        times = []
+        start = time.perf_counter()
+        device = self.device
+
+        class Clock(transformers.LogitsProcessor):
+            # Called once per step, right after the step's forward pass.
+            def __call__(self, input_ids, scores):
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+                return scores
+
+        with torch.inference_mode():
+            self.model.generate(
+                prompts.to(self.device),
+                attention_mask=torch.ones_like(prompts, device=self.device),
+                max_new_tokens=gen_len,
+                do_sample=False,
+                logits_processor=transformers.LogitsProcessorList([Clock()]),
+            )
+        return times
+
+
+def summarize(step_times: List[List[float]], batch: int, prompt_len: int) -> Dict:
+    decode = [batch * (len(t) - 1) / (t[-1] - t[0]) for t in step_times if len(t) > 1]
+    ttft = [t[0] for t in step_times]
+    return {
+        "decode_tokens_per_s": statistics.median(decode) if decode else None,
+        "ttft_ms": 1e3 * statistics.median(ttft),
+        "prefill_tokens_per_s": batch * prompt_len / statistics.median(ttft),
+        "decode_runs": decode,
+    }
+
+
+def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dict:
+    device, dtype = opts.device, opts.dtype
+    max_batch = max(opts.batch_sizes)
+    args = ModelArgs(
+        **SHAPES[shape],
+        max_seq_len=opts.prompt_len + opts.gen_len,
+        max_batch_size=max_batch,
+    )
+    torch.manual_seed(0)
+    state = random_weights(args, seed=0, device=device, dtype=dtype)
+    # transformers copies the weights (permuting q and k); ours then takes them by assignment.
+    theirs = [TheirRunner(state, args, device, dtype)] if opts.transformers else []
+    variants = [("llama", {})] if opts.eager or not opts.compile else []
+    if opts.compile:
+        variants.append(("llama compile", {"compile": True}))
+    runners = []
+    for i, (name, build_options) in enumerate(variants):
+        weights = state if i == len(variants) - 1 else {k: v.clone() for k, v in state.items()}
+        runners.append(OurRunner(name, weights, args, tokenizer, device, dtype, **build_options))
+    runners += theirs
+    del state, weights
+
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, args.vocab_size, (max_batch, opts.prompt_len), generator=gen)
+    ceiling = bandwidth / bytes_per_token(args, dtype)
+    result = {"shape": shape, "args": SHAPES[shape], "bytes_per_token": bytes_per_token(args, dtype),
+              "ceiling_tokens_per_s": ceiling, "libraries": {}}
+
+    # Warm-up (and compilation), then a check that both decode the same tokens.
+    for runner in runners:
+        start = time.perf_counter()
+        for batch in opts.batch_sizes:
+            for _ in range(opts.warmup):
+                runner.steps(prompts[:batch], opts.gen_len)
+        print(f"  [{shape}] warm-up of {runner.name}: {time.perf_counter() - start:.1f} s", flush=True)
+    result["same_greedy_tokens"] = same_tokens(runners, prompts[:1], min(opts.gen_len, 16))
+
+    for runner in runners:
+        result["libraries"][runner.name] = {
+            "memory_mb": runner.memory(prompts[:1], opts.gen_len, device) / 2**20,
+            "model_mb": runner.model_bytes / 2**20,
+            "batches": {},
+        }
+    for batch in opts.batch_sizes:
+        times = {runner.name: [] for runner in runners}
+        for _ in range(opts.runs):
+            for runner in runners:  # alternate, so drift in the machine hits all alike
+                times[runner.name].append(runner.steps(prompts[:batch], opts.gen_len))
+        for runner in runners:
+            entry = summarize(times[runner.name], batch, opts.prompt_len)
+            if batch == 1 and entry["decode_tokens_per_s"]:
+                entry["fraction_of_ceiling"] = entry["decode_tokens_per_s"] / ceiling
+            result["libraries"][runner.name]["batches"][batch] = entry
+    return result
+
+
+def same_tokens(runners: List[Runner], prompt: torch.Tensor, gen_len: int) -> Optional[bool]:
+    """Whether every library's greedy continuation of `prompt` is the same (a check of the weight conversion)."""
+    outputs = []
+    for runner in runners:
+        if isinstance(runner, OurRunner):
+            tokens, _ = runner.generator.generate(prompt.tolist(), max_gen_len=gen_len, temperature=0)
+            outputs.append(tokens[0])
+        else:
+            with torch.inference_mode():
+                out = runner.model.generate(
+                    prompt.to(runner.device), attention_mask=torch.ones_like(prompt, device=runner.device),
+                    max_new_tokens=gen_len, do_sample=False,
+                )
+            generated = out[0, prompt.shape[1]:].tolist()
+            eos = 2
+            outputs.append(generated[: generated.index(eos)] if eos in generated else generated)
+    return all(o == outputs[0] for o in outputs) if len(outputs) > 1 else None
+
+
+def print_table(results: List[Dict], bandwidth: float) -> None:
+    print(f"\nmeasured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    header = f"{'shape':>5} {'library':<24} {'batch':>5} {'decode tok/s':>12} {'of ceiling':>10} " \
+             f"{'vs HF':>6} {'prefill tok/s':>13} {'TTFT ms':>8} {'mem MB':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        libs = r["libraries"]
+        theirs = next((n for n in libs if n.startswith("transformers")), None)
+        for name, lib in libs.items():
+            for batch, e in lib["batches"].items():
+                ratio = ""
+                if theirs and name != theirs:
+                    ratio = f"{e['decode_tokens_per_s'] / libs[theirs]['batches'][batch]['decode_tokens_per_s']:.2f}x"
+                frac = f"{100 * e['fraction_of_ceiling']:.0f}%" if "fraction_of_ceiling" in e else ""
+                print(f"{r['shape']:>5} {name:<24} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
+                      f"{ratio:>6} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {lib['memory_mb']:>7.0f}")
+        print(f"{r['shape']:>5} ceiling at batch 1: {r['ceiling_tokens_per_s']:.1f} tok/s "
+              f"({r['bytes_per_token'] / 1e6:.0f} MB read per token); same greedy tokens: {r['same_greedy_tokens']}")
+
+
+def plot(results: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for name, lib in r["libraries"].items():
+            batches = sorted(lib["batches"], key=int)
+            ax.plot(batches, [lib["batches"][b]["decode_tokens_per_s"] for b in batches], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"{r['shape']} shape")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--shapes", default="15M,100M,7B" if cuda else "15M,100M",
+                        help=f"comma-separated, from {', '.join(SHAPES)}")
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per library and batch size")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per library and batch size")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--compile", action="store_true", help="also run ours built with compile=True")
+    parser.add_argument("--no-eager", dest="eager", action="store_false", help="with --compile, skip the eager run")
+    parser.add_argument("--no-transformers", dest="transformers", action="store_false")
+    parser.add_argument("--json", default="bench.json", help="where to write the results")
+    parser.add_argument("--plot", nargs="?", const="bench.png", default=None, help="draw tokens/s against batch size")
+    opts = parser.parse_args(argv)
+    opts.shapes = opts.shapes.split(",")
+    for shape in opts.shapes:
+        if shape not in SHAPES:
+            parser.error(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    opts.batch_sizes = [int(b) for b in opts.batch_sizes.split(",")]
+    opts.device = distributed.choose_device(opts.device)
+    opts.dtype = distributed.choose_dtype(opts.device, opts.dtype)
+    if opts.transformers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed (pip install -e .[bench]): benchmarking this library alone")
+            opts.transformers = False
+    return opts
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.device.type == "cuda":
+        torch.cuda.set_device(opts.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {opts.device}, dtype {opts.dtype}")
+    bandwidth = read_bandwidth(opts.device, gib=4.0 if opts.device.type == "cuda" else 1.0)
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Only the EOS id matters here (prompts are random ids); any Llama tokenizer will do.
+        tokenizer_path = LLAMA2_TOKENIZER
+        if not tokenizer_path.is_file():
+            tokenizer_path = Path(tmp) / "tokenizer.model"
+            train_tokenizer(tokenizer_path)
+        tokenizer = Tokenizer(str(tokenizer_path))
+        results = [bench_shape(shape, opts, bandwidth, tokenizer) for shape in opts.shapes]
+
+    print_table(results, bandwidth)
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(opts.device),
+            "gpu": torch.cuda.get_device_name(opts.device) if opts.device.type == "cuda" else None,
+        },
+        "options": {k: str(v) if isinstance(v, (torch.device, torch.dtype)) else v for k, v in vars(opts).items()},
+        "read_bandwidth_bytes_per_s": bandwidth,
+        "results": results,
+    }
+    Path(opts.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {opts.json}")
+    if opts.plot:
+        plot(results, opts.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
