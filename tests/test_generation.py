@@ -104,7 +104,7 @@ def test_loop_stops_once_every_row_has_eos(generator):
     calls = []
     model = generator.model
     original = model.forward
-    model.forward = lambda tokens, start_pos: calls.append(start_pos) or original(tokens, start_pos)
+    model.forward = lambda tokens, start_pos, **kw: calls.append(start_pos) or original(tokens, start_pos, **kw)
     try:
         tokens, _ = with_eos(generator, eos).generate([prompts[0]], max_gen_len=12, temperature=0)
     finally:
