@@ -110,6 +110,7 @@ class Llama:
         seed: int = 1,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
 
@@ -118,7 +119,8 @@ class Llama:
         rank's part of a checkpoint of any shard count that divides or is a
         multiple of the model-parallel size, and seeds every rank with `seed`.
         `device` defaults to this process's GPU or the CPU, `dtype` to fp16 on
-        CUDA and fp32 on CPU.
+        CUDA and fp32 on CPU. With `compile` the one-token decode step is
+        compiled with `torch.compile` (see `from_model`).
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit.
@@ -164,18 +166,34 @@ class Llama:
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
         checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
-        generator = Llama.from_model(model, tokenizer)
+        generator = Llama.from_model(model, tokenizer, compile=compile)
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return generator
 
     @staticmethod
-    def from_model(model: Transformer, tokenizer: Tokenizer) -> "Llama":
+    def from_model(model: Transformer, tokenizer: Tokenizer, compile: bool = False) -> "Llama":
         """A Llama around `model` whose weights are loaded: caches set up on the
-        weights' device and dtype, ready to generate. `build` ends here; the
-        benchmark starts here with weights it made in memory."""
+        weights' device and dtype, weights laid out for decoding, ready to
+        generate. `build` ends here; the benchmark starts here with weights it
+        made in memory.
+
+        With `compile`, each one-token decode step runs a `torch.compile`d
+        forward with static shapes: the position is a tensor and attention
+        spans the whole `max_seq_len` cache under a mask, so one compiled graph
+        serves every position (one compilation per batch size; the first call
+        at each takes from seconds to minutes). On CPU it uses inductor's own
+        matrix templates (`max_autotune`) on frozen weights; on CUDA it also
+        captures CUDA graphs (`mode="reduce-overhead"`). Prompts still run
+        the eager forward. Raises ValueError under model parallelism, which
+        the compiled step does not support.
+        """
         model.setup_caches()
+        model.prepare_for_inference()
         model.eval()
-        return Llama(model, tokenizer)
+        generator = Llama(model, tokenizer)
+        if compile:
+            generator._compile_decode_step()
+        return generator
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
@@ -184,6 +202,28 @@ class Llama:
         # before each step, so that one left open while another generation ran
         # raises instead of reading a cache that now holds other tokens.
         self._current_decoding: Optional[_Decoding] = None
+        self._compiled_step = None
+
+    def _compile_decode_step(self) -> None:
+        if self.model.model_parallel_size > 1:
+            raise ValueError(
+                "compile=True supports a model-parallel size of 1 only; "
+                f"this model is split over {self.model.model_parallel_size} ranks"
+            )
+        if self.device.type == "cuda":
+            self._compiled_step = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+        else:
+            self._compiled_step = torch.compile(
+                self.model.forward, fullgraph=True, options={"max_autotune": True, "freezing": True}
+            )
+
+    def _forward(self, tokens: torch.Tensor, start_pos: int, last_logits_only: bool) -> torch.Tensor:
+        """The model's logits for `tokens` at `start_pos`, by the compiled step where it applies."""
+        if self._compiled_step is not None and tokens.shape[1] == 1:
+            position = torch.tensor([start_pos], device=tokens.device)
+            # A contiguous copy: the graph is specialised to its input's strides.
+            return self._compiled_step(tokens.contiguous(), position)
+        return self.model.forward(tokens, start_pos, last_logits_only=last_logits_only)
 
     @property
     def device(self) -> torch.device:
@@ -284,7 +324,7 @@ class Llama:
 
         for cur_pos in range(state.min_prompt_len, state.total_len):
             # Without logprobs only the last position's logits are needed.
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not state.logprobs)
+            logits = self._forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not state.logprobs)
             next_token = sample_next_token(logits[:, -1], state.temperature, state.top_p)
             # Rows still inside their prompt keep the prompt's token.
             next_token = torch.where(state.input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)

@@ -1,20 +1,36 @@
 """The Llama 2 transformer: the math only.
 
 Mirrors Meta's reference `model.py` layer for layer, with the same parameter
-names (so Meta's state dicts load unchanged) and the same operations in the
-same order (so the logits match). What differs: no `.cuda()`, and the rotary
-table and the KV cache are non-persistent buffers set up by `setup_caches`,
-so a model built on the `meta` device can take its weights by assignment and
-then get its caches on whatever device and dtype the weights landed on.
+names (so Meta's state dicts load unchanged) and the same computation (so the
+logits match to float rounding). What differs, for speed and placement:
+
+- the rotary table and the KV cache are non-persistent buffers set up by
+  `setup_caches`, so a model built on the `meta` device can take its weights
+  by assignment and then get its caches on the weights' device and dtype;
+- the cache is laid out (bsz, heads, seq, head_dim) and attention is one
+  `scaled_dot_product_attention` call; rotary embedding uses real cos/sin
+  tables (the same numbers as the reference's complex ones);
+- `prepare_for_inference` (called by `Llama.build` after loading) lays the
+  weights out for fast matrix-vector products: q/k/v in one matrix and w1/w3
+  in another, every matrix stored transposed. The Meta-named parameters stay,
+  as views into those matrices, so `state_dict()` keys do not change and no
+  weight is held twice;
+- the linear layers are applied as plain functions with fairscale's
+  model-parallel collectives only where the model-parallel size exceeds one
+  (the layer objects' Python overhead dominates small models' decode steps).
 """
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel.mappings import (
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+)
 from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -57,8 +73,9 @@ class RMSNorm(torch.nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x):
-        # Normalise in fp32 whatever the weights' dtype, as the reference does.
-        output = self._norm(x.float()).type_as(x)
+        # Normalise in fp32 whatever the weights' dtype, as the reference does;
+        # F.rms_norm is the same x * rsqrt(mean(x^2) + eps) in fewer kernels.
+        output = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return output * self.weight
 
 
@@ -70,32 +87,28 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Te
     return torch.polar(torch.ones_like(freqs), freqs)  # complex64
 
 
-def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # (seqlen, head_dim // 2) -> (1, seqlen, 1, head_dim // 2) to meet
-    # x of shape (bsz, seqlen, n_heads, head_dim // 2).
-    ndim = x.ndim
-    if freqs_cis.shape != (x.shape[1], x.shape[-1]):
-        raise ValueError(
-            f"rotary table of shape {tuple(freqs_cis.shape)} does not fit "
-            f"a query of shape {tuple(x.shape)}"
-        )
-    shape = [d if i == 1 or i == ndim - 1 else 1 for i, d in enumerate(x.shape)]
-    return freqs_cis.view(*shape)
+def rotary_tables(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """The rotations of `precompute_freqs_cis` as real tables for `apply_rotary`.
+
+    Shape (2, end, dim): [0] holds cos(angle) for both members of each pair,
+    [1] holds -sin(angle) for the first member and +sin(angle) for the second.
+    """
+    cos_sin = torch.view_as_real(precompute_freqs_cis(dim, end, theta))  # (end, dim // 2, 2)
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    return torch.stack((cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)))
 
 
-def apply_rotary_emb(
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    freqs_cis: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    # Adjacent pairs (x[2i], x[2i+1]) are one complex number: Meta's layout,
-    # which differs from HuggingFace's half-split one.
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
-    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
-    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of x (bsz, seqlen, heads, head_dim)
+    by its position's angle; `rope` is the (2, seqlen, head_dim) slice of `rotary_tables`.
+
+    Meta's layout, computed as the complex product (a + ib)(cos + i sin) of the
+    reference in three kernels: x * cos + swap_pairs(x) * (-sin, sin).
+    """
+    xf = x.float()
+    cos, signed_sin = rope[0][None, :, None, :], rope[1][None, :, None, :]
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) for each pair (a, b)
+    return torch.addcmul(xf * cos, swapped, signed_sin).type_as(x)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -110,11 +123,35 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
+@torch.no_grad()  # else the copies would record an autograd graph that keeps the old weights alive
+def fuse_transposed(*layers: nn.Module) -> torch.Tensor:
+    """One (in_features, sum of out_features) matrix holding the layers' weights,
+    transposed and side by side; each layer's `weight` becomes a view into it.
+
+    `x @ fused` then computes every layer's output in one product, with the
+    weights read row by row (the fast layout for a matrix-vector product on
+    CPU), while the parameters keep their names, shapes and values.
+    """
+    weights = [layer.weight for layer in layers]
+    fused = torch.empty(
+        weights[0].shape[1], sum(w.shape[0] for w in weights), dtype=weights[0].dtype, device=weights[0].device
+    )
+    start = 0
+    for layer, weight in zip(layers, weights):
+        end = start + weight.shape[0]
+        fused[:, start:end].copy_(weight.t())
+        # Inference only: the fused matrix is a plain buffer; its views need no grad.
+        layer.weight = nn.Parameter(fused[:, start:end].t(), requires_grad=False)
+        start = end
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
         model_parallel_size = fs_init.get_model_parallel_world_size()
+        self.model_parallel_size = model_parallel_size
         self.n_local_heads = args.n_heads // model_parallel_size
         # With more ranks than KV heads, each rank keeps a copy of the one KV
         # head its query heads share, so wk/wv span max(n_kv_heads, mp) heads.
@@ -135,51 +172,72 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init
         )
-        # (max_batch_size, max_seq_len, n_local_kv_heads, head_dim), set by setup_cache
+        # (dim, local q + k + v columns), set by fuse_weights; wq/wk/wv.weight are views into it
+        self.register_buffer("wqkv", None, persistent=False)
+        # (max_batch_size, n_local_kv_heads, max_seq_len, head_dim), set by setup_cache
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device, dtype) -> None:
-        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
+        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def fuse_weights(self) -> None:
+        self.wqkv = fuse_transposed(self.wq, self.wk, self.wv)
+        fuse_transposed(self.wo)
 
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
-        freqs_cis: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        rope: torch.Tensor,
         mask: Optional[torch.Tensor],
     ):
+        """`mask` None means: every cached position is visible and, for more
+        than one new position, they are causal among themselves from position 0."""
         bsz, seqlen, _ = x.shape
-        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
+        if self.wqkv is not None:
+            xqkv = x @ self.wqkv
+        else:  # not prepared for inference: Meta's three products
+            xqkv = torch.cat([F.linear(x, self.wq.weight), F.linear(x, self.wk.weight), F.linear(x, self.wv.weight)], -1)
+        # q and k are adjacent columns: one rotation serves both.
+        xqk = apply_rotary(xqkv[..., : q_size + kv_size].view(bsz, seqlen, -1, self.head_dim), rope)
+        xq, xk = xqk.split([self.n_local_heads, self.n_local_kv_heads], dim=2)
+        xv = xqkv[..., q_size + kv_size :].view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
 
-        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
-
-        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-
-        keys = self.cache_k[:bsz, : start_pos + seqlen]
-        values = self.cache_v[:bsz, : start_pos + seqlen]
+        if isinstance(start_pos, torch.Tensor):
+            # One position given as data (the compiled decode step): the shapes
+            # stay static, attention spans the whole cache and `mask` hides
+            # the positions after start_pos.
+            self.cache_k[:bsz, :, start_pos] = xk.transpose(1, 2)
+            self.cache_v[:bsz, :, start_pos] = xv.transpose(1, 2)
+            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
+        else:
+            self.cache_k[:bsz, :, start_pos : start_pos + seqlen] = xk.transpose(1, 2)
+            self.cache_v[:bsz, :, start_pos : start_pos + seqlen] = xv.transpose(1, 2)
+            keys = self.cache_k[:bsz, :, : start_pos + seqlen]  # (bsz, n_local_kv_heads, cache_len + seqlen, head_dim)
+            values = self.cache_v[:bsz, :, : start_pos + seqlen]
 
         # Grouped-query attention: each KV head serves n_rep query heads.
-        keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len + seqlen, n_local_heads, head_dim)
-        values = repeat_kv(values, self.n_rep)
+        output = F.scaled_dot_product_attention(
+            xq.transpose(1, 2),  # (bsz, n_local_heads, seqlen, head_dim)
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None and seqlen > 1,
+            enable_gqa=self.n_rep > 1,
+        )
+        output = output.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return row_parallel(output, self.wo.weight, self.model_parallel_size)
 
-        xq = xq.transpose(1, 2)  # (bsz, n_local_heads, seqlen, head_dim)
-        keys = keys.transpose(1, 2)
-        values = values.transpose(1, 2)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
-        if mask is not None:
-            scores = scores + mask  # (bsz, n_local_heads, seqlen, cache_len + seqlen)
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        output = torch.matmul(scores, values)  # (bsz, n_local_heads, seqlen, head_dim)
-        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
-        return self.wo(output)
+
+def row_parallel(x: torch.Tensor, weight: torch.Tensor, model_parallel_size: int) -> torch.Tensor:
+    """What RowParallelLinear(input_is_parallel=True) computes: the product with
+    this rank's input columns, summed over the ranks."""
+    out = F.linear(x, weight)
+    return reduce_from_model_parallel_region(out) if model_parallel_size > 1 else out
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -202,13 +260,24 @@ class FeedForward(nn.Module):
         # `hidden_dim` is accepted as the reference's signature has it (4 * dim);
         # the size actually used follows from dim, multiple_of and the multiplier.
         hidden_dim = ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
+        self.model_parallel_size = fs_init.get_model_parallel_world_size()
 
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_no_init)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+        # (dim, 2 * local hidden): w1 then w3, set by fuse_weights
+        self.register_buffer("w13", None, persistent=False)
+
+    def fuse_weights(self) -> None:
+        self.w13 = fuse_transposed(self.w1, self.w3)
+        fuse_transposed(self.w2)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = (x @ self.w13).chunk(2, dim=-1)
+        else:
+            gate, up = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
+        return row_parallel(F.silu(gate) * up, self.w2.weight, self.model_parallel_size)
 
 
 class TransformerBlock(nn.Module):
@@ -231,11 +300,11 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
-        freqs_cis: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        rope: torch.Tensor,
         mask: Optional[torch.Tensor],
     ):
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
         out = h + self.feed_forward(self.ffn_norm(h))
         return out
 
@@ -246,6 +315,7 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
+        self.model_parallel_size = fs_init.get_model_parallel_world_size()
 
         self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_no_init)
 
@@ -256,7 +326,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_no_init)
 
-        self.register_buffer("freqs_cis", None, persistent=False)
+        # (2, 2 * max_seq_len, head_dim): cos and signed sin, set by setup_caches
+        self.register_buffer("rope", None, persistent=False)
+        self._prepared = False
+        # Loading weights replaces (assign=True) or overwrites the parameters:
+        # the fused matrices are rebuilt from them afterwards.
+        self.register_load_state_dict_post_hook(Transformer._refuse_after_load)
         if self.output.weight.device.type != "meta":
             self.setup_caches(device=self.output.weight.device, dtype=self.output.weight.dtype)
 
@@ -269,8 +344,8 @@ class Transformer(nn.Module):
         device = self.output.weight.device if device is None else torch.device(device)
         dtype = self.output.weight.dtype if dtype is None else dtype
         self.register_buffer(
-            "freqs_cis",
-            precompute_freqs_cis(
+            "rope",
+            rotary_tables(
                 self.params.dim // self.params.n_heads,
                 self.params.max_seq_len * 2,
                 self.params.rope_theta,
@@ -280,7 +355,24 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_logits_only: bool = False):
+    def prepare_for_inference(self) -> None:
+        """Lay the loaded weights out for fast decoding (see `fuse_transposed`).
+
+        Values, parameter names and state-dict keys are unchanged; later loads
+        into the model re-fuse automatically.
+        """
+        for layer in self.layers:
+            layer.attention.fuse_weights()
+            layer.feed_forward.fuse_weights()
+        fuse_transposed(self.output)
+        self._prepared = True
+
+    @staticmethod
+    def _refuse_after_load(module: "Transformer", incompatible_keys) -> None:
+        if module._prepared:
+            module.prepare_for_inference()
+
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], last_logits_only: bool = False):
         """Logits (float32) for `tokens` (bsz, seqlen) placed at `start_pos`.
 
         Keys and values of these positions enter the cache; positions before
@@ -289,21 +381,30 @@ class Transformer(nn.Module):
         other positions then skip the largest matrix of the model.
         """
         _bsz, seqlen = tokens.shape
-        h = self.tok_embeddings(tokens)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+        h = self.tok_embeddings(tokens) if self.model_parallel_size > 1 else F.embedding(tokens, self.tok_embeddings.weight)
 
-        mask = None
-        if seqlen > 1:
-            mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device)
-            mask = torch.triu(mask, diagonal=1)
-            # The cached positions before start_pos are all visible, so the
-            # causal mask is widened on the left by a block of zeros.
-            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+        if isinstance(start_pos, torch.Tensor):
+            # A one-element position tensor, for one token (see Attention.forward).
+            if seqlen != 1:
+                raise ValueError(f"a tensor start_pos serves one position at a time, got {seqlen} tokens")
+            rope = self.rope[:, start_pos]
+            mask = (torch.arange(self.params.max_seq_len, device=tokens.device) <= start_pos)[None, :]
+        else:
+            rope = self.rope[:, start_pos : start_pos + seqlen]
+            mask = None
+            if seqlen > 1 and start_pos > 0:
+                # The cached positions before start_pos are all visible, so the
+                # causal mask is widened on the left (True: may attend). From
+                # position 0 the attention is plainly causal and needs no mask.
+                mask = torch.ones((seqlen, start_pos + seqlen), dtype=torch.bool, device=tokens.device)
+                mask = mask.tril(diagonal=start_pos)
 
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, start_pos, rope, mask)
         if last_logits_only:
             h = h[:, -1:]
         h = self.norm(h)
-        output = self.output(h).float()
-        return output
+        output = F.linear(h, self.output.weight)
+        if self.model_parallel_size > 1:
+            output = gather_from_model_parallel_region(output)
+        return output.float()

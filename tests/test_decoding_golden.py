@@ -83,6 +83,14 @@ def test_greedy_tokens_without_logprobs_match_golden(shape_ckpt):
     assert tokens == golden
 
 
+def test_compiled_decode_step_matches_golden(tiny_tokenizer, tmp_path):
+    # One shape only: compiling costs tens of seconds on two cores.
+    ckpt = make_tiny_checkpoint(tmp_path, tokenizer=tiny_tokenizer, **SHAPES["tiny"])
+    generator = build(ckpt, compile=True)
+    assert generator._compiled_step is not None
+    assert_matches_golden("tiny", run_cases(generator))
+
+
 def regenerate() -> None:
     import tempfile
 
