@@ -17,5 +17,7 @@ setup(
     install_requires=requirements(),
     extras_require={
         "test": ["pytest>=7", "pexpect>=4.8", "transformers>=4.40"],
+        # benchmarks/bench.py: the transformers comparison, memory sampling, --plot
+        "bench": ["transformers>=4.45", "psutil", "matplotlib"],
     },
 )
