@@ -197,9 +197,12 @@ class TheirRunner(Runner):
             num_key_value_heads=n_kv_heads,
             max_position_embeddings=args.max_seq_len,
             rms_norm_eps=args.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
             tie_word_embeddings=False,
         )
+        # transformers 5 reads rope_parameters, 4.x reads rope_theta
+        config.rope_theta = args.rope_theta
+        if getattr(config, "rope_parameters", None) is not None:
+            config.rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cuda_only
 from llama import Llama
 from llama.tiny import make_tiny_checkpoint
 
@@ -89,6 +90,24 @@ def test_compiled_decode_step_matches_golden(tiny_tokenizer, tmp_path):
     generator = build(ckpt, compile=True)
     assert generator._compiled_step is not None
     assert_matches_golden("tiny", run_cases(generator))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_compiled_decode_step_matches_eager(tiny_ckpt, dtype):
+    # The compiled step under CUDA graphs: the static cache is written in
+    # place between replays, and must give what the eager step gives.
+    kwargs = dict(device="cuda", dtype=dtype)
+    eager = run_cases(build(tiny_ckpt, **kwargs))
+    compiled = run_cases(build(tiny_ckpt, compile=True, **kwargs))
+    for name in eager:
+        assert compiled[name]["tokens"] == eager[name]["tokens"], name
+        for got, want in zip(compiled[name]["logprobs"], eager[name]["logprobs"]):
+            diff = (torch.tensor(got) - torch.tensor(want)).abs().max().item()
+            assert diff <= (1e-4 if dtype == torch.float32 else 5e-2), f"{name}: logprobs moved by {diff:.2e}"
+    if dtype == torch.float32:
+        golden = json.loads(GOLDEN.read_text())["tiny"]
+        assert all(compiled[name]["tokens"] == golden[name]["tokens"] for name in golden)
 
 
 def regenerate() -> None:

@@ -1,0 +1,116 @@
+"""Decode speed of this library at several git revisions, side by side.
+
+    python benchmarks/ablate.py main HEAD                 # the reference-style code against now
+    python benchmarks/ablate.py main HEAD --shape 15M --batch 8 --rounds 7
+
+Each revision's `llama/` package is exported (`git archive`) to a temporary
+folder; every round runs each revision once, in its own process and in turn,
+so that the load of a busy machine falls on all of them alike. A run builds
+the shape from the same seeded random weights, warms up, then times greedy
+decoding through the revision's own `generate` loop. Prints the median
+milliseconds per decode step and each revision's speed relative to the first.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+# Run inside each revision's process: it must work with every revision's API.
+WORKER = r"""
+import json, sys, time, torch
+from llama import checkpoint, distributed
+from llama.generation import Llama
+from llama.model import ModelArgs, Transformer
+from llama.tiny import random_weights
+from llama.tokenizer import Tokenizer
+
+shape, batch, prompt_len, gen_len, threads, tokenizer_path, options = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+args = ModelArgs(**shape, max_seq_len=prompt_len + gen_len, max_batch_size=batch)
+distributed.init_distributed(torch.device("cpu"), 1)
+with checkpoint.init_on_meta():
+    model = Transformer(args)
+checkpoint.load_into(model, random_weights(args, seed=0), torch.device("cpu"), torch.float32, source="random")
+tokenizer = Tokenizer(tokenizer_path)
+if hasattr(Llama, "from_model"):
+    generator = Llama.from_model(model, tokenizer, **options)
+else:  # the revisions before from_model: build's own tail
+    model.setup_caches(device=torch.device("cpu"), dtype=torch.float32)
+    model.eval()
+    generator = Llama(model, tokenizer)
+prompts = torch.randint(3, args.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
+
+def run():
+    stamps = []
+    with torch.inference_mode():
+        state = generator._start_decoding(prompts, gen_len, 0.0, 1.0, False)
+        for _ in generator._decode_steps(state):
+            stamps.append(time.perf_counter())
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+run()
+print(json.dumps({"step_s": min(run() for _ in range(2))}))
+"""
+
+
+def export(rev: str, into: Path) -> Path:
+    folder = into / rev.replace("/", "_")
+    folder.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "llama"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+def main(argv=None) -> int:
+    from bench import LLAMA2_TOKENIZER, SHAPES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("revs", nargs="+", help="git revisions; the first is the baseline")
+    parser.add_argument("--shape", default="100M", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="build the revisions that accept it with compile=True")
+    opts = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = LLAMA2_TOKENIZER
+        if not tokenizer.is_file():
+            from llama.tiny import train_tokenizer
+
+            tokenizer = Path(tmp) / "tokenizer.model"
+            train_tokenizer(tokenizer)
+        folders = {rev: export(rev, Path(tmp)) for rev in opts.revs}
+        options = {"compile": True} if opts.compile else {}
+        job = [SHAPES[opts.shape], opts.batch, opts.prompt_len, opts.gen_len, opts.threads, str(tokenizer), options]
+        steps = {rev: [] for rev in opts.revs}
+        for round_ in range(opts.rounds):
+            for rev, folder in folders.items():
+                env = {**os.environ, "PYTHONPATH": str(folder)}
+                proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], env=env,
+                                      capture_output=True, text=True, cwd=tmp)
+                if proc.returncode != 0:
+                    sys.exit(f"{rev} failed:\n{proc.stderr[-3000:]}")
+                steps[rev].append(json.loads(proc.stdout.strip().splitlines()[-1])["step_s"])
+            print(f"round {round_ + 1}: " + ", ".join(f"{r} {1e3 * s[-1]:.1f} ms" for r, s in steps.items()), flush=True)
+
+    base = statistics.median(steps[opts.revs[0]])
+    print(f"\n{opts.shape}, batch {opts.batch}, {opts.threads} threads, median of {opts.rounds} rounds")
+    for rev in opts.revs:
+        median = statistics.median(steps[rev])
+        print(f"{rev:>12}: {1e3 * median:7.2f} ms/step  {opts.batch / median:7.1f} tok/s  {base / median:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

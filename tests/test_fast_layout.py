@@ -1,0 +1,81 @@
+"""The decoding layout set up by `Transformer.prepare_for_inference`: fused,
+transposed weights that stay Meta's parameters, and the alternative entry
+points of the forward pass (a chunk after cached positions, a tensor position)."""
+
+import torch
+
+from llama import checkpoint
+from llama.model import Transformer
+
+
+def storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_meta_parameters_are_views_of_the_fused_matrices(generator, tiny_ckpt):
+    model = generator.model
+    shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
+    state = model.state_dict()
+    assert set(state) == set(shard)  # Meta's keys, nothing more
+    for key, tensor in shard.items():
+        assert torch.equal(state[key], tensor), key
+    for layer in model.layers:
+        attention, feed_forward = layer.attention, layer.feed_forward
+        for linear in (attention.wq, attention.wk, attention.wv):
+            assert storage_ptr(linear.weight) == storage_ptr(attention.wqkv)
+        for linear in (feed_forward.w1, feed_forward.w3):
+            assert storage_ptr(linear.weight) == storage_ptr(feed_forward.w13)
+        # transposed storage: the [out, in] parameter reads [in, out] memory
+        assert attention.wo.weight.t().is_contiguous() and feed_forward.w2.weight.t().is_contiguous()
+    assert model.output.weight.t().is_contiguous()
+
+
+def test_loading_into_a_prepared_model_refuses_the_matrices(generator, tiny_ckpt):
+    model = generator.model
+    shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
+    tokens = torch.tensor([[1, 45, 300, 12, 99]])
+    with torch.inference_mode():
+        before = model.forward(tokens, 0)
+        try:
+            doubled = {k: (2 * v if k == "layers.0.attention.wk.weight" else v) for k, v in shard.items()}
+            model.load_state_dict(doubled, strict=True, assign=True)
+            attention = model.layers[0].attention
+            k_columns = slice(attention.wq.weight.shape[0], attention.wq.weight.shape[0] + attention.wk.weight.shape[0])
+            assert torch.equal(attention.wqkv[:, k_columns].t(), doubled["layers.0.attention.wk.weight"])
+            assert storage_ptr(attention.wk.weight) == storage_ptr(attention.wqkv)
+            assert not torch.allclose(model.forward(tokens, 0), before)
+        finally:
+            model.load_state_dict(shard, strict=True, assign=True)
+        torch.testing.assert_close(model.forward(tokens, 0), before, atol=0, rtol=0)
+
+
+def test_unprepared_model_gives_the_prepared_logits(generator, tiny_ckpt):
+    shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
+    with checkpoint.init_on_meta():
+        plain = Transformer(generator.model.params)
+    checkpoint.load_into(plain, shard, torch.device("cpu"), torch.float32, source="tiny")
+    plain.setup_caches()
+    tokens = torch.tensor([[1, 45, 300, 12, 99, 7, 250, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(plain.forward(tokens, 0), generator.model.forward(tokens, 0), atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunk_after_cached_positions_and_a_tensor_position_match_the_full_forward(generator):
+    model = generator.model
+    tokens = torch.tensor([[1, 17, 230, 42, 5, 311, 90, 61, 8, 400]])
+    with torch.inference_mode():
+        full = model.forward(tokens, 0)
+        # 4 positions, then a chunk of 5 behind them (the widened causal mask),
+        # then the last one with its position given as a tensor (the compiled step's form).
+        steps = [model.forward(tokens[:, :4], 0), model.forward(tokens[:, 4:9], 4)]
+        steps.append(model.forward(tokens[:, 9:], torch.tensor([9])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_last_logits_only_is_the_last_row_of_all_logits(generator):
+    tokens = torch.tensor([[1, 17, 230, 42, 5], [1, 9, 8, 7, 6]])
+    with torch.inference_mode():
+        full = generator.model.forward(tokens, 0)
+        last = generator.model.forward(tokens, 0, last_logits_only=True)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
