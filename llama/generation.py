@@ -111,6 +111,7 @@ class Llama:
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         compile: bool = False,
+        fast_layout: Optional[bool] = None,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
 
@@ -120,7 +121,10 @@ class Llama:
         multiple of the model-parallel size, and seeds every rank with `seed`.
         `device` defaults to this process's GPU or the CPU, `dtype` to fp16 on
         CUDA and fp32 on CPU. With `compile` the one-token decode step is
-        compiled with `torch.compile` (see `from_model`).
+        compiled with `torch.compile`; `fast_layout` copies the matrices into
+        their decoding layout (see `from_model`). It defaults to on where the
+        weights were copied to a GPU anyway, and off on the CPU, where they
+        stay in the memory-mapped checkpoint instead of taking RAM.
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit.
@@ -166,16 +170,25 @@ class Llama:
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
         checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
-        generator = Llama.from_model(model, tokenizer, compile=compile)
+        if fast_layout is None:
+            fast_layout = device.type != "cpu"
+        generator = Llama.from_model(model, tokenizer, compile=compile, fast_layout=fast_layout)
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return generator
 
     @staticmethod
-    def from_model(model: Transformer, tokenizer: Tokenizer, compile: bool = False) -> "Llama":
+    def from_model(
+        model: Transformer, tokenizer: Tokenizer, compile: bool = False, fast_layout: bool = True
+    ) -> "Llama":
         """A Llama around `model` whose weights are loaded: caches set up on the
-        weights' device and dtype, weights laid out for decoding, ready to
-        generate. `build` ends here; the benchmark starts here with weights it
-        made in memory.
+        weights' device and dtype, ready to generate. `build` ends here; the
+        benchmark starts here with weights it made in memory.
+
+        With `fast_layout` the matrices are copied once into their decoding
+        layout (`Transformer.prepare_for_inference`: q/k/v and w1/w3 fused,
+        all transposed; ~1.25x faster matrix-vector products at batch 1 and
+        ~1.4x at batch 8 on CPU). Weights assigned from a memory-mapped file
+        then live in RAM rather than in the file's pages.
 
         With `compile`, each one-token decode step runs a `torch.compile`d
         forward with static shapes: the position is a tensor and attention
@@ -188,7 +201,8 @@ class Llama:
         the compiled step does not support.
         """
         model.setup_caches()
-        model.prepare_for_inference()
+        if fast_layout:
+            model.prepare_for_inference()
         model.eval()
         generator = Llama(model, tokenizer)
         if compile:

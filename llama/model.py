@@ -10,7 +10,7 @@ logits match to float rounding). What differs, for speed and placement:
 - the cache is laid out (bsz, heads, seq, head_dim) and attention is one
   `scaled_dot_product_attention` call; rotary embedding uses real cos/sin
   tables (the same numbers as the reference's complex ones);
-- `prepare_for_inference` (called by `Llama.build` after loading) lays the
+- `prepare_for_inference` (`Llama.build(fast_layout=True)`, the default on GPUs) lays the
   weights out for fast matrix-vector products: q/k/v in one matrix and w1/w3
   in another, every matrix stored transposed. The Meta-named parameters stay,
   as views into those matrices, so `state_dict()` keys do not change and no

@@ -70,16 +70,19 @@ def assert_matches_golden(shape: str, cases) -> None:
             assert diff <= 1e-5, f"{shape}/{name}: logprobs moved by {diff:.2e}"
 
 
-def test_generate_matches_golden(shape_ckpt):
+@pytest.mark.parametrize("fast_layout", [False, True])
+def test_generate_matches_golden(shape_ckpt, fast_layout):
     shape, ckpt = shape_ckpt
-    assert_matches_golden(shape, run_cases(build(ckpt)))
+    assert_matches_golden(shape, run_cases(build(ckpt, fast_layout=fast_layout)))
 
 
-def test_greedy_tokens_without_logprobs_match_golden(shape_ckpt):
+@pytest.mark.parametrize("fast_layout", [False, True])
+def test_greedy_tokens_without_logprobs_match_golden(shape_ckpt, fast_layout):
     # Without logprobs the prompt's logits are not all computed: a different path.
     shape, ckpt = shape_ckpt
     golden = json.loads(GOLDEN.read_text())[shape]["batch"]["tokens"]
-    tokens, logprobs = build(ckpt).generate(PROMPTS, max_gen_len=MAX_GEN_LEN, temperature=0, echo=True)
+    generator = build(ckpt, fast_layout=fast_layout)
+    tokens, logprobs = generator.generate(PROMPTS, max_gen_len=MAX_GEN_LEN, temperature=0, echo=True)
     assert logprobs is None
     assert tokens == golden
 
@@ -87,7 +90,7 @@ def test_greedy_tokens_without_logprobs_match_golden(shape_ckpt):
 def test_compiled_decode_step_matches_golden(tiny_tokenizer, tmp_path):
     # One shape only: compiling costs tens of seconds on two cores.
     ckpt = make_tiny_checkpoint(tmp_path, tokenizer=tiny_tokenizer, **SHAPES["tiny"])
-    generator = build(ckpt, compile=True)
+    generator = build(ckpt, compile=True, fast_layout=True)
     assert generator._compiled_step is not None
     assert_matches_golden("tiny", run_cases(generator))
 

@@ -2,18 +2,26 @@
 transposed weights that stay Meta's parameters, and the alternative entry
 points of the forward pass (a chunk after cached positions, a tensor position)."""
 
+import pytest
 import torch
 
-from llama import checkpoint
+from llama import Llama, checkpoint
 from llama.model import Transformer
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_ckpt):
+    """`generator`'s checkpoint built with the decoding layout (CPU builds default to without)."""
+    return Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=8,
+                       device="cpu", fast_layout=True)
 
 
 def storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def test_meta_parameters_are_views_of_the_fused_matrices(generator, tiny_ckpt):
-    model = generator.model
+def test_meta_parameters_are_views_of_the_fused_matrices(fast, tiny_ckpt):
+    model = fast.model
     shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
     state = model.state_dict()
     assert set(state) == set(shard)  # Meta's keys, nothing more
@@ -30,8 +38,8 @@ def test_meta_parameters_are_views_of_the_fused_matrices(generator, tiny_ckpt):
     assert model.output.weight.t().is_contiguous()
 
 
-def test_loading_into_a_prepared_model_refuses_the_matrices(generator, tiny_ckpt):
-    model = generator.model
+def test_loading_into_a_prepared_model_refuses_the_matrices(fast, tiny_ckpt):
+    model = fast.model
     shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
     tokens = torch.tensor([[1, 45, 300, 12, 99]])
     with torch.inference_mode():
@@ -49,19 +57,16 @@ def test_loading_into_a_prepared_model_refuses_the_matrices(generator, tiny_ckpt
         torch.testing.assert_close(model.forward(tokens, 0), before, atol=0, rtol=0)
 
 
-def test_unprepared_model_gives_the_prepared_logits(generator, tiny_ckpt):
-    shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
-    with checkpoint.init_on_meta():
-        plain = Transformer(generator.model.params)
-    checkpoint.load_into(plain, shard, torch.device("cpu"), torch.float32, source="tiny")
-    plain.setup_caches()
+def test_unprepared_model_gives_the_prepared_logits(generator, fast):
+    assert generator.model.layers[0].attention.wqkv is None  # the CPU default keeps the mapped weights
     tokens = torch.tensor([[1, 45, 300, 12, 99, 7, 250, 3]])
     with torch.inference_mode():
-        torch.testing.assert_close(plain.forward(tokens, 0), generator.model.forward(tokens, 0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.model.forward(tokens, 0), generator.model.forward(tokens, 0), atol=1e-5, rtol=1e-5)
 
 
-def test_a_chunk_after_cached_positions_and_a_tensor_position_match_the_full_forward(generator):
-    model = generator.model
+@pytest.mark.parametrize("layout", ["mapped", "fast"])
+def test_a_chunk_after_cached_positions_and_a_tensor_position_match_the_full_forward(generator, fast, layout):
+    model = (fast if layout == "fast" else generator).model
     tokens = torch.tensor([[1, 17, 230, 42, 5, 311, 90, 61, 8, 400]])
     with torch.inference_mode():
         full = model.forward(tokens, 0)
