@@ -171,10 +171,12 @@ class OurRunner(Runner):
         g = self.generator
         times = []
         start = time.perf_counter()
-        state = g._start_decoding(prompts.tolist(), gen_len, temperature=0.0, top_p=1.0, logprobs=False)
-        for _ in g._decode_steps(state):
-            synchronize(self.device)
-            times.append(time.perf_counter() - start)
+        # generate()'s own loop, under the inference mode generate() runs in
+        with torch.inference_mode():
+            state = g._start_decoding(prompts.tolist(), gen_len, temperature=0.0, top_p=1.0, logprobs=False)
+            for _ in g._decode_steps(state):
+                synchronize(self.device)
+                times.append(time.perf_counter() - start)
         return times
 
 
@@ -287,6 +289,7 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     state = random_weights(args, seed=0, device=device, dtype=dtype)
     # transformers copies the weights (permuting q and k); ours then takes them by assignment.
     theirs = [TheirRunner(state, args, device, dtype)] if opts.transformers else []
+    # from_model lays the weights out for decoding (build's fast_layout=True).
     variants = [("llama", {})] if opts.eager or not opts.compile else []
     if opts.compile:
         variants.append(("llama compile", {"compile": True}))
