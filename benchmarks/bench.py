@@ -321,6 +321,10 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
             "model_mb": runner.model_bytes / 2**20,
             "batches": {},
         }
+    # The ceiling uses the bandwidth of the moment: on a shared machine it drifts.
+    bandwidth = read_bandwidth(device, gib=4.0 if device.type == "cuda" else 1.0)
+    ceiling = bandwidth / bytes_per_token(args, dtype)
+    result.update(read_bandwidth_bytes_per_s=bandwidth, ceiling_tokens_per_s=ceiling)
     for batch in opts.batch_sizes:
         times = {runner.name: [] for runner in runners}
         for _ in range(opts.runs):
@@ -371,7 +375,40 @@ def print_table(results: List[Dict], bandwidth: float) -> None:
                 print(f"{r['shape']:>5} {name:<24} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
                       f"{ratio:>6} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {lib['memory_mb']:>7.0f}")
         print(f"{r['shape']:>5} ceiling at batch 1: {r['ceiling_tokens_per_s']:.1f} tok/s "
-              f"({r['bytes_per_token'] / 1e6:.0f} MB read per token); same greedy tokens: {r['same_greedy_tokens']}")
+              f"({r['bytes_per_token'] / 1e6:.0f} MB read per token at "
+              f"{r.get('read_bandwidth_bytes_per_s', bandwidth) / 1e9:.1f} GB/s); "
+              f"same greedy tokens: {r['same_greedy_tokens']}")
+
+
+def markdown_table(report: Dict) -> str:
+    """The results of a JSON report as a Markdown table (for the README)."""
+    lines = [
+        f"Read bandwidth measured in the run: {report['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
+        f"{report['machine']['threads']} threads, {report['options']['dtype']}.",
+        "",
+        "| shape | library | batch | decode tok/s | of ceiling | vs transformers | prefill tok/s | TTFT ms | memory MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        libs = r["libraries"]
+        theirs = next((n for n in libs if n.startswith("transformers")), None)
+        for name, lib in libs.items():
+            for batch, e in lib["batches"].items():
+                ratio = ""
+                if theirs and name != theirs:
+                    ratio = f"{e['decode_tokens_per_s'] / libs[theirs]['batches'][batch]['decode_tokens_per_s']:.2f}x"
+                frac = f"{100 * e['fraction_of_ceiling']:.0f}%" if "fraction_of_ceiling" in e else ""
+                lines.append(
+                    f"| {r['shape']} | {name} | {batch} | {e['decode_tokens_per_s']:.1f} | {frac} | {ratio} | "
+                    f"{e['prefill_tokens_per_s']:.0f} | {e['ttft_ms']:.1f} | {lib['memory_mb']:.0f} |"
+                )
+        lines.append(
+            f"| {r['shape']} | ceiling at batch 1 | | {r['ceiling_tokens_per_s']:.1f} | "
+            f"{r['bytes_per_token'] / 1e6:.0f} MB/token at "
+            f"{r.get('read_bandwidth_bytes_per_s', report['read_bandwidth_bytes_per_s']) / 1e9:.1f} GB/s | "
+            f"same greedy tokens: {r['same_greedy_tokens']} | | | |"
+        )
+    return "\n".join(lines)
 
 
 def plot(results: List[Dict], path: str) -> None:
@@ -398,6 +435,8 @@ def plot(results: List[Dict], path: str) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown-from", metavar="JSON", default=None,
+                        help="print an earlier run's results as a Markdown table, and stop")
     cuda = torch.cuda.is_available()
     parser.add_argument("--shapes", default="15M,100M,7B" if cuda else "15M,100M",
                         help=f"comma-separated, from {', '.join(SHAPES)}")
@@ -433,6 +472,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    if opts.markdown_from:
+        print(markdown_table(json.loads(Path(opts.markdown_from).read_text())))
+        return 0
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.device.type == "cuda":
