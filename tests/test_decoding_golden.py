@@ -18,7 +18,7 @@ from conftest import cuda_only
 from llama import Llama
 from llama.tiny import make_tiny_checkpoint
 
-GOLDEN = Path(__file__).with_name("data") / "golden_decoding.json"
+GOLDEN = Path(__file__).with_name("golden") / "decoding.json"
 
 SHAPES = {
     # the test suite's tiny model: grouped-query attention
