@@ -357,12 +357,8 @@ def same_tokens(runners: List[Runner], prompt: torch.Tensor, gen_len: int) -> Op
     return all(o == outputs[0] for o in outputs) if len(outputs) > 1 else None
 
 
-def print_table(results: List[Dict], bandwidth: float) -> None:
-    print(f"\nmeasured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    header = f"{'shape':>5} {'library':<24} {'batch':>5} {'decode tok/s':>12} {'of ceiling':>10} " \
-             f"{'vs HF':>6} {'prefill tok/s':>13} {'TTFT ms':>8} {'mem MB':>7}"
-    print(header)
-    print("-" * len(header))
+def table_rows(results: List[Dict]):
+    """(shape, library, batch, entry, ratio vs transformers, fraction of ceiling, memory MB) per row."""
     for r in results:
         libs = r["libraries"]
         theirs = next((n for n in libs if n.startswith("transformers")), None)
@@ -372,8 +368,19 @@ def print_table(results: List[Dict], bandwidth: float) -> None:
                 if theirs and name != theirs:
                     ratio = f"{e['decode_tokens_per_s'] / libs[theirs]['batches'][batch]['decode_tokens_per_s']:.2f}x"
                 frac = f"{100 * e['fraction_of_ceiling']:.0f}%" if "fraction_of_ceiling" in e else ""
-                print(f"{r['shape']:>5} {name:<24} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
-                      f"{ratio:>6} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {lib['memory_mb']:>7.0f}")
+                yield r["shape"], name, batch, e, ratio, frac, lib["memory_mb"]
+
+
+def print_table(results: List[Dict], bandwidth: float) -> None:
+    print(f"\nmeasured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    header = f"{'shape':>5} {'library':<24} {'batch':>5} {'decode tok/s':>12} {'of ceiling':>10} " \
+             f"{'vs HF':>6} {'prefill tok/s':>13} {'TTFT ms':>8} {'mem MB':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for shape, name, batch, e, ratio, frac, memory in table_rows([r]):
+            print(f"{shape:>5} {name:<24} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
+                  f"{ratio:>6} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {memory:>7.0f}")
         print(f"{r['shape']:>5} ceiling at batch 1: {r['ceiling_tokens_per_s']:.1f} tok/s "
               f"({r['bytes_per_token'] / 1e6:.0f} MB read per token at "
               f"{r.get('read_bandwidth_bytes_per_s', bandwidth) / 1e9:.1f} GB/s); "
@@ -390,18 +397,11 @@ def markdown_table(report: Dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        libs = r["libraries"]
-        theirs = next((n for n in libs if n.startswith("transformers")), None)
-        for name, lib in libs.items():
-            for batch, e in lib["batches"].items():
-                ratio = ""
-                if theirs and name != theirs:
-                    ratio = f"{e['decode_tokens_per_s'] / libs[theirs]['batches'][batch]['decode_tokens_per_s']:.2f}x"
-                frac = f"{100 * e['fraction_of_ceiling']:.0f}%" if "fraction_of_ceiling" in e else ""
-                lines.append(
-                    f"| {r['shape']} | {name} | {batch} | {e['decode_tokens_per_s']:.1f} | {frac} | {ratio} | "
-                    f"{e['prefill_tokens_per_s']:.0f} | {e['ttft_ms']:.1f} | {lib['memory_mb']:.0f} |"
-                )
+        for shape, name, batch, e, ratio, frac, memory in table_rows([r]):
+            lines.append(
+                f"| {shape} | {name} | {batch} | {e['decode_tokens_per_s']:.1f} | {frac} | {ratio} | "
+                f"{e['prefill_tokens_per_s']:.0f} | {e['ttft_ms']:.1f} | {memory:.0f} |"
+            )
         lines.append(
             f"| {r['shape']} | ceiling at batch 1 | | {r['ceiling_tokens_per_s']:.1f} | "
             f"{r['bytes_per_token'] / 1e6:.0f} MB/token at "
