@@ -32,6 +32,9 @@ def main(ckpt_dir: str, out_path: str) -> None:
     )
     out = results(generator)
     out["world_size"] = dist.get_world_size()
+    out["backend"] = dist.get_backend()
+    out["device"] = str(generator.device)
+    out["dtype"] = str(generator.model.output.weight.dtype)
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(out))
 
