@@ -25,6 +25,7 @@ table; `--plot` draws decode tokens/s against batch size.
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -163,21 +164,34 @@ class OurRunner(Runner):
             model = Transformer(args)
         checkpoint.load_into(model, state, device, dtype, source="random weights")
         self.generator = Llama.from_model(model, tokenizer, **build_options)
+        self.late_stop_check = self.generator._late_stop_check  # the library's choice for this device
         self.model_bytes = tensor_bytes(self.generator.model)
         self.device = device
         self.name = name
 
     def steps(self, prompts, gen_len):
         g = self.generator
+        g._late_stop_check = self.late_stop_check
         times = []
         start = time.perf_counter()
         # generate()'s own loop, under the inference mode generate() runs in
         with torch.inference_mode():
             state = g._start_decoding(prompts.tolist(), gen_len, temperature=0.0, top_p=1.0, logprobs=False)
-            for _ in g._decode_steps(state):
-                synchronize(self.device)
+            for step in g._decode_steps(state):
+                if step == state.min_prompt_len:  # the first token: waited for, to time the prefill
+                    synchronize(self.device)
                 times.append(time.perf_counter() - start)
+        # The steps between are not waited for (that would stall a GPU that
+        # runs ahead); the last one's time is when the GPU finished it.
+        synchronize(self.device)
+        times[-1] = time.perf_counter() - start
         return times
+
+    def with_stop_check_each_step(self) -> "OurRunner":
+        """The same model, checking for the end after each step as the reference does."""
+        other = copy.copy(self)
+        other.name, other.late_stop_check = f"{self.name}, stop checked each step", False
+        return other
 
 
 class TheirRunner(Runner):
@@ -249,9 +263,11 @@ class TheirRunner(Runner):
         device = self.device
 
         class Clock(transformers.LogitsProcessor):
-            # Called once per step, right after the step's forward pass.
+            # Called once per step, right after the step's forward pass; as
+            # for ours, only the first and the last step are waited for.
             def __call__(self, input_ids, scores):
-                synchronize(device)
+                if not times:
+                    synchronize(device)
                 times.append(time.perf_counter() - start)
                 return scores
 
@@ -263,6 +279,8 @@ class TheirRunner(Runner):
                 do_sample=False,
                 logits_processor=transformers.LogitsProcessorList([Clock()]),
             )
+        synchronize(device)
+        times[-1] = time.perf_counter() - start
         return times
 
 
@@ -297,6 +315,8 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     for i, (name, build_options) in enumerate(variants):
         weights = state if i == len(variants) - 1 else {k: v.clone() for k, v in state.items()}
         runners.append(OurRunner(name, weights, args, tokenizer, device, dtype, **build_options))
+    if opts.stop_check_each_step:
+        runners.append(runners[-1].with_stop_check_each_step())
     runners += theirs
     del state, weights
 
@@ -335,6 +355,10 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
             if batch == 1 and entry["decode_tokens_per_s"]:
                 entry["fraction_of_ceiling"] = entry["decode_tokens_per_s"] / ceiling
             result["libraries"][runner.name]["batches"][batch] = entry
+            # As measured, so that a run cut short still shows what it got.
+            print(f"  [{shape}] {runner.name}, batch {batch}: decode {entry['decode_tokens_per_s']:.1f} tok/s"
+                  + (f" ({entry['fraction_of_ceiling']:.0%} of {ceiling:.0f})" if "fraction_of_ceiling" in entry else "")
+                  + f", first token {entry['ttft_ms']:.1f} ms", flush=True)
     return result
 
 
@@ -373,13 +397,14 @@ def table_rows(results: List[Dict]):
 
 def print_table(results: List[Dict], bandwidth: float) -> None:
     print(f"\nmeasured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    header = f"{'shape':>5} {'library':<24} {'batch':>5} {'decode tok/s':>12} {'of ceiling':>10} " \
+    width = max([24] + [len(name) for _, name, *_ in table_rows(results)])
+    header = f"{'shape':>5} {'library':<{width}} {'batch':>5} {'decode tok/s':>12} {'of ceiling':>10} " \
              f"{'vs HF':>6} {'prefill tok/s':>13} {'TTFT ms':>8} {'mem MB':>7}"
     print(header)
     print("-" * len(header))
     for r in results:
         for shape, name, batch, e, ratio, frac, memory in table_rows([r]):
-            print(f"{shape:>5} {name:<24} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
+            print(f"{shape:>5} {name:<{width}} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
                   f"{ratio:>6} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {memory:>7.0f}")
         print(f"{r['shape']:>5} ceiling at batch 1: {r['ceiling_tokens_per_s']:.1f} tok/s "
               f"({r['bytes_per_token'] / 1e6:.0f} MB read per token at "
@@ -451,6 +476,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also run ours built with compile=True")
     parser.add_argument("--no-eager", dest="eager", action="store_false", help="with --compile, skip the eager run")
     parser.add_argument("--no-transformers", dest="transformers", action="store_false")
+    parser.add_argument("--stop-check-each-step", action="store_true",
+                        help="also run the last of ours checking for the end after each step, as the reference "
+                             "(on CUDA ours checks a step late, so that the GPU does not wait on Python)")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument("--plot", nargs="?", const="bench.png", default=None, help="draw tokens/s against batch size")
     opts = parser.parse_args(argv)

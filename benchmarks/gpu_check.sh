@@ -1,32 +1,55 @@
 #!/usr/bin/env bash
-# On a CUDA machine, in one call of under 8 minutes:
-#   1. the test suite's CUDA tests (NCCL, fp16 and bf16 paths, the compiled
-#      decode step under CUDA graphs), and
-#   2. the benchmark on Llama-2-7B's shape, fp16 random weights made on the GPU
-#      (no checkpoint file), eager and compile=True, at batch 1 and 8, with the
-#      GPU's measured read bandwidth and our fraction of it.
-# Usage: bash benchmarks/gpu_check.sh [extra bench.py arguments]
-# Results: $OUT (or ./gpu-results) holds bench-7b.json and the logs.
+# The real CUDA path on a GPU machine, in one call of under 8 minutes:
+#   1. the test suite's CUDA tests (NCCL under torchrun, fp16 and bf16, the
+#      compiled decode step under CUDA graphs, the late stop check);
+#   2. Llama-2-7B's shape, fp16 random weights made on the GPU (no checkpoint
+#      file), batch 1: ours eager, ours with compile=True, and the compiled
+#      one checking for the end after each step as the reference does; with
+#      the GPU's measured read bandwidth and each one's fraction of it;
+#   3. the same shape, ours eager against transformers, batch 1 and 8;
+#   4. the text-completion example under torchrun (NCCL, fp16 by default).
+# Each stage has its own time limit, so one that hangs leaves the others
+# their time; every figure is printed as it is measured.
+#
+# Usage: bash benchmarks/gpu_check.sh
+# Results: $OUT (or ./gpu-results) gets the logs and bench-7b-*.json.
+# Missing packages travel as wheels in .whl/ (see the README's GPU section).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
 
-# The GPU machine has torch but not fairscale/fire/...: they travel as wheels.
 if compgen -G ".whl/*.whl" > /dev/null; then
-    pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), \
+'nccl', torch.cuda.nccl.version())" || exit 1
 
 status=0
-echo "== CUDA tests (the CUDA-marked ones: NCCL, fp16/bf16, the compiled step)"
-timeout 150 python -m pytest -q -rs tests -k cuda 2>&1 | tee "$out/tests.log" \
-    || status=1
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "== $name (limit ${limit} s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | grep -a --line-buffered -v '^> initializing' | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
 
-echo "== 7B benchmark (fp16)"
-timeout 300 python benchmarks/bench.py --shapes 7B --device cuda --dtype float16 --compile \
-    --batch-sizes 1,8 --prompt-len 32 --gen-len 64 --runs 3 --json "$out/bench-7b.json" "$@" 2>&1 \
-    | grep -v '^> initializing' | tee "$out/bench.log" || status=1
+stage tests 140 "$py" -m pytest -q -rs -p no:cacheprovider tests -k cuda
+# perf_hints: torch says here if it could not capture the step in a CUDA graph.
+stage bench-7b-compile 210 env TORCH_LOGS=perf_hints "$py" benchmarks/bench.py --shapes 7B --device cuda \
+    --dtype float16 --compile --stop-check-each-step --no-transformers --batch-sizes 1 \
+    --prompt-len 32 --gen-len 128 --runs 5 --json "$out/bench-7b-compile.json"
+stage bench-7b-eager 120 "$py" benchmarks/bench.py --shapes 7B --device cuda --dtype float16 \
+    --batch-sizes 1,8 --prompt-len 32 --gen-len 64 --runs 3 --json "$out/bench-7b-eager.json"
+stage example 40 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 example_text_completion.py \
+    --max_gen_len 16
 exit $status
