@@ -248,8 +248,11 @@ class Llama:
             if self._position is None:
                 self._position = torch.zeros(1, dtype=torch.long, device=tokens.device)
             position = self._position.fill_(start_pos)
-            # A contiguous copy: the graph is specialised to its input's strides.
-            return self._compiled_step(tokens.contiguous(), position)
+            # A copy with fresh strides: the graph is specialised to its input's
+            # strides, and a (1, 1) slice of the tokens keeps the row stride of
+            # the whole sequence (contiguous() would not copy it), so each new
+            # sequence length would compile the step again.
+            return self._compiled_step(tokens.clone(memory_format=torch.contiguous_format), position)
         return self.model.forward(tokens, start_pos, last_logits_only=last_logits_only)
 
     @property

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from conftest import cuda_only
 from llama import Llama
@@ -32,13 +33,13 @@ PROMPTS = [[1, 72, 300, 45, 17, 260, 99], [1, 5, 400], [1, 250, 251, 252, 253, 2
 MAX_GEN_LEN = 20
 
 
-def build(ckpt_dir, **kwargs) -> Llama:
+def build(ckpt_dir, device="cpu", **kwargs) -> Llama:
     return Llama.build(
         ckpt_dir=str(ckpt_dir),
         tokenizer_path=str(Path(ckpt_dir) / "tokenizer.model"),
         max_seq_len=64,
         max_batch_size=4,
-        device="cpu",
+        device=device,
         **kwargs,
     )
 
@@ -92,6 +93,12 @@ def test_compiled_decode_step_matches_golden(tiny_tokenizer, tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path, tokenizer=tiny_tokenizer, **SHAPES["tiny"])
     generator = build(ckpt, compile=True, fast_layout=True)
     assert generator._compiled_step is not None
+    # One compilation per batch size, not per sequence length: another length
+    # (a token slice with another row stride) must reuse the compiled step.
+    graphs = counters["stats"]["unique_graphs"]
+    generator.generate([PROMPTS[0][:3]], max_gen_len=7, temperature=0)
+    generator.generate([PROMPTS[0]], max_gen_len=5, temperature=0)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
     assert_matches_golden("tiny", run_cases(generator))
 
 
