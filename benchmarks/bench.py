@@ -25,7 +25,6 @@ table; `--plot` draws decode tokens/s against batch size.
 """
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -164,14 +163,12 @@ class OurRunner(Runner):
             model = Transformer(args)
         checkpoint.load_into(model, state, device, dtype, source="random weights")
         self.generator = Llama.from_model(model, tokenizer, **build_options)
-        self.late_stop_check = self.generator._late_stop_check  # the library's choice for this device
         self.model_bytes = tensor_bytes(self.generator.model)
         self.device = device
         self.name = name
 
     def steps(self, prompts, gen_len):
         g = self.generator
-        g._late_stop_check = self.late_stop_check
         times = []
         start = time.perf_counter()
         # generate()'s own loop, under the inference mode generate() runs in
@@ -186,12 +183,6 @@ class OurRunner(Runner):
         synchronize(self.device)
         times[-1] = time.perf_counter() - start
         return times
-
-    def with_stop_check_each_step(self) -> "OurRunner":
-        """The same model, checking for the end after each step as the reference does."""
-        other = copy.copy(self)
-        other.name, other.late_stop_check = f"{self.name}, stop checked each step", False
-        return other
 
 
 class TheirRunner(Runner):
@@ -315,8 +306,6 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     for i, (name, build_options) in enumerate(variants):
         weights = state if i == len(variants) - 1 else {k: v.clone() for k, v in state.items()}
         runners.append(OurRunner(name, weights, args, tokenizer, device, dtype, **build_options))
-    if opts.stop_check_each_step:
-        runners.append(runners[-1].with_stop_check_each_step())
     runners += theirs
     del state, weights
 
@@ -476,9 +465,6 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also run ours built with compile=True")
     parser.add_argument("--no-eager", dest="eager", action="store_false", help="with --compile, skip the eager run")
     parser.add_argument("--no-transformers", dest="transformers", action="store_false")
-    parser.add_argument("--stop-check-each-step", action="store_true",
-                        help="also run the last of ours checking for the end after each step, as the reference "
-                             "(on CUDA ours checks a step late, so that the GPU does not wait on Python)")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument("--plot", nargs="?", const="bench.png", default=None, help="draw tokens/s against batch size")
     opts = parser.parse_args(argv)

@@ -218,14 +218,6 @@ class Llama:
         self._current_decoding: Optional[_Decoding] = None
         self._compiled_step = None
         self._position: Optional[torch.Tensor] = None  # the compiled step's position, on the device
-        # The reference reads "has every row ended?" after each step, which
-        # makes the CPU wait for the GPU to finish the step before it queues
-        # the next: the GPU idles while Python samples, checks and launches.
-        # Checked one step late instead, the next forward is queued before the
-        # wait; the results and the random numbers drawn stay the same, at the
-        # cost of one forward thrown away when every row ends by EOS. On the
-        # CPU nothing runs ahead, so only CUDA checks late.
-        self._late_stop_check = model.tok_embeddings.weight.device.type == "cuda"
 
     def _compile_decode_step(self) -> None:
         if self.model.model_parallel_size > 1:
@@ -344,7 +336,6 @@ class Llama:
         """
         tokens, token_logprobs = state.tokens, state.token_logprobs
         prev_pos = 0
-        all_ended = None  # the previous step's "every row has ended", when checked late
         if state.min_prompt_len == state.total_len:
             # Nothing to generate. The reference computes unshifted logprobs
             # here, and even when none were asked for.
@@ -356,11 +347,6 @@ class Llama:
         for cur_pos in range(state.min_prompt_len, state.total_len):
             # Without logprobs only the last position's logits are needed.
             logits = self._forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not state.logprobs)
-            # Checked late (see _late_stop_check), the previous step's flag is
-            # read only now that this forward is queued. An unneeded step ends
-            # here, before it draws a random number or writes a token.
-            if all_ended is not None and bool(all_ended):
-                break
             next_token = sample_next_token(logits[:, -1], state.temperature, state.top_p)
             # Rows still inside their prompt keep the prompt's token.
             next_token = torch.where(state.input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
@@ -372,9 +358,7 @@ class Llama:
             state.eos_reached |= (~state.input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
             prev_pos = cur_pos
             yield cur_pos
-            if self._late_stop_check:
-                all_ended = state.eos_reached.all()
-            elif bool(state.eos_reached.all()):
+            if bool(state.eos_reached.all()):
                 break
 
     def _finish_decoding(
