@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                        # ~15M and ~100M shapes, fp32, CPU
     python benchmarks/bench.py --shapes 100M --compile --plot bench.png
-    python benchmarks/bench.py --shapes 7B --device cuda --dtype float16 --compile
+    python benchmarks/bench.py --shapes 7B --device cuda --dtype float16 --compile --cuda-graph
 
 For each named shape it makes one random Meta-format state dict (Meta's keys,
 seeded), loads it into our `Transformer` through the library's strict loader,
@@ -306,7 +306,9 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     # transformers copies the weights (permuting q and k); ours then takes them by assignment.
     theirs = [TheirRunner(state, args, device, dtype)] if opts.transformers else []
     # from_model lays the weights out for decoding (build's fast_layout=True).
-    variants = [("llama", {})] if opts.eager or not opts.compile else []
+    variants = [("llama", {})] if opts.eager or not (opts.compile or opts.cuda_graph) else []
+    if opts.cuda_graph:
+        variants.append(("llama cuda_graph", {"cuda_graph": True}))
     if opts.compile:
         variants.append(("llama compile", {"compile": True}))
     runners = []
@@ -470,7 +472,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="also run ours built with compile=True")
-    parser.add_argument("--no-eager", dest="eager", action="store_false", help="with --compile, skip the eager run")
+    parser.add_argument("--cuda-graph", action="store_true", help="also run ours built with cuda_graph=True (CUDA)")
+    parser.add_argument("--no-eager", dest="eager", action="store_false",
+                        help="with --compile or --cuda-graph, skip the eager run")
     parser.add_argument("--no-transformers", dest="transformers", action="store_false")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument("--plot", nargs="?", const="bench.png", default=None, help="draw tokens/s against batch size")

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The real CUDA path on a GPU machine, in one call of under 8 minutes:
 #   1. the test suite's CUDA tests (NCCL under torchrun, fp16 and bf16, the
-#      compiled decode step under CUDA graphs);
+#      compiled and the graphed decode steps);
 #   2. Llama-2-7B's shape, fp16 random weights made on the GPU (no checkpoint
-#      file), batch 1: ours eager and ours with compile=True, with the GPU's
-#      measured read bandwidth and each one's fraction of it;
-#   3. the same shape, ours eager against transformers, batch 1 and 8;
+#      file), batch 1: ours eager, with cuda_graph=True and with compile=True,
+#      with the GPU's measured read bandwidth and each one's fraction of it;
+#   3. the same shape, ours eager and graphed against transformers, batch 1 and 8;
 #   4. the text-completion example under torchrun (NCCL, fp16 by default).
 # Each stage has its own time limit, so one that hangs leaves the others
 # their time; every figure is printed as it is measured.
@@ -45,10 +45,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/N
 stage tests 140 "$py" -m pytest -q -rs -p no:cacheprovider tests -k cuda
 # perf_hints: torch says here if it could not capture the step in a CUDA graph.
 stage bench-7b-compile 210 env TORCH_LOGS=perf_hints "$py" benchmarks/bench.py --shapes 7B --device cuda \
-    --dtype float16 --compile --no-transformers --batch-sizes 1 \
+    --dtype float16 --cuda-graph --compile --no-transformers --batch-sizes 1 \
     --prompt-len 32 --gen-len 128 --runs 5 --json "$out/bench-7b-compile.json"
-stage bench-7b-eager 120 "$py" benchmarks/bench.py --shapes 7B --device cuda --dtype float16 \
-    --batch-sizes 1,8 --prompt-len 32 --gen-len 64 --runs 3 --json "$out/bench-7b-eager.json"
+stage bench-7b-eager 150 "$py" benchmarks/bench.py --shapes 7B --device cuda --dtype float16 \
+    --cuda-graph --batch-sizes 1,8 --prompt-len 32 --gen-len 64 --runs 3 --json "$out/bench-7b-eager.json"
 stage example 40 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 example_text_completion.py \
     --max_gen_len 16
 exit $status

@@ -20,6 +20,7 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
     encode_dialog,
     has_special_tags,
 )
+from llama.cuda_graph import GraphedDecodeStep
 from llama.model import Transformer
 from llama.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -99,6 +100,17 @@ class _Decoding:
         self.eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
 
 
+def _check_step_options(device: torch.device, compile: bool, cuda_graph: bool) -> None:
+    """The ways of running the decode step that `build` and `from_model` accept."""
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; the model is on {device}")
+    if cuda_graph and compile:
+        raise ValueError(
+            "pass compile=True or cuda_graph=True, not both: on CUDA the compiled step "
+            "already runs from CUDA graphs"
+        )
+
+
 class Llama:
     @staticmethod
     def build(
@@ -112,6 +124,7 @@ class Llama:
         dtype: Optional[torch.dtype] = None,
         compile: bool = False,
         fast_layout: Optional[bool] = None,
+        cuda_graph: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
 
@@ -121,10 +134,12 @@ class Llama:
         multiple of the model-parallel size, and seeds every rank with `seed`.
         `device` defaults to this process's GPU or the CPU, `dtype` to fp16 on
         CUDA and fp32 on CPU. With `compile` the one-token decode step is
-        compiled with `torch.compile`; `fast_layout` copies the matrices into
-        their decoding layout (see `from_model`). It defaults to on where the
-        weights were copied to a GPU anyway, and off on the CPU, where they
-        stay in the memory-mapped checkpoint instead of taking RAM.
+        compiled with `torch.compile`; with `cuda_graph` (CUDA only) it is
+        replayed from a CUDA graph, with no compiling; `fast_layout` copies
+        the matrices into their decoding layout (see `from_model`). It
+        defaults to on where the weights were copied to a GPU anyway, and off
+        on the CPU, where they stay in the memory-mapped checkpoint instead
+        of taking RAM.
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit.
@@ -134,6 +149,7 @@ class Llama:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         device = distributed.choose_device(device)
         dtype = distributed.choose_dtype(device, dtype)
+        _check_step_options(device, compile, cuda_graph)
         # Cheap checks first, so that a typo fails before any process group exists.
         shards = checkpoint.find_shards(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
@@ -172,13 +188,19 @@ class Llama:
         checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
         if fast_layout is None:
             fast_layout = device.type != "cpu"
-        generator = Llama.from_model(model, tokenizer, compile=compile, fast_layout=fast_layout)
+        generator = Llama.from_model(
+            model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
+        )
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return generator
 
     @staticmethod
     def from_model(
-        model: Transformer, tokenizer: Tokenizer, compile: bool = False, fast_layout: bool = True
+        model: Transformer,
+        tokenizer: Tokenizer,
+        compile: bool = False,
+        fast_layout: bool = True,
+        cuda_graph: bool = False,
     ) -> "Llama":
         """A Llama around `model` whose weights are loaded: caches set up on the
         weights' device and dtype, ready to generate. `build` ends here; the
@@ -199,7 +221,14 @@ class Llama:
         captures CUDA graphs (`mode="reduce-overhead"`). Prompts still run
         the eager forward. Raises ValueError under model parallelism, which
         the compiled step does not support.
+
+        With `cuda_graph` (CUDA only, not with `compile`), each one-token step
+        replays a CUDA graph of the eager forward on the same static shapes,
+        captured at the first step of each batch size (`llama/cuda_graph.py`):
+        no compiling, most of `compile`'s gain on a GPU. Model parallelism is
+        refused there too.
         """
+        _check_step_options(model.tok_embeddings.weight.device, compile, cuda_graph)
         model.setup_caches()
         if fast_layout:
             model.prepare_for_inference()
@@ -207,6 +236,8 @@ class Llama:
         generator = Llama(model, tokenizer)
         if compile:
             generator._compile_decode_step()
+        if cuda_graph:
+            generator._capture_decode_step()
         return generator
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -217,14 +248,22 @@ class Llama:
         # raises instead of reading a cache that now holds other tokens.
         self._current_decoding: Optional[_Decoding] = None
         self._compiled_step = None
+        self._graphed_step = None
         self._position: Optional[torch.Tensor] = None  # the compiled step's position, on the device
 
-    def _compile_decode_step(self) -> None:
+    def _refuse_model_parallel(self, option: str) -> None:
         if self.model.model_parallel_size > 1:
             raise ValueError(
-                "compile=True supports a model-parallel size of 1 only; "
+                f"{option}=True supports a model-parallel size of 1 only; "
                 f"this model is split over {self.model.model_parallel_size} ranks"
             )
+
+    def _capture_decode_step(self) -> None:
+        self._refuse_model_parallel("cuda_graph")
+        self._graphed_step = GraphedDecodeStep(self.model)
+
+    def _compile_decode_step(self) -> None:
+        self._refuse_model_parallel("compile")
         if self.device.type == "cuda":
             self._compiled_step = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
         else:
@@ -233,7 +272,9 @@ class Llama:
             )
 
     def _forward(self, tokens: torch.Tensor, start_pos: int, last_logits_only: bool) -> torch.Tensor:
-        """The model's logits for `tokens` at `start_pos`, by the compiled step where it applies."""
+        """The model's logits for `tokens` at `start_pos`, by the compiled or graphed step where it applies."""
+        if self._graphed_step is not None and tokens.shape[1] == 1:
+            return self._graphed_step(tokens, start_pos)
         if self._compiled_step is not None and tokens.shape[1] == 1:
             # Set in place: a new tensor from a Python int would be a
             # host-to-device copy, which waits for the GPU to catch up.

@@ -179,3 +179,13 @@ def test_pickled_code_is_refused(ckpt_copy):
 def test_bad_build_arguments(tiny_ckpt, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build(tiny_ckpt, **kwargs)
+
+
+def test_cuda_graph_needs_cuda_and_excludes_compile(tiny_ckpt):
+    from llama.generation import _check_step_options
+
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device; the model is on cpu"):
+        build(tiny_ckpt, device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="pass compile=True or cuda_graph=True, not both"):
+        _check_step_options(torch.device("cuda", 0), compile=True, cuda_graph=True)
+    _check_step_options(torch.device("cuda", 0), compile=False, cuda_graph=True)  # the one way it is allowed
