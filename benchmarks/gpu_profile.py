@@ -30,19 +30,6 @@ from llama.model import ModelArgs, ffn_hidden_dim  # noqa: E402
 from llama.tiny import random_weights, train_tokenizer  # noqa: E402
 
 
-def timed(fn, device, reps: int = 5) -> float:
-    """Median seconds of fn() over reps runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        bench.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        bench.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def matvec_bandwidth(rows: int, cols: int, device, dtype, total_bytes: float) -> dict:
     """GB/s of y = W x for W (rows out, cols in), in Meta's layout and transposed."""
     copies = max(2, int(total_bytes // (rows * cols * torch.finfo(dtype).bits // 8)))
@@ -60,9 +47,11 @@ def matvec_bandwidth(rows: int, cols: int, device, dtype, total_bytes: float) ->
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
                 fn()
-            seconds = timed(graph.replay, device)
+            run = graph.replay
         else:
-            seconds = timed(fn, device)
+            run = fn
+        run()  # warm-up
+        seconds = bench.median_time(run, device, runs=5)
         out[name] = copies * rows * cols * torch.finfo(dtype).bits // 8 / seconds / 1e9
     del meta, transposed
     return out
