@@ -125,6 +125,7 @@ class Llama:
         compile: bool = False,
         fast_layout: Optional[bool] = None,
         cuda_graph: bool = False,
+        mmap: bool = True,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
 
@@ -139,7 +140,10 @@ class Llama:
         the matrices into their decoding layout (see `from_model`). It
         defaults to on where the weights were copied to a GPU anyway, and off
         on the CPU, where they stay in the memory-mapped checkpoint instead
-        of taking RAM.
+        of taking RAM. Weights that stay memory-mapped are read from the file
+        while decoding: each generation first checks that no such file was
+        rewritten or truncated since (RuntimeError). `mmap=False` copies every
+        weight into memory, so that the files may change afterwards.
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit.
@@ -174,6 +178,7 @@ class Llama:
         model_args.vocab_size = tokenizer.n_words
         # Any shard count loads on any model-parallel size that divides it or
         # that it divides: this rank's part is cut from the shards it needs.
+        mapped_files = checkpoint.MappedFiles()
         state_dict = checkpoint.load_for_rank(
             shards,
             distributed.model_parallel_rank(),
@@ -182,6 +187,8 @@ class Llama:
             device=device,
             dtype=dtype,
             progress=distributed.is_first_rank(),
+            mmap=mmap,
+            mapped_files=mapped_files,
         )
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
@@ -191,6 +198,7 @@ class Llama:
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
         )
+        generator._mapped_files = mapped_files.keep_used_by([*model.parameters(), *model.buffers()])
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return generator
 
@@ -250,6 +258,8 @@ class Llama:
         self._compiled_step = None
         self._graphed_step = None
         self._position: Optional[torch.Tensor] = None  # the compiled step's position, on the device
+        # Shard files the weights are still memory-mapped from (set by build).
+        self._mapped_files: Optional[checkpoint.MappedFiles] = None
 
     def _refuse_model_parallel(self, option: str) -> None:
         if self.model.model_parallel_size > 1:
@@ -350,6 +360,8 @@ class Llama:
     ) -> Optional["_Decoding"]:
         """Check the arguments and lay out the batch; None for an empty batch."""
         _check_sampling(temperature, top_p)
+        if self._mapped_files is not None:
+            self._mapped_files.check()
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompt_tokens = [list(t) for t in prompt_tokens]

@@ -22,6 +22,7 @@ from typing import Dict, Optional
 
 import torch
 
+from llama.atomic import output_dir
 from llama.checkpoint import assemble_rank, params_dict
 from llama.model import ModelArgs, ffn_hidden_dim
 
@@ -226,8 +227,20 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None, help="copy this tokenizer.model instead of training one")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         parser.error(f"{out} is not empty; choose a new directory")
+    try:
+        # Written beside OUT_DIR and renamed into place when complete.
+        with output_dir(out) as tmp:
+            _make_from_args(tmp, args)
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {out}", file=sys.stderr)
+        return 130
+    print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
+    return 0
+
+
+def _make_from_args(out: Path, args: argparse.Namespace) -> None:
     make_tiny_checkpoint(
         out,
         mp=args.mp,
@@ -242,8 +255,6 @@ def main(argv=None) -> int:
         dtype=getattr(torch, args.dtype),
         tokenizer=args.tokenizer,
     )
-    print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
-    return 0
 
 
 if __name__ == "__main__":
