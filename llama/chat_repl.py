@@ -24,7 +24,7 @@ from typing import List, Optional, TextIO, Tuple
 import torch
 import torch.distributed as dist
 
-from llama.chat_format import Dialog, encode_dialog, has_special_tags
+from llama.chat_format import SPECIAL_TAGS, Dialog, encode_dialog, has_special_tags
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
@@ -40,6 +40,57 @@ _SHOWN_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] i
 def printable(text: str) -> str:
     """`text` as the chat prints it: control characters other than newline and tab escaped."""
     return text.translate(_SHOWN_ESCAPED)
+
+
+class TurnEnd:
+    """Finds where a streamed reply runs on into a turn of its own making.
+
+    A model may go on past its answer with "[INST] ..." (an imagined next
+    message) or another tag of the chat format. Like a chat client, the
+    chat cuts the reply there: kept in the history, the tag would make every
+    later dialog one that holds the format's tags. Text that may be the start
+    of a tag (and the spaces before it) is held back until the next pieces
+    settle it, so a cut reply is shown exactly as it is kept.
+    """
+
+    _LONGEST = max(map(len, SPECIAL_TAGS))
+
+    def __init__(self):
+        self.text = ""  # the reply so far, up to a cut
+        self.shown = 0  # how much of it push() has handed out
+        self.cut = False
+
+    def push(self, piece: str) -> str:
+        """Add the next piece; returns the text now safe to show (maybe "")."""
+        if self.cut:
+            return ""
+        self.text += piece
+        search_from = max(0, self.shown - self._LONGEST)
+        found = [at for tag in SPECIAL_TAGS if (at := self.text.find(tag, search_from)) >= 0]
+        if found:
+            self.cut = True
+            self.text = self.text[: min(found)].rstrip()
+            return self._release(len(self.text))
+        held = 0  # the longest end of the text that a tag starts with
+        for size in range(1, min(self._LONGEST, len(self.text) - self.shown) + 1):
+            if any(tag.startswith(self.text[-size:]) for tag in SPECIAL_TAGS):
+                held = size
+        # Spaces before it too: a cut reply ends without them.
+        upto = len(self.text) - held
+        return self._release(len(self.text[:upto].rstrip()))
+
+    def flush(self) -> str:
+        """The text held back at the end of the reply."""
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.shown)
+        out, self.shown = self.text[self.shown : upto], upto
+        return out
+
+    @property
+    def shown_text(self) -> str:
+        return self.text[: self.shown]
 
 
 class MessageTooLong(ValueError):
@@ -316,24 +367,30 @@ class ChatRepl:
         if reply_len < self.max_gen_len:
             self.say(f"[the reply is cut at {reply_len} tokens to fit max_seq_len {self.max_seq_len}]\n")
 
-        pieces: List[str] = []
+        turn_end = TurnEnd()
         stopped = False
         stream = self.llama.stream_chat_completion(
             dialog, temperature=self.temperature, top_p=self.top_p, max_gen_len=reply_len
         )
         try:
             for piece in stream:
-                pieces.append(piece)
-                self.say(piece)
-                # Every rank asks after every token, so all stop after the same one.
-                if self.ranks.share_flag(self.ranks.is_leader and self.terminal.interrupt_requested()):
-                    stopped = True
+                self.say(turn_end.push(piece))
+                # Every rank asks after every token, so all stop after the same
+                # one. Each rank sees the same text, so a cut is the same on all.
+                stop = self.ranks.is_leader and self.terminal.interrupt_requested()
+                if self.ranks.share_flag(stop or turn_end.cut):
+                    stopped = not turn_end.cut
                     break
         finally:
             stream.close()
-        self.say("\n[stopped]\n" if stopped else "\n")
+        if not stopped:
+            self.say(turn_end.flush())
+        if turn_end.cut:
+            self.say("\n[the reply went on into a turn of its own; cut there]\n")
+        else:
+            self.say("\n[stopped]\n" if stopped else "\n")
         # A stopped reply stays as far as it was shown: the next turn sees what the person saw.
-        self.conversation.add(message, "".join(pieces))
+        self.conversation.add(message, turn_end.shown_text)
 
 
 def run_chat(
