@@ -14,8 +14,9 @@ from typing import Optional
 import fire
 
 from llama import Llama
-from llama.chat_repl import run_chat
+from llama.chat_repl import check_heartbeat, run_chat
 from llama.demo import resolve_checkpoint
+from llama.distributed import exit_when_a_peer_is_lost
 
 
 def main(
@@ -29,7 +30,10 @@ def main(
     seed: int = 1,
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
+    collective_timeout_s: float = 120.0,
 ):
+    # A frozen rank: after collective_timeout_s, rank 0 names it and every rank exits.
+    check_heartbeat(heartbeat_s, collective_timeout_s)
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     llama = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -38,16 +42,18 @@ def main(
         max_batch_size=1,
         seed=seed,
         device=device,
+        collective_timeout_s=collective_timeout_s,
     )
-    run_chat(
-        llama,
-        # fire turns a value such as "42" into an int; a system prompt is text.
-        system=None if system is None else str(system),
-        temperature=temperature,
-        top_p=top_p,
-        max_gen_len=max_gen_len,
-        heartbeat_s=heartbeat_s,
-    )
+    with exit_when_a_peer_is_lost():
+        run_chat(
+            llama,
+            # fire turns a value such as "42" into an int; a system prompt is text.
+            system=None if system is None else str(system),
+            temperature=temperature,
+            top_p=top_p,
+            max_gen_len=max_gen_len,
+            heartbeat_s=heartbeat_s,
+        )
 
 
 if __name__ == "__main__":

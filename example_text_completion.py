@@ -12,6 +12,7 @@ import fire
 
 from llama import Llama
 from llama.demo import resolve_checkpoint
+from llama.distributed import exit_when_a_peer_is_lost
 
 
 def main(
@@ -22,6 +23,7 @@ def main(
     max_seq_len: int = 128,
     max_gen_len: int = 64,
     max_batch_size: int = 4,
+    collective_timeout_s: float = 120.0,
 ):
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     generator = Llama.build(
@@ -29,6 +31,8 @@ def main(
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        # A frozen rank: after this long, rank 0 names it and every rank exits.
+        collective_timeout_s=collective_timeout_s,
     )
 
     prompts = [
@@ -61,4 +65,5 @@ the red house =>""",
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with exit_when_a_peer_is_lost():
+        fire.Fire(main)

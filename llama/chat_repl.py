@@ -13,6 +13,7 @@ for the session and makes Ctrl-C end a line, as Enter does; the terminal's
 settings are restored on leaving.
 """
 
+import math
 import os
 import select
 import sys
@@ -266,6 +267,19 @@ class _Ranks:
         return bool(box.item())
 
 
+def check_heartbeat(heartbeat_s, collective_timeout_s=None) -> None:
+    """Raise ValueError unless `heartbeat_s` is a usable keep-alive period:
+    positive and finite (0 would send keep-alives without pause, every rank
+    spinning), and shorter than the collective timeout it keeps the others within."""
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or not math.isfinite(heartbeat_s) or heartbeat_s <= 0:
+        raise ValueError(f"heartbeat_s must be a finite number of seconds > 0, got {heartbeat_s!r}")
+    if collective_timeout_s is not None and heartbeat_s >= collective_timeout_s:
+        raise ValueError(
+            f"heartbeat_s ({heartbeat_s:g}) must be shorter than collective_timeout_s ({collective_timeout_s:g}): "
+            "the other ranks wait for rank 0's keep-alive within that timeout"
+        )
+
+
 class ChatRepl:
     """A read-reply loop over a built `Llama`; see `run_chat`."""
 
@@ -290,6 +304,7 @@ class ChatRepl:
             )
         # Checked now, not at the first message after someone has typed it.
         _check_sampling(temperature, top_p)
+        check_heartbeat(heartbeat_s)
         self.max_gen_len = max_gen_len
         self.temperature = temperature
         self.top_p = top_p
@@ -410,7 +425,7 @@ def run_chat(
     at most `max_gen_len` tokens (default: half of `max_seq_len`); the
     oldest turns are dropped when the history and a reply would pass
     `max_seq_len`. Raises ValueError for a bad `max_gen_len`, temperature
-    or top_p, or a system prompt holding the format's tags.
+    or top_p or heartbeat_s, or a system prompt holding the format's tags.
     """
     terminal = Terminal(sys.stdin.fileno() if input_fd is None else input_fd, output or sys.stdout)
     repl = ChatRepl(llama, system, temperature, top_p, max_gen_len, terminal, heartbeat_s)

@@ -126,6 +126,7 @@ class Llama:
         fast_layout: Optional[bool] = None,
         cuda_graph: bool = False,
         mmap: bool = True,
+        collective_timeout_s: Optional[float] = None,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
 
@@ -144,6 +145,10 @@ class Llama:
         while decoding: each generation first checks that no such file was
         rewritten or truncated since (RuntimeError). `mmap=False` copies every
         weight into memory, so that the files may change afterwards.
+        `collective_timeout_s` (with more than one rank): once every rank has
+        loaded, a collective that waits longer than this for a peer raises
+        instead of waiting torch's 30 minutes, and rank 0 tracks which peers
+        still answer (see `distributed.exit_when_a_peer_is_lost`).
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit.
@@ -154,12 +159,14 @@ class Llama:
         device = distributed.choose_device(device)
         dtype = distributed.choose_dtype(device, dtype)
         _check_step_options(device, compile, cuda_graph)
+        distributed.check_collective_timeout(collective_timeout_s)
         # Cheap checks first, so that a typo fails before any process group exists.
         shards = checkpoint.find_shards(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
 
         model_parallel_size = distributed.init_distributed(device, model_parallel_size)
+        distributed.relax_collective_timeout()  # loading may take long on some ranks
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # The seed must be the same on all ranks: they sample the same tokens.
@@ -199,6 +206,7 @@ class Llama:
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
         )
         generator._mapped_files = mapped_files.keep_used_by([*model.parameters(), *model.buffers()])
+        distributed.start_collective_timeout(collective_timeout_s)
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return generator
 
