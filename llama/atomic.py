@@ -91,8 +91,9 @@ def output_dir(dst) -> Iterator[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     cleaning = threading.Event()
     with _signals_raise(cleaning):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+        tmp = None
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
             yield tmp
             os.chmod(tmp, dst.stat().st_mode & 0o7777 if dst.is_dir() else _default_dir_mode())
             try:
@@ -103,7 +104,8 @@ def output_dir(dst) -> Iterator[Path]:
                 os.rename(tmp, dst)
         except BaseException:
             cleaning.set()
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             for parent in reversed(created_parents):
                 with contextlib.suppress(OSError):
                     parent.rmdir()

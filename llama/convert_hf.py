@@ -244,8 +244,10 @@ def _open_safetensors(path: Path):
     try:
         with safe_open(str(path), framework="pt") as f:
             yield f
-    except (ValueError, FileNotFoundError):
-        raise
+    except ValueError as e:
+        if str(path) in str(e):  # ours, already naming the file
+            raise
+        raise ValueError(f"cannot read {str(path)!r} as a .safetensors file: {e}") from e
     except Exception as e:  # SafetensorError, OSError, ...
         raise ValueError(f"cannot read {str(path)!r} as a .safetensors file: {e}") from e
 

@@ -196,13 +196,13 @@ def test_a_huge_n_layers_fails_in_well_under_a_second(tmp_path, tiny_ckpt, hf_di
         start = time.perf_counter()
         with pytest.raises(ValueError, match=r"n_layers is 1000000 in the config, but .* holds layers 0 to 1"):
             call()
-        assert time.perf_counter() - start < 0.5
+        assert time.perf_counter() - start < 1.0
     hf = Path(shutil.copytree(hf_dir, tmp_path / "hf"))
     edit_config(hf, lambda c: {**c, "num_hidden_layers": 1_000_000})
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"num_hidden_layers is 1000000 in the config"):
         convert_hf.hf_to_meta(hf, tmp_path / "to_meta")
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 1.0
 
 
 # -- memory-mapped weights whose file changes (item 3) ------------------------------------------
