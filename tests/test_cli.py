@@ -291,3 +291,18 @@ def test_version_matches_setup():
                                    text=True, timeout=60, env={**os.environ}).stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"\d+\.\d+\.\d+", llama.__version__)
     assert setup_version == llama.__version__
+
+
+def test_bench_without_its_extra_says_what_to_install():
+    probe = (
+        "import runpy, sys\n"
+        "sys.modules['psutil'] = None  # as if not installed\n"
+        "sys.argv = ['benchmarks/bench.py', '--shapes', '15M', '--device', 'cpu']\n"
+        "runpy.run_path('benchmarks/bench.py', run_name='__main__')\n"
+    )
+    start = time.monotonic()
+    proc = run([sys.executable, "-c", probe], timeout=120)
+    assert proc.returncode == 2
+    assert 'needs psutil (memory on the CPU): install them with pip install -e ".[bench]"' in proc.stderr
+    assert "read bandwidth" not in proc.stdout  # nothing was measured first
+    assert time.monotonic() - start < 60
