@@ -8,7 +8,17 @@ Without --ckpt_dir it runs on a tiny random demo checkpoint.
 
 from typing import Optional
 
-from llama.cli import run
+try:
+    from llama.cli import run
+except ImportError:  # a folder named llama (a clone of this project?) beside this script hides the package
+    import llama
+
+    if llama.__file__ is None:
+        raise SystemExit(
+            f"error: the folder {list(llama.__path__)[0]} hides the llama package from this script: "
+            "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
+        ) from None
+    raise
 
 DIALOGS = [
     # A single turn.

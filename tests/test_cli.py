@@ -5,6 +5,7 @@ also tested in-process, where it is fast.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -306,3 +307,20 @@ def test_bench_without_its_extra_says_what_to_install():
     assert 'needs psutil (memory on the CPU): install them with pip install -e ".[bench]"' in proc.stderr
     assert "read bandwidth" not in proc.stdout  # nothing was measured first
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_beside_a_folder_named_llama_says_what_to_do(script, tmp_path):
+    # A clone named llama beside the script: Python takes that folder for the
+    # package (a namespace package) before the installed one.
+    (tmp_path / "llama").mkdir()
+    shutil.copy(REPO / script, tmp_path / script)
+    env = subprocess_env()
+    env["PYTHONPATH"] = ""  # as a user's shell has it: the folder beside the script comes first
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert shown_lines(proc) == [
+        f"error: the folder {tmp_path / 'llama'} hides the llama package from this script: "
+        "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
+    ]
