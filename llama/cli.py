@@ -83,7 +83,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             or action.required
             or default is argparse.SUPPRESS
             or "(default:" in text
-            or (default is None and "none" in text)  # the help says what none means
+            or (default is None and re.search(r"\bnone\b", text))  # the help says what none means
         ):
             return text
         return f"{text} (default: {_default_text(default).replace('%', '%%')})".strip()

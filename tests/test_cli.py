@@ -224,7 +224,6 @@ USER_ERRORS = {
                         ["is a HuggingFace checkpoint", "python -m llama.convert_hf to-meta"]),
     "download root": ("example_chat_completion.py --ckpt_dir {root}",
                       ["holds model folders", "llama-2-7b, llama-2-7b-chat"]),
-    "missing tokenizer": ("chat.py --ckpt_dir {tiny} --tokenizer_path {tmp}/t.model", ["tokenizer model not found"]),
     "bad temperature": ("example_text_completion.py --ckpt_dir {tiny} --temperature -1", ["temperature must be >= 0"]),
     "batch too small": ("example_text_completion.py --ckpt_dir {tiny} --max_batch_size 2",
                         ["max_batch_size must be at least 3"]),
@@ -250,7 +249,7 @@ def user_error_runs(tmp_path_factory, tiny_ckpt, download_root):
         args = [part.format(**paths) for part in USER_ERRORS[name][0].split()]
         return run([sys.executable, *args], timeout=180)
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(USER_ERRORS, pool.map(one, USER_ERRORS)))
 
 
