@@ -67,8 +67,8 @@ def check_request(
     for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if max_gen_len is not None and max_gen_len < 1:
-        raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
+    if max_gen_len is not None and max_gen_len < 0:  # as generate() checks it
+        raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len!r}")
     count = len(prompts) + len(dialogs)
     if count > max_batch_size:
         raise ValueError(f"this example runs {count} prompts at once: max_batch_size must be at least {count}")
