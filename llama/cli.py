@@ -121,6 +121,14 @@ class ArgumentParser(argparse.ArgumentParser):
         return action
 
     def parse_known_args(self, args=None, namespace=None):
+        if not getattr(self, "_is_subparser", False):
+            # Unknown flags first, so that one is named even when a required argument is missing too.
+            known = {option for option, _ in self._all_flags()} | {"-h", "--help"}
+            for token in sys.argv[1:] if args is None else args:
+                if token == "--":
+                    break
+                if token.startswith("--") and token.split("=", 1)[0] not in known:
+                    self.error(self._unknown_message([token]))
         namespace, extras = super().parse_known_args(args, namespace)
         if extras and not getattr(self, "_is_subparser", False):
             self.error(self._unknown_message(extras))
@@ -131,6 +139,8 @@ class ArgumentParser(argparse.ArgumentParser):
         if not flags:
             return f"unexpected argument {extras[0]!r}"
         flag = flags[0].split("=", 1)[0]
+        if flag in {option for option, _ in self._all_flags()}:  # another subcommand's
+            return f"flag {flag} does not apply to this command (its --help lists the flags)"
         # Compared with - and _ alike; the flag suggested is spelled as --help shows it.
         known = {alias.replace("-", "_"): shown for alias, shown in self._all_flags()}
         close = difflib.get_close_matches(flag.replace("-", "_"), list(known), n=1, cutoff=0.6)

@@ -5,6 +5,7 @@ also tested in-process, where it is fast.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,19 @@ import pytest
 from conftest import REPO, subprocess_env, torchrun_cmd
 from llama import cli
 
-SCRIPTS = ["example_text_completion.py", "example_chat_completion.py", "chat.py"]
-MODULES = [["-m", "llama.tiny", "OUT"], ["-m", "llama.reshard", "SRC", "DST", "--mp", "1"],
-           ["-m", "llama.convert_hf", "to-meta", "SRC", "DST"]]
+# Every command line: the scripts, and the modules that run with `python -m`.
+# A new one is found here and held to the same rules.
+SCRIPTS = sorted(p.name for p in REPO.glob("example_*.py")) + ["chat.py"]
+MODULES = sorted(
+    f"llama.{p.stem}" for p in (REPO / "llama").glob("*.py")
+    if re.search(r'^if __name__ == "__main__":', p.read_text(), re.MULTILINE)
+)
+TOOLS = [[script] for script in SCRIPTS] + [["-m", module] for module in MODULES]
+
+
+def test_the_tools_are_found():
+    assert {"example_text_completion.py", "example_chat_completion.py", "chat.py"} <= set(SCRIPTS)
+    assert {"llama.tiny", "llama.reshard", "llama.convert_hf"} <= set(MODULES)
 
 
 def run(args, timeout=60, env=None, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
@@ -147,14 +158,12 @@ def test_multi_line_messages_become_one():
 # --- every CLI as a subprocess ---
 
 
-@pytest.mark.parametrize("tool", [[s] for s in SCRIPTS] + MODULES, ids=lambda t: " ".join(t[:2]))
+@pytest.mark.parametrize("tool", TOOLS, ids=" ".join)
 def test_misspelled_flag_fails_at_once_naming_it(tool, tmp_path):
     # A checkpoint path that fails if anything reads it: had the flag been
     # checked after the work started, the error would be about the path.
     missing = str(tmp_path / "no-checkpoint")
-    args = [a.replace("SRC", missing).replace("OUT", missing).replace("DST", str(tmp_path / "dst")) for a in tool]
-    if tool[0] in SCRIPTS:
-        args += ["--ckpt_dir", missing]
+    args = [*tool, "--ckpt_dir", missing] if tool[0] in SCRIPTS else [*tool, missing, str(tmp_path / "dst")]
     start = time.monotonic()
     proc = run([sys.executable, *args, "--max_seq_lenn", "64"])
     elapsed = time.monotonic() - start
@@ -174,7 +183,7 @@ def test_chat_dash_h_prints_help():
     assert ">>>" not in proc.stdout  # no chat started
 
 
-@pytest.mark.parametrize("tool", [[s] for s in SCRIPTS] + [m[:2] for m in MODULES], ids=lambda t: " ".join(t[:2]))
+@pytest.mark.parametrize("tool", TOOLS, ids=" ".join)
 def test_help_imports_nothing_heavy(tool):
     """--help answers before torch (seconds to import) is loaded; see docs/cli.md for timings."""
     if tool[0] == "-m":
@@ -283,8 +292,6 @@ def test_torchrun_with_a_bad_flag_prints_the_error_once(tmp_path):
 
 
 def test_version_matches_setup():
-    import re
-
     import llama
 
     setup_version = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO, capture_output=True,
@@ -323,3 +330,14 @@ def test_a_script_beside_a_folder_named_llama_says_what_to_do(script, tmp_path):
         f"error: the folder {tmp_path / 'llama'} hides the llama package from this script: "
         "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
     ]
+
+
+def test_unknown_flag_is_named_before_a_missing_argument_and_per_subcommand(capsys):
+    from llama import convert_hf, reshard
+
+    with pytest.raises(SystemExit):
+        reshard.main(["--mpp", "2"])  # SRC, DST and --mp are missing too
+    assert capsys.readouterr().err == "error: unknown flag --mpp; did you mean --mp? (--help lists the flags)\n"
+    with pytest.raises(SystemExit):
+        convert_hf.main(["to-hf", "SRC", "DST", "--mp", "2"])  # to-meta's flag
+    assert capsys.readouterr().err == "error: flag --mp does not apply to this command (its --help lists the flags)\n"
