@@ -50,15 +50,15 @@ class TurnEnd:
     message) or another tag of the chat format. Like a chat client, the
     chat cuts the reply there: kept in the history, the tag would make every
     later dialog one that holds the format's tags. Text that may be the start
-    of a tag (and the spaces before it) is held back until the next pieces
-    settle it, so a cut reply is shown exactly as it is kept.
+    of a tag is held back until the next pieces settle it, so no part of a
+    tag is ever shown.
     """
 
     _LONGEST = max(map(len, SPECIAL_TAGS))
 
     def __init__(self):
         self.text = ""  # the reply so far, up to a cut
-        self.shown = 0  # how much of it push() has handed out
+        self.shown = 0  # how much of it has been handed out to show
         self.cut = False
 
     def push(self, piece: str) -> str:
@@ -70,18 +70,16 @@ class TurnEnd:
         found = [at for tag in SPECIAL_TAGS if (at := self.text.find(tag, search_from)) >= 0]
         if found:
             self.cut = True
-            self.text = self.text[: min(found)].rstrip()
-            return self._release(len(self.text))
+            self.text = self.text[: min(found)]
+            return self.flush()
         held = 0  # the longest end of the text that a tag starts with
         for size in range(1, min(self._LONGEST, len(self.text) - self.shown) + 1):
             if any(tag.startswith(self.text[-size:]) for tag in SPECIAL_TAGS):
                 held = size
-        # Spaces before it too: a cut reply ends without them.
-        upto = len(self.text) - held
-        return self._release(len(self.text[:upto].rstrip()))
+        return self._release(len(self.text) - held)
 
     def flush(self) -> str:
-        """The text held back at the end of the reply."""
+        """The text held back: at the end of the reply, or when it is stopped."""
         return self._release(len(self.text))
 
     def _release(self, upto: int) -> str:
@@ -90,8 +88,10 @@ class TurnEnd:
         return out
 
     @property
-    def shown_text(self) -> str:
-        return self.text[: self.shown]
+    def kept(self) -> str:
+        """What the history keeps: the text shown, without the spaces before a cut."""
+        shown = self.text[: self.shown]
+        return shown.rstrip() if self.cut else shown
 
 
 class MessageTooLong(ValueError):
@@ -406,14 +406,14 @@ class ChatRepl:
                     break
         finally:
             stream.close()
-        if not stopped:
-            self.say(turn_end.flush())
+        # Text held back as a possible tag is not one: show it, stopped or not.
+        self.say(turn_end.flush())
         if turn_end.cut:
             self.say("\n[the reply went on into a turn of its own; cut there]\n")
         else:
             self.say("\n[stopped]\n" if stopped else "\n")
         # A stopped reply stays as far as it was shown: the next turn sees what the person saw.
-        self.conversation.add(message, turn_end.shown_text)
+        self.conversation.add(message, turn_end.kept)
 
 
 def run_chat(

@@ -14,17 +14,19 @@ def through(pieces):
     from llama.chat_repl import TurnEnd
 
     turn_end = TurnEnd()
-    shown = "".join(turn_end.push(piece) for piece in pieces)
-    if not turn_end.cut:
-        shown += turn_end.flush()
+    shown = "".join(turn_end.push(piece) for piece in pieces) + turn_end.flush()
     return shown, turn_end
 
 
 def test_turn_end_cuts_at_a_tag_split_over_pieces_and_holds_nothing_else_back():
+    from llama.chat_repl import TurnEnd
+
     shown, turn_end = through(["Sure", ".", " [", "IN", "ST] And", " then?"])
-    assert (shown, turn_end.shown_text, turn_end.cut) == ("Sure.", "Sure.", True)
+    assert (shown, turn_end.kept, turn_end.cut) == ("Sure. ", "Sure.", True)
     shown, turn_end = through(["x <", "</S", "YS>> y"])
-    assert (shown, turn_end.cut) == ("x", True)
+    assert (shown, turn_end.kept, turn_end.cut) == ("x ", "x", True)
+    turn_end = TurnEnd()  # stopped (Ctrl-C) with a possible tag held back: it is shown and kept
+    assert turn_end.push("one [") == "one " and turn_end.flush() == "[" and turn_end.kept == "one ["
     shown, turn_end = through(["a [", "b] <<", "c", " [INS"])  # look like tags, are not
     assert (shown, turn_end.cut) == ("a [b] <<c [INS", False)
 
@@ -54,7 +56,7 @@ def test_a_reply_running_into_a_new_turn_does_not_poison_the_session(llama, monk
     finally:
         os.close(read_end)
     shown = output.getvalue()
-    assert "Hello there.\n[the reply went on into a turn of its own; cut there]" in shown
+    assert "Hello there. \n[the reply went on into a turn of its own; cut there]" in shown
     assert "INST" not in shown and UNSAFE_ERROR not in shown
     assert dialogs[1][1] == {"role": "assistant", "content": "Hello there."}
     # The second reply is the model's own, not the refusal the tag used to cause.
