@@ -1,15 +1,21 @@
 """Tiny random Llama checkpoints in Meta's exact format, for tests and the demo.
 
-    python -m llama.tiny OUT_DIR [--mp N] [--dim 64] [--n-layers 2] ...
+    python -m llama.tiny OUT_DIR [--family llama2|llama3] [--mp N] [--dim 64] [--n-layers 2] ...
 
-writes `params.json`, `consolidated.00.pth` ... (split by Meta's
-model-parallel layout) and a `tokenizer.model` (a small SentencePiece BPE
-model with byte fallback, trained on built-in text, or a copy of one given
-with `--tokenizer`). The weights are seeded random numbers, so the text they
-produce is gibberish; what matters is that it is reproducible.
+writes `params.json`, `consolidated.00.pth` ... (split by the family's
+model-parallel layout) and a `tokenizer.model`: for Llama 2 a small
+SentencePiece BPE model with byte fallback, for Llama 3 a small tiktoken
+BPE file (byte-level merges trained here, then the 256 special tokens),
+both trained on built-in text; or a copy of one given with `--tokenizer`,
+whose kind then decides the family. A Llama 3 checkpoint has Llama 3.1's
+rotary settings (theta 500000, scaled) and ffn_dim_multiplier 1.3. The
+weights are seeded random numbers, so the text they produce is gibberish;
+what matters is that it is reproducible.
 """
 
 import argparse
+import base64
+import collections
 import io
 import json
 import os
@@ -22,6 +28,7 @@ from typing import Dict, Optional
 
 import torch
 
+from llama import family
 from llama.checkpoint import assemble_rank, params_dict
 from llama.model import ModelArgs, ffn_hidden_dim
 
@@ -78,6 +85,52 @@ def train_tokenizer(path, vocab_size: int = 512) -> None:
         minloglevel=2,
     )
     Path(path).write_bytes(model.getvalue())
+
+
+def train_tiktoken_bpe(path, n_ranks: int = 384) -> None:
+    """Write a tiktoken BPE file of `n_ranks` ranks: the 256 bytes, then merges.
+
+    Byte-level BPE over the training text, split first by Meta's Llama 3
+    pattern: each merge joins the most frequent adjacent pair of tokens
+    within a piece (ties broken by the bytes, so the file is the same every
+    time). The special tokens are not in the file; the tokenizer adds them
+    after the ranks.
+    """
+    import regex
+
+    from llama.tokenizer import LLAMA3_PATTERN
+
+    if n_ranks < 256:
+        raise ValueError(f"a byte-level BPE needs at least the 256 byte tokens, got n_ranks {n_ranks}")
+    counts = collections.Counter()
+    for line in training_text():
+        counts.update(regex.findall(LLAMA3_PATTERN, line + "\n"))
+    words = {tuple(bytes([b]) for b in piece.encode("utf-8")): n for piece, n in counts.items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < n_ranks:
+        pairs = collections.Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        candidates = [(n, pair) for pair, n in pairs.items() if pair[0] + pair[1] not in ranks]
+        if not candidates:
+            break  # the text has nothing left to merge
+        best = min(candidates, key=lambda c: (-c[0], c[1]))[1]  # most frequent, then by bytes
+        ranks[best[0] + best[1]] = len(ranks)
+        merged = {}
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()]
+    Path(path).write_text("".join(lines))
 
 
 def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
@@ -153,27 +206,49 @@ def make_tiny_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tokenizer: Optional[str] = None,
+    family_name: Optional[str] = None,
+    rope_theta: Optional[float] = None,
+    use_scaled_rope: Optional[bool] = None,
+    rope_scaling_factor: Optional[float] = None,
 ) -> Path:
-    """Write a complete tiny checkpoint directory (weights, params, tokenizer)."""
+    """Write a complete tiny checkpoint directory (weights, params, tokenizer).
+
+    `family_name` "llama2" (the default) or "llama3" picks the tokenizer to
+    train; a `tokenizer` given decides by its kind. Llama 3's rotary
+    settings default to Llama 3.1's (theta 500000, scaled), and its
+    `vocab_size` counts the BPE ranks, to which the 256 special tokens are added.
+    """
+    if family_name not in (None, "llama2", "llama3"):
+        raise ValueError(f"family_name must be 'llama2' or 'llama3', got {family_name!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.model"
     if tokenizer is not None:
         shutil.copyfile(tokenizer, tokenizer_path)
+    elif family_name == "llama3":
+        train_tiktoken_bpe(tokenizer_path, n_ranks=vocab_size)
     else:
         train_tokenizer(tokenizer_path, vocab_size=vocab_size)
     from llama.tokenizer import Tokenizer
 
-    n_words = Tokenizer(str(tokenizer_path)).n_words
+    tok = Tokenizer(str(tokenizer_path))
+    fam = family.of_tokenizer(tok)
+    if family_name is not None and fam is not {"llama2": family.LLAMA_2, "llama3": family.LLAMA_3}[family_name]:
+        raise ValueError(f"the tokenizer {str(tokenizer)!r} is a {fam.name} tokenizer, not {family_name}'s")
+    llama3 = fam is family.LLAMA_3
     args = ModelArgs(
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
-        vocab_size=n_words,
+        vocab_size=tok.n_words,
         multiple_of=multiple_of,
         ffn_dim_multiplier=ffn_dim_multiplier,
         norm_eps=1e-5,
+        rope_theta=fam.default_rope_theta if rope_theta is None else rope_theta,
+        use_scaled_rope=llama3 if use_scaled_rope is None else use_scaled_rope,
+        rope_scaling_factor=rope_scaling_factor,
+        tok_embeddings_split_dim=fam.tok_embeddings_split_dim,
     )
     write_checkpoint(out_dir, random_weights(args, seed), args, mp=mp, dtype=dtype)
     return out_dir
@@ -213,14 +288,22 @@ def demo_checkpoint(mp: int = 1) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
+    parser.add_argument("--family", default=None, choices=["llama2", "llama3"],
+                        help="llama3: a tiktoken BPE tokenizer, Llama 3.1's rotary settings, vocabulary-split "
+                             "embedding (default: llama2, or the kind of --tokenizer)")
     parser.add_argument("--mp", type=int, default=1, help="number of model-parallel shards")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--n-heads", type=int, default=4)
     parser.add_argument("--n-kv-heads", type=int, default=2, help="0 for none (plain multi-head attention)")
     parser.add_argument("--multiple-of", type=int, default=32)
-    parser.add_argument("--ffn-dim-multiplier", type=float, default=None)
-    parser.add_argument("--vocab-size", type=int, default=512, help="size of the tokenizer to train")
+    parser.add_argument("--ffn-dim-multiplier", type=float, default=None, help="default: 1.3 for llama3, none for llama2")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="size of the tokenizer to train (llama2, default 512) or of its BPE ranks "
+                             "before the 256 special tokens (llama3, default 384)")
+    parser.add_argument("--rope-theta", type=float, default=None, help="default: 10000 for llama2, 500000 for llama3")
+    parser.add_argument("--rope-scaling-factor", type=float, default=None,
+                        help="llama3: write this factor into params.json (Meta's code uses 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--tokenizer", default=None, help="copy this tokenizer.model instead of training one")
@@ -228,20 +311,29 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty; choose a new directory")
-    make_tiny_checkpoint(
-        out,
-        mp=args.mp,
-        dim=args.dim,
-        n_layers=args.n_layers,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads or None,
-        multiple_of=args.multiple_of,
-        ffn_dim_multiplier=args.ffn_dim_multiplier,
-        vocab_size=args.vocab_size,
-        seed=args.seed,
-        dtype=getattr(torch, args.dtype),
-        tokenizer=args.tokenizer,
-    )
+    llama3 = args.family == "llama3"
+    if args.rope_scaling_factor is not None and not llama3:
+        parser.error("--rope-scaling-factor applies to --family llama3 only")
+    try:
+        make_tiny_checkpoint(
+            out,
+            family_name=args.family,
+            rope_theta=args.rope_theta,
+            rope_scaling_factor=args.rope_scaling_factor,
+            mp=args.mp,
+            dim=args.dim,
+            n_layers=args.n_layers,
+            n_heads=args.n_heads,
+            n_kv_heads=args.n_kv_heads or None,
+            multiple_of=args.multiple_of,
+            ffn_dim_multiplier=args.ffn_dim_multiplier if args.ffn_dim_multiplier or not llama3 else 1.3,
+            vocab_size=args.vocab_size or (384 if llama3 else 512),
+            seed=args.seed,
+            dtype=getattr(torch, args.dtype),
+            tokenizer=args.tokenizer,
+        )
+    except ValueError as e:
+        parser.error(str(e))
     print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
     return 0
 
