@@ -1,7 +1,9 @@
 """Run under torchrun (or plain python) by the Llama 3 parity tests: build a
 checkpoint, and let rank 0 write its full-prompt logits and greedy tokens as JSON.
 
-    torchrun --nproc_per_node N tests/logits_worker.py CKPT_DIR OUT_JSON
+    torchrun --nproc_per_node N tests/logits_worker.py OUT_JSON CKPT_DIR [CKPT_DIR ...]
+
+OUT_JSON holds a list: one result per checkpoint, in order.
 """
 
 import json
@@ -23,10 +25,11 @@ def results(generator) -> dict:
     return {"logits": logits[0].tolist(), "greedy": greedy[0]}
 
 
-def main(ckpt_dir: str, out_path: str) -> None:
-    generator = Llama.build(ckpt_dir, str(Path(ckpt_dir) / "tokenizer.model"), max_seq_len=64, max_batch_size=1)
-    out = results(generator)
-    out["model_parallel_size"] = generator.model.model_parallel_size
+def main(out_path: str, *ckpt_dirs: str) -> None:
+    out = []
+    for ckpt_dir in ckpt_dirs:
+        generator = Llama.build(ckpt_dir, str(Path(ckpt_dir) / "tokenizer.model"), max_seq_len=64, max_batch_size=1)
+        out.append({**results(generator), "model_parallel_size": generator.model.model_parallel_size})
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         Path(out_path).write_text(json.dumps(out))
 

@@ -389,8 +389,13 @@ def hf_reference(hf_dir, prompt, max_gen_len, stop_tokens):
     return logits, tokens[len(prompt):]
 
 
-def assert_matches_hf(result, hf3, tok3):
-    logits, greedy = hf_reference(hf3, logits_worker.PROMPT, logits_worker.MAX_GEN_LEN, tok3.stop_tokens)
+@pytest.fixture(scope="module")
+def hf3_reference(hf3, tok3):
+    return hf_reference(hf3, logits_worker.PROMPT, logits_worker.MAX_GEN_LEN, tok3.stop_tokens)
+
+
+def assert_matches_hf(result, reference):
+    logits, greedy = reference
     torch.testing.assert_close(torch.tensor(result["logits"]), logits, atol=1e-5, rtol=0)
     assert result["greedy"] == greedy
 
@@ -403,8 +408,8 @@ def test_converted_config_is_llama3(hf3):
     assert config["bos_token_id"] == N_RANKS
 
 
-def test_parity_with_transformers_mp1(ckpt3, hf3, tok3):
-    assert_matches_hf(logits_worker.results(build(ckpt3)), hf3, tok3)
+def test_parity_with_transformers_mp1(ckpt3, hf3_reference):
+    assert_matches_hf(logits_worker.results(build(ckpt3)), hf3_reference)
 
 
 def test_scaled_rope_matters_here(ckpt3, tmp_path):
@@ -419,19 +424,23 @@ def test_scaled_rope_matters_here(ckpt3, tmp_path):
     assert (scaled - unscaled).abs().max() > 1e-4
 
 
-def test_parity_with_transformers_mp2_and_resharded(ckpt3_mp2, hf3, tok3, tmp_path):
+def test_parity_with_transformers_mp2_and_resharded(ckpt3_mp2, hf3_reference, tok3, tmp_path):
     shard = torch.load(ckpt3_mp2 / "consolidated.00.pth", weights_only=True)
     assert tuple(shard["tok_embeddings.weight"].shape) == (tok3.n_words // 2, 64)  # vocabulary-parallel
-    run_torchrun(2, [REPO / "tests" / "logits_worker.py", ckpt3_mp2, tmp_path / "mp2.json"], timeout=240)
-    result = json.loads((tmp_path / "mp2.json").read_text())
-    assert result["model_parallel_size"] == 2
-    assert_matches_hf(result, hf3, tok3)
-
     reshard(ckpt3_mp2, tmp_path / "mp1", 1, progress=False)
-    assert_matches_hf(logits_worker.results(build(tmp_path / "mp1")), hf3, tok3)
-    # One shard loaded on two ranks: each slices its vocabulary rows.
-    run_torchrun(2, [REPO / "tests" / "logits_worker.py", tmp_path / "mp1", tmp_path / "mp1on2.json"], timeout=240)
-    assert_matches_hf(json.loads((tmp_path / "mp1on2.json").read_text()), hf3, tok3)
+    assert torch.load(tmp_path / "mp1" / "consolidated.00.pth", weights_only=True)["tok_embeddings.weight"].shape == (
+        tok3.n_words, 64
+    )
+    assert_matches_hf(logits_worker.results(build(tmp_path / "mp1")), hf3_reference)
+
+    # Two ranks: on the 2-shard checkpoint, and on the resharded one (each rank
+    # then slices its vocabulary rows out of the single shard).
+    worker = REPO / "tests" / "logits_worker.py"
+    run_torchrun(2, [worker, tmp_path / "out.json", ckpt3_mp2, tmp_path / "mp1"], timeout=240)
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert [r["model_parallel_size"] for r in results] == [2, 2]
+    for result in results:
+        assert_matches_hf(result, hf3_reference)
 
 
 def test_hf_llama32_config_converts_with_its_factor_and_tied_output(tmp_path, tiktoken_file, tok3):
