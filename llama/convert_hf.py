@@ -192,9 +192,7 @@ def hf_family(config: Dict, hf_dir: Path) -> family.Family:
     if tokenizer_path is not None:
         return family.of_tokenizer(Tokenizer(str(tokenizer_path)))
     _, rope_type, _ = _rope_settings(config)
-    if rope_type == "llama3" or config.get("vocab_size") in family.LLAMA_3.vocab_sizes:
-        return family.LLAMA_3
-    return family.LLAMA_2
+    return family.of_hf_config(rope_type, config.get("vocab_size"))
 
 
 def hf_config_from_model_args(

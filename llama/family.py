@@ -33,6 +33,9 @@ class Family:
     tok_embeddings_split_dim: int  # across model-parallel shards
     default_rope_theta: float  # when params.json has no rope_theta
     vocab_sizes: Tuple[int, ...]  # Meta's checkpoints' vocabularies: evidence of the family
+    option: str  # its name on command lines (`python -m llama.tiny --family`)
+    # What `python -m llama.tiny` makes for it: the shape of the family's latest models, small.
+    tiny_defaults: Mapping
 
     def encode_dialog(self, tokenizer: Tokenizer, dialog: Sequence[chat_format.Message]) -> List[int]:
         """Prompt tokens of `dialog` in this family's chat format; ValueError for a malformed dialog."""
@@ -65,6 +68,8 @@ class Llama2Family(Family):
     tok_embeddings_split_dim = 1
     default_rope_theta = 10000.0
     vocab_sizes = (32000, 32016)  # Llama 2; Code Llama with its infilling pieces
+    option = "llama2"
+    tiny_defaults = {"vocab_size": 512, "ffn_dim_multiplier": None, "use_scaled_rope": False}
 
     def encode_dialog(self, tokenizer, dialog):
         return chat_format.encode_dialog(tokenizer, dialog)
@@ -80,6 +85,9 @@ class Llama3Family(Family):
     tok_embeddings_split_dim = 0
     default_rope_theta = 500000.0  # Meta's Llama 3 ModelArgs default
     vocab_sizes = (128256,)
+    option = "llama3"
+    # vocab_size: BPE ranks, before the 256 special tokens. Llama 3.1's rope.
+    tiny_defaults = {"vocab_size": 384, "ffn_dim_multiplier": 1.3, "use_scaled_rope": True}
 
     def encode_dialog(self, tokenizer, dialog):
         return chat_format.encode_dialog_llama3(tokenizer, dialog)
@@ -91,6 +99,22 @@ class Llama3Family(Family):
 LLAMA_2 = Llama2Family()
 LLAMA_3 = Llama3Family()
 FAMILIES = (LLAMA_2, LLAMA_3)
+
+
+def by_option(option: str) -> Family:
+    """The family named `option` on a command line ("llama2", "llama3")."""
+    for family in FAMILIES:
+        if family.option == option:
+            return family
+    raise ValueError(f"unknown family {option!r}; choose from {', '.join(f.option for f in FAMILIES)}")
+
+
+def of_hf_config(rope_type: Optional[str], vocab_size) -> Family:
+    """The family of a HuggingFace config without a tokenizer.model: Llama 3 for
+    `llama3` rope scaling or Llama 3's vocabulary, else Llama 2."""
+    if rope_type == "llama3" or vocab_size in LLAMA_3.vocab_sizes:
+        return LLAMA_3
+    return LLAMA_2
 
 
 def of_tokenizer(tokenizer: Tokenizer) -> Family:

@@ -202,7 +202,7 @@ def make_tiny_checkpoint(
     n_kv_heads: Optional[int] = 2,
     multiple_of: int = 32,
     ffn_dim_multiplier: Optional[float] = None,
-    vocab_size: int = 512,
+    vocab_size: Optional[int] = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tokenizer: Optional[str] = None,
@@ -214,28 +214,27 @@ def make_tiny_checkpoint(
     """Write a complete tiny checkpoint directory (weights, params, tokenizer).
 
     `family_name` "llama2" (the default) or "llama3" picks the tokenizer to
-    train; a `tokenizer` given decides by its kind. Llama 3's rotary
-    settings default to Llama 3.1's (theta 500000, scaled), and its
-    `vocab_size` counts the BPE ranks, to which the 256 special tokens are added.
+    train; a `tokenizer` given decides by its kind. Unset options take the
+    family's `tiny_defaults` (Llama 3: Llama 3.1's scaled rope; its
+    `vocab_size` counts the BPE ranks, before the 256 special tokens) and
+    its rope theta.
     """
-    if family_name not in (None, "llama2", "llama3"):
-        raise ValueError(f"family_name must be 'llama2' or 'llama3', got {family_name!r}")
+    wanted = None if family_name is None else family.by_option(family_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.model"
     if tokenizer is not None:
         shutil.copyfile(tokenizer, tokenizer_path)
-    elif family_name == "llama3":
-        train_tiktoken_bpe(tokenizer_path, n_ranks=vocab_size)
+    elif wanted is family.LLAMA_3:
+        train_tiktoken_bpe(tokenizer_path, n_ranks=vocab_size or wanted.tiny_defaults["vocab_size"])
     else:
-        train_tokenizer(tokenizer_path, vocab_size=vocab_size)
+        train_tokenizer(tokenizer_path, vocab_size=vocab_size or family.LLAMA_2.tiny_defaults["vocab_size"])
     from llama.tokenizer import Tokenizer
 
     tok = Tokenizer(str(tokenizer_path))
     fam = family.of_tokenizer(tok)
-    if family_name is not None and fam is not {"llama2": family.LLAMA_2, "llama3": family.LLAMA_3}[family_name]:
-        raise ValueError(f"the tokenizer {str(tokenizer)!r} is a {fam.name} tokenizer, not {family_name}'s")
-    llama3 = fam is family.LLAMA_3
+    if wanted is not None and fam is not wanted:
+        raise ValueError(f"the tokenizer {str(tokenizer)!r} is a {fam.name} tokenizer, not {wanted.name}'s")
     args = ModelArgs(
         dim=dim,
         n_layers=n_layers,
@@ -246,7 +245,7 @@ def make_tiny_checkpoint(
         ffn_dim_multiplier=ffn_dim_multiplier,
         norm_eps=1e-5,
         rope_theta=fam.default_rope_theta if rope_theta is None else rope_theta,
-        use_scaled_rope=llama3 if use_scaled_rope is None else use_scaled_rope,
+        use_scaled_rope=fam.tiny_defaults["use_scaled_rope"] if use_scaled_rope is None else use_scaled_rope,
         rope_scaling_factor=rope_scaling_factor,
         tok_embeddings_split_dim=fam.tok_embeddings_split_dim,
     )
@@ -288,7 +287,7 @@ def demo_checkpoint(mp: int = 1) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--family", default=None, choices=["llama2", "llama3"],
+    parser.add_argument("--family", default=None, choices=[f.option for f in family.FAMILIES],
                         help="llama3: a tiktoken BPE tokenizer, Llama 3.1's rotary settings, vocabulary-split "
                              "embedding (default: llama2, or the kind of --tokenizer)")
     parser.add_argument("--mp", type=int, default=1, help="number of model-parallel shards")
@@ -311,9 +310,9 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty; choose a new directory")
-    llama3 = args.family == "llama3"
-    if args.rope_scaling_factor is not None and not llama3:
-        parser.error("--rope-scaling-factor applies to --family llama3 only")
+    defaults = family.by_option(args.family or "llama2").tiny_defaults
+    if args.rope_scaling_factor is not None and not defaults["use_scaled_rope"]:
+        parser.error("--rope-scaling-factor applies to a family with scaled rope (--family llama3)")
     try:
         make_tiny_checkpoint(
             out,
@@ -326,8 +325,8 @@ def main(argv=None) -> int:
             n_heads=args.n_heads,
             n_kv_heads=args.n_kv_heads or None,
             multiple_of=args.multiple_of,
-            ffn_dim_multiplier=args.ffn_dim_multiplier if args.ffn_dim_multiplier or not llama3 else 1.3,
-            vocab_size=args.vocab_size or (384 if llama3 else 512),
+            ffn_dim_multiplier=args.ffn_dim_multiplier or defaults["ffn_dim_multiplier"],
+            vocab_size=args.vocab_size,
             seed=args.seed,
             dtype=getattr(torch, args.dtype),
             tokenizer=args.tokenizer,
