@@ -38,8 +38,9 @@ class Tokenizer:
     tokenizer the same way.
     """
 
-    def __new__(cls, model_path: str):
-        if cls is Tokenizer and tokenizer_kind(model_path) == TIKTOKEN:
+    def __new__(cls, model_path: Optional[str] = None):
+        # (No path: copy.copy and pickle make an empty instance, then fill it.)
+        if cls is Tokenizer and model_path is not None and tokenizer_kind(model_path) == TIKTOKEN:
             return super().__new__(Llama3Tokenizer)
         return super().__new__(cls)
 

@@ -659,3 +659,10 @@ def test_tiny_cli_llama3(tmp_path):
     generator = build(tmp_path / "t")
     assert generator.model.tok_embeddings.__class__.__name__ in ("VocabParallelEmbedding", "ParallelEmbedding")
     assert generator.model.params.rope_scaling_factor == 32.0 and generator.model.params.tok_embeddings_split_dim == 0
+
+
+def test_tokenizer_copies_keep_their_kind(tok3):
+    import copy
+
+    twin = copy.copy(tok3)
+    assert isinstance(twin, Llama3Tokenizer) and twin.encode("the llama", True, False) == tok3.encode("the llama", True, False)
