@@ -195,6 +195,12 @@ def hf_family(config: Dict, hf_dir: Path) -> family.Family:
     return family.of_hf_config(rope_type, config.get("vocab_size"))
 
 
+def _eos_token_id(tokenizer: Tokenizer):
+    """EOS for config.json: the family's stop tokens, a list where there are several (Llama 3)."""
+    stops = family.of_tokenizer(tokenizer).stop_tokens(tokenizer)
+    return stops[0] if len(stops) == 1 else stops
+
+
 def hf_config_from_model_args(
     args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int, tokenizer: Optional[Tokenizer] = None
 ) -> Dict:
@@ -202,7 +208,7 @@ def hf_config_from_model_args(
 
     `multiple_of` and `ffn_dim_multiplier` ride along, unused by transformers,
     so that converting back gives the same params.json. BOS and EOS ids are
-    the tokenizer's where one is given.
+    the tokenizer's where one is given (EOS: all of its family's stop tokens).
     """
     rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
     rope_scaling = None
@@ -233,7 +239,7 @@ def hf_config_from_model_args(
         "mlp_bias": False,
         "tie_word_embeddings": False,
         "bos_token_id": 1 if tokenizer is None else tokenizer.bos_id,
-        "eos_token_id": 2 if tokenizer is None else tokenizer.eos_id,
+        "eos_token_id": 2 if tokenizer is None else _eos_token_id(tokenizer),
         "torch_dtype": str(dtype).removeprefix("torch."),
         "multiple_of": args.multiple_of,
         "ffn_dim_multiplier": args.ffn_dim_multiplier,

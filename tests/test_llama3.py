@@ -406,6 +406,7 @@ def test_converted_config_is_llama3(hf3):
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     assert config["rope_theta"] == 500000.0 and config["num_key_value_heads"] == 2
     assert config["bos_token_id"] == N_RANKS
+    assert config["eos_token_id"] == [N_RANKS + 1, N_RANKS + 8, N_RANKS + 9]  # transformers stops at each
 
 
 def test_parity_with_transformers_mp1(ckpt3, hf3_reference):
