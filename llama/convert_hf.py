@@ -16,25 +16,24 @@ head, HuggingFace the two halves (x[i], x[i + head_dim/2]), so HuggingFace's
 `q_proj` and `k_proj` hold Meta's rows in a permuted order, head by head.
 """
 
-import argparse
+from __future__ import annotations
+
 import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
-import torch
+from llama import cli
 
-from llama import checkpoint, family
-from llama.model import (
-    ROPE_HIGH_FREQ_FACTOR,
-    ROPE_LOW_FREQ_FACTOR,
-    ROPE_ORIGINAL_CONTEXT,
-    ROPE_SCALING_FACTOR,
-    ModelArgs,
-    ffn_hidden_dim,
-)
-from llama.tokenizer import Tokenizer
+# torch, and the modules that import it, are imported where the work needs
+# them, so that `python -m llama.convert_hf --help` answers at once.
+if TYPE_CHECKING:
+    import torch
+
+    from llama.family import Family
+    from llama.model import ModelArgs
+    from llama.tokenizer import Tokenizer
 
 # Meta key (with {i} for the layer) -> HuggingFace key.
 _LAYER_KEYS = {
@@ -88,6 +87,8 @@ def ffn_params_for(dim: int, hidden: int, hints: Tuple = ()) -> Tuple[int, Optio
     the largest power of two with no multiplier; then a multiplier.
     Raises ValueError when none fits.
     """
+    from llama.model import ffn_hidden_dim
+
     powers = [2**k for k in range(12, -1, -1)]
     candidates = list(hints) + list(_KNOWN_FFN_PARAMS) + [(m, None) for m in powers]
     base = int(2 * (4 * dim) / 3)
@@ -113,18 +114,21 @@ def _rope_settings(config: Dict) -> Tuple[float, Optional[str], Dict]:
     return float(theta), (None if rope_type in (None, "default") else rope_type), {**scaling, **parameters}
 
 
-# Meta's Llama 3.1 scaling, as transformers names its constants.
-_LLAMA3_ROPE = {
-    "low_freq_factor": ROPE_LOW_FREQ_FACTOR,
-    "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
-    "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT,
-}
+def _llama3_rope() -> Dict:
+    """Meta's Llama 3.1 scaling constants, as transformers names them."""
+    from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT
+
+    return {
+        "low_freq_factor": ROPE_LOW_FREQ_FACTOR,
+        "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+        "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT,
+    }
 
 
 def _llama3_rope_problems(rope: Dict) -> list:
     return [
         f"rope_scaling {name} {rope.get(name)!r} (Meta's llama3 scaling, implemented here, uses {value:g})"
-        for name, value in _LLAMA3_ROPE.items()
+        for name, value in _llama3_rope().items()
         if rope.get(name, value) != value
     ]
 
@@ -135,6 +139,8 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     Raises ValueError for what this model cannot represent: another model
     type or activation, biases, rope scaling, a head size of its own.
     """
+    from llama import checkpoint
+
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     absent = [name for name in required if not isinstance(config.get(name), int)]
     if absent:
@@ -150,6 +156,8 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     theta, rope_type, rope = _rope_settings(config)
     scaling = {}
     if rope_type == "llama3":
+        from llama.model import ROPE_SCALING_FACTOR
+
         problems += _llama3_rope_problems(rope)
         factor = float(rope.get("factor", ROPE_SCALING_FACTOR))
         # Meta's params.json has no factor (its code hard-codes 8): written only when it differs.
@@ -185,9 +193,12 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     )
 
 
-def hf_family(config: Dict, hf_dir: Path) -> family.Family:
+def hf_family(config: Dict, hf_dir: Path) -> Family:
     """The family of a HuggingFace Llama: its tokenizer.model's kind where there is
     one, else Llama 3 for llama3 rope scaling or Llama 3's vocabulary, else Llama 2."""
+    from llama import family
+    from llama.tokenizer import Tokenizer
+
     tokenizer_path = _hf_tokenizer_model(hf_dir)
     if tokenizer_path is not None:
         return family.of_tokenizer(Tokenizer(str(tokenizer_path)))
@@ -197,6 +208,8 @@ def hf_family(config: Dict, hf_dir: Path) -> family.Family:
 
 def _eos_token_id(tokenizer: Tokenizer):
     """EOS for config.json: the family's stop tokens, a list where there are several (Llama 3)."""
+    from llama import family
+
     stops = family.of_tokenizer(tokenizer).stop_tokens(tokenizer)
     return stops[0] if len(stops) == 1 else stops
 
@@ -210,13 +223,16 @@ def hf_config_from_model_args(
     so that converting back gives the same params.json. BOS and EOS ids are
     the tokenizer's where one is given (EOS: all of its family's stop tokens).
     """
+    from llama import checkpoint
+    from llama.model import ROPE_SCALING_FACTOR, ffn_hidden_dim
+
     rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
     rope_scaling = None
     if args.use_scaled_rope:
         rope_scaling = {
             "rope_type": "llama3",
             "factor": args.rope_scaling_factor or ROPE_SCALING_FACTOR,
-            **_LLAMA3_ROPE,
+            **_llama3_rope(),
         }
         rope_parameters = {**rope_scaling, "rope_theta": args.rope_theta}
     return {
@@ -283,6 +299,7 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     for missing files, FileExistsError for a non-empty `out_dir`, ValueError
     for a config or weights this model cannot represent.
     """
+    from llama import checkpoint
     from llama.tiny import write_checkpoint
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -338,6 +355,8 @@ def meta_to_hf(
     """
     from safetensors.torch import save_file
 
+    from llama import checkpoint
+
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     shards = checkpoint.find_shards(meta_dir)
     checkpoint.require_new_dir(out_dir)
@@ -353,6 +372,8 @@ def meta_to_hf(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer_path = meta_dir / "tokenizer.model"
+    from llama.tokenizer import Tokenizer
+
     tokenizer = Tokenizer(str(tokenizer_path)) if tokenizer_path.is_file() else None
     config = hf_config_from_model_args(args, state["norm.weight"].dtype, max_position_embeddings, tokenizer)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -385,7 +406,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.convert_hf", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m llama.convert_hf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
     to_meta = sub.add_parser("to-meta", help="HuggingFace directory -> Meta checkpoint")
     to_meta.add_argument("src")
@@ -399,19 +420,20 @@ def main(argv=None) -> int:
         p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                        help="store the weights in this dtype (default: as in SRC)")
     args = parser.parse_args(argv)
+    if args.direction == "to-meta" and args.mp < 1:
+        parser.error("--mp must be at least 1")
+    import torch  # after parsing: --help and a mistyped flag need not wait for it
+
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        if args.direction == "to-meta":
-            if args.mp < 1:
-                parser.error("--mp must be at least 1")
-            hf_to_meta(args.src, args.dst, model_parallel_size=args.mp, dtype=dtype)
-        else:
-            meta_to_hf(args.src, args.dst, dtype=dtype, max_position_embeddings=args.max_position_embeddings)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.dst}")
-    return 0
+    if args.direction == "to-meta":
+        code = cli.call(hf_to_meta, args.src, args.dst, model_parallel_size=args.mp, dtype=dtype)
+    else:
+        code = cli.call(
+            meta_to_hf, args.src, args.dst, dtype=dtype, max_position_embeddings=args.max_position_embeddings
+        )
+    if code == 0:
+        print(f"wrote {args.dst}")
+    return code
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 from llama import chat_format
 from llama.model import ModelArgs
-from llama.tokenizer import SENTENCEPIECE, TIKTOKEN, Tokenizer
+from llama.tokenizer import SENTENCEPIECE, TIKTOKEN, Tokenizer, tokenizer_kind
 
 
 class Family:
@@ -115,6 +115,15 @@ def of_hf_config(rope_type: Optional[str], vocab_size) -> Family:
     if rope_type == "llama3" or vocab_size in LLAMA_3.vocab_sizes:
         return LLAMA_3
     return LLAMA_2
+
+
+def of_tokenizer_file(model_path) -> Family:
+    """The family of a tokenizer.model, from its kind alone (nothing is loaded)."""
+    kind = tokenizer_kind(model_path)
+    for family in FAMILIES:
+        if family.tokenizer_kind == kind:
+            return family
+    raise ValueError(f"no Llama family uses a {kind} tokenizer")
 
 
 def of_tokenizer(tokenizer: Tokenizer) -> Family:

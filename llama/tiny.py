@@ -13,7 +13,8 @@ weights are seeded random numbers, so the text they produce is gibberish;
 what matters is that it is reproducible.
 """
 
-import argparse
+from __future__ import annotations
+
 import base64
 import collections
 import io
@@ -24,13 +25,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
-import torch
+from llama import cli
 
-from llama import family
-from llama.checkpoint import assemble_rank, params_dict
-from llama.model import ModelArgs, ffn_hidden_dim
+# torch, and the modules that import it, are imported where the work needs
+# them, so that `python -m llama.tiny --help` answers at once.
+if TYPE_CHECKING:
+    import torch
+
+    from llama.model import ModelArgs
 
 _WORDS = (
     "the a an of to in and is was for on with as by at from that this it he she they we you "
@@ -133,13 +137,19 @@ def train_tiktoken_bpe(path, n_ranks: int = 384) -> None:
     Path(path).write_text("".join(lines))
 
 
-def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=None) -> Dict[str, torch.Tensor]:
     """A full (MP=1) state dict with Meta's keys and seeded random values.
 
     Scaled so that activations stay O(1) and the logits are spread widely
     enough that greedy choices are not decided by float rounding. Made on
     `device` (a 7B one straight on the GPU); the values depend on the device.
+    `dtype` defaults to float32.
     """
+    import torch
+
+    from llama.model import ffn_hidden_dim
+
+    dtype = torch.float32 if dtype is None else dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
     head_dim = args.dim // args.n_heads
@@ -173,6 +183,8 @@ def shard_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """Rank `rank`'s part of a full state dict under Meta's MP layout (KV heads
     replicated when `mp` exceeds them), as tensors of their own."""
+    from llama.checkpoint import assemble_rank
+
     part = assemble_rank(lambda index: (state, "the full state dict"), 1, rank, mp, args)
     return {key: tensor.clone() for key, tensor in part.items()}
 
@@ -182,9 +194,15 @@ def write_checkpoint(
     state: Dict[str, torch.Tensor],
     args: ModelArgs,
     mp: int = 1,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Write `params.json` and `consolidated.NN.pth` for `mp` shards into `out_dir`."""
+    """Write `params.json` and `consolidated.NN.pth` for `mp` shards into `out_dir`,
+    the weights in `dtype` (default float32)."""
+    import torch
+
+    from llama.checkpoint import params_dict
+
+    dtype = torch.float32 if dtype is None else dtype
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params_dict(args), indent=2) + "\n")
@@ -204,14 +222,15 @@ def make_tiny_checkpoint(
     ffn_dim_multiplier: Optional[float] = None,
     vocab_size: Optional[int] = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
     tokenizer: Optional[str] = None,
     family_name: Optional[str] = None,
     rope_theta: Optional[float] = None,
     use_scaled_rope: Optional[bool] = None,
     rope_scaling_factor: Optional[float] = None,
 ) -> Path:
-    """Write a complete tiny checkpoint directory (weights, params, tokenizer).
+    """Write a complete tiny checkpoint directory (weights, params, tokenizer);
+    the weights in `dtype` (default float32).
 
     `family_name` "llama2" (the default) or "llama3" picks the tokenizer to
     train; a `tokenizer` given decides by its kind. Unset options take the
@@ -219,6 +238,9 @@ def make_tiny_checkpoint(
     `vocab_size` counts the BPE ranks, before the 256 special tokens) and
     its rope theta.
     """
+    from llama import family
+    from llama.model import ModelArgs
+
     wanted = None if family_name is None else family.by_option(family_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,56 +307,63 @@ def demo_checkpoint(mp: int = 1) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--family", default=None, choices=[f.option for f in family.FAMILIES],
+    parser = cli.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="new or empty directory to write")
+    parser.add_argument("--family", default=None, choices=["llama2", "llama3"],
                         help="llama3: a tiktoken BPE tokenizer, Llama 3.1's rotary settings, vocabulary-split "
-                             "embedding (default: llama2, or the kind of --tokenizer)")
+                             "embedding; none: llama2, or the kind of --tokenizer")
     parser.add_argument("--mp", type=int, default=1, help="number of model-parallel shards")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--n-kv-heads", type=int, default=2, help="0 for none (plain multi-head attention)")
-    parser.add_argument("--multiple-of", type=int, default=32)
-    parser.add_argument("--ffn-dim-multiplier", type=float, default=None, help="default: 1.3 for llama3, none for llama2")
+    parser.add_argument("--dim", type=int, default=64, help="model width")
+    parser.add_argument("--n-layers", type=int, default=2, help="number of transformer blocks")
+    parser.add_argument("--n-heads", type=int, default=4, help="attention (query) heads")
+    parser.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads; 0 for plain multi-head attention")
+    parser.add_argument("--multiple-of", type=int, default=32, help="the feed-forward size is rounded up to this")
+    parser.add_argument("--ffn-dim-multiplier", type=float, default=None,
+                        help="scales the feed-forward size; none: Meta's 8/3 x dim (llama3: 1.3)")
     parser.add_argument("--vocab-size", type=int, default=None,
-                        help="size of the tokenizer to train (llama2, default 512) or of its BPE ranks "
-                             "before the 256 special tokens (llama3, default 384)")
-    parser.add_argument("--rope-theta", type=float, default=None, help="default: 10000 for llama2, 500000 for llama3")
+                        help="size of the tokenizer to train (llama2, none: 512) or of its BPE ranks "
+                             "before the 256 special tokens (llama3, none: 384)")
+    parser.add_argument("--rope-theta", type=float, default=None, help="none: 10000 for llama2, 500000 for llama3")
     parser.add_argument("--rope-scaling-factor", type=float, default=None,
                         help="llama3: write this factor into params.json (Meta's code uses 8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--tokenizer", default=None, help="copy this tokenizer.model instead of training one")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the stored weights")
+    parser.add_argument("--tokenizer", default=None,
+                        help="copy this tokenizer.model; none: train a small one")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty; choose a new directory")
+    if args.rope_scaling_factor is not None and args.family != "llama3":
+        parser.error("--rope-scaling-factor applies to --family llama3 (the family with scaled rope)")
+    import torch  # after parsing: --help and a mistyped flag need not wait for it
+
+    from llama import family
+
     defaults = family.by_option(args.family or "llama2").tiny_defaults
-    if args.rope_scaling_factor is not None and not defaults["use_scaled_rope"]:
-        parser.error("--rope-scaling-factor applies to a family with scaled rope (--family llama3)")
-    try:
-        make_tiny_checkpoint(
-            out,
-            family_name=args.family,
-            rope_theta=args.rope_theta,
-            rope_scaling_factor=args.rope_scaling_factor,
-            mp=args.mp,
-            dim=args.dim,
-            n_layers=args.n_layers,
-            n_heads=args.n_heads,
-            n_kv_heads=args.n_kv_heads or None,
-            multiple_of=args.multiple_of,
-            ffn_dim_multiplier=args.ffn_dim_multiplier or defaults["ffn_dim_multiplier"],
-            vocab_size=args.vocab_size,
-            seed=args.seed,
-            dtype=getattr(torch, args.dtype),
-            tokenizer=args.tokenizer,
-        )
-    except ValueError as e:
-        parser.error(str(e))
-    print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
-    return 0
+
+    code = cli.call(
+        make_tiny_checkpoint,
+        out,
+        mp=args.mp,
+        dim=args.dim,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads or None,
+        multiple_of=args.multiple_of,
+        ffn_dim_multiplier=args.ffn_dim_multiplier or defaults["ffn_dim_multiplier"],
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
+        tokenizer=args.tokenizer,
+        family_name=args.family,
+        rope_theta=args.rope_theta,
+        rope_scaling_factor=args.rope_scaling_factor,
+    )
+    if code == 0:
+        print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
+    return code
 
 
 if __name__ == "__main__":
