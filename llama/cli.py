@@ -335,7 +335,24 @@ def call(work: Callable, *args, own_files=(), **kwargs) -> int:
     return 0
 
 
+def refuse_hidden_package() -> None:
+    """Exit with one line when a folder named llama beside the script hides this package.
+
+    Python then imports that folder as an empty namespace package `llama`;
+    with an editable install, submodules such as `llama.cli` may still be
+    found, so the scripts get this far and would fail later on `Llama`.
+    """
+    package = sys.modules.get("llama")
+    if package is not None and getattr(package, "__file__", None) is None:
+        print_error(
+            f"the folder {list(package.__path__)[0]} hides the llama package from this script: "
+            "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
+        )
+        sys.exit(1)
+
+
 def run(main: Callable, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> None:
     """Parse the command line for `main` (see the module's docstring), call it, and exit."""
+    refuse_hidden_package()
     args = parser_for(main, prog=prog).parse_args(argv)
     sys.exit(call(main, own_files=[inspect.getfile(main)], **vars(args)))
