@@ -1,4 +1,4 @@
-"""Chat with a Llama 2 model in the terminal.
+"""Chat with a Llama model (Llama 2 or 3.x chat format) in the terminal.
 
     python chat.py [--ckpt_dir DIR] [--system "You are ..."] [--max_seq_len 512] ...
     torchrun --nproc_per_node N chat.py --ckpt_dir DIR_WITH_N_SHARDS ...
@@ -52,7 +52,7 @@ def main(
         heartbeat_s: under torchrun, how often rank 0 wakes the other ranks while it waits for input
         collective_timeout_s: under torchrun, how long a rank waits for another before all stop, naming it
     """
-    from llama import Llama
+    from llama import Llama, family
     from llama.chat_repl import Conversation, check_heartbeat, reply_length, run_chat
     from llama.demo import check_request, resolve_checkpoint
     from llama.distributed import exit_when_a_peer_is_lost
@@ -61,7 +61,7 @@ def main(
     # Everything that needs no weights is checked before they load.
     check_request(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)
     reply_length(max_gen_len, max_seq_len)
-    Conversation(system)
+    Conversation(system, family.of_tokenizer_file(tokenizer_path))  # the chat format follows the tokenizer
     check_heartbeat(heartbeat_s, collective_timeout_s)
     llama = Llama.build(
         ckpt_dir=ckpt_dir,

@@ -1,4 +1,4 @@
-"""An interactive Llama 2 chat in a terminal, under plain `python` or `torchrun`.
+"""An interactive Llama chat (any family's chat format) in a terminal, under plain `python` or `torchrun`.
 
 Rank 0 reads what the person types and prints the replies; it sends each
 command to the other ranks (`broadcast_object_list`), and every rank runs the
@@ -20,12 +20,13 @@ import sys
 import termios
 import time
 from contextlib import nullcontext
-from typing import List, Optional, TextIO, Tuple
+from typing import List, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.distributed as dist
 
-from llama.chat_format import SPECIAL_TAGS, Dialog, encode_dialog, has_special_tags
+from llama import family
+from llama.chat_format import SPECIAL_TAGS, Dialog
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
@@ -54,9 +55,9 @@ class TurnEnd:
     tag is ever shown.
     """
 
-    _LONGEST = max(map(len, SPECIAL_TAGS))
-
-    def __init__(self):
+    def __init__(self, tags: Sequence[str] = SPECIAL_TAGS):
+        self.tags = list(tags)  # none: nothing is cut or held back
+        self._longest = max(map(len, self.tags), default=0)
         self.text = ""  # the reply so far, up to a cut
         self.shown = 0  # how much of it has been handed out to show
         self.cut = False
@@ -66,15 +67,15 @@ class TurnEnd:
         if self.cut:
             return ""
         self.text += piece
-        search_from = max(0, self.shown - self._LONGEST)
-        found = [at for tag in SPECIAL_TAGS if (at := self.text.find(tag, search_from)) >= 0]
+        search_from = max(0, self.shown - self._longest)
+        found = [at for tag in self.tags if (at := self.text.find(tag, search_from)) >= 0]
         if found:
             self.cut = True
             self.text = self.text[: min(found)]
             return self.flush()
         held = 0  # the longest end of the text that a tag starts with
-        for size in range(1, min(self._LONGEST, len(self.text) - self.shown) + 1):
-            if any(tag.startswith(self.text[-size:]) for tag in SPECIAL_TAGS):
+        for size in range(1, min(self._longest, len(self.text) - self.shown) + 1):
+            if any(tag.startswith(self.text[-size:]) for tag in self.tags):
                 held = size
         return self._release(len(self.text) - held)
 
@@ -101,14 +102,15 @@ class MessageTooLong(ValueError):
 class Conversation:
     """The chat so far: an optional system prompt and the finished (user, assistant) turns."""
 
-    def __init__(self, system: Optional[str] = None):
-        if system is not None and has_special_tags([{"role": "system", "content": system}]):
+    def __init__(self, system: Optional[str] = None, model_family: family.Family = family.LLAMA_2):
+        self.family = model_family
+        if system is not None and model_family.refuses([{"role": "system", "content": system}]):
             raise ValueError("the system prompt holds the chat format's own tags ([INST], <<SYS>>, ...)")
         self.system = system or None
         self.turns: List[Tuple[str, str]] = []
 
     def dialog(self, message: str, turns: Optional[List[Tuple[str, str]]] = None) -> Dialog:
-        """The Llama 2 dialog of the system prompt, `turns` (default: all) and the new `message`."""
+        """The dialog of the system prompt, `turns` (default: all) and the new `message`."""
         dialog: Dialog = [{"role": "system", "content": self.system}] if self.system else []
         for user, assistant in self.turns if turns is None else turns:
             dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -125,7 +127,7 @@ class Conversation:
         """
         for dropped in range(len(self.turns) + 1):
             dialog = self.dialog(message, self.turns[dropped:])
-            prompt_len = len(encode_dialog(tokenizer, dialog))
+            prompt_len = len(self.family.encode_dialog(tokenizer, dialog))
             if prompt_len + max_gen_len <= max_seq_len:
                 break
         if prompt_len >= max_seq_len:
@@ -316,7 +318,7 @@ class ChatRepl:
         check_heartbeat(heartbeat_s)
         self.temperature = temperature
         self.top_p = top_p
-        self.conversation = Conversation(system)
+        self.conversation = Conversation(system, llama.family)
         self.ranks = _Ranks(llama.device)
         self.terminal = terminal
         self.heartbeat_s = heartbeat_s
@@ -368,7 +370,7 @@ class ChatRepl:
                 return "reset", None
             if text.startswith("/"):
                 self.say(f"[unknown command {text.split()[0]!r}] {HELP}\n")
-            elif text and has_special_tags([{"role": "user", "content": text}]):
+            elif text and self.llama.family.refuses([{"role": "user", "content": text}]):
                 self.say("[not sent: a message may not hold the chat format's tags ([INST], <<SYS>>, ...)]\n")
             elif text:
                 return "message", text
@@ -390,7 +392,11 @@ class ChatRepl:
         if reply_len < self.max_gen_len:
             self.say(f"[the reply is cut at {reply_len} tokens to fit max_seq_len {self.max_seq_len}]\n")
 
-        turn_end = TurnEnd()
+        # The tags this family's guard refuses (Llama 2's [INST], <<SYS>>, ...):
+        # a reply holding one would make every later turn refused.
+        turn_end = TurnEnd(
+            [tag for tag in SPECIAL_TAGS if self.llama.family.refuses([{"role": "assistant", "content": tag}])]
+        )
         stopped = False
         stream = self.llama.stream_chat_completion(
             dialog, temperature=self.temperature, top_p=self.top_p, max_gen_len=reply_len
