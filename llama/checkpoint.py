@@ -97,6 +97,26 @@ def find_shards(ckpt_dir) -> List[Path]:
     return shards
 
 
+def _not_a_checkpoint(path: Path) -> str:
+    """Why `path` is not a Meta checkpoint directory, and what to pass instead."""
+    if not path.exists():
+        return f"checkpoint directory not found: {str(path)!r}"
+    if not path.is_dir():
+        return f"{str(path)!r} is a file; pass the directory that holds params.json and consolidated.00.pth"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return (
+            f"{str(path)!r} is a HuggingFace checkpoint: convert it with "
+            f"`python -m llama.convert_hf to-meta {path} {path.name}-meta` and use that directory"
+        )
+    models = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and any(sub.glob("*.pth")))
+    if models:
+        return (
+            f"{str(path)!r} holds model folders, not a checkpoint: {', '.join(models)}; "
+            f"pass one of them, e.g. {str(path / models[0])!r}"
+        )
+    return f"no checkpoint files (*.pth) in {str(path)!r}"
+
+
 def require_regular_file(path, what: str) -> None:
     """Raise ValueError unless `path` is a regular file (following links), and
     FileNotFoundError when it is absent. Reading a FIFO or a device would block
@@ -147,7 +167,7 @@ def check_params(params, source: str) -> Dict:
     # gibberish; json reads NaN and Infinity, so they are checked here.
     for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor"):
         if params.get(key) is not None and not _positive_finite(params[key]):
-            raise ValueError(f"{source}: {key} must be a finite number > 0, got {params[key]!r}")
+            raise ValueError(f"{source}: {key} must be positive and finite, got {params[key]!r}")
     if "rope_scaling_factor" in params and not params.get("use_scaled_rope"):
         raise ValueError(
             f"{source}: rope_scaling_factor is set but use_scaled_rope is not true; "

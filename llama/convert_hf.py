@@ -211,7 +211,8 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
             "ffn_dim_multiplier": multiplier,
             "norm_eps": config.get("rms_norm_eps", 1e-6),
             "rope_theta": theta,
-            **scaling,
+            # None: the default factor, which params.json leaves out
+            **{key: value for key, value in scaling.items() if value is not None},
         },
         "config.json",
     )
