@@ -75,11 +75,17 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float) ->
     """
     if temperature >= GREEDY_BELOW_TEMPERATURE:
         scaled = logits / temperature
-        nonfinite = ~torch.isfinite(scaled).all(dim=-1)
-        probs = torch.softmax(torch.where(nonfinite[:, None], 0.0, scaled), dim=-1)
+        nonfinite = _nonfinite_rows(scaled)
+        probs = torch.softmax(scaled.masked_fill_(nonfinite[:, None], 0.0), dim=-1)
         return sample_top_p(probs, top_p).reshape(-1), nonfinite
-    nonfinite = ~torch.isfinite(logits).all(dim=-1)
-    return torch.argmax(logits, dim=-1).reshape(-1), nonfinite
+    return torch.argmax(logits, dim=-1).reshape(-1), _nonfinite_rows(logits)
+
+
+def _nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    # A row's sum is finite exactly when all its values are (NaN and +-inf
+    # carry through a sum), barring a sum of finite logits beyond 3e38,
+    # which is as broken: one reduction, nothing the size of the row allocated.
+    return ~torch.isfinite(logits.sum(dim=-1))
 
 
 def token_logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
