@@ -143,6 +143,19 @@ def test_check_weights_scans_the_memory_mapped_weights_too(nan_ckpt):
         build(nan_ckpt, check_weights=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_weight_check_finds_nan_and_either_infinity(dtype):
+    from llama.checkpoint import require_finite
+
+    require_finite(torch.randn(64, 8).to(dtype), "w", "here")
+    for bad, counts in ((float("inf"), "0 NaN and 1 infinite"), (float("-inf"), "0 NaN and 1 infinite"),
+                        (float("nan"), "1 NaN and 0 infinite")):
+        weight = torch.randn(64, 8).to(dtype)
+        weight[63, 7] = bad
+        with pytest.raises(ValueError, match=f"layers.0.w in here holds {counts} value"):
+            require_finite(weight, "layers.0.w", "here")
+
+
 @pytest.mark.parametrize("temperature", [0, 0.8])
 def test_non_finite_logits_raise_naming_the_step_and_row(nan_ckpt, temperature):
     generator = build(nan_ckpt)
