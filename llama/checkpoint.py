@@ -429,6 +429,7 @@ def load_for_rank(
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
     mmap: bool = True,
     mapped_files: Optional["MappedFiles"] = None,
+    check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Model-parallel rank `rank`'s state dict out of a checkpoint of any shard count.
 
@@ -444,10 +445,13 @@ def load_for_rank(
     With `mmap=False` the unchanged tensors are copied too, so that nothing
     returned reads the files afterwards. `mapped_files`, if given, learns
     where each opened shard is mapped (see `MappedFiles`).
+    Every tensor that is copied is checked for NaN and inf on the way (the
+    copy is in cache then); `check_all_weights` checks the mapped ones too,
+    which reads the whole of this rank's part of the checkpoint.
 
     Raises ValueError when the sizes do not fit (naming sizes that do), for
-    a shard that cannot be read, and for a shard whose keys or shapes do
-    not match params.json and the tokenizer.
+    a shard that cannot be read, for a shard whose keys or shapes do not
+    match params.json and the tokenizer, and for a weight that is not finite.
     """
     if not shards:
         raise FileNotFoundError("no checkpoint shards given")
@@ -480,6 +484,7 @@ def load_for_rank(
             bar,
             release_copied=True,
             copy_unchanged=not mmap,
+            check_all_weights=check_all_weights,
         )
     finally:
         bar(None)
@@ -496,13 +501,15 @@ def assemble_rank(
     on_tensor: Callable[[int], None] = lambda count: None,
     release_copied: bool = False,
     copy_unchanged: bool = False,
+    check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """`load_for_rank` over any source of shards: `open_shard(i)` is called once
     for each shard `rank` needs. Unchanged tensors are returned as they are
     (views, for slices along dim 0), or copied with `copy_unchanged`;
     `on_tensor(1)` is called after each.
     `release_copied` is for memory-mapped shards only: once a tensor has
-    been copied out of one, its pages are dropped from resident memory."""
+    been copied out of one, its pages are dropped from resident memory.
+    Copied tensors (all, with `check_all_weights`) are checked to be finite."""
     shapes = full_shapes(args)
     # Parts are looked for in this rank's own shards first, so that
     # replicated KV heads and norms come from a shard it reads anyway.
@@ -550,11 +557,16 @@ def assemble_rank(
         state_dict[key] = _join([piece(index, key, part) for index, part in parts], want, device, dtype)
         if copy_unchanged and any(_same_storage(opened[index][0][key], state_dict[key]) for index, _ in parts):
             state_dict[key] = state_dict[key].clone()
+        copied_from = [
+            index
+            for index, _ in parts
+            if opened[index][0][key].untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr()
+        ]
+        if copied_from or check_all_weights:
+            require_finite(state_dict[key], key, " and ".join(opened[index][1] for index, _ in parts))
         if release_copied:
-            for index, _ in parts:
-                source = opened[index][0][key]
-                if source.untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr():
-                    _release_pages(source)
+            for index in copied_from:
+                _release_pages(opened[index][0][key])
         on_tensor(1)
     return state_dict
 
@@ -670,6 +682,24 @@ def _join(pieces: List[torch.Tensor], want, device, dtype) -> torch.Tensor:
     return pieces[0].contiguous()
 
 
+def require_finite(tensor: torch.Tensor, key: str, source: str) -> None:
+    """Raise ValueError if the floating-point `tensor` holds NaN or inf.
+
+    One read of the tensor in its own dtype and nothing allocated: min and
+    max are NaN if any element is, and +-inf if any element is.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+    raise ValueError(
+        f"{key} in {source} holds {n_nan} NaN and {n_inf} infinite value(s) of {tensor.numel()}: "
+        "the checkpoint is damaged (or was saved from a diverged model)"
+    )
+
+
 _MADV_DONTNEED = 4  # Linux
 
 
@@ -780,6 +810,7 @@ def load_into(
 
     Each tensor is moved to `device` and `dtype` one at a time; where it is
     already there (fp32 on disk, fp32 on CPU) it is used as it is, mmap and all.
+    A tensor that is copied is checked to be finite (ValueError if not).
     """
     check_state_dict(model, state_dict, source)
     converted = {}
@@ -787,6 +818,8 @@ def load_into(
         if key in IGNORED_KEYS:
             continue
         converted[key] = tensor.to(device=device, dtype=dtype)
+        if converted[key] is not tensor:
+            require_finite(converted[key], key, source)
     model.load_state_dict(converted, strict=True, assign=True)
 
 
