@@ -6,7 +6,8 @@ from typing import Iterator, List, Optional, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed
+from llama import checkpoint, distributed, kernels
+from llama import quantize as quantization
 from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
     B_INST,
     B_SYS,
@@ -125,6 +126,8 @@ class Llama:
         compile: bool = False,
         fast_layout: Optional[bool] = None,
         cuda_graph: bool = False,
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = None,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
 
@@ -139,7 +142,14 @@ class Llama:
         the matrices into their decoding layout (see `from_model`). It
         defaults to on where the weights were copied to a GPU anyway, and off
         on the CPU, where they stay in the memory-mapped checkpoint instead
-        of taking RAM.
+        of taking RAM; bf16 on CPU gets its own fast layout by default (see
+        `llama/kernels.py`, `choose_layout`).
+
+        `quantize` ("int8" or "int4", with `group_size` 32, 64, 128 or 256
+        for int4) quantizes the matrices tensor by tensor as they are read
+        (see `llama/quantize.py`); `dtype` then defaults to bf16, the dtype
+        of the activations, embeddings, norms and KV cache. A checkpoint
+        written by `python -m llama.quantize` loads as it was quantized.
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit.
@@ -148,11 +158,25 @@ class Llama:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         device = distributed.choose_device(device)
-        dtype = distributed.choose_dtype(device, dtype)
+        requested = quantization.make_config(quantize, group_size)
         _check_step_options(device, compile, cuda_graph)
         # Cheap checks first, so that a typo fails before any process group exists.
         shards = checkpoint.find_shards(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
+        stored = quantization.config_from_params(params, f"{str(ckpt_dir)!r}/params.json")
+        if stored is not None and requested is not None and (
+            requested.mode != stored.mode or group_size not in (None, stored.group_size)
+        ):
+            raise ValueError(
+                f"{str(ckpt_dir)!r} is already quantized ({stored.describe()}); build it with "
+                f"quantize=None or quantize={stored.mode!r}{'' if stored.group_size is None else f', group_size={stored.group_size}'}"
+            )
+        quant = stored or requested
+        if quant is not None and dtype is None:
+            dtype = quantization.default_dtype(device)
+        dtype = distributed.choose_dtype(device, dtype)
+        if quant is not None:
+            kernels.check_kernel(quant.mode, device, dtype)
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
 
         model_parallel_size = distributed.init_distributed(device, model_parallel_size)
@@ -172,8 +196,11 @@ class Llama:
                 f"{str(tokenizer_path)!r} has {tokenizer.n_words} pieces"
             )
         model_args.vocab_size = tokenizer.n_words
+        if quant is not None:
+            quantization.check_fit(model_args, quant, [model_parallel_size])
         # Any shard count loads on any model-parallel size that divides it or
         # that it divides: this rank's part is cut from the shards it needs.
+        # Quantizing at load: each tensor is quantized as soon as it is read.
         state_dict = checkpoint.load_for_rank(
             shards,
             distributed.model_parallel_rank(),
@@ -182,12 +209,19 @@ class Llama:
             device=device,
             dtype=dtype,
             progress=distributed.is_first_rank(),
+            quant=stored,
+            convert=None if stored is not None or requested is None
+            else quantization.converter(requested, dtype, model_parallel_size),
         )
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
-        checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
-        if fast_layout is None:
-            fast_layout = device.type != "cpu"
+        if quant is not None:
+            quantization.install(model, state_dict, quant, device, dtype)
+            fast_layout = False  # the quantized kernels are the layout
+        else:
+            checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
+            fast_layout = kernels.choose_layout(device, dtype, None, fast_layout) != "meta"
+        del state_dict
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
         )
@@ -228,10 +262,12 @@ class Llama:
         no compiling, most of `compile`'s gain on a GPU. Model parallelism is
         refused there too.
         """
-        _check_step_options(model.tok_embeddings.weight.device, compile, cuda_graph)
+        device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+        _check_step_options(device, compile, cuda_graph)
         model.setup_caches()
         if fast_layout:
-            model.prepare_for_inference()
+            # The decoding layout of this device and dtype (llama/kernels.py).
+            kernels.prepare(model, kernels.choose_layout(device, dtype, None, True))
         model.eval()
         generator = Llama(model, tokenizer)
         if compile:
