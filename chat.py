@@ -29,6 +29,8 @@ def main(
     seed: int = 1,
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     llama = Llama.build(
@@ -38,6 +40,8 @@ def main(
         max_batch_size=1,
         seed=seed,
         device=device,
+        quantize=quantize,
+        group_size=group_size,
     )
     run_chat(
         llama,

@@ -143,3 +143,17 @@ def test_each_mode_on_two_ranks(tiny_ckpt, tiny_ckpt_mp2, tmp_path):
         torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]),
                                    atol=1e-4, rtol=0)
     assert mp2[str(offline)]["tokens"] == run(str(tiny_ckpt), quantize="int8", dtype=torch.float32)["tokens"]
+
+
+def test_example_scripts_pass_quantize_to_build(tiny_ckpt):
+    import sys
+
+    from conftest import run_checked
+
+    out = run_checked([sys.executable, "example_text_completion.py", "--ckpt_dir", str(tiny_ckpt),
+                       "--quantize", "int4", "--group_size", "32", "--max_gen_len", "4"]).stdout
+    assert sum(1 for line in out.splitlines() if line.startswith("> ") and "initializing" not in line) == 3
+    # A value build refuses shows that the flag reached it.
+    for script in ("example_text_completion.py", "example_chat_completion.py", "chat.py"):
+        with pytest.raises(AssertionError, match="unknown quantize='int3'"):
+            run_checked([sys.executable, script, "--ckpt_dir", str(tiny_ckpt), "--quantize", "int3"])
