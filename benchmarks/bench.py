@@ -53,7 +53,7 @@ SHAPES = {
     "7B": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, vocab_size=32000),
 }
 
-LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+LLAMA2_TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER") or REPO.parent / "shared" / "data" / "llama2-tokenizer.model")
 
 
 def synchronize(device: torch.device) -> None:

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPE = dict(dim=768, n_layers=12, n_heads=12, multiple_of=256, norm_eps=1e-5)
-REAL_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+REAL_TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER") or REPO.parent / "shared" / "data" / "llama2-tokenizer.model")
 LIMIT = 1.25
 
 

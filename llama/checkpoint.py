@@ -486,6 +486,14 @@ def _release_pages(tensor: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps them after a load's
+    temporaries are freed, so resident memory would stay above the model's size)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 @functools.lru_cache(maxsize=None)
 def _libc():
     if not sys.platform.startswith("linux"):

@@ -41,7 +41,7 @@ from llama.model import ModelArgs, ffn_hidden_dim
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 # Measured on the 100M shape (benchmarks/quality.py, bench.py): see docs/quant.md.
-DEFAULT_GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = 32
 # Measured: quantizing the output projection costs little (docs/quant.md), so it is.
 DEFAULT_QUANTIZE_OUTPUT = True
 
@@ -180,26 +180,47 @@ def check_fit(args: ModelArgs, config: QuantConfig, model_parallel_sizes) -> Non
                 raise ValueError(f"int4 group size {g} does not divide {name} = {value}{where}{hint}")
 
 
+# Rows quantized at a time: bounds the fp32 temporaries (~16 MB) whatever the matrix.
+_CHUNK_ELEMENTS = 2**22
+
+
+def _row_chunks(w: torch.Tensor):
+    rows = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
+    return range(0, w.shape[0], rows), rows
+
+
 def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(q int8, scale fp32 (out,)) with w ~ q * scale[:, None]."""
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-10) / 127
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    starts, rows = _row_chunks(w)
+    for start in starts:
+        part = w[start : start + rows].float()
+        s = part.abs().amax(dim=1).clamp(min=1e-10) / 127
+        scale[start : start + rows] = s
+        q[start : start + rows] = torch.round(part / s[:, None]).clamp_(-127, 127)
     return q, scale
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(nibbles uint8 (out, in / 2), scale, zero fp32 (out, in / group_size)) with
     w ~ (q - 8) * scale + zero in each group."""
-    w = w.float()
     rows, cols = w.shape
-    groups = w.reshape(rows, cols // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((high - low) / 15).clamp(min=1e-10)
-    zero = low + 8 * scale
-    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).reshape(rows, cols)
-    nibbles = q[:, 0::2] | (q[:, 1::2] << 4)
-    return nibbles.contiguous(), scale, zero
+    nibbles = torch.empty(rows, cols // 2, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(rows, cols // group_size, dtype=torch.float32, device=w.device)
+    zero = torch.empty_like(scale)
+    starts, chunk = _row_chunks(w)
+    for start in starts:
+        part = w[start : start + chunk].float()
+        groups = part.reshape(part.shape[0], cols // group_size, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        s = ((high - low) / 15).clamp(min=1e-10)
+        scale[start : start + chunk] = s
+        zero[start : start + chunk] = low + 8 * s
+        q = torch.round((groups - low[..., None]) / s[..., None]).clamp_(0, 15).to(torch.uint8)
+        q = q.reshape(part.shape[0], cols)
+        nibbles[start : start + chunk] = q[:, 0::2] | (q[:, 1::2] << 4)
+    return nibbles, scale, zero
 
 
 def dequantize(parts: Mapping[str, torch.Tensor], key: str, config: QuantConfig) -> torch.Tensor:
@@ -312,6 +333,7 @@ def install(model, state_dict: Dict[str, torch.Tensor], config: QuantConfig, dev
     kernels.install(model, make)
     checkpoint.load_into(model, state_dict, device, dtype, source="the quantized checkpoint")
     model.quantization = config
+    checkpoint.return_freed_memory()
 
 
 def main(argv=None) -> int:
