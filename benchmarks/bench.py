@@ -392,7 +392,7 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
         state = random_weights(args, seed=0, device=device, dtype=torch.float32 if len(opts.dtypes) > 1 or opts.quantize
                                else dtype)
         # transformers copies the weights (permuting q and k); ours then takes copies, or by assignment.
-        theirs = [TheirRunner(state, args, device, d) for d in opts.dtypes] if opts.transformers else []
+        theirs = [TheirRunner(state, args, device, d) for d in opts.transformers_dtypes] if opts.transformers else []
         for name, variant_dtype, options in variants:
             weights = {k: v.to(variant_dtype) if v.dtype != variant_dtype or len(variants) > 1 else v
                        for k, v in state.items()}
@@ -618,6 +618,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default=None,
                         help="float32, float16 or bfloat16, or several, comma-separated: each is run (ours and "
                              "transformers'); the first is the baseline (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--transformers-dtype", default=None,
+                        help="the dtypes to run transformers in, comma-separated (default: every --dtype)")
     parser.add_argument("--quantize", default="", help="also run ours quantized: int8, int4 or int8,int4 "
                         "(bf16 activations)")
     parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default: the library's)")
@@ -643,6 +645,8 @@ def parse_args(argv=None):
     opts.dtypes = [distributed.choose_dtype(opts.device, d) for d in (opts.dtype or "").split(",") if d] or [
         distributed.choose_dtype(opts.device, None)]
     opts.dtype = opts.dtypes[0]
+    opts.transformers_dtypes = [distributed.choose_dtype(opts.device, d) for d in opts.transformers_dtype.split(",")
+                                ] if opts.transformers_dtype else opts.dtypes
     opts.quantize = [q for q in opts.quantize.split(",") if q]
     for mode in opts.quantize:
         if mode not in quantize.MODES:

@@ -114,7 +114,13 @@ class Int4Linear(nn.Module):
             inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles).to(torch.int32), 1)
+            # Packed 4096 rows at a time (the packer tiles rows by 64, so the
+            # pieces join to the whole's layout): its int32 input is 8x the
+            # nibbles, which for a whole output projection would be a spike.
+            packed = torch.cat([
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(rows).to(torch.int32), 1)
+                for rows in nibbles.split(4096)
+            ])
         self.register_buffer("packed", packed, persistent=False)
         scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype)
         self.register_buffer("scale_zero", scale_zero, persistent=False)

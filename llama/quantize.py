@@ -180,8 +180,8 @@ def check_fit(args: ModelArgs, config: QuantConfig, model_parallel_sizes) -> Non
                 raise ValueError(f"int4 group size {g} does not divide {name} = {value}{where}{hint}")
 
 
-# Rows quantized at a time: bounds the fp32 temporaries (~16 MB) whatever the matrix.
-_CHUNK_ELEMENTS = 2**22
+# Rows quantized at a time: bounds the fp32 temporaries (~4 MB each) whatever the matrix.
+_CHUNK_ELEMENTS = 2**20
 
 
 def _row_chunks(w: torch.Tensor):
@@ -255,14 +255,23 @@ def converter(config: QuantConfig, dtype: Optional[torch.dtype], model_parallel_
     """A `convert` for `checkpoint.assemble_rank`: quantizes each weight `config` covers
     (from its values as stored, in fp32), and converts the rest to `dtype`."""
 
+    from llama.checkpoint import return_freed_memory
+
     def convert(key: str, part: torch.Tensor, whole: Callable[[], Tuple[torch.Tensor, Tuple[int, int, int]]]):
         if not is_quantized(key, config):
             return {key: part if dtype is None else part.to(dtype)}
         if not needs_whole_rows(key, config, model_parallel_size):
-            return quantize_tensor(key, part, config)
-        full, (dim, start, stop) = whole()
-        q, scale = quantize_int8(full)
-        return {key: q.narrow(dim, start, stop - start).contiguous(), scale_key(key): scale}
+            parts = quantize_tensor(key, part, config)
+        else:
+            full, (dim, start, stop) = whole()
+            q, scale = quantize_int8(full)
+            parts = {key: q.narrow(dim, start, stop - start).contiguous(), scale_key(key): scale}
+            del full
+        # The temporaries were freed into the heaps of the threads that ran the
+        # ops; without this, glibc keeps them and resident memory grows by
+        # ~2x the quantized model over a load with 2 threads.
+        return_freed_memory()
+        return parts
 
     return convert
 
@@ -330,7 +339,12 @@ def install(model, state_dict: Dict[str, torch.Tensor], config: QuantConfig, dev
             )
         return kernels.Int4Linear(q, scale, zero, config.group_size, dtype)
 
-    kernels.install(model, make)
+    def make_and_trim(keys: List[str]):
+        kernel = make(keys)
+        checkpoint.return_freed_memory()  # the joined parts and packing temporaries
+        return kernel
+
+    kernels.install(model, make_and_trim)
     checkpoint.load_into(model, state_dict, device, dtype, source="the quantized checkpoint")
     model.quantization = config
     checkpoint.return_freed_memory()

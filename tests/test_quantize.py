@@ -157,3 +157,13 @@ def test_example_scripts_pass_quantize_to_build(tiny_ckpt):
     for script in ("example_text_completion.py", "example_chat_completion.py", "chat.py"):
         with pytest.raises(AssertionError, match="unknown quantize='int3'"):
             run_checked([sys.executable, script, "--ckpt_dir", str(tiny_ckpt), "--quantize", "int3"])
+
+
+def test_int4_cpu_packing_in_row_blocks_equals_packing_whole():
+    # Int4Linear packs 4096 rows at a time to bound the int32 temporary.
+    torch.manual_seed(0)
+    w = torch.randn(4096 + 48, 64)
+    nibbles, scale, zero = quantize.quantize_int4(w, 32)
+    kernel = kernels.Int4Linear(nibbles, scale, zero, 32, torch.float32)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(kernels.unpack_nibbles(nibbles).to(torch.int32), 1)
+    assert torch.equal(kernel.packed, whole)
