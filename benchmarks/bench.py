@@ -144,7 +144,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         except (NotImplementedError, RuntimeError):  # oneDNN's packed weights: a tensor of their own
             start = -id(t) * 2**40
         spans.append((start, start + t.numel() * t.element_size()))
-    total, reach = 0, 0
+    total, reach = 0, float("-inf")
     for start, end in sorted(spans):
         start = max(start, reach)
         if end > start:
@@ -701,7 +701,9 @@ def main(argv=None) -> int:
             "device": str(opts.device),
             "gpu": torch.cuda.get_device_name(opts.device) if opts.device.type == "cuda" else None,
         },
-        "options": {k: str(v) if isinstance(v, (torch.device, torch.dtype)) else v for k, v in vars(opts).items()},
+        "options": {k: str(v) if isinstance(v, (torch.device, torch.dtype, Path)) else
+                    [str(d) for d in v] if k in ("dtypes", "transformers_dtypes") else v
+                    for k, v in vars(opts).items()},
         "read_bandwidth_bytes_per_s": bandwidth,
         "results": results,
     }
