@@ -79,12 +79,12 @@ class Int8Linear(nn.Module):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.out_features = qweight.shape[0]
-        self.cuda = qweight.device.type == "cuda"
+        self.on_cuda = qweight.device.type == "cuda"
         self.register_buffer("qweight", qweight.contiguous(), persistent=False)
         self.register_buffer("scale", scale.to(dtype).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cuda:
+        if self.on_cuda:
             # Dequantized in the step: under torch.compile the conversion is
             # fused into the product's prologue, so the int8 bytes are what is read.
             return F.linear(x, self.qweight.to(x.dtype)) * self.scale
@@ -104,9 +104,9 @@ class Int4Linear(nn.Module):
         out_features, half_in = nibbles.shape
         self.out_features = out_features
         self.group_size = group_size
-        self.cuda = nibbles.device.type == "cuda"
+        self.on_cuda = nibbles.device.type == "cuda"
         check_int4_kernel(nibbles.device, dtype)
-        if self.cuda:
+        if self.on_cuda:
             # The CUDA packer takes two 4-bit values a byte with the even column
             # in the high nibble; ours keeps it in the low one.
             swapped = ((nibbles & 15) << 4) | (nibbles >> 4)
@@ -127,7 +127,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.cuda:
+        if self.on_cuda:
             y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
