@@ -25,6 +25,7 @@ table; `--plot` draws decode tokens/s against batch size.
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -599,6 +600,12 @@ def write_random_checkpoint(out_dir: Path, shape: str, tokenizer_path: Path) -> 
     shutil.rmtree(scratch)
     shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
     print(f"wrote {out_dir} ({shape} shape, bf16, hidden {hidden})")
+def importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def parse_args(argv=None):
@@ -655,6 +662,14 @@ def parse_args(argv=None):
         parser.error(f"--group-size must be one of {', '.join(map(str, quantize.GROUP_SIZES))}")
     if opts.ckpt_dir:
         opts.transformers = False
+    # Checked now, not after a minute of benchmarking.
+    needed = []
+    if not opts.markdown_from and opts.device.type == "cpu" and not importable("psutil"):
+        needed.append("psutil (memory on the CPU)")
+    if opts.plot and not importable("matplotlib"):
+        needed.append("matplotlib (--plot)")
+    if needed:
+        parser.error(f"this run needs {' and '.join(needed)}: install them with pip install -e \".[bench]\"")
     if opts.transformers:
         try:
             import transformers  # noqa: F401

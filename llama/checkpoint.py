@@ -43,15 +43,21 @@ _SPLIT_DIMS = {
 }
 
 
-def split_dim(key: str, ndim: int = 2) -> Optional[int]:
+def split_dim(key: str, tok_embeddings_split_dim: int = 1, ndim: int = 2) -> Optional[int]:
     """The dimension `key` (of `ndim` dimensions) is split on across model-parallel
-    shards, or None if replicated. A quantized weight's scales and zeros
-    (`...weight_scale`, `...weight_zero`) split like their weight where they
-    have that dimension: an int8 scale, one per output row, is replicated
-    for a row-parallel matrix."""
+    shards, or None if replicated.
+
+    The embedding's depends on the family (`ModelArgs.tok_embeddings_split_dim`):
+    Llama 2 splits its columns, Llama 3 its vocabulary rows. A quantized
+    weight's scales and zeros (`...weight_scale`, `...weight_zero`) split like
+    their weight where they have that dimension: an int8 scale, one per
+    output row, is replicated for a row-parallel matrix.
+    """
     parts = key.split(".")
     if len(parts) < 2 or parts[-1] not in ("weight", "weight_scale", "weight_zero"):
         raise ValueError(f"not a Llama weight name: {key!r}")
+    if parts[-2] == "tok_embeddings":
+        return tok_embeddings_split_dim
     dim = _SPLIT_DIMS.get(parts[-2])
     return None if dim is None or dim >= ndim else dim
 
@@ -67,20 +73,45 @@ _PARAM_TYPES = {
     "max_batch_size": int,
     "max_seq_len": int,
     "rope_theta": (int, float),
+    "use_scaled_rope": bool,
+    "rope_scaling_factor": (int, float),
     # Not Meta's: written by `python -m llama.quantize` (see llama/quantize.py).
     "quantization": dict,
 }
+# The rotary options this library implements; any other params.json field
+# naming rope is an option it would silently ignore, so it is refused.
+ROPE_FIELDS = ("rope_theta", "use_scaled_rope", "rope_scaling_factor")
 
 
 def find_shards(ckpt_dir) -> List[Path]:
     """The `*.pth` files of `ckpt_dir`, sorted by name (shard order)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {str(ckpt_dir)!r}")
+        raise FileNotFoundError(_not_a_checkpoint(ckpt_dir))
     shards = sorted(ckpt_dir.glob("*.pth"))
     if not shards:
-        raise FileNotFoundError(f"no checkpoint files (*.pth) in {str(ckpt_dir)!r}")
+        raise FileNotFoundError(_not_a_checkpoint(ckpt_dir))
     return shards
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why `path` is not a Meta checkpoint directory, and what to pass instead."""
+    if not path.exists():
+        return f"checkpoint directory not found: {str(path)!r}"
+    if not path.is_dir():
+        return f"{str(path)!r} is a file; pass the directory that holds params.json and consolidated.00.pth"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return (
+            f"{str(path)!r} is a HuggingFace checkpoint: convert it with "
+            f"`python -m llama.convert_hf to-meta {path} {path.name}-meta` and use that directory"
+        )
+    models = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and any(sub.glob("*.pth")))
+    if models:
+        return (
+            f"{str(path)!r} holds model folders, not a checkpoint: {', '.join(models)}; "
+            f"pass one of them, e.g. {str(path / models[0])!r}"
+        )
+    return f"no checkpoint files (*.pth) in {str(path)!r}"
 
 
 def read_params(ckpt_dir) -> Dict:
@@ -94,16 +125,36 @@ def read_params(ckpt_dir) -> Dict:
         raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
     if not isinstance(params, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
+    check_params(params, str(path))
+    return params
+
+
+def check_params(params: Mapping, source: str) -> None:
+    """Raise ValueError unless `params` holds only known params.json fields of the right types."""
     for key, value in params.items():
         if key not in _PARAM_TYPES:
+            if "rope" in key.lower():
+                raise ValueError(
+                    f"{source!r}: unknown rope option {key!r}={value!r}; this library implements "
+                    f"{', '.join(ROPE_FIELDS)} (Meta's Llama 3.1 scaling) and nothing else, so it "
+                    "cannot run this checkpoint as it was trained"
+                )
             known = ", ".join(sorted(_PARAM_TYPES))
-            raise ValueError(f"{str(path)!r}: unknown field {key!r} (known fields: {known})")
-        if isinstance(value, bool) or not isinstance(value, _PARAM_TYPES[key]):
-            raise ValueError(f"{str(path)!r}: field {key!r} has the wrong type: {value!r}")
-    for key in ("dim", "n_layers", "n_heads"):
+            raise ValueError(f"{source!r}: unknown field {key!r} (known fields: {known})")
+        expected = _PARAM_TYPES[key]
+        wrong = not isinstance(value, bool) if expected is bool else (
+            isinstance(value, bool) or not isinstance(value, expected)
+        )
+        if wrong:
+            raise ValueError(f"{source!r}: field {key!r} has the wrong type: {value!r}")
+    for key in ("dim", "n_layers", "n_heads", "rope_theta", "rope_scaling_factor"):
         if key in params and params[key] <= 0:
-            raise ValueError(f"{str(path)!r}: {key} must be positive, got {params[key]}")
-    return params
+            raise ValueError(f"{source!r}: {key} must be positive, got {params[key]}")
+    if "rope_scaling_factor" in params and not params.get("use_scaled_rope"):
+        raise ValueError(
+            f"{source!r}: rope_scaling_factor is set but use_scaled_rope is not true; "
+            "the factor only applies to the scaled rotary embedding"
+        )
 
 
 def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
@@ -111,6 +162,8 @@ def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
     fields = {k: v for k, v in params.items() if k != "quantization"}
     args = ModelArgs(**{**fields, **overrides})
     n_kv_heads = n_kv_heads_of(args)
+    if args.tok_embeddings_split_dim not in (0, 1):
+        raise ValueError(f"tok_embeddings_split_dim must be 0 or 1, got {args.tok_embeddings_split_dim!r}")
     if args.dim % args.n_heads != 0:
         raise ValueError(f"dim {args.dim} is not a multiple of n_heads {args.n_heads}")
     if (args.dim // args.n_heads) % 2 != 0:
@@ -121,11 +174,18 @@ def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
 
 
 def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
-    """`ModelArgs` of a checkpoint on its own, without a tokenizer: where
-    params.json says vocab_size -1 (as Meta's do), the embedding's row count."""
-    args = model_args_from_params(read_params(ckpt_dir))
+    """`ModelArgs` of a checkpoint on its own, without a tokenizer given, in
+    its family's layout (`llama.family.of_checkpoint`): where params.json
+    says vocab_size -1 (as Llama 2's do), the vocabulary comes from the
+    embedding's shape."""
+    from llama import family
+
+    params = read_params(ckpt_dir)
+    args = family.of_checkpoint(ckpt_dir, params, shards).model_args(params)
     if args.vocab_size <= 0:
-        args.vocab_size = load_shard(shards[0])["tok_embeddings.weight"].shape[0]
+        args.vocab_size = family.checkpoint_evidence(params, shards)[2] or -1
+    if args.vocab_size <= 0:
+        raise ValueError(f"cannot tell the vocabulary size of the checkpoint {str(ckpt_dir)!r}")
     return args
 
 
@@ -215,7 +275,7 @@ def full_shapes(args: ModelArgs, quant: Optional["quantize.QuantConfig"] = None)
 
 def shard_range(key: str, full_shape: Sequence[int], args: ModelArgs, model_parallel_size: int, rank: int):
     """(dim, start, stop): the part of the full tensor `key` that `rank` holds, or None if replicated."""
-    dim = split_dim(key, len(full_shape))
+    dim = split_dim(key, args.tok_embeddings_split_dim, len(full_shape))
     if dim is None:
         return None
     n_kv_heads = n_kv_heads_of(args)
@@ -271,6 +331,21 @@ def load_shard(path) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+def shard_tensor_shape(path, key: str) -> Optional[Tuple[int, ...]]:
+    """The shape of `key` in a shard (None if absent), from its header alone.
+
+    The file is memory-mapped and the tensor's bytes are never touched, so
+    this reads a few kilobytes of a shard of any size. Used to tell a
+    checkpoint's family before loading; `load_shard` is for loading.
+    """
+    try:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ValueError(f"cannot read checkpoint shard {str(path)!r}: {e}") from e
+    tensor = state_dict.get(key) if isinstance(state_dict, dict) else None
+    return None if tensor is None else tuple(tensor.shape)
+
+
 # Loading more bytes than this shows a progress bar (on the rank asked to).
 PROGRESS_MIN_BYTES = 256 * 2**20
 
@@ -289,6 +364,7 @@ def load_for_rank(
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
     quant: Optional["quantize.QuantConfig"] = None,
     convert: Optional[Callable] = None,
+    check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Model-parallel rank `rank`'s state dict out of a checkpoint of any shard count.
 
@@ -301,6 +377,9 @@ def load_for_rank(
     else it is sliced, joined and converted to `device` and `dtype` (None:
     keep) one tensor at a time. With `progress`, a bar over the tensors is
     shown when the shards this rank reads hold `progress_min_bytes` or more.
+    Every tensor that is copied is checked for NaN and inf on the way (the
+    copy is in cache then); `check_all_weights` checks the mapped ones too,
+    which reads the whole of this rank's part of the checkpoint.
 
     `quant` is the quantization the checkpoint holds (its params.json
     entry): its integer weights and fp32 scales are kept as they are, only
@@ -310,8 +389,8 @@ def load_for_rank(
     the (dim, start, stop) of this rank's part in it).
 
     Raises ValueError when the sizes do not fit (naming sizes that do), for
-    a shard that cannot be read, and for a shard whose keys or shapes do
-    not match params.json and the tokenizer.
+    a shard that cannot be read, for a shard whose keys or shapes do not
+    match params.json and the tokenizer, and for a weight that is not finite.
     """
     if not shards:
         raise FileNotFoundError("no checkpoint shards given")
@@ -321,14 +400,25 @@ def load_for_rank(
 
     def open_shard(index: int):
         state_dict = load_shard(shards[index])
+        tie_output(state_dict, args, len(shards), shards[index])
         _check_keys(state_dict, shapes, shards[index])
         return state_dict, repr(str(shards[index]))
 
     bar = _progress_bar(len(shapes), enabled=progress and home_bytes >= progress_min_bytes)
     try:
         return assemble_rank(
-            open_shard, len(shards), rank, model_parallel_size, args, device, dtype, bar, release_copied=True,
-            quant=quant, convert=convert,
+            open_shard,
+            len(shards),
+            rank,
+            model_parallel_size,
+            args,
+            device,
+            dtype,
+            bar,
+            release_copied=True,
+            check_all_weights=check_all_weights,
+            quant=quant,
+            convert=convert,
         )
     finally:
         bar(None)
@@ -346,13 +436,15 @@ def assemble_rank(
     release_copied: bool = False,
     quant: Optional["quantize.QuantConfig"] = None,
     convert: Optional[Callable] = None,
+    check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """`load_for_rank` over any source of shards: `open_shard(i)` is called once
     for each shard `rank` needs. Unchanged tensors are returned as they are
     (views, for slices along dim 0); `on_tensor(1)` is called after each.
     `release_copied` is for memory-mapped shards only: once a tensor has
     been copied out of one, its pages are dropped from resident memory.
-    `quant` and `convert` are as for `load_for_rank`."""
+    `quant` and `convert` are as for `load_for_rank`.
+    Copied tensors (all, with `check_all_weights`) are checked to be finite."""
     shapes = full_shapes(args, quant)
     if quant is not None:
         quantize.check_fit(args, quant, [n_shards, model_parallel_size])
@@ -370,9 +462,19 @@ def assemble_rank(
         expected = _local_shape(shapes[key], shard_range(key, shapes[key], args, n_shards, index))
         if tuple(tensor.shape) != expected:
             hint = ""
-            if key == "tok_embeddings.weight" and tensor.shape[0] != expected[0]:
-                # Rows are the vocabulary, never split: a size mismatch there is the tokenizer's.
-                hint = " (the vocabulary size comes from the tokenizer: wrong tokenizer for this model?)"
+            if key == "tok_embeddings.weight":
+                split = args.tok_embeddings_split_dim
+                full = shapes[key]
+                other_layout = tuple(n // n_shards if d == 1 - split else n for d, n in enumerate(full))
+                if n_shards > 1 and tuple(tensor.shape) == other_layout:
+                    # The embedding fits but for its split axis: another family's layout.
+                    hint = (
+                        f" (this checkpoint's embedding is split on dim {1 - split}, where this "
+                        f"model family splits it on dim {split}: wrong tokenizer for this model?)"
+                    )
+                elif tensor.shape[0] != expected[0]:
+                    # Rows are the vocabulary, whose size comes from the tokenizer.
+                    hint = " (the vocabulary size comes from the tokenizer: wrong tokenizer for this model?)"
             raise ValueError(
                 f"{key} has shape {tuple(tensor.shape)} in {name}, but shard {index} of "
                 f"{n_shards} of the model in params.json has {expected}{hint}"
@@ -396,12 +498,19 @@ def assemble_rank(
         if quant is not None and quantize.stored_dtype(key, quant) not in (None, joined.dtype):
             raise ValueError(f"{key} is {joined.dtype} in the checkpoint; its quantization needs "
                              f"{quantize.stored_dtype(key, quant)}")
+        copied_from = [
+            index
+            for index, _ in parts
+            if opened[index][0][key].untyped_storage().data_ptr() != joined.untyped_storage().data_ptr()
+        ]
+        if (copied_from or check_all_weights) and joined.is_floating_point():
+            require_finite(joined, key, " and ".join(opened[index][1] for index, _ in parts))
         if convert is None:
             state_dict[key] = joined
         else:
 
             def whole(key=key, shape=shape, want=want):
-                dim = split_dim(key, len(shape))
+                dim = split_dim(key, args.tok_embeddings_split_dim, len(shape))
                 everything = (dim, 0, shape[dim])
                 pieces = _pieces(key, everything, shape, args, n_shards, list(range(n_shards)))
                 return _join([piece(i, key, part) for i, part in pieces], everything, device, None), want
@@ -464,6 +573,24 @@ def _join(pieces: List[torch.Tensor], want, device, dtype) -> torch.Tensor:
     return pieces[0].contiguous()
 
 
+def require_finite(tensor: torch.Tensor, key: str, source: str) -> None:
+    """Raise ValueError if the floating-point `tensor` holds NaN or inf.
+
+    One read of the tensor in its own dtype and nothing allocated: min and
+    max are NaN if any element is, and +-inf if any element is.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+    raise ValueError(
+        f"{key} in {source} holds {n_nan} NaN and {n_inf} infinite value(s) of {tensor.numel()}: "
+        "the checkpoint is damaged (or was saved from a diverged model)"
+    )
+
+
 _MADV_DONTNEED = 4  # Linux
 
 
@@ -502,6 +629,26 @@ def _libc():
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
+
+
+def tie_output(state_dict: Dict[str, torch.Tensor], args: ModelArgs, n_shards: int, path) -> None:
+    """Use the embedding as the output where a shard has no `output.weight` (and says so).
+
+    Llama 3.2 1B and 3B tie the two; Meta's files still hold a copy, but a
+    converted checkpoint may not. The two are laid out alike (vocabulary
+    rows, split on dim 0) in a single shard or in Llama 3's layout; in
+    Llama 2's column-split layout they are not, and the weight stays missing.
+    """
+    if "output.weight" in state_dict or "tok_embeddings.weight" not in state_dict:
+        return
+    if n_shards > 1 and split_dim("output.weight") != args.tok_embeddings_split_dim:
+        return
+    print(
+        f"note: {str(path)!r} has no output.weight; using tok_embeddings.weight as the output "
+        "(tied embeddings, as in Llama 3.2 1B and 3B)",
+        file=sys.stderr,
+    )
+    state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
 
 
 def _check_keys(state_dict: Mapping[str, torch.Tensor], shapes: Mapping, path) -> None:
@@ -562,6 +709,7 @@ def load_into(
 
     Each tensor is moved to `device` and `dtype` one at a time; where it is
     already there (fp32 on disk, fp32 on CPU) it is used as it is, mmap and all.
+    A tensor that is copied is checked to be finite (ValueError if not).
     """
     check_state_dict(model, state_dict, source)
     converted = {}
@@ -569,6 +717,8 @@ def load_into(
         if key in IGNORED_KEYS:
             continue
         converted[key] = tensor.to(device=device, dtype=dtype)
+        if converted[key] is not tensor:
+            require_finite(converted[key], key, source)
     model.load_state_dict(converted, strict=True, assign=True)
 
 
@@ -583,4 +733,9 @@ def params_dict(args: ModelArgs) -> Dict:
         fields.pop("ffn_dim_multiplier")
     if fields["rope_theta"] == 10000.0:
         fields.pop("rope_theta")
+    if not fields["use_scaled_rope"]:
+        fields.pop("use_scaled_rope")
+    if fields["rope_scaling_factor"] is None:
+        fields.pop("rope_scaling_factor")
+    fields.pop("tok_embeddings_split_dim")  # follows from the family, not a params.json field
     return fields
