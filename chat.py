@@ -36,6 +36,8 @@ def main(
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
     collective_timeout_s: float = 120.0,
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     """Chat with a Llama 2 model in the terminal. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply.
 
@@ -72,6 +74,8 @@ def main(
         device=device,
         # A frozen rank: after this long, rank 0 names it and every rank exits.
         collective_timeout_s=collective_timeout_s,
+        quantize=quantize,
+        group_size=group_size,
     )
     with exit_when_a_peer_is_lost():
         run_chat(

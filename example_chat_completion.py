@@ -46,6 +46,8 @@ def main(
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
     collective_timeout_s: float = 120.0,
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     """Answer a few dialogs with a Llama 2 chat checkpoint (a tiny random demo one without --ckpt_dir).
 
@@ -73,6 +75,8 @@ def main(
         max_batch_size=max_batch_size,
         # A frozen rank: after this long, rank 0 names it and every rank exits.
         collective_timeout_s=collective_timeout_s,
+        quantize=quantize,
+        group_size=group_size,
     )
     with exit_when_a_peer_is_lost():
         results = generator.chat_completion(

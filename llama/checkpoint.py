@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from llama.atomic import require_new_dir  # noqa: F401  (the tools import it from here)
+from llama import quantize
 from llama.model import ModelArgs, ffn_hidden_dim
 
 # Older Meta checkpoints carry the rotary table; the model computes its own.
@@ -46,18 +47,23 @@ _SPLIT_DIMS = {
 }
 
 
-def split_dim(key: str, tok_embeddings_split_dim: int = 1) -> Optional[int]:
-    """The dimension `key` is split on across model-parallel shards, or None if replicated.
+def split_dim(key: str, tok_embeddings_split_dim: int = 1, ndim: int = 2) -> Optional[int]:
+    """The dimension `key` (of `ndim` dimensions) is split on across model-parallel
+    shards, or None if replicated.
 
     The embedding's depends on the family (`ModelArgs.tok_embeddings_split_dim`):
-    Llama 2 splits its columns, Llama 3 its vocabulary rows.
+    Llama 2 splits its columns, Llama 3 its vocabulary rows. A quantized
+    weight's scales and zeros (`...weight_scale`, `...weight_zero`) split like
+    their weight where they have that dimension: an int8 scale, one per
+    output row, is replicated for a row-parallel matrix.
     """
     parts = key.split(".")
-    if len(parts) < 2 or parts[-1] != "weight":
+    if len(parts) < 2 or parts[-1] not in ("weight", "weight_scale", "weight_zero"):
         raise ValueError(f"not a Llama weight name: {key!r}")
     if parts[-2] == "tok_embeddings":
         return tok_embeddings_split_dim
-    return _SPLIT_DIMS.get(parts[-2])
+    dim = _SPLIT_DIMS.get(parts[-2])
+    return None if dim is None or dim >= ndim else dim
 
 _PARAM_TYPES = {
     "dim": int,
@@ -73,6 +79,8 @@ _PARAM_TYPES = {
     "rope_theta": (int, float),
     "use_scaled_rope": bool,
     "rope_scaling_factor": (int, float),
+    # Not Meta's: written by `python -m llama.quantize` (see llama/quantize.py).
+    "quantization": dict,
 }
 # The rotary options this library implements; any other params.json field
 # naming rope is an option it would silently ignore, so it is refused.
@@ -197,7 +205,8 @@ def read_json(path) -> object:
 
 def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
     """`ModelArgs` from params.json fields, then `overrides` (max_seq_len, ...)."""
-    args = ModelArgs(**{**params, **overrides})
+    fields = {k: v for k, v in params.items() if k != "quantization"}
+    args = ModelArgs(**{**fields, **overrides})
     n_kv_heads = n_kv_heads_of(args)
     if args.tok_embeddings_split_dim not in (0, 1):
         raise ValueError(f"tok_embeddings_split_dim must be 0 or 1, got {args.tok_embeddings_split_dim!r}")
@@ -281,8 +290,11 @@ def check_model_parallel_fit(
         raise ValueError(problem + hint)
 
 
-def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
-    """Every weight of an unsplit (MP=1) model and its shape, in state-dict order."""
+def full_shapes(args: ModelArgs, quant: Optional["quantize.QuantConfig"] = None) -> Dict[str, Tuple[int, ...]]:
+    """Every weight of an unsplit (MP=1) model and its shape, in state-dict order
+    (of a checkpoint quantized by `quant`, with its scales, where given)."""
+    if quant is not None:
+        return quantize.quantized_shapes(full_shapes(args), quant)
     head_dim = args.dim // args.n_heads
     q_width, kv_width = args.n_heads * head_dim, n_kv_heads_of(args) * head_dim
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
@@ -310,7 +322,7 @@ def n_weights(args: ModelArgs) -> int:
 
 def shard_range(key: str, full_shape: Sequence[int], args: ModelArgs, model_parallel_size: int, rank: int):
     """(dim, start, stop): the part of the full tensor `key` that `rank` holds, or None if replicated."""
-    dim = split_dim(key, args.tok_embeddings_split_dim)
+    dim = split_dim(key, args.tok_embeddings_split_dim, len(full_shape))
     if dim is None:
         return None
     n_kv_heads = n_kv_heads_of(args)
@@ -429,6 +441,8 @@ def load_for_rank(
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
     mmap: bool = True,
     mapped_files: Optional["MappedFiles"] = None,
+    quant: Optional["quantize.QuantConfig"] = None,
+    convert: Optional[Callable] = None,
     check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Model-parallel rank `rank`'s state dict out of a checkpoint of any shard count.
@@ -449,6 +463,13 @@ def load_for_rank(
     copy is in cache then); `check_all_weights` checks the mapped ones too,
     which reads the whole of this rank's part of the checkpoint.
 
+    `quant` is the quantization the checkpoint holds (its params.json
+    entry): its integer weights and fp32 scales are kept as they are, only
+    float weights go to `dtype`. `convert(key, part, whole)` (see
+    `quantize.converter`), where given, replaces each tensor by the dict it
+    returns, one tensor at a time (`whole()` gives the unsplit tensor and
+    the (dim, start, stop) of this rank's part in it).
+
     Raises ValueError when the sizes do not fit (naming sizes that do), for
     a shard that cannot be read, for a shard whose keys or shapes do not
     match params.json and the tokenizer, and for a weight that is not finite.
@@ -461,7 +482,7 @@ def load_for_rank(
     # is listed: a params.json claiming a million layers fails at once.
     opened_first = {home[0]: load_shard(shards[home[0]])}
     check_layer_count(opened_first[home[0]], args.n_layers, shards[home[0]])
-    shapes = full_shapes(args)
+    shapes = full_shapes(args, quant)
 
     def open_shard(index: int):
         state_dict = opened_first.pop(index) if index in opened_first else load_shard(shards[index])
@@ -485,6 +506,8 @@ def load_for_rank(
             release_copied=True,
             copy_unchanged=not mmap,
             check_all_weights=check_all_weights,
+            quant=quant,
+            convert=convert,
         )
     finally:
         bar(None)
@@ -501,6 +524,8 @@ def assemble_rank(
     on_tensor: Callable[[int], None] = lambda count: None,
     release_copied: bool = False,
     copy_unchanged: bool = False,
+    quant: Optional["quantize.QuantConfig"] = None,
+    convert: Optional[Callable] = None,
     check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """`load_for_rank` over any source of shards: `open_shard(i)` is called once
@@ -509,8 +534,11 @@ def assemble_rank(
     `on_tensor(1)` is called after each.
     `release_copied` is for memory-mapped shards only: once a tensor has
     been copied out of one, its pages are dropped from resident memory.
+    `quant` and `convert` are as for `load_for_rank`.
     Copied tensors (all, with `check_all_weights`) are checked to be finite."""
-    shapes = full_shapes(args)
+    shapes = full_shapes(args, quant)
+    if quant is not None:
+        quantize.check_fit(args, quant, [n_shards, model_parallel_size])
     # Parts are looked for in this rank's own shards first, so that
     # replicated KV heads and norms come from a shard it reads anyway.
     home = _home_shards(args, n_shards, model_parallel_size, rank)
@@ -554,19 +582,40 @@ def assemble_rank(
             parts = [(search_order[0], None)]
         else:
             parts = _pieces(key, want, shape, args, n_shards, search_order)
-        state_dict[key] = _join([piece(index, key, part) for index, part in parts], want, device, dtype)
-        if copy_unchanged and any(_same_storage(opened[index][0][key], state_dict[key]) for index, _ in parts):
-            state_dict[key] = state_dict[key].clone()
+        # Integer weights and fp32 scales of a quantized checkpoint stay as
+        # stored; so does everything that `convert` will see.
+        keep = convert is not None or (quant is not None and quantize.stored_dtype(key, quant) is not None)
+        joined = _join([piece(index, key, part) for index, part in parts], want, device, None if keep else dtype)
+        if quant is not None and quantize.stored_dtype(key, quant) not in (None, joined.dtype):
+            raise ValueError(f"{key} is {joined.dtype} in the checkpoint; its quantization needs "
+                             f"{quantize.stored_dtype(key, quant)}")
+        if copy_unchanged and any(_same_storage(opened[index][0][key], joined) for index, _ in parts):
+            joined = joined.clone()  # mmap=False: nothing returned reads the file
         copied_from = [
             index
             for index, _ in parts
-            if opened[index][0][key].untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr()
+            if opened[index][0][key].untyped_storage().data_ptr() != joined.untyped_storage().data_ptr()
         ]
-        if copied_from or check_all_weights:
-            require_finite(state_dict[key], key, " and ".join(opened[index][1] for index, _ in parts))
+        if (copied_from or check_all_weights) and joined.is_floating_point():
+            require_finite(joined, key, " and ".join(opened[index][1] for index, _ in parts))
+        if convert is None:
+            state_dict[key] = joined
+        else:
+
+            def whole(key=key, shape=shape, want=want):
+                dim = split_dim(key, args.tok_embeddings_split_dim, len(shape))
+                everything = (dim, 0, shape[dim])
+                pieces = _pieces(key, everything, shape, args, n_shards, list(range(n_shards)))
+                return _join([piece(i, key, part) for i, part in pieces], everything, device, None), want
+
+            state_dict.update(convert(key, joined, whole))
         if release_copied:
-            for index in copied_from:
-                _release_pages(opened[index][0][key])
+            for index, _ in parts:
+                source = opened[index][0][key]
+                if key not in state_dict or (
+                    source.untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr()
+                ):
+                    _release_pages(source)
         on_tensor(1)
     return state_dict
 
@@ -720,6 +769,14 @@ def _release_pages(tensor: torch.Tensor) -> None:
     end = (tensor.data_ptr() + tensor.nbytes) // page * page
     if end > start:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps them after a load's
+    temporaries are freed, so resident memory would stay above the model's size)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,8 @@ from typing import Iterator, List, Optional, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed, family, memory
+from llama import checkpoint, distributed, family, kernels, memory
+from llama import quantize as quantization
 from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
     B_INST,
     B_SYS,
@@ -208,6 +209,8 @@ class Llama:
         cuda_graph: bool = False,
         mmap: bool = True,
         collective_timeout_s: Optional[float] = None,
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = None,
         check_weights: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
@@ -232,6 +235,16 @@ class Llama:
         instead of waiting torch's 30 minutes, and rank 0 tracks which peers
         still answer (see `distributed.exit_when_a_peer_is_lost`).
         of taking RAM. Every weight that loading copies (converts, slices or
+        of taking RAM; bf16 on CPU gets its own fast layout by default (see
+        `llama/kernels.py`, `choose_layout`).
+
+        `quantize` ("int8" or "int4", with `group_size` 32, 64, 128 or 256
+        for int4) quantizes the matrices tensor by tensor as they are read
+        (see `llama/quantize.py`); `dtype` then defaults to bf16, the dtype
+        of the activations, embeddings, norms and KV cache. A checkpoint
+        written by `python -m llama.quantize` loads as it was quantized.
+
+        Every weight that loading copies (converts, slices or
         moves to a GPU) is checked for NaN and inf as it is copied;
         `check_weights` also scans the ones used in place from the mapped
         file (this reads the whole checkpoint once).
@@ -244,12 +257,26 @@ class Llama:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         device = distributed.choose_device(device)
-        dtype = distributed.choose_dtype(device, dtype)
+        requested = quantization.make_config(quantize, group_size)
         _check_step_options(device, compile, cuda_graph)
         distributed.check_collective_timeout(collective_timeout_s)
         # Cheap checks first, so that a typo fails before any process group exists.
         shards = checkpoint.find_shards(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
+        stored = quantization.config_from_params(params, f"{str(ckpt_dir)!r}/params.json")
+        if stored is not None and requested is not None and (
+            requested.mode != stored.mode or group_size not in (None, stored.group_size)
+        ):
+            raise ValueError(
+                f"{str(ckpt_dir)!r} is already quantized ({stored.describe()}); build it with "
+                f"quantize=None or quantize={stored.mode!r}{'' if stored.group_size is None else f', group_size={stored.group_size}'}"
+            )
+        quant = stored or requested
+        if quant is not None and dtype is None:
+            dtype = quantization.default_dtype(device)
+        dtype = distributed.choose_dtype(device, dtype)
+        if quant is not None:
+            kernels.check_kernel(quant.mode, device, dtype)
         checkpoint.check_model_parallel_fit(
             checkpoint.model_args_from_params(params),
             distributed.planned_model_parallel_size(model_parallel_size),
@@ -271,11 +298,14 @@ class Llama:
         start_time = time.time()
         model_args = model_family.model_args(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         model_args.vocab_size = tokenizer.n_words
+        if quant is not None:
+            quantization.check_fit(model_args, quant, [model_parallel_size])
         # Before any weight is read: a cache that cannot fit fails in a moment.
         memory.check_cache_fits(model_args, model_parallel_size, device, dtype)
         # Any shard count loads on any model-parallel size that divides it or
         # that it divides: this rank's part is cut from the shards it needs.
         mapped_files = checkpoint.MappedFiles()
+        # Quantizing at load: each tensor is quantized as soon as it is read.
         state_dict = checkpoint.load_for_rank(
             shards,
             distributed.model_parallel_rank(),
@@ -286,13 +316,20 @@ class Llama:
             progress=distributed.is_first_rank(),
             mmap=mmap,
             mapped_files=mapped_files,
+            quant=stored,
+            convert=None if stored is not None or requested is None
+            else quantization.converter(requested, dtype, model_parallel_size),
             check_all_weights=check_weights,
         )
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
-        checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
-        if fast_layout is None:
-            fast_layout = device.type != "cpu"
+        if quant is not None:
+            quantization.install(model, state_dict, quant, device, dtype)
+            fast_layout = False  # the quantized kernels are the layout
+        else:
+            checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
+            fast_layout = kernels.choose_layout(device, dtype, None, fast_layout) != "meta"
+        del state_dict
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
         )
@@ -335,16 +372,17 @@ class Llama:
         no compiling, most of `compile`'s gain on a GPU. Model parallelism is
         refused there too.
         """
-        device = model.tok_embeddings.weight.device
+        device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
         _check_step_options(device, compile, cuda_graph)
         _check_special_ids(tokenizer)
         held = sum(b.nbytes for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v", "rope")))
         memory.check_cache_fits(
-            model.params, model.model_parallel_size, device, model.output.weight.dtype, already_held=held
+            model.params, model.model_parallel_size, device, dtype, already_held=held
         )
         model.setup_caches()
         if fast_layout:
-            model.prepare_for_inference()
+            # The decoding layout of this device and dtype (llama/kernels.py).
+            kernels.prepare(model, kernels.choose_layout(device, dtype, None, True))
         model.eval()
         generator = Llama(model, tokenizer)
         if compile:
