@@ -652,7 +652,13 @@ class MappedFiles:
 
     def keep_used_by(self, tensors) -> "MappedFiles":
         """Forget the files none of `tensors` (the model's, once loaded) lies in; returns self."""
-        pointers = [t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"]
+        pointers = []
+        for tensor in tensors:
+            if tensor.device.type == "cpu":
+                try:
+                    pointers.append(tensor.untyped_storage().data_ptr())
+                except (NotImplementedError, RuntimeError):  # packed (opaque) weights: copies, never mapped
+                    pass
         for path, (low, high) in list(self._ranges.items()):
             if not any(low <= p < high for p in pointers):
                 del self._ranges[path], self._stats[path]
