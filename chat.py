@@ -35,6 +35,7 @@ def main(
     seed: int = 1,
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
+    collective_timeout_s: float = 120.0,
     quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
     group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
@@ -51,16 +52,19 @@ def main(
         seed: random seed, the same on every rank
         device: cpu, cuda or cuda:N; none: this process's GPU if there is one, else the CPU
         heartbeat_s: under torchrun, how often rank 0 wakes the other ranks while it waits for input
+        collective_timeout_s: under torchrun, how long a rank waits for another before all stop, naming it
     """
     from llama import Llama, family
-    from llama.chat_repl import Conversation, reply_length, run_chat
+    from llama.chat_repl import Conversation, check_heartbeat, reply_length, run_chat
     from llama.demo import check_request, resolve_checkpoint
+    from llama.distributed import exit_when_a_peer_is_lost
 
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     # Everything that needs no weights is checked before they load.
     check_request(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)
     reply_length(max_gen_len, max_seq_len)
     Conversation(system, family.of_tokenizer_file(tokenizer_path))  # the chat format follows the tokenizer
+    check_heartbeat(heartbeat_s, collective_timeout_s)
     llama = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -68,17 +72,20 @@ def main(
         max_batch_size=1,
         seed=seed,
         device=device,
+        # A frozen rank: after this long, rank 0 names it and every rank exits.
+        collective_timeout_s=collective_timeout_s,
         quantize=quantize,
         group_size=group_size,
     )
-    run_chat(
-        llama,
-        system=system,
-        temperature=temperature,
-        top_p=top_p,
-        max_gen_len=max_gen_len,
-        heartbeat_s=heartbeat_s,
-    )
+    with exit_when_a_peer_is_lost():
+        run_chat(
+            llama,
+            system=system,
+            temperature=temperature,
+            top_p=top_p,
+            max_gen_len=max_gen_len,
+            heartbeat_s=heartbeat_s,
+        )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def main(
     max_seq_len: int = 512,
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
+    collective_timeout_s: float = 120.0,
     quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
     group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
@@ -58,9 +59,11 @@ def main(
         max_seq_len: longest dialog plus answer, in tokens
         max_batch_size: most dialogs run at once (this example has 3)
         max_gen_len: most tokens per answer; none: up to max_seq_len
+        collective_timeout_s: under torchrun, how long a rank waits for another before all stop, naming it
     """
     from llama import Llama
     from llama.demo import check_request, resolve_checkpoint
+    from llama.distributed import exit_when_a_peer_is_lost
 
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     # Everything that needs no weights is checked before they load.
@@ -70,15 +73,18 @@ def main(
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        # A frozen rank: after this long, rank 0 names it and every rank exits.
+        collective_timeout_s=collective_timeout_s,
         quantize=quantize,
         group_size=group_size,
     )
-    results = generator.chat_completion(
-        DIALOGS,
-        max_gen_len=max_gen_len,
-        temperature=temperature,
-        top_p=top_p,
-    )
+    with exit_when_a_peer_is_lost():
+        results = generator.chat_completion(
+            DIALOGS,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+        )
 
     for dialog, result in zip(DIALOGS, results):
         for msg in dialog:

@@ -47,6 +47,7 @@ def main(
     max_seq_len: int = 128,
     max_gen_len: int = 64,
     max_batch_size: int = 4,
+    collective_timeout_s: float = 120.0,
     quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
     group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
@@ -60,9 +61,11 @@ def main(
         max_seq_len: longest prompt plus generation, in tokens
         max_gen_len: most tokens generated per prompt
         max_batch_size: most prompts run at once (this example has 3)
+        collective_timeout_s: under torchrun, how long a rank waits for another before all stop, naming it
     """
     from llama import Llama
     from llama.demo import check_request, resolve_checkpoint
+    from llama.distributed import exit_when_a_peer_is_lost
 
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     # Everything that needs no weights is checked before they load.
@@ -72,15 +75,18 @@ def main(
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        # A frozen rank: after this long, rank 0 names it and every rank exits.
+        collective_timeout_s=collective_timeout_s,
         quantize=quantize,
         group_size=group_size,
     )
-    results = generator.text_completion(
-        PROMPTS,
-        max_gen_len=max_gen_len,
-        temperature=temperature,
-        top_p=top_p,
-    )
+    with exit_when_a_peer_is_lost():
+        results = generator.text_completion(
+            PROMPTS,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+        )
     for prompt, result in zip(PROMPTS, results):
         print(prompt)
         print(f"> {result['generation']}")

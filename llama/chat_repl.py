@@ -13,19 +13,20 @@ for the session and makes Ctrl-C end a line, as Enter does; the terminal's
 settings are restored on leaving.
 """
 
+import math
 import os
 import select
 import sys
 import termios
 import time
 from contextlib import nullcontext
-from typing import List, Optional, TextIO, Tuple
+from typing import List, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.distributed as dist
 
 from llama import family
-from llama.chat_format import Dialog
+from llama.chat_format import SPECIAL_TAGS, Dialog
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
@@ -41,6 +42,57 @@ _SHOWN_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] i
 def printable(text: str) -> str:
     """`text` as the chat prints it: control characters other than newline and tab escaped."""
     return text.translate(_SHOWN_ESCAPED)
+
+
+class TurnEnd:
+    """Finds where a streamed reply runs on into a turn of its own making.
+
+    A model may go on past its answer with "[INST] ..." (an imagined next
+    message) or another tag of the chat format. Like a chat client, the
+    chat cuts the reply there: kept in the history, the tag would make every
+    later dialog one that holds the format's tags. Text that may be the start
+    of a tag is held back until the next pieces settle it, so no part of a
+    tag is ever shown.
+    """
+
+    def __init__(self, tags: Sequence[str] = SPECIAL_TAGS):
+        self.tags = list(tags)  # none: nothing is cut or held back
+        self._longest = max(map(len, self.tags), default=0)
+        self.text = ""  # the reply so far, up to a cut
+        self.shown = 0  # how much of it has been handed out to show
+        self.cut = False
+
+    def push(self, piece: str) -> str:
+        """Add the next piece; returns the text now safe to show (maybe "")."""
+        if self.cut:
+            return ""
+        self.text += piece
+        search_from = max(0, self.shown - self._longest)
+        found = [at for tag in self.tags if (at := self.text.find(tag, search_from)) >= 0]
+        if found:
+            self.cut = True
+            self.text = self.text[: min(found)]
+            return self.flush()
+        held = 0  # the longest end of the text that a tag starts with
+        for size in range(1, min(self._longest, len(self.text) - self.shown) + 1):
+            if any(tag.startswith(self.text[-size:]) for tag in self.tags):
+                held = size
+        return self._release(len(self.text) - held)
+
+    def flush(self) -> str:
+        """The text held back: at the end of the reply, or when it is stopped."""
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.shown)
+        out, self.shown = self.text[self.shown : upto], upto
+        return out
+
+    @property
+    def kept(self) -> str:
+        """What the history keeps: the text shown, without the spaces before a cut."""
+        shown = self.text[: self.shown]
+        return shown.rstrip() if self.cut else shown
 
 
 class MessageTooLong(ValueError):
@@ -217,6 +269,19 @@ class _Ranks:
         return bool(box.item())
 
 
+def check_heartbeat(heartbeat_s, collective_timeout_s=None) -> None:
+    """Raise ValueError unless `heartbeat_s` is a usable keep-alive period:
+    positive and finite (0 would send keep-alives without pause, every rank
+    spinning), and shorter than the collective timeout it keeps the others within."""
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or not math.isfinite(heartbeat_s) or heartbeat_s <= 0:
+        raise ValueError(f"heartbeat_s must be a finite number of seconds > 0, got {heartbeat_s!r}")
+    if collective_timeout_s is not None and heartbeat_s >= collective_timeout_s:
+        raise ValueError(
+            f"heartbeat_s ({heartbeat_s:g}) must be shorter than collective_timeout_s ({collective_timeout_s:g}): "
+            "the other ranks wait for rank 0's keep-alive within that timeout"
+        )
+
+
 def reply_length(max_gen_len: Optional[int], max_seq_len: int) -> int:
     """The longest reply: `max_gen_len`, or half of `max_seq_len` for None.
 
@@ -250,6 +315,7 @@ class ChatRepl:
         # Checked now, not at the first message after someone has typed it.
         self.max_gen_len = reply_length(max_gen_len, self.max_seq_len)
         _check_sampling(temperature, top_p)
+        check_heartbeat(heartbeat_s)
         self.temperature = temperature
         self.top_p = top_p
         self.conversation = Conversation(system, llama.family)
@@ -326,24 +392,34 @@ class ChatRepl:
         if reply_len < self.max_gen_len:
             self.say(f"[the reply is cut at {reply_len} tokens to fit max_seq_len {self.max_seq_len}]\n")
 
-        pieces: List[str] = []
+        # The tags this family's guard refuses (Llama 2's [INST], <<SYS>>, ...):
+        # a reply holding one would make every later turn refused.
+        turn_end = TurnEnd(
+            [tag for tag in SPECIAL_TAGS if self.llama.family.refuses([{"role": "assistant", "content": tag}])]
+        )
         stopped = False
         stream = self.llama.stream_chat_completion(
             dialog, temperature=self.temperature, top_p=self.top_p, max_gen_len=reply_len
         )
         try:
             for piece in stream:
-                pieces.append(piece)
-                self.say(piece)
-                # Every rank asks after every token, so all stop after the same one.
-                if self.ranks.share_flag(self.ranks.is_leader and self.terminal.interrupt_requested()):
-                    stopped = True
+                self.say(turn_end.push(piece))
+                # Every rank asks after every token, so all stop after the same
+                # one. Each rank sees the same text, so a cut is the same on all.
+                stop = self.ranks.is_leader and self.terminal.interrupt_requested()
+                if self.ranks.share_flag(stop or turn_end.cut):
+                    stopped = not turn_end.cut
                     break
         finally:
             stream.close()
-        self.say("\n[stopped]\n" if stopped else "\n")
+        # Text held back as a possible tag is not one: show it, stopped or not.
+        self.say(turn_end.flush())
+        if turn_end.cut:
+            self.say("\n[the reply went on into a turn of its own; cut there]\n")
+        else:
+            self.say("\n[stopped]\n" if stopped else "\n")
         # A stopped reply stays as far as it was shown: the next turn sees what the person saw.
-        self.conversation.add(message, "".join(pieces))
+        self.conversation.add(message, turn_end.kept)
 
 
 def run_chat(
@@ -363,7 +439,7 @@ def run_chat(
     at most `max_gen_len` tokens (default: half of `max_seq_len`); the
     oldest turns are dropped when the history and a reply would pass
     `max_seq_len`. Raises ValueError for a bad `max_gen_len`, temperature
-    or top_p, or a system prompt holding the format's tags.
+    or top_p or heartbeat_s, or a system prompt holding the format's tags.
     """
     terminal = Terminal(sys.stdin.fileno() if input_fd is None else input_fd, output or sys.stdout)
     repl = ChatRepl(llama, system, temperature, top_p, max_gen_len, terminal, heartbeat_s)

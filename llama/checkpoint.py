@@ -11,8 +11,11 @@ import ctypes
 import dataclasses
 import functools
 import json
+import math
 import mmap
 import os
+import re
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -20,6 +23,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from llama.atomic import require_new_dir  # noqa: F401  (the tools import it from here)
 from llama import quantize
 from llama.model import ModelArgs, ffn_hidden_dim
 
@@ -84,13 +88,20 @@ ROPE_FIELDS = ("rope_theta", "use_scaled_rope", "rope_scaling_factor")
 
 
 def find_shards(ckpt_dir) -> List[Path]:
-    """The `*.pth` files of `ckpt_dir`, sorted by name (shard order)."""
+    """The `*.pth` files of `ckpt_dir`, sorted by name (shard order).
+
+    Raises FileNotFoundError for a missing directory or no shard, and
+    ValueError for a shard that is not a regular file (a FIFO would block
+    the load forever).
+    """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(_not_a_checkpoint(ckpt_dir))
     shards = sorted(ckpt_dir.glob("*.pth"))
     if not shards:
         raise FileNotFoundError(_not_a_checkpoint(ckpt_dir))
+    for shard in shards:
+        require_regular_file(shard, "checkpoint shard")
     return shards
 
 
@@ -114,47 +125,82 @@ def _not_a_checkpoint(path: Path) -> str:
     return f"no checkpoint files (*.pth) in {str(path)!r}"
 
 
-def read_params(ckpt_dir) -> Dict:
-    """The checked contents of `ckpt_dir/params.json`."""
-    path = Path(ckpt_dir) / "params.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"params.json not found in {str(ckpt_dir)!r}")
+def require_regular_file(path, what: str) -> None:
+    """Raise ValueError unless `path` is a regular file (following links), and
+    FileNotFoundError when it is absent. Reading a FIFO or a device would block
+    or never end."""
     try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {str(path)!r}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {str(path)!r} is not a regular file (a FIFO, device or directory?)")
+
+
+def _positive_finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def check_params(params, source: str) -> Dict:
+    """Raise ValueError, naming `source` and the field, unless `params` is a
+    params.json object this library can build: known fields of the right
+    types, sizes positive, norm_eps, rope_theta, ffn_dim_multiplier and
+    rope_scaling_factor finite and positive. Returns `params`."""
     if not isinstance(params, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
-    check_params(params, str(path))
-    return params
-
-
-def check_params(params: Mapping, source: str) -> None:
-    """Raise ValueError unless `params` holds only known params.json fields of the right types."""
+        raise ValueError(f"{source} must hold a JSON object, got {type(params).__name__}")
     for key, value in params.items():
         if key not in _PARAM_TYPES:
             if "rope" in key.lower():
                 raise ValueError(
-                    f"{source!r}: unknown rope option {key!r}={value!r}; this library implements "
+                    f"{source}: unknown rope option {key!r}={value!r}; this library implements "
                     f"{', '.join(ROPE_FIELDS)} (Meta's Llama 3.1 scaling) and nothing else, so it "
                     "cannot run this checkpoint as it was trained"
                 )
             known = ", ".join(sorted(_PARAM_TYPES))
-            raise ValueError(f"{source!r}: unknown field {key!r} (known fields: {known})")
+            raise ValueError(f"{source}: unknown field {key!r} (known fields: {known})")
         expected = _PARAM_TYPES[key]
         wrong = not isinstance(value, bool) if expected is bool else (
             isinstance(value, bool) or not isinstance(value, expected)
         )
         if wrong:
-            raise ValueError(f"{source!r}: field {key!r} has the wrong type: {value!r}")
-    for key in ("dim", "n_layers", "n_heads", "rope_theta", "rope_scaling_factor"):
+            raise ValueError(f"{source}: field {key!r} has the wrong type: {value!r}")
+    for key in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
         if key in params and params[key] <= 0:
-            raise ValueError(f"{source!r}: {key} must be positive, got {params[key]}")
+            raise ValueError(f"{source}: {key} must be positive, got {params[key]}")
+    if params.get("n_kv_heads") is not None and params["n_kv_heads"] <= 0:
+        raise ValueError(f"{source}: n_kv_heads must be positive, got {params['n_kv_heads']}")
+    if "vocab_size" in params and params["vocab_size"] <= 0 and params["vocab_size"] != -1:
+        raise ValueError(f"{source}: vocab_size must be positive, or -1 for the tokenizer's, got {params['vocab_size']}")
+    # NaN, inf, 0 or a negative epsilon or base make every output NaN or
+    # gibberish; json reads NaN and Infinity, so they are checked here.
+    for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor"):
+        if params.get(key) is not None and not _positive_finite(params[key]):
+            raise ValueError(f"{source}: {key} must be positive and finite, got {params[key]!r}")
     if "rope_scaling_factor" in params and not params.get("use_scaled_rope"):
         raise ValueError(
-            f"{source!r}: rope_scaling_factor is set but use_scaled_rope is not true; "
+            f"{source}: rope_scaling_factor is set but use_scaled_rope is not true; "
             "the factor only applies to the scaled rotary embedding"
         )
+    return params
+
+
+def read_params(ckpt_dir) -> Dict:
+    """The checked contents of `ckpt_dir/params.json`."""
+    path = Path(ckpt_dir) / "params.json"
+    if not path.exists():
+        raise FileNotFoundError(f"params.json not found in {str(ckpt_dir)!r}")
+    require_regular_file(path, "params.json")
+    return check_params(read_json(path), repr(str(path)))
+
+
+def read_json(path) -> object:
+    """The JSON value in `path`; ValueError naming the file for anything unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ValueError(f"{str(path)!r} is nested too deeply to be a config file") from None
 
 
 def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
@@ -185,15 +231,11 @@ def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
     if args.vocab_size <= 0:
         args.vocab_size = family.checkpoint_evidence(params, shards)[2] or -1
     if args.vocab_size <= 0:
-        raise ValueError(f"cannot tell the vocabulary size of the checkpoint {str(ckpt_dir)!r}")
+        raise ValueError(
+            f"cannot tell the vocabulary size of the checkpoint {str(ckpt_dir)!r}: params.json says "
+            f"vocab_size -1 and {str(shards[0])!r} has no tok_embeddings.weight"
+        )
     return args
-
-
-def require_new_dir(path) -> None:
-    """Raise FileExistsError unless `path` is absent or an empty directory."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{str(path)!r} exists and is not an empty directory; choose a new one")
 
 
 def n_kv_heads_of(args: ModelArgs) -> int:
@@ -273,6 +315,11 @@ def full_shapes(args: ModelArgs, quant: Optional["quantize.QuantConfig"] = None)
     return shapes
 
 
+def n_weights(args: ModelArgs) -> int:
+    """len(full_shapes(args)), without listing them: 9 a layer, plus embedding, norm and output."""
+    return 9 * args.n_layers + 3
+
+
 def shard_range(key: str, full_shape: Sequence[int], args: ModelArgs, model_parallel_size: int, rank: int):
     """(dim, start, stop): the part of the full tensor `key` that `rank` holds, or None if replicated."""
     dim = split_dim(key, args.tok_embeddings_split_dim, len(full_shape))
@@ -321,14 +368,44 @@ def init_on_meta():
 
 
 def load_shard(path) -> Dict[str, torch.Tensor]:
-    """A shard's state dict, memory-mapped, with `weights_only=True`."""
+    """A shard's state dict, memory-mapped, with `weights_only=True`.
+
+    Raises ValueError naming the file (and the key) for a file that is not a
+    regular file or not a checkpoint, and for a value that is not a dense tensor.
+    """
+    require_regular_file(path, "checkpoint shard")
     try:
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
         raise ValueError(f"cannot read checkpoint shard {str(path)!r}: {e}") from e
     if not isinstance(state_dict, dict):
         raise ValueError(f"checkpoint shard {str(path)!r} does not hold a state dict")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"checkpoint shard {str(path)!r}: {key!r} holds a {type(value).__name__}, not a tensor "
+                "(a state dict holds weights only)"
+            )
+        if value.layout != torch.strided:
+            raise ValueError(
+                f"checkpoint shard {str(path)!r}: {key!r} is a {value.layout} tensor; weights must be dense"
+            )
     return state_dict
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_layer_count(keys, n_layers: int, source, field: str = "n_layers") -> None:
+    """Raise ValueError when the layers named in `keys` are not 0 .. n_layers - 1.
+
+    Run before listing every key the config implies, so that a huge layer
+    count in a config fails at once rather than building millions of names.
+    """
+    layers = {int(m.group(1)) for key in keys if (m := _LAYER_INDEX.search(key))}
+    if layers != set(range(len(layers))) or len(layers) != n_layers:
+        found = f"layers 0 to {max(layers)} ({len(layers)} distinct)" if layers else "no layers"
+        raise ValueError(f"{field} is {n_layers} in the config, but {str(source)!r} holds {found}")
 
 
 def shard_tensor_shape(path, key: str) -> Optional[Tuple[int, ...]]:
@@ -362,6 +439,8 @@ def load_for_rank(
     dtype: Optional[torch.dtype] = None,
     progress: bool = False,
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
+    mmap: bool = True,
+    mapped_files: Optional["MappedFiles"] = None,
     quant: Optional["quantize.QuantConfig"] = None,
     convert: Optional[Callable] = None,
     check_all_weights: bool = False,
@@ -377,6 +456,9 @@ def load_for_rank(
     else it is sliced, joined and converted to `device` and `dtype` (None:
     keep) one tensor at a time. With `progress`, a bar over the tensors is
     shown when the shards this rank reads hold `progress_min_bytes` or more.
+    With `mmap=False` the unchanged tensors are copied too, so that nothing
+    returned reads the files afterwards. `mapped_files`, if given, learns
+    where each opened shard is mapped (see `MappedFiles`).
     Every tensor that is copied is checked for NaN and inf on the way (the
     copy is in cache then); `check_all_weights` checks the mapped ones too,
     which reads the whole of this rank's part of the checkpoint.
@@ -396,12 +478,18 @@ def load_for_rank(
         raise FileNotFoundError("no checkpoint shards given")
     home = _home_shards(args, len(shards), model_parallel_size, rank)
     home_bytes = sum(os.path.getsize(shards[index]) for index in home)
+    # The layer count is compared with a real shard before every expected key
+    # is listed: a params.json claiming a million layers fails at once.
+    opened_first = {home[0]: load_shard(shards[home[0]])}
+    check_layer_count(opened_first[home[0]], args.n_layers, shards[home[0]])
     shapes = full_shapes(args, quant)
 
     def open_shard(index: int):
-        state_dict = load_shard(shards[index])
+        state_dict = opened_first.pop(index) if index in opened_first else load_shard(shards[index])
         tie_output(state_dict, args, len(shards), shards[index])
         _check_keys(state_dict, shapes, shards[index])
+        if mapped_files is not None:
+            mapped_files.add(shards[index], state_dict.values())
         return state_dict, repr(str(shards[index]))
 
     bar = _progress_bar(len(shapes), enabled=progress and home_bytes >= progress_min_bytes)
@@ -416,6 +504,7 @@ def load_for_rank(
             dtype,
             bar,
             release_copied=True,
+            copy_unchanged=not mmap,
             check_all_weights=check_all_weights,
             quant=quant,
             convert=convert,
@@ -434,13 +523,15 @@ def assemble_rank(
     dtype: Optional[torch.dtype] = None,
     on_tensor: Callable[[int], None] = lambda count: None,
     release_copied: bool = False,
+    copy_unchanged: bool = False,
     quant: Optional["quantize.QuantConfig"] = None,
     convert: Optional[Callable] = None,
     check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """`load_for_rank` over any source of shards: `open_shard(i)` is called once
     for each shard `rank` needs. Unchanged tensors are returned as they are
-    (views, for slices along dim 0); `on_tensor(1)` is called after each.
+    (views, for slices along dim 0), or copied with `copy_unchanged`;
+    `on_tensor(1)` is called after each.
     `release_copied` is for memory-mapped shards only: once a tensor has
     been copied out of one, its pages are dropped from resident memory.
     `quant` and `convert` are as for `load_for_rank`.
@@ -498,6 +589,8 @@ def assemble_rank(
         if quant is not None and quantize.stored_dtype(key, quant) not in (None, joined.dtype):
             raise ValueError(f"{key} is {joined.dtype} in the checkpoint; its quantization needs "
                              f"{quantize.stored_dtype(key, quant)}")
+        if copy_unchanged and any(_same_storage(opened[index][0][key], joined) for index, _ in parts):
+            joined = joined.clone()  # mmap=False: nothing returned reads the file
         copied_from = [
             index
             for index, _ in parts
@@ -525,6 +618,77 @@ def assemble_rank(
                     _release_pages(source)
         on_tensor(1)
     return state_dict
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class MappedFiles:
+    """The shard files a loaded model still reads through memory maps, and
+    their size and modification time when they were opened.
+
+    Writing such a file in place changes the model's weights under it, and
+    truncating it makes the next read of a lost page kill the process with
+    SIGBUS. `check()` compares each file with what it was: a cheap stat a
+    file, run before each generation. A file replaced by a new one (renamed
+    over the path) is harmless: the map keeps the old file's contents.
+    """
+
+    def __init__(self):
+        # path -> (lowest, highest) address of its tensors' storages, and its stat
+        self._ranges: Dict[str, Tuple[int, int]] = {}
+        self._stats: Dict[str, os.stat_result] = {}
+
+    def add(self, path, tensors) -> None:
+        """Remember where the tensors of shard `path`, just opened, are mapped."""
+        storages = [t.untyped_storage() for t in tensors if t.device.type == "cpu"]
+        if not storages:
+            return
+        low = min(s.data_ptr() for s in storages)
+        high = max(s.data_ptr() + s.nbytes() for s in storages)
+        self._ranges[str(path)] = (low, high)
+        self._stats[str(path)] = os.stat(path)
+
+    def keep_used_by(self, tensors) -> "MappedFiles":
+        """Forget the files none of `tensors` (the model's, once loaded) lies in; returns self."""
+        pointers = []
+        for tensor in tensors:
+            if tensor.device.type == "cpu":
+                try:
+                    pointers.append(tensor.untyped_storage().data_ptr())
+                except (NotImplementedError, RuntimeError):  # packed (opaque) weights: copies, never mapped
+                    pass
+        for path, (low, high) in list(self._ranges.items()):
+            if not any(low <= p < high for p in pointers):
+                del self._ranges[path], self._stats[path]
+        return self
+
+    @property
+    def paths(self) -> List[str]:
+        return sorted(self._ranges)
+
+    def check(self) -> None:
+        """Raise RuntimeError naming a mapped file that was rewritten or truncated since it was opened."""
+        for path, before in self._stats.items():
+            try:
+                now = os.stat(path)
+            except OSError:
+                continue  # deleted: the map keeps the file's contents alive
+            if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+                continue  # replaced by another file: the map still reads the old one
+            if now.st_size != before.st_size or now.st_mtime_ns != before.st_mtime_ns:
+                change = (
+                    f"its size went from {before.st_size} to {now.st_size} bytes"
+                    if now.st_size != before.st_size
+                    else "it was rewritten in place"
+                )
+                raise RuntimeError(
+                    f"checkpoint shard {path!r} changed on disk after it was loaded ({change}). "
+                    "The model reads its weights from that file through a memory map, so its "
+                    "output would change or the process would be killed (SIGBUS). Build the "
+                    "model again, or build with mmap=False to hold the weights in memory."
+                )
 
 
 def _home_shards(args: ModelArgs, n_shards: int, model_parallel_size: int, rank: int) -> List[int]:

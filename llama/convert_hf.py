@@ -18,13 +18,16 @@ head, HuggingFace the two halves (x[i], x[i + head_dim/2]), so HuggingFace's
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
-from llama import cli
+from llama import atomic, cli  # both light: no torch
 
 # torch, and the modules that import it, are imported where the work needs
 # them, so that `python -m llama.convert_hf --help` answers at once.
@@ -109,7 +112,11 @@ def _rope_settings(config: Dict) -> Tuple[float, Optional[str], Dict]:
     """(rope_theta, rope type or None for plain RoPE, its parameters), from transformers 4 or 5 fields."""
     parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
+    if not isinstance(parameters, dict) or not isinstance(scaling, dict):
+        raise ValueError("config.json: rope_parameters and rope_scaling must be JSON objects or null")
     theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
+    if not _is_positive_number(theta):
+        raise ValueError(f"config.json: rope_theta must be a finite number > 0, got {theta!r}")
     rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
     return float(theta), (None if rope_type in (None, "default") else rope_type), {**scaling, **parameters}
 
@@ -133,6 +140,10 @@ def _llama3_rope_problems(rope: Dict) -> list:
     ]
 
 
+def _is_positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
 def model_args_from_hf_config(config: Dict) -> ModelArgs:
     """`ModelArgs` equivalent to a HuggingFace `LlamaConfig` dict.
 
@@ -141,10 +152,18 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     """
     from llama import checkpoint
 
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    absent = [name for name in required if not isinstance(config.get(name), int)]
+    absent = [name for name in required if not isinstance(config.get(name), int) or isinstance(config[name], bool)]
     if absent:
         raise ValueError(f"config.json lacks {', '.join(absent)} (or not as integers)")
+    for name in required + ("num_key_value_heads", "head_dim"):
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"config.json: {name} must be a positive integer, got {value!r}")
+    if not _is_positive_number(config.get("rms_norm_eps", 1e-6)):
+        raise ValueError(f"config.json: rms_norm_eps must be a finite number > 0, got {config['rms_norm_eps']!r}")
     if config.get("model_type") != "llama":
         raise ValueError(f"config.json has model_type {config.get('model_type')!r}; only 'llama' converts")
     problems = []
@@ -174,10 +193,14 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
         raise ValueError(
             "this HuggingFace config cannot be expressed in Meta's format: " + "; ".join(problems)
         )
-    hints = [(config["multiple_of"], config.get("ffn_dim_multiplier"))] if "multiple_of" in config else []
+    hints = []
+    if "multiple_of" in config:  # our own to-hf output carries Meta's values
+        hint = {"multiple_of": config["multiple_of"], "ffn_dim_multiplier": config.get("ffn_dim_multiplier")}
+        checkpoint.check_params(hint, "config.json")
+        hints = [tuple(hint.values())]
     multiple_of, multiplier = ffn_params_for(dim, config["intermediate_size"], tuple(hints))
     n_kv_heads = config.get("num_key_value_heads") or n_heads
-    return checkpoint.model_args_from_params(
+    params = checkpoint.check_params(
         {
             "dim": dim,
             "n_layers": config["num_hidden_layers"],
@@ -188,9 +211,12 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
             "ffn_dim_multiplier": multiplier,
             "norm_eps": config.get("rms_norm_eps", 1e-6),
             "rope_theta": theta,
-            **scaling,
-        }
+            # None: the default factor, which params.json leaves out
+            **{key: value for key, value in scaling.items() if value is not None},
+        },
+        "config.json",
     )
+    return checkpoint.model_args_from_params(params)
 
 
 def hf_family(config: Dict, hf_dir: Path) -> Family:
@@ -263,31 +289,64 @@ def hf_config_from_model_args(
 
 
 def _safetensors_files(hf_dir: Path) -> Dict[str, Path]:
-    """HuggingFace key -> the file holding it, from the index file or every *.safetensors."""
-    from safetensors import safe_open
+    """HuggingFace key -> the file holding it, from the index file or every *.safetensors.
+
+    Raises ValueError naming the file for an index without a `weight_map`
+    object and for a file that is not a readable `.safetensors`.
+    """
+    from llama import checkpoint
 
     index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: hf_dir / name for key, name in weight_map.items()}
+    if index.exists():
+        checkpoint.require_regular_file(index, "index file")
+        content = checkpoint.read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(
+                f"{str(index)!r}: weight_map must be an object of weight name -> file name, got {weight_map!r:.80}"
+            )
+        located = {key: hf_dir / name for key, name in weight_map.items()}
+        for path in set(located.values()):
+            checkpoint.require_regular_file(path, f"safetensors file named in {str(index)!r}")
+        return located
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {str(hf_dir)!r} (.bin checkpoints are not read)")
     located = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with _open_safetensors(path) as f:
             located.update({key: path for key in f.keys()})
     return located
 
 
-def _read_hf_tensors(located: Dict[str, Path]) -> Iterator[Tuple[str, torch.Tensor]]:
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+    """`safe_open(path)`, with any failure to read it a ValueError naming the file."""
     from safetensors import safe_open
 
+    from llama import checkpoint
+
+    checkpoint.require_regular_file(path, "safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except ValueError as e:
+        if str(path) in str(e):  # ours, already naming the file
+            raise
+        raise ValueError(f"cannot read {str(path)!r} as a .safetensors file: {e}") from e
+    except Exception as e:  # SafetensorError, OSError, ...
+        raise ValueError(f"cannot read {str(path)!r} as a .safetensors file: {e}") from e
+
+
+def _read_hf_tensors(located: Dict[str, Path]) -> Iterator[Tuple[str, torch.Tensor]]:
     by_file: Dict[Path, list] = {}
     for key, path in located.items():
         by_file.setdefault(path, []).append(key)
     for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
+        with _open_safetensors(path) as f:
+            missing = sorted(set(keys) - set(f.keys()))
+            if missing:
+                raise ValueError(f"{str(path)!r} lacks {missing[0]!r}, which the index places there")
             for key in keys:
                 yield key, f.get_tensor(key)
 
@@ -306,16 +365,24 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"config.json not found in {str(hf_dir)!r}")
+    checkpoint.require_regular_file(config_path, "config.json")
     checkpoint.require_new_dir(out_dir)
-    config = json.loads(config_path.read_text())
-    args = model_args_from_hf_config(config)
+    config = checkpoint.read_json(config_path)
+    try:
+        args = model_args_from_hf_config(config)
+    except ValueError as e:
+        raise ValueError(f"{str(config_path)!r}: {e}") from e
     args.tok_embeddings_split_dim = hf_family(config, hf_dir).tok_embeddings_split_dim
     checkpoint.check_model_parallel_fit(args, model_parallel_size)
 
+    located = _safetensors_files(hf_dir)
+    # Before listing every key the config implies: a config that claims a
+    # million layers fails here at once.
+    checkpoint.check_layer_count(located, args.n_layers, hf_dir, field="num_hidden_layers")
     expected = checkpoint.full_shapes(args)
     to_meta = {meta_to_hf_key(key): key for key in expected}
     state: Dict[str, torch.Tensor] = {}
-    for hf_key, tensor in _read_hf_tensors(_safetensors_files(hf_dir)):
+    for hf_key, tensor in _read_hf_tensors(located):
         if hf_key.endswith(".bias"):
             raise ValueError(f"{hf_key}: this model has no biases")
         if hf_key.endswith("rotary_emb.inv_freq"):  # older exports carry the rotary table
@@ -339,8 +406,10 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
         names = ", ".join(map(meta_to_hf_key, missing[:5]))
         raise ValueError(f"{str(hf_dir)!r} lacks {len(missing)} weight(s): {names}")
 
-    write_checkpoint(out_dir, state, args, mp=model_parallel_size, dtype=dtype or state["norm.weight"].dtype)
-    _copy_tokenizer(hf_dir, out_dir)
+    # Written beside OUT_DIR and renamed into place when complete.
+    with atomic.output_dir(out_dir) as out:
+        write_checkpoint(out, state, args, mp=model_parallel_size, dtype=dtype or state["norm.weight"].dtype)
+        _copy_tokenizer(hf_dir, out)
     return out_dir
 
 
@@ -369,15 +438,18 @@ def meta_to_hf(
         elif key.endswith("attention.wk.weight"):
             tensor = permute_to_hf(tensor, checkpoint.n_kv_heads_of(args))
         hf_state[meta_to_hf_key(key)] = tensor.contiguous()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer_path = meta_dir / "tokenizer.model"
     from llama.tokenizer import Tokenizer
 
+    tokenizer_path = meta_dir / "tokenizer.model"
     tokenizer = Tokenizer(str(tokenizer_path)) if tokenizer_path.is_file() else None
     config = hf_config_from_model_args(args, state["norm.weight"].dtype, max_position_embeddings, tokenizer)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _copy_tokenizer(meta_dir, out_dir)
+    # Written beside OUT_DIR and renamed into place when complete.
+    with atomic.output_dir(out_dir) as out:
+        save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors creates its file private (0600); give it the mode of the other files.
+        os.chmod(out / "model.safetensors", atomic.default_file_mode())
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_tokenizer(meta_dir, out)
     return out_dir
 
 

@@ -6,9 +6,14 @@ variables becomes a world of one, and the dtype defaults to half precision
 on CUDA (as the reference's `torch.cuda.HalfTensor`) and fp32 elsewhere.
 """
 
+import contextlib
+import datetime
+import math
 import os
 import sys
-from typing import Optional, Union
+import threading
+import time
+from typing import Dict, Iterator, List, Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -103,3 +108,177 @@ def silence_other_ranks() -> None:
 def is_first_rank() -> bool:
     """True on global rank 0 (or without a process group): the rank that reports progress."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# -- frozen peers -------------------------------------------------------------------------------
+#
+# A rank that stops (SIGSTOP, a lost link) leaves the others waiting in a
+# collective for torch's default timeout of 30 minutes. `build` can set a
+# shorter one once loading is over; `PeerWatch` then learns which rank went
+# quiet, and `exit_when_a_peer_is_lost` (the scripts) turns either into one
+# line on rank 0 and a non-zero exit on every rank.
+
+
+def check_collective_timeout(seconds) -> None:
+    if seconds is None:
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"collective_timeout_s must be a finite number of seconds > 0, got {seconds!r}")
+
+
+def _groups() -> List:
+    """Every process group this process's collectives use: the default one and fairscale's."""
+    groups = [None]
+    if fs_init.model_parallel_is_initialized():
+        groups += [fs_init.get_model_parallel_group(), fs_init.get_data_parallel_group()]
+        groups.append(fs_init.get_pipeline_parallel_group())
+    return groups
+
+
+def set_collective_timeout(seconds: Optional[float]) -> None:
+    """Make each collective of this process's groups fail (raise) after `seconds`
+    without an answer; None restores torch's default."""
+    from torch.distributed import distributed_c10d
+
+    if seconds is None:
+        timeout = distributed_c10d.default_pg_timeout
+    else:
+        timeout = datetime.timedelta(seconds=seconds)
+    for group in _groups():
+        with contextlib.suppress(ValueError):  # a group this rank is not in
+            distributed_c10d._set_pg_timeout(timeout, group)
+
+
+class PeerWatch:
+    """Each rank adds to a counter of its own in the process group's store
+    every `interval` seconds, from a thread; rank 0 notes when it last saw each
+    counter move. A stopped process stops counting, so rank 0 can tell which
+    rank stopped answering. Counters, not clocks: nodes' clocks may differ.
+    """
+
+    def __init__(self, timeout_s: float):
+        from torch.distributed import distributed_c10d
+
+        self.timeout_s = timeout_s
+        self.interval = min(max(timeout_s / 5, 0.1), 5.0)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._store = distributed_c10d._get_default_store()
+        self._last_seen: Dict[int, float] = {r: time.monotonic() for r in range(self.world_size)}
+        self._counts: Dict[int, int] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llama-peer-watch", daemon=True)
+        self._thread.start()
+
+    def _key(self, rank: int) -> str:
+        return f"llama/alive/{rank}"
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self._store.add(self._key(self.rank), 1)
+                if self.rank == 0:
+                    self._look()
+            except Exception:  # the store went away: the job is ending
+                return
+
+    def _look(self) -> None:
+        now = time.monotonic()
+        for rank in range(1, self.world_size):
+            count = self._store.add(self._key(rank), 0)  # reads without blocking
+            if count != self._counts.get(rank):
+                self._counts[rank] = count
+                self._last_seen[rank] = now
+        lost = self.lost_ranks(self.timeout_s)
+        if lost and _exit_on_lost_peer.is_set():
+            _exit(_lost_peer_line(lost, self.timeout_s))
+
+    def lost_ranks(self, quiet_s: Optional[float] = None) -> List[int]:
+        """Ranks (seen from rank 0) that have not counted for `quiet_s` seconds (default: 3 intervals)."""
+        quiet_s = max(3 * self.interval, 1.0) if quiet_s is None else quiet_s
+        now = time.monotonic()
+        return [rank for rank, seen in sorted(self._last_seen.items()) if rank != 0 and now - seen > quiet_s]
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+_peer_watch: Optional[PeerWatch] = None
+
+
+def relax_collective_timeout() -> None:
+    """Before loading again (a second `build`): torch's long default timeout, no watch."""
+    global _peer_watch
+    if _peer_watch is not None:
+        _peer_watch.stop()
+        _peer_watch = None
+        set_collective_timeout(None)
+
+
+def start_collective_timeout(seconds: Optional[float]) -> None:
+    """After loading: wait for every rank (torch's long timeout), then let each
+    collective wait at most `seconds` and watch which peers still answer.
+    None keeps torch's default timeout. A world of one needs neither."""
+    global _peer_watch
+    if seconds is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    # Ranks finish loading at different times; the short timeout starts after this.
+    dist.barrier()
+    set_collective_timeout(seconds)
+    if _peer_watch is not None:
+        _peer_watch.stop()
+    _peer_watch = PeerWatch(seconds)
+
+
+def _lost_peer_line(lost: List[int], seconds: float) -> str:
+    which = ", ".join(map(str, lost))
+    return (
+        f"error: rank{'s' if len(lost) > 1 else ''} {which} stopped answering (nothing for {seconds:g} s, "
+        "the collective timeout); stopping every rank"
+    )
+
+
+_exit_lock = threading.Lock()
+
+
+def _exit(line: Optional[str]) -> None:
+    """Print `line` (once, whichever thread gets here first) and end this process with status 1 at once:
+    a normal exit would wait in the process group's shutdown for the peer that is gone."""
+    with _exit_lock:
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    signs = ("Timed out", "gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL", "Broken pipe")
+    return isinstance(error, RuntimeError) and any(sign in text for sign in signs)
+
+
+_exit_on_lost_peer = threading.Event()
+
+
+@contextlib.contextmanager
+def exit_when_a_peer_is_lost() -> Iterator[None]:
+    """For the scripts: when a peer stops answering within the collective
+    timeout (`build(collective_timeout_s=...)`, inside or before the block),
+    rank 0 prints one line naming it and every rank exits with status 1,
+    instead of waiting on. Rank 0 notices a silent peer even while no
+    collective runs (the chat waiting for input). Without a timeout set, or
+    with one rank, this does nothing."""
+    _exit_on_lost_peer.set()
+    try:
+        yield
+    except Exception as error:
+        watch = _peer_watch
+        if watch is None or not _is_collective_failure(error):
+            raise
+        if watch.rank != 0:
+            _exit(None)  # rank 0 speaks for the job; its stdout is the one shown
+        lost = watch.lost_ranks()
+        _exit(_lost_peer_line(lost, watch.timeout_s) if lost else f"error: a collective failed: {error}")
+    finally:
+        _exit_on_lost_peer.clear()

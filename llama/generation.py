@@ -207,6 +207,8 @@ class Llama:
         compile: bool = False,
         fast_layout: Optional[bool] = None,
         cuda_graph: bool = False,
+        mmap: bool = True,
+        collective_timeout_s: Optional[float] = None,
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
         check_weights: bool = False,
@@ -224,6 +226,15 @@ class Llama:
         the matrices into their decoding layout (see `from_model`). It
         defaults to on where the weights were copied to a GPU anyway, and off
         on the CPU, where they stay in the memory-mapped checkpoint instead
+        of taking RAM. Weights that stay memory-mapped are read from the file
+        while decoding: each generation first checks that no such file was
+        rewritten or truncated since (RuntimeError). `mmap=False` copies every
+        weight into memory, so that the files may change afterwards.
+        `collective_timeout_s` (with more than one rank): once every rank has
+        loaded, a collective that waits longer than this for a peer raises
+        instead of waiting torch's 30 minutes, and rank 0 tracks which peers
+        still answer (see `distributed.exit_when_a_peer_is_lost`).
+        of taking RAM. Every weight that loading copies (converts, slices or
         of taking RAM; bf16 on CPU gets its own fast layout by default (see
         `llama/kernels.py`, `choose_layout`).
 
@@ -248,6 +259,7 @@ class Llama:
         device = distributed.choose_device(device)
         requested = quantization.make_config(quantize, group_size)
         _check_step_options(device, compile, cuda_graph)
+        distributed.check_collective_timeout(collective_timeout_s)
         # Cheap checks first, so that a typo fails before any process group exists.
         shards = checkpoint.find_shards(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
@@ -276,6 +288,7 @@ class Llama:
         model_family = family.detect(ckpt_dir, params, shards, tokenizer, tokenizer_path)
 
         model_parallel_size = distributed.init_distributed(device, model_parallel_size)
+        distributed.relax_collective_timeout()  # loading may take long on some ranks
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # The seed must be the same on all ranks: they sample the same tokens.
@@ -291,6 +304,7 @@ class Llama:
         memory.check_cache_fits(model_args, model_parallel_size, device, dtype)
         # Any shard count loads on any model-parallel size that divides it or
         # that it divides: this rank's part is cut from the shards it needs.
+        mapped_files = checkpoint.MappedFiles()
         # Quantizing at load: each tensor is quantized as soon as it is read.
         state_dict = checkpoint.load_for_rank(
             shards,
@@ -300,6 +314,8 @@ class Llama:
             device=device,
             dtype=dtype,
             progress=distributed.is_first_rank(),
+            mmap=mmap,
+            mapped_files=mapped_files,
             quant=stored,
             convert=None if stored is not None or requested is None
             else quantization.converter(requested, dtype, model_parallel_size),
@@ -317,6 +333,8 @@ class Llama:
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
         )
+        generator._mapped_files = mapped_files.keep_used_by([*model.parameters(), *model.buffers()])
+        distributed.start_collective_timeout(collective_timeout_s)
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return generator
 
@@ -387,6 +405,8 @@ class Llama:
         self._compiled_step = None
         self._graphed_step = None
         self._position: Optional[torch.Tensor] = None  # the compiled step's position, on the device
+        # Shard files the weights are still memory-mapped from (set by build).
+        self._mapped_files: Optional[checkpoint.MappedFiles] = None
 
     def _refuse_model_parallel(self, option: str) -> None:
         if self.model.model_parallel_size > 1:
@@ -493,6 +513,8 @@ class Llama:
         """Check the arguments, lay out the batch and take the KV cache (waiting
         for another thread's generation to end); None for an empty batch."""
         _check_sampling(temperature, top_p)
+        if self._mapped_files is not None:
+            self._mapped_files.check()
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
         prompt_tokens = [[_token_id(t, i) for t in prompt] for i, prompt in enumerate(prompt_tokens)]

@@ -31,7 +31,7 @@ def reshard(
     """
     import torch  # here, not at the top: `--help` need not wait for it
 
-    from llama import checkpoint, quantize
+    from llama import atomic, checkpoint, quantize
 
     src, dst = Path(src), Path(dst)
     shards = checkpoint.find_shards(src)
@@ -43,9 +43,7 @@ def reshard(
     if quant is not None:
         quantize.check_fit(args, quant, [len(shards), model_parallel_size])
 
-    created = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
-    n_tensors = len(checkpoint.full_shapes(args))
+    n_tensors = checkpoint.n_weights(args)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -54,35 +52,31 @@ def reshard(
             total=n_tensors * model_parallel_size, unit="tensor", desc=f"Resharding to MP={model_parallel_size}"
         )
     try:
-        for rank in range(model_parallel_size):
-            part = checkpoint.load_for_rank(
-                shards,
-                rank,
-                model_parallel_size,
-                args,
-                dtype=dtype,
-                progress=False,
-                quant=quant,
-            )
-            # clone(): a slice saved as it is would drag its whole source storage along.
-            shard = {key: tensor.clone() for key, tensor in part.items()}
-            torch.save(shard, dst / f"consolidated.{rank:02d}.pth")
-            del part, shard
-            if bar is not None:
-                bar.update(n_tensors)
-    except BaseException:
-        # Leave no half-written checkpoint behind (DST was new or empty).
-        for path in dst.glob("consolidated.*.pth"):
-            path.unlink()
-        if created:
-            dst.rmdir()
-        raise
+        # Written beside DST and renamed into place when complete: an error,
+        # Ctrl-C or SIGTERM leaves DST as it was.
+        with atomic.output_dir(dst) as out:
+            for rank in range(model_parallel_size):
+                part = checkpoint.load_for_rank(
+                    shards,
+                    rank,
+                    model_parallel_size,
+                    args,
+                    dtype=dtype,
+                    progress=False,
+                    quant=quant,
+                )
+                # clone(): a slice saved as it is would drag its whole source storage along.
+                shard = {key: tensor.clone() for key, tensor in part.items()}
+                torch.save(shard, out / f"consolidated.{rank:02d}.pth")
+                del part, shard
+                if bar is not None:
+                    bar.update(n_tensors)
+            shutil.copyfile(src / "params.json", out / "params.json")
+            if (src / "tokenizer.model").is_file():
+                shutil.copyfile(src / "tokenizer.model", out / "tokenizer.model")
     finally:
         if bar is not None:
             bar.close()
-    shutil.copyfile(src / "params.json", dst / "params.json")
-    if (src / "tokenizer.model").is_file():
-        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
     return dst
 
 

@@ -333,34 +333,40 @@ def main(argv=None) -> int:
                         help="copy this tokenizer.model; none: train a small one")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         parser.error(f"{out} is not empty; choose a new directory")
     if args.rope_scaling_factor is not None and args.family != "llama3":
         parser.error("--rope-scaling-factor applies to --family llama3 (the family with scaled rope)")
     import torch  # after parsing: --help and a mistyped flag need not wait for it
 
     from llama import family
+    from llama.atomic import output_dir
 
     defaults = family.by_option(args.family or "llama2").tiny_defaults
 
-    code = cli.call(
-        make_tiny_checkpoint,
-        out,
-        mp=args.mp,
-        dim=args.dim,
-        n_layers=args.n_layers,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads or None,
-        multiple_of=args.multiple_of,
-        ffn_dim_multiplier=args.ffn_dim_multiplier or defaults["ffn_dim_multiplier"],
-        vocab_size=args.vocab_size,
-        seed=args.seed,
-        dtype=getattr(torch, args.dtype),
-        tokenizer=args.tokenizer,
-        family_name=args.family,
-        rope_theta=args.rope_theta,
-        rope_scaling_factor=args.rope_scaling_factor,
-    )
+    def make_in_place_of_out() -> None:
+        # Written beside OUT_DIR and renamed into place when complete: an
+        # error, Ctrl-C or SIGTERM leaves OUT_DIR as it was.
+        with output_dir(out) as tmp:
+            make_tiny_checkpoint(
+                tmp,
+                mp=args.mp,
+                dim=args.dim,
+                n_layers=args.n_layers,
+                n_heads=args.n_heads,
+                n_kv_heads=args.n_kv_heads or None,
+                multiple_of=args.multiple_of,
+                ffn_dim_multiplier=args.ffn_dim_multiplier or defaults["ffn_dim_multiplier"],
+                vocab_size=args.vocab_size,
+                seed=args.seed,
+                dtype=getattr(torch, args.dtype),
+                tokenizer=args.tokenizer,
+                family_name=args.family,
+                rope_theta=args.rope_theta,
+                rope_scaling_factor=args.rope_scaling_factor,
+            )
+
+    code = cli.call(make_in_place_of_out)
     if code == 0:
         print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
     return code

@@ -1,0 +1,112 @@
+"""Tool output that appears whole or not at all.
+
+The command-line tools (`llama.reshard`, `llama.convert_hf`, `llama.tiny`,
+...) write a directory of several files, some of them gigabytes. Written in
+place, an interrupted run would leave a truncated `.pth` next to a complete
+`params.json`: a directory that looks like a checkpoint, and that blocks a
+rerun. `output_dir` writes into a temporary directory beside the
+destination and renames it into place only once everything is written; on an
+error, SIGINT or SIGTERM the temporary directory is removed instead.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+
+def require_new_dir(path) -> None:
+    """Raise FileExistsError unless `path` is absent or an empty directory."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{str(path)!r} exists and is not an empty directory; choose a new one")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from `open(path, "w")` under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def _default_dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+@contextlib.contextmanager
+def _signals_raise(cleaning: threading.Event) -> Iterator[None]:
+    """While the block runs, SIGINT raises KeyboardInterrupt and SIGTERM
+    SystemExit(143), so that `finally` clauses run; once `cleaning` is set,
+    further signals are ignored until the block has left. Signals that were
+    ignored before stay ignored. Only the main thread can set handlers;
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if cleaning.is_set():
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if current is signal.SIG_IGN:
+            continue
+        previous[signum] = current
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def output_dir(dst) -> Iterator[Path]:
+    """Yield a new temporary directory beside `dst`; when the block ends
+    normally, move it to `dst` (one rename) with the permissions a new
+    directory gets (or those of the empty `dst` it replaces).
+
+    Raises FileExistsError before anything is written unless `dst` is absent
+    or an empty directory. When the block raises, or SIGINT or SIGTERM
+    arrive while it runs (SIGTERM exits with status 143), the temporary
+    directory is removed and `dst` and its parents are left as they were:
+    parents created for it are removed again.
+    """
+    dst = Path(dst).absolute()
+    require_new_dir(dst)
+    created_parents = [p for p in reversed(dst.parents) if not p.exists()]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    cleaning = threading.Event()
+    with _signals_raise(cleaning):
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+            yield tmp
+            os.chmod(tmp, dst.stat().st_mode & 0o7777 if dst.is_dir() else _default_dir_mode())
+            try:
+                os.rename(tmp, dst)  # POSIX replaces an empty directory in one step
+            except OSError:
+                require_new_dir(dst)  # filled meanwhile: refuse rather than merge
+                dst.rmdir()
+                os.rename(tmp, dst)
+        except BaseException:
+            cleaning.set()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for parent in reversed(created_parents):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+            raise
