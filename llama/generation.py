@@ -1,7 +1,7 @@
 """The public `Llama` class: build, the one decoding loop, text and chat completion."""
 
 import time
-from typing import Iterator, List, Optional, Tuple, TypedDict
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,20 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
     has_special_tags,
 )
 from llama.cuda_graph import GraphedDecodeStep
+from llama.infilling import check_infilling_tokenizer, infilling_pieces, infilling_prompt_tokens
 from llama.model import Transformer
 from llama.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str
+    full_text: str
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
 
@@ -77,7 +85,7 @@ def _check_sampling(temperature: float, top_p: float) -> None:
 class _Decoding:
     """The tensors of one generate() call, shared by its loop and its results."""
 
-    def __init__(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, max_seq_len, device):
+    def __init__(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, max_seq_len, stop_tokens, device):
         self.prompt_lens = [len(t) for t in prompt_tokens]
         self.max_gen_len = max_gen_len
         self.temperature = temperature
@@ -98,6 +106,9 @@ class _Decoding:
             torch.zeros((bsz, self.total_len), dtype=torch.float, device=device) if logprobs else None
         )
         self.eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+        # A row ends at the first of these it generates (EOS; <EOT> when infilling).
+        self.stop_tokens = list(stop_tokens)
+        self.stop_token_ids = torch.tensor(self.stop_tokens, dtype=torch.long, device=device)
 
 
 def _check_step_options(device: torch.device, compile: bool, cuda_graph: bool) -> None:
@@ -333,7 +344,12 @@ class Llama:
 
         Returns (tokens per row, logprobs per row or None).
         """
-        state = self._start_decoding(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        return self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+
+    @torch.inference_mode()
+    def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop_tokens=None):
+        # `generate`, with the stop tokens as an option (infilling stops at <EOT>).
+        state = self._start_decoding(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_tokens)
         if state is None:
             return [], ([] if logprobs else None)
         for _ in self._decode_steps(state):
@@ -347,8 +363,12 @@ class Llama:
         temperature: float,
         top_p: float,
         logprobs: bool,
+        stop_tokens: Optional[Sequence[int]] = None,
     ) -> Optional["_Decoding"]:
-        """Check the arguments and lay out the batch; None for an empty batch."""
+        """Check the arguments and lay out the batch; None for an empty batch.
+
+        Rows stop at `stop_tokens` (default: the tokenizer's EOS).
+        """
         _check_sampling(temperature, top_p)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
@@ -363,6 +383,7 @@ class Llama:
             top_p,
             logprobs,
             max_seq_len=self.model.params.max_seq_len,
+            stop_tokens=[self.tokenizer.eos_id] if stop_tokens is None else stop_tokens,
             device=self.device,
         )
         return self._current_decoding
@@ -396,7 +417,7 @@ class Llama:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = token_logprobs_of(
                     logits, tokens[:, prev_pos + 1 : cur_pos + 1]
                 )
-            state.eos_reached |= (~state.input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            state.eos_reached |= (~state.input_text_mask[:, cur_pos]) & torch.isin(next_token, state.stop_token_ids)
             prev_pos = cur_pos
             yield cur_pos
             if bool(state.eos_reached.all()):
@@ -414,10 +435,11 @@ class Llama:
             end = prompt_len + state.max_gen_len
             toks = row[start:end]
             probs = all_logprobs[i][start:end] if state.logprobs else None
-            # Cut before the first *generated* EOS; an EOS in an echoed prompt stays.
+            # Cut before the first *generated* stop token; one in an echoed prompt stays.
             generated = row[prompt_len:end]
-            if self.tokenizer.eos_id in generated:
-                eos_idx = prompt_len - start + generated.index(self.tokenizer.eos_id)
+            stop_at = next((k for k, token in enumerate(generated) if token in state.stop_tokens), None)
+            if stop_at is not None:
+                eos_idx = prompt_len - start + stop_at
                 toks = toks[:eos_idx]
                 probs = probs[:eos_idx] if state.logprobs else None
             out_tokens.append(toks)
@@ -451,6 +473,58 @@ class Llama:
             self._prediction(self.tokenizer.decode(t), t, generation_logprobs, i)
             for i, t in enumerate(generation_tokens)
         ]
+
+    def text_infilling(
+        self,
+        prefixes: List[str],
+        suffixes: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+    ) -> List[InfillingPrediction]:
+        """Fill in the middle between each prefix and its suffix (Code Llama 7B and 13B).
+
+        The prompt is laid out prefix-suffix-middle, or suffix-prefix-middle
+        with `suffix_first` (`llama.infilling`); each row stops at the
+        tokenizer's <EOT>. Returns one InfillingPrediction per pair:
+        `generation` (the middle) and `full_text` (prefix + middle + suffix),
+        with `tokens` and `logprobs` when asked. Raises ValueError for a
+        tokenizer without Code Llama's infilling pieces, for prefixes and
+        suffixes of different counts, and as `generate` does.
+        """
+        check_infilling_tokenizer(self.tokenizer)
+        for name, texts in (("prefixes", prefixes), ("suffixes", suffixes)):
+            if isinstance(texts, str):
+                raise ValueError(f"{name} must be a list of strings; wrap a single one in a list")
+        prefixes, suffixes = list(prefixes), list(suffixes)
+        if len(prefixes) != len(suffixes):
+            raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; give one suffix per prefix")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [
+            infilling_prompt_tokens(self.tokenizer, prefix, suffix, suffix_first=suffix_first)
+            for prefix, suffix in zip(prefixes, suffixes)
+        ]
+        generation_tokens, generation_logprobs = self._generate(
+            prompt_tokens,
+            max_gen_len,
+            temperature,
+            top_p,
+            logprobs,
+            echo=False,
+            stop_tokens=[self.tokenizer.eot_id],
+        )
+        predictions = []
+        for i, (prefix, suffix, t) in enumerate(zip(prefixes, suffixes, generation_tokens)):
+            generation = self.tokenizer.decode_infilling(t)
+            prediction = {"generation": generation, "full_text": prefix + generation + suffix}
+            if logprobs:
+                prediction["tokens"] = infilling_pieces(self.tokenizer, t)
+                prediction["logprobs"] = generation_logprobs[i]
+            predictions.append(prediction)
+        return predictions
 
     def chat_completion(
         self,

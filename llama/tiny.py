@@ -5,8 +5,10 @@
 writes `params.json`, `consolidated.00.pth` ... (split by Meta's
 model-parallel layout) and a `tokenizer.model` (a small SentencePiece BPE
 model with byte fallback, trained on built-in text, or a copy of one given
-with `--tokenizer`). The weights are seeded random numbers, so the text they
-produce is gibberish; what matters is that it is reproducible.
+with `--tokenizer`). With `--infill` it is shaped like Code Llama 7B/13B: the
+tokenizer also holds the infilling pieces and `rope_theta` is 1e6. The
+weights are seeded random numbers, so the text they produce is gibberish;
+what matters is that it is reproducible.
 """
 
 import argparse
@@ -24,6 +26,10 @@ import torch
 
 from llama.checkpoint import assemble_rank, params_dict
 from llama.model import ModelArgs, ffn_hidden_dim
+from llama.tokenizer import EOT_PIECE, MIDDLE_PIECE, PREFIX_PIECE, SUFFIX_PIECE
+
+# Code Llama's rotary base (Llama 2: 10000).
+CODE_LLAMA_ROPE_THETA = 1e6
 
 _WORDS = (
     "the a an of to in and is was for on with as by at from that this it he she they we you "
@@ -53,9 +59,14 @@ def training_text(n_lines: int = 3000, seed: int = 0):
         yield line
 
 
-def train_tokenizer(path, vocab_size: int = 512) -> None:
+def train_tokenizer(path, vocab_size: int = 512, infill: bool = False) -> None:
     """Train a SentencePiece BPE model with byte fallback, Llama's special ids
-    (unk 0, bos 1, eos 2, no pad) and Llama's normalisation, into `path`."""
+    (unk 0, bos 1, eos 2, no pad) and Llama's normalisation, into `path`.
+
+    With `infill`, Code Llama's infilling pieces are in it too, as
+    user-defined pieces (ids 3 to 6 here; 32007 to 32010 in Code Llama's:
+    code finds them by piece).
+    """
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -74,6 +85,7 @@ def train_tokenizer(path, vocab_size: int = 512) -> None:
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        user_defined_symbols=[PREFIX_PIECE, SUFFIX_PIECE, MIDDLE_PIECE, EOT_PIECE] if infill else [],
         num_threads=1,
         minloglevel=2,
     )
@@ -153,18 +165,31 @@ def make_tiny_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tokenizer: Optional[str] = None,
+    infill: bool = False,
+    rope_theta: Optional[float] = None,
 ) -> Path:
-    """Write a complete tiny checkpoint directory (weights, params, tokenizer)."""
+    """Write a complete tiny checkpoint directory (weights, params, tokenizer).
+
+    `infill` makes it Code Llama-shaped: a tokenizer with the infilling
+    pieces and `rope_theta` 1e6 unless given. Raises ValueError when a given
+    `tokenizer` lacks the pieces.
+    """
+    from llama.tokenizer import Tokenizer
+
+    if infill and tokenizer is not None:
+        from llama.infilling import check_infilling_tokenizer
+
+        check_infilling_tokenizer(Tokenizer(str(tokenizer)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.model"
     if tokenizer is not None:
         shutil.copyfile(tokenizer, tokenizer_path)
     else:
-        train_tokenizer(tokenizer_path, vocab_size=vocab_size)
-    from llama.tokenizer import Tokenizer
-
+        train_tokenizer(tokenizer_path, vocab_size=vocab_size, infill=infill)
     n_words = Tokenizer(str(tokenizer_path)).n_words
+    if rope_theta is None:
+        rope_theta = CODE_LLAMA_ROPE_THETA if infill else ModelArgs.rope_theta
     args = ModelArgs(
         dim=dim,
         n_layers=n_layers,
@@ -174,6 +199,7 @@ def make_tiny_checkpoint(
         multiple_of=multiple_of,
         ffn_dim_multiplier=ffn_dim_multiplier,
         norm_eps=1e-5,
+        rope_theta=rope_theta,
     )
     write_checkpoint(out_dir, random_weights(args, seed), args, mp=mp, dtype=dtype)
     return out_dir
@@ -186,19 +212,20 @@ def demo_cache_dir() -> Path:
     return Path(base)
 
 
-def demo_checkpoint(mp: int = 1) -> Path:
-    """A tiny demo checkpoint of `mp` shards in the cache folder, made on first use.
+def demo_checkpoint(mp: int = 1, infill: bool = False) -> Path:
+    """A tiny demo checkpoint of `mp` shards in the cache folder, made on first use
+    (Code Llama-shaped, with the infilling pieces, when `infill`).
 
     Safe to call from every rank at once: each writes a private temporary
     copy and moves it into place; the copies are identical, the first wins.
     """
-    target = demo_cache_dir() / f"demo-mp{mp}"
+    target = demo_cache_dir() / (f"demo-infill-mp{mp}" if infill else f"demo-mp{mp}")
     if (target / "params.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".demo-mp{mp}-", dir=target.parent))
     try:
-        make_tiny_checkpoint(tmp, mp=mp)
+        make_tiny_checkpoint(tmp, mp=mp, infill=infill)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not
         try:
             os.rename(tmp, target)
@@ -224,10 +251,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--tokenizer", default=None, help="copy this tokenizer.model instead of training one")
+    parser.add_argument(
+        "--infill", action="store_true", help="Code Llama-shaped: a tokenizer with the infilling pieces, rope_theta 1e6"
+    )
+    parser.add_argument("--rope-theta", type=float, default=None, help="rotary base (default 10000; 1e6 with --infill)")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty; choose a new directory")
+    if args.infill and args.tokenizer is not None:
+        from llama.infilling import check_infilling_tokenizer
+        from llama.tokenizer import Tokenizer
+
+        try:
+            check_infilling_tokenizer(Tokenizer(args.tokenizer))
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(f"--infill with --tokenizer {args.tokenizer}: {e}")
     make_tiny_checkpoint(
         out,
         mp=args.mp,
@@ -241,6 +280,8 @@ def main(argv=None) -> int:
         seed=args.seed,
         dtype=getattr(torch, args.dtype),
         tokenizer=args.tokenizer,
+        infill=args.infill,
+        rope_theta=args.rope_theta,
     )
     print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
     return 0

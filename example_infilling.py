@@ -1,0 +1,80 @@
+"""Fill in the middle of a few code snippets with a Code Llama checkpoint.
+
+    torchrun --nproc_per_node 1 example_infilling.py \
+        --ckpt_dir CodeLlama-7b/ --tokenizer_path CodeLlama-7b/tokenizer.model
+
+Infilling needs a model trained for it: CodeLlama-7b, CodeLlama-13b and their
+Instruct models. Without --ckpt_dir it runs on a tiny random demo checkpoint
+with Code Llama's infilling pieces.
+"""
+
+from typing import Optional
+
+import fire
+
+from llama import Llama
+from llama.demo import resolve_checkpoint
+
+# The model writes the text at <FILL>, given what comes before and after it.
+FILL = "<FILL>"
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    max_seq_len: int = 192,
+    max_gen_len: int = 128,
+    max_batch_size: int = 4,
+    suffix_first: bool = False,
+):
+    ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path, infill=True)
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+    )
+
+    prompts = [
+        # A function body, from its name and its return statement.
+        '''def mean(values):
+    """The arithmetic mean of a non-empty list."""
+<FILL>
+    return total / len(values)
+''',
+        # A missing argument list, from how the class is used below.
+        """class Point:
+    def __init__(<FILL>
+        self.x = x
+        self.y = y
+
+origin = Point(x=0, y=0)
+""",
+        # A shell command inside documentation.
+        """To run the tests:
+
+```bash
+<FILL>
+```
+""",
+    ]
+    prefixes, suffixes = zip(*(prompt.split(FILL, 1) for prompt in prompts))
+    results = generator.text_infilling(
+        prefixes=list(prefixes),
+        suffixes=list(suffixes),
+        max_gen_len=max_gen_len,
+        temperature=temperature,
+        top_p=top_p,
+        suffix_first=suffix_first,
+    )
+    for prompt, result in zip(prompts, results):
+        print(prompt)
+        print(f"> filled in: {result['generation']!r}\n")
+        print(result["full_text"])
+        print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
