@@ -9,7 +9,9 @@ logits match to float rounding). What differs, for speed and placement:
   by assignment and then get its caches on the weights' device and dtype;
 - the cache is laid out (bsz, heads, seq, head_dim) and attention is one
   `scaled_dot_product_attention` call; rotary embedding uses real cos/sin
-  tables (the same numbers as the reference's complex ones);
+  tables (the same numbers as the reference's complex ones; the reference's
+  `apply_rotary_emb`, `reshape_for_broadcast` and `Transformer.freqs_cis`
+  remain for code that uses them, computed from those tables);
 - `prepare_for_inference` (`Llama.build(fast_layout=True)`, the default on GPUs) lays the
   weights out for fast matrix-vector products: q/k/v in one matrix and w1/w3
   in another, every matrix stored transposed. The Meta-named parameters stay,
