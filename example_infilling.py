@@ -10,13 +10,43 @@ with Code Llama's infilling pieces.
 
 from typing import Optional
 
-import fire
+try:
+    from llama.cli import run
+except ImportError:  # a folder named llama (a clone of this project?) beside this script hides the package
+    import llama
 
-from llama import Llama
-from llama.demo import resolve_checkpoint
+    if llama.__file__ is None:
+        raise SystemExit(
+            f"error: the folder {list(llama.__path__)[0]} hides the llama package from this script: "
+            "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
+        ) from None
+    raise
 
 # The model writes the text at <FILL>, given what comes before and after it.
 FILL = "<FILL>"
+PROMPTS = [
+    # A function body, from its name and its return statement.
+    '''def mean(values):
+    """The arithmetic mean of a non-empty list."""
+<FILL>
+    return total / len(values)
+''',
+    # A missing argument list, from how the class is used below.
+    """class Point:
+    def __init__(<FILL>
+        self.x = x
+        self.y = y
+
+origin = Point(x=0, y=0)
+""",
+    # A shell command inside documentation.
+    """To run the tests:
+
+```bash
+<FILL>
+```
+""",
+]
 
 
 def main(
@@ -29,47 +59,41 @@ def main(
     max_batch_size: int = 4,
     suffix_first: bool = False,
 ):
+    """Fill in the middle of a few code snippets with Code Llama (a tiny random demo one without --ckpt_dir).
+
+    Args:
+        ckpt_dir: checkpoint directory (params.json, consolidated.NN.pth); none: a tiny random demo checkpoint
+        tokenizer_path: tokenizer.model; none: the one in --ckpt_dir or its parent
+        temperature: sampling temperature; 0 is greedy
+        top_p: nucleus sampling: sample from the tokens that make up this much probability
+        max_seq_len: longest prompt plus generation, in tokens
+        max_gen_len: most tokens generated per snippet
+        max_batch_size: most snippets run at once (this example has 3)
+        suffix_first: lay the prompt out suffix-prefix-middle instead of prefix-suffix-middle
+    """
+    from llama import Llama
+    from llama.demo import check_request, resolve_checkpoint
+
+    infills = [tuple(prompt.split(FILL, 1)) for prompt in PROMPTS]
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path, infill=True)
+    # Everything that needs no weights (the tokenizer's infilling pieces too) is checked before they load.
+    check_request(tokenizer_path, max_seq_len, max_batch_size, temperature, top_p, max_gen_len,
+                  infills=infills, suffix_first=suffix_first)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
     )
-
-    prompts = [
-        # A function body, from its name and its return statement.
-        '''def mean(values):
-    """The arithmetic mean of a non-empty list."""
-<FILL>
-    return total / len(values)
-''',
-        # A missing argument list, from how the class is used below.
-        """class Point:
-    def __init__(<FILL>
-        self.x = x
-        self.y = y
-
-origin = Point(x=0, y=0)
-""",
-        # A shell command inside documentation.
-        """To run the tests:
-
-```bash
-<FILL>
-```
-""",
-    ]
-    prefixes, suffixes = zip(*(prompt.split(FILL, 1) for prompt in prompts))
     results = generator.text_infilling(
-        prefixes=list(prefixes),
-        suffixes=list(suffixes),
+        prefixes=[prefix for prefix, _ in infills],
+        suffixes=[suffix for _, suffix in infills],
         max_gen_len=max_gen_len,
         temperature=temperature,
         top_p=top_p,
         suffix_first=suffix_first,
     )
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(PROMPTS, results):
         print(prompt)
         print(f"> filled in: {result['generation']!r}\n")
         print(result["full_text"])
@@ -77,4 +101,4 @@ origin = Point(x=0, y=0)
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

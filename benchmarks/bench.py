@@ -25,6 +25,7 @@ table; `--plot` draws decode tokens/s against batch size.
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -456,6 +457,14 @@ def plot(results: List[Dict], path: str) -> None:
     print(f"wrote {path}")
 
 
+def importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown-from", metavar="JSON", default=None,
@@ -486,6 +495,14 @@ def parse_args(argv=None):
     opts.batch_sizes = [int(b) for b in opts.batch_sizes.split(",")]
     opts.device = distributed.choose_device(opts.device)
     opts.dtype = distributed.choose_dtype(opts.device, opts.dtype)
+    # Checked now, not after a minute of benchmarking.
+    needed = []
+    if not opts.markdown_from and opts.device.type == "cpu" and not importable("psutil"):
+        needed.append("psutil (memory on the CPU)")
+    if opts.plot and not importable("matplotlib"):
+        needed.append("matplotlib (--plot)")
+    if needed:
+        parser.error(f"this run needs {' and '.join(needed)}: install them with pip install -e \".[bench]\"")
     if opts.transformers:
         try:
             import transformers  # noqa: F401

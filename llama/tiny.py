@@ -11,7 +11,8 @@ weights are seeded random numbers, so the text they produce is gibberish;
 what matters is that it is reproducible.
 """
 
-import argparse
+from __future__ import annotations
+
 import io
 import json
 import os
@@ -20,13 +21,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
-import torch
+from llama import cli
 
-from llama.checkpoint import assemble_rank, params_dict
-from llama.model import ModelArgs, ffn_hidden_dim
-from llama.tokenizer import EOT_PIECE, MIDDLE_PIECE, PREFIX_PIECE, SUFFIX_PIECE
+# torch, and the modules that import it, are imported where the work needs
+# them, so that `python -m llama.tiny --help` answers at once.
+if TYPE_CHECKING:
+    import torch
+
+    from llama.model import ModelArgs
 
 # Code Llama's rotary base (Llama 2: 10000).
 CODE_LLAMA_ROPE_THETA = 1e6
@@ -69,6 +73,8 @@ def train_tokenizer(path, vocab_size: int = 512, infill: bool = False) -> None:
     """
     import sentencepiece as spm
 
+    from llama.tokenizer import EOT_PIECE, MIDDLE_PIECE, PREFIX_PIECE, SUFFIX_PIECE
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=training_text(),
@@ -92,13 +98,19 @@ def train_tokenizer(path, vocab_size: int = 512, infill: bool = False) -> None:
     Path(path).write_bytes(model.getvalue())
 
 
-def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=None) -> Dict[str, torch.Tensor]:
     """A full (MP=1) state dict with Meta's keys and seeded random values.
 
     Scaled so that activations stay O(1) and the logits are spread widely
     enough that greedy choices are not decided by float rounding. Made on
     `device` (a 7B one straight on the GPU); the values depend on the device.
+    `dtype` defaults to float32.
     """
+    import torch
+
+    from llama.model import ffn_hidden_dim
+
+    dtype = torch.float32 if dtype is None else dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
     head_dim = args.dim // args.n_heads
@@ -132,6 +144,8 @@ def shard_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """Rank `rank`'s part of a full state dict under Meta's MP layout (KV heads
     replicated when `mp` exceeds them), as tensors of their own."""
+    from llama.checkpoint import assemble_rank
+
     part = assemble_rank(lambda index: (state, "the full state dict"), 1, rank, mp, args)
     return {key: tensor.clone() for key, tensor in part.items()}
 
@@ -141,9 +155,15 @@ def write_checkpoint(
     state: Dict[str, torch.Tensor],
     args: ModelArgs,
     mp: int = 1,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Write `params.json` and `consolidated.NN.pth` for `mp` shards into `out_dir`."""
+    """Write `params.json` and `consolidated.NN.pth` for `mp` shards into `out_dir`,
+    the weights in `dtype` (default float32)."""
+    import torch
+
+    from llama.checkpoint import params_dict
+
+    dtype = torch.float32 if dtype is None else dtype
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params_dict(args), indent=2) + "\n")
@@ -163,17 +183,19 @@ def make_tiny_checkpoint(
     ffn_dim_multiplier: Optional[float] = None,
     vocab_size: int = 512,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
     tokenizer: Optional[str] = None,
     infill: bool = False,
     rope_theta: Optional[float] = None,
 ) -> Path:
-    """Write a complete tiny checkpoint directory (weights, params, tokenizer).
+    """Write a complete tiny checkpoint directory (weights, params, tokenizer);
+    the weights in `dtype` (default float32).
 
     `infill` makes it Code Llama-shaped: a tokenizer with the infilling
-    pieces and `rope_theta` 1e6 unless given. Raises ValueError when a given
-    `tokenizer` lacks the pieces.
+    pieces and `rope_theta` 1e6 unless given. Raises ValueError, before
+    writing anything, when a given `tokenizer` lacks the pieces.
     """
+    from llama.model import ModelArgs
     from llama.tokenizer import Tokenizer
 
     if infill and tokenizer is not None:
@@ -238,36 +260,34 @@ def demo_checkpoint(mp: int = 1, infill: bool = False) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
+    parser = cli.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="new or empty directory to write")
     parser.add_argument("--mp", type=int, default=1, help="number of model-parallel shards")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--n-kv-heads", type=int, default=2, help="0 for none (plain multi-head attention)")
-    parser.add_argument("--multiple-of", type=int, default=32)
-    parser.add_argument("--ffn-dim-multiplier", type=float, default=None)
+    parser.add_argument("--dim", type=int, default=64, help="model width")
+    parser.add_argument("--n-layers", type=int, default=2, help="number of transformer blocks")
+    parser.add_argument("--n-heads", type=int, default=4, help="attention (query) heads")
+    parser.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads; 0 for plain multi-head attention")
+    parser.add_argument("--multiple-of", type=int, default=32, help="the feed-forward size is rounded up to this")
+    parser.add_argument("--ffn-dim-multiplier", type=float, default=None,
+                        help="scales the feed-forward size; none: Meta's 8/3 x dim")
     parser.add_argument("--vocab-size", type=int, default=512, help="size of the tokenizer to train")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--tokenizer", default=None, help="copy this tokenizer.model instead of training one")
-    parser.add_argument(
-        "--infill", action="store_true", help="Code Llama-shaped: a tokenizer with the infilling pieces, rope_theta 1e6"
-    )
-    parser.add_argument("--rope-theta", type=float, default=None, help="rotary base (default 10000; 1e6 with --infill)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the stored weights")
+    parser.add_argument("--tokenizer", default=None,
+                        help="copy this tokenizer.model; none: train a small one")
+    parser.add_argument("--infill", action="store_true",
+                        help="Code Llama-shaped: a tokenizer with the infilling pieces, rope_theta 1e6")
+    parser.add_argument("--rope-theta", type=float, default=None,
+                        help="rotary base; none: 10000, or 1e6 with --infill")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty; choose a new directory")
-    if args.infill and args.tokenizer is not None:
-        from llama.infilling import check_infilling_tokenizer
-        from llama.tokenizer import Tokenizer
+    import torch  # after parsing: --help and a mistyped flag need not wait for it
 
-        try:
-            check_infilling_tokenizer(Tokenizer(args.tokenizer))
-        except (ValueError, FileNotFoundError) as e:
-            parser.error(f"--infill with --tokenizer {args.tokenizer}: {e}")
-    make_tiny_checkpoint(
+    code = cli.call(
+        make_tiny_checkpoint,
         out,
         mp=args.mp,
         dim=args.dim,
@@ -283,8 +303,9 @@ def main(argv=None) -> int:
         infill=args.infill,
         rope_theta=args.rope_theta,
     )
-    print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
-    return 0
+    if code == 0:
+        print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
+    return code
 
 
 if __name__ == "__main__":

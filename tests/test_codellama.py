@@ -4,12 +4,13 @@ at <EOT>, rope_theta 1e6 against transformers, and the infilling example."""
 import json
 import shutil
 import struct
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import real_llama2_tokenizer, run_torchrun
+from conftest import REPO, real_llama2_tokenizer, run_checked, run_torchrun, subprocess_env
 from llama import Llama, convert_hf
 from llama.infilling import check_infilling_tokenizer, infilling_prompt_tokens
 from llama.tiny import main as tiny_main
@@ -190,10 +191,9 @@ def test_tiny_infill_option(tmp_path, tiny_tokenizer, capsys):
     assert params["rope_theta"] == 1e6 and params["n_layers"] == 1
     tokenizer = Tokenizer(str(tmp_path / "cl" / "tokenizer.model"))
     check_infilling_tokenizer(tokenizer)
-    # A tokenizer without the pieces is refused before anything is written.
-    with pytest.raises(SystemExit):
-        tiny_main([str(tmp_path / "bad"), "--infill", "--tokenizer", str(tiny_tokenizer)])
-    assert "no infilling pieces" in capsys.readouterr().err
+    # A tokenizer without the pieces is refused, in one line, before anything is written.
+    assert tiny_main([str(tmp_path / "bad"), "--infill", "--tokenizer", str(tiny_tokenizer)]) == 1
+    assert capsys.readouterr().err.startswith("error: this tokenizer has no infilling pieces")
     assert not (tmp_path / "bad").exists()
 
 
@@ -321,9 +321,15 @@ def test_infilling_example_on_the_demo_checkpoint(tmp_path):
 
 
 def test_infilling_example_with_a_checkpoint_and_suffix_first(tiny_infill_ckpt):
-    from conftest import run_checked
-
     out = run_checked([sys.executable, "example_infilling.py", "--ckpt_dir", str(tiny_infill_ckpt),
-                       "--max_gen_len", "4", "--suffix_first", "True"]).stdout
+                       "--max_gen_len", "4", "--suffix_first"]).stdout
     assert "demo checkpoint" not in out
     assert out.count("> filled in: ") == 3
+
+
+def test_infilling_example_on_a_llama2_checkpoint_fails_in_one_line_before_loading(tiny_ckpt):
+    proc = subprocess.run([sys.executable, "example_infilling.py", "--ckpt_dir", str(tiny_ckpt)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: this tokenizer has no infilling pieces") and proc.stderr.count("\n") == 1
+    assert "Loaded in" not in proc.stdout
