@@ -13,7 +13,7 @@ tokenizers (base and Instruct) hold the pieces; 34B, 70B and Llama 2 do not.
 
 from typing import List
 
-from llama.tokenizer import EOT_PIECE, MIDDLE_PIECE, PREFIX_PIECE, SUFFIX_PIECE, IncrementalDecoder
+from llama.tokenizer import EOT_PIECE, MIDDLE_PIECE, PREFIX_PIECE, SENTENCEPIECE, SUFFIX_PIECE, IncrementalDecoder
 
 
 def check_infilling_tokenizer(tokenizer) -> None:
@@ -24,8 +24,12 @@ def check_infilling_tokenizer(tokenizer) -> None:
         MIDDLE_PIECE: "middle_id",
         EOT_PIECE: "eot_id",
     }
-    # getattr: a tokenizer of another family may not define the attributes at all.
-    missing = [piece for piece, attr in pieces.items() if getattr(tokenizer, attr, None) is None]
+    # getattr: a tokenizer of another family may not define the attributes at
+    # all; Llama 3's has an `eot_id`, its <|eot_id|>, but no infilling pieces.
+    if getattr(tokenizer, "kind", SENTENCEPIECE) != SENTENCEPIECE:
+        missing = list(pieces)
+    else:
+        missing = [piece for piece, attr in pieces.items() if getattr(tokenizer, attr, None) is None]
     if missing:
         raise ValueError(
             f"this tokenizer has no infilling pieces ({', '.join(missing)} missing): infilling "

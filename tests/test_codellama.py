@@ -14,7 +14,7 @@ from conftest import REPO, real_llama2_tokenizer, run_checked, run_torchrun, sub
 from llama import Llama, convert_hf
 from llama.infilling import check_infilling_tokenizer, infilling_prompt_tokens
 from llama.tiny import main as tiny_main
-from llama.tiny import make_tiny_checkpoint
+from llama.tiny import make_tiny_checkpoint, train_tiktoken_bpe
 from llama.tokenizer import Tokenizer
 
 INFILL_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")
@@ -160,12 +160,18 @@ def test_generation_stops_at_eot(eot_ckpt):
 # --- errors ---------------------------------------------------------------------
 
 
-def test_infilling_without_infill_pieces_is_one_clear_error(generator):
+def test_infilling_without_infill_pieces_is_one_clear_error(generator, tmp_path):
     with pytest.raises(ValueError, match=r"this tokenizer has no infilling pieces \(▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT> missing\)"):
         generator.text_infilling(["def f("], ["):\n"])
     # A tokenizer of another family, without the attributes at all.
     with pytest.raises(ValueError, match="no infilling pieces"):
         check_infilling_tokenizer(object())
+    # Llama 3's tokenizer has an eot_id (<|eot_id|>) but none of the pieces.
+    train_tiktoken_bpe(tmp_path / "llama3.model", n_ranks=300)
+    llama3 = Tokenizer(str(tmp_path / "llama3.model"))
+    assert llama3.eot_id is not None
+    with pytest.raises(ValueError, match=r"no infilling pieces \(▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT> missing\)"):
+        infilling_prompt_tokens(llama3, "a", "b")
     # The instance keeps working.
     assert generator.text_completion(["the cat"], max_gen_len=2, temperature=0)[0]["generation"]
 
@@ -195,6 +201,10 @@ def test_tiny_infill_option(tmp_path, tiny_tokenizer, capsys):
     assert tiny_main([str(tmp_path / "bad"), "--infill", "--tokenizer", str(tiny_tokenizer)]) == 1
     assert capsys.readouterr().err.startswith("error: this tokenizer has no infilling pieces")
     assert not (tmp_path / "bad").exists()
+    # Infilling is Code Llama's, a Llama 2-family model.
+    assert tiny_main([str(tmp_path / "bad3"), "--infill", "--family", "llama3"]) == 1
+    assert "not with the llama3 family" in capsys.readouterr().err
+    assert not (tmp_path / "bad3").exists()
 
 
 # --- Code Llama's own vocabulary layout ------------------------------------------
