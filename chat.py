@@ -35,6 +35,8 @@ def main(
     seed: int = 1,
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     """Chat with a Llama 2 model in the terminal. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply.
 
@@ -66,6 +68,8 @@ def main(
         max_batch_size=1,
         seed=seed,
         device=device,
+        quantize=quantize,
+        group_size=group_size,
     )
     run_chat(
         llama,

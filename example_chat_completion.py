@@ -45,6 +45,8 @@ def main(
     max_seq_len: int = 512,
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     """Answer a few dialogs with a Llama 2 chat checkpoint (a tiny random demo one without --ckpt_dir).
 
@@ -68,6 +70,8 @@ def main(
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        quantize=quantize,
+        group_size=group_size,
     )
     results = generator.chat_completion(
         DIALOGS,

@@ -47,6 +47,8 @@ def main(
     max_seq_len: int = 128,
     max_gen_len: int = 64,
     max_batch_size: int = 4,
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     """Complete a few prompts with a Llama checkpoint (a tiny random demo one without --ckpt_dir).
 
@@ -70,6 +72,8 @@ def main(
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        quantize=quantize,
+        group_size=group_size,
     )
     results = generator.text_completion(
         PROMPTS,

@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llama import Llama, Tokenizer, checkpoint, distributed  # noqa: E402
+from llama import Llama, Tokenizer, checkpoint, distributed, quantize  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from llama.tiny import random_weights, train_tokenizer  # noqa: E402
 
@@ -54,7 +54,7 @@ SHAPES = {
     "7B": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, vocab_size=32000),
 }
 
-LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
+LLAMA2_TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER") or REPO.parent / "shared" / "data" / "llama2-tokenizer.model")
 
 
 def synchronize(device: torch.device) -> None:
@@ -130,13 +130,41 @@ class RssPeak:
         self._thread.join()
 
 
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes a batch-1 decode step reads from `model`'s weights as they are held
+    (quantized, packed, fused or not): every matrix and norm, one embedding row.
+    Overlapping tensors (views into a fused matrix) count once."""
+    spans = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or t.device.type == "meta" or name.split(".")[-1] in ("cache_k", "cache_v", "rope"):
+            continue
+        if name == "tok_embeddings.weight":
+            continue
+        try:
+            start = t.data_ptr()
+        except (NotImplementedError, RuntimeError):  # oneDNN's packed weights: a tensor of their own
+            start = -id(t) * 2**40
+        spans.append((start, start + t.numel() * t.element_size()))
+    total, reach = 0, float("-inf")
+    for start, end in sorted(spans):
+        start = max(start, reach)
+        if end > start:
+            total += end - start
+            reach = end
+    embedding = model.tok_embeddings.weight
+    return total + embedding.shape[1] * embedding.element_size()
+
+
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct storages behind a module's parameters and buffers."""
     seen = {}
     for t in list(module.parameters()) + list(module.buffers()):
         if t is not None and t.device.type != "meta":
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            try:
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            except NotImplementedError:  # oneDNN's packed weights have no storage to look at
+                seen[id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
 
 
@@ -165,15 +193,37 @@ class Runner:
 
 
 class OurRunner(Runner):
-    def __init__(self, name, state, args, tokenizer, device, dtype, **build_options):
+    """Ours on weights in memory (`state`), or, with `ckpt_dir`, built from that checkpoint."""
+
+    def __init__(self, name, state, args, tokenizer, device, dtype, quantize_mode=None, group_size=None,
+                 ckpt_dir=None, **build_options):
         distributed.init_distributed(device, 1)
-        with checkpoint.init_on_meta():
-            model = Transformer(args)
-        checkpoint.load_into(model, state, device, dtype, source="random weights")
-        self.generator = Llama.from_model(model, tokenizer, **build_options)
+        if ckpt_dir is not None:
+            self.generator = Llama.build(
+                str(ckpt_dir), str(tokenizer), max_seq_len=args.max_seq_len,
+                max_batch_size=args.max_batch_size, device=str(device), dtype=dtype,
+                quantize=quantize_mode, group_size=group_size, **build_options,
+            )
+        else:
+            with checkpoint.init_on_meta():
+                model = Transformer(args)
+            config = quantize.make_config(quantize_mode, group_size)
+            if config is not None:
+                quantize.check_fit(args, config, [1])
+                convert = quantize.converter(config, dtype, 1)
+                parts = {}
+                for key in list(state):
+                    parts.update(convert(key, state[key], None))
+                quantize.install(model, parts, config, device, dtype)
+                build_options["fast_layout"] = False  # the quantized kernels are the layout
+            else:
+                checkpoint.load_into(model, state, device, dtype, source="random weights")
+            self.generator = Llama.from_model(model, tokenizer, **build_options)
         self.model_bytes = tensor_bytes(self.generator.model)
+        self.bytes_per_token = weight_bytes_per_token(self.generator.model)
         self.device = device
         self.name = name
+        self.group = str(dtype) if quantize_mode is None else quantize_mode
 
     def steps(self, prompts, gen_len):
         g = self.generator
@@ -251,8 +301,10 @@ class TheirRunner(Runner):
         model.generation_config.pad_token_id = 0
         self.model = model
         self.model_bytes = tensor_bytes(model)
+        self.bytes_per_token = bytes_per_token(args, dtype)
         self.device = device
-        self.name = f"transformers {transformers.__version__}"
+        self.group = str(dtype)
+        self.name = f"transformers {transformers.__version__} {str(dtype).removeprefix('torch.')}"
 
     def steps(self, prompts, gen_len):
         import transformers
@@ -294,36 +346,70 @@ def summarize(step_times: List[List[float]], batch: int, prompt_len: int) -> Dic
     }
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def our_variants(opts) -> List:
+    """(name, dtype, options) of each of our runs: every --dtype, then every --quantize.
+    The first is the baseline that the others are compared with."""
+    variants = []
+    for dtype in opts.dtypes:
+        suffix = "" if len(opts.dtypes) == 1 and not opts.quantize else f" {dtype_name(dtype)}"
+        if opts.eager or not (opts.compile or opts.cuda_graph):
+            variants.append((f"llama{suffix}", dtype, {}))
+        if opts.cuda_graph:
+            variants.append((f"llama cuda_graph{suffix}", dtype, {"cuda_graph": True}))
+        if opts.compile:
+            variants.append((f"llama compile{suffix}", dtype, {"compile": True}))
+    for mode in opts.quantize:
+        group = (opts.group_size or quantize.DEFAULT_GROUP_SIZE) if mode == "int4" else None
+        dtype = quantize.default_dtype(opts.device)
+        name = f"llama {mode}" + (f" g{group}" if group else "")
+        variants.append((name, dtype, {"quantize_mode": mode, "group_size": group}))
+        if opts.compile:
+            variants.append((name + " compile", dtype, {"quantize_mode": mode, "group_size": group,
+                                                        "compile": True}))
+    return variants
+
+
 def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dict:
-    device, dtype = opts.device, opts.dtype
+    device, dtype = opts.device, opts.dtypes[0]
     max_batch = max(opts.batch_sizes)
     args = ModelArgs(
         **SHAPES[shape],
         max_seq_len=opts.prompt_len + opts.gen_len,
         max_batch_size=max_batch,
     )
-    torch.manual_seed(0)
-    state = random_weights(args, seed=0, device=device, dtype=dtype)
-    # transformers copies the weights (permuting q and k); ours then takes them by assignment.
-    theirs = [TheirRunner(state, args, device, dtype)] if opts.transformers else []
-    # from_model lays the weights out for decoding (build's fast_layout=True).
-    variants = [("llama", {})] if opts.eager or not (opts.compile or opts.cuda_graph) else []
-    if opts.cuda_graph:
-        variants.append(("llama cuda_graph", {"cuda_graph": True}))
-    if opts.compile:
-        variants.append(("llama compile", {"compile": True}))
+    variants = our_variants(opts)
     runners = []
-    for i, (name, build_options) in enumerate(variants):
-        weights = state if i == len(variants) - 1 else {k: v.clone() for k, v in state.items()}
-        runners.append(OurRunner(name, weights, args, tokenizer, device, dtype, **build_options))
-    runners += theirs
-    del state, weights
+    if opts.ckpt_dir:  # each of ours built from the checkpoint, one at a time
+        for name, variant_dtype, options in variants:
+            print(f"  [{shape}] building {name} from {opts.ckpt_dir}", flush=True)
+            runners.append(OurRunner(name, None, args, opts.tokenizer_path, device, variant_dtype, ckpt_dir=opts.ckpt_dir,
+                                     **options))
+    else:
+        torch.manual_seed(0)
+        state = random_weights(args, seed=0, device=device, dtype=torch.float32 if len(opts.dtypes) > 1 or opts.quantize
+                               else dtype)
+        # transformers copies the weights (permuting q and k); ours then takes copies, or by assignment.
+        theirs = [TheirRunner(state, args, device, d) for d in opts.transformers_dtypes] if opts.transformers else []
+        for name, variant_dtype, options in variants:
+            weights = {k: v.to(variant_dtype) if v.dtype != variant_dtype or len(variants) > 1 else v
+                       for k, v in state.items()}
+            if options.get("quantize_mode"):
+                weights = state  # quantized from the fp32 values, as build does from the checkpoint
+            # from_model lays the weights out for decoding (build's fast_layout=True).
+            runners.append(OurRunner(name, weights, args, tokenizer, device, variant_dtype, **options))
+            del weights
+        runners += theirs
+        del state
 
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, args.vocab_size, (max_batch, opts.prompt_len), generator=gen)
     ceiling = bandwidth / bytes_per_token(args, dtype)
     result = {"shape": shape, "args": SHAPES[shape], "bytes_per_token": bytes_per_token(args, dtype),
-              "ceiling_tokens_per_s": ceiling, "libraries": {}}
+              "ceiling_tokens_per_s": ceiling, "libraries": {}, "baseline": runners[0].name}
 
     # Warm-up (and compilation), then a check that both decode the same tokens.
     for runner in runners:
@@ -332,12 +418,15 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
             for _ in range(opts.warmup):
                 runner.steps(prompts[:batch], opts.gen_len)
         print(f"  [{shape}] warm-up of {runner.name}: {time.perf_counter() - start:.1f} s", flush=True)
-    result["same_greedy_tokens"] = same_tokens(runners, prompts[:1], min(opts.gen_len, 16))
+    # Only runs of the same numbers (the baseline's dtype, unquantized) must agree.
+    result["same_greedy_tokens"] = same_tokens([r for r in runners if r.group == runners[0].group], prompts[:1],
+                                               min(opts.gen_len, 16))
 
     for runner in runners:
         result["libraries"][runner.name] = {
             "memory_mb": runner.memory(prompts[:1], opts.gen_len, device) / 2**20,
             "model_mb": runner.model_bytes / 2**20,
+            "bytes_per_token": runner.bytes_per_token,
             "batches": {},
         }
     # The ceiling uses the bandwidth of the moment: on a shared machine it drifts.
@@ -352,11 +441,15 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
         for runner in runners:
             entry = summarize(times[runner.name], batch, opts.prompt_len)
             if batch == 1 and entry["decode_tokens_per_s"]:
-                entry["fraction_of_ceiling"] = entry["decode_tokens_per_s"] / ceiling
+                # Each run's own ceiling: the bytes its weights take (quantized, bf16, ...).
+                own_ceiling = bandwidth / result["libraries"][runner.name]["bytes_per_token"]
+                entry["fraction_of_ceiling"] = entry["decode_tokens_per_s"] / own_ceiling
+                entry["ceiling_tokens_per_s"] = own_ceiling
             result["libraries"][runner.name]["batches"][batch] = entry
             # As measured, so that a run cut short still shows what it got.
             print(f"  [{shape}] {runner.name}, batch {batch}: decode {entry['decode_tokens_per_s']:.1f} tok/s"
-                  + (f" ({entry['fraction_of_ceiling']:.0%} of {ceiling:.0f})" if "fraction_of_ceiling" in entry else "")
+                  + (f" ({entry['fraction_of_ceiling']:.0%} of {entry['ceiling_tokens_per_s']:.0f})"
+                     if "fraction_of_ceiling" in entry else "")
                   + f", first token {entry['ttft_ms']:.1f} ms", flush=True)
     return result
 
@@ -380,31 +473,41 @@ def same_tokens(runners: List[Runner], prompt: torch.Tensor, gen_len: int) -> Op
     return all(o == outputs[0] for o in outputs) if len(outputs) > 1 else None
 
 
+def paired_ratio(runs: List[float], baseline_runs: List[float]) -> float:
+    """Median over the alternating runs of run i's tokens/s over the baseline's run i."""
+    return statistics.median(a / b for a, b in zip(runs, baseline_runs))
+
+
 def table_rows(results: List[Dict]):
-    """(shape, library, batch, entry, ratio vs transformers, fraction of ceiling, memory MB) per row."""
+    """(shape, library, batch, entry, ratio vs transformers, fraction of ceiling, memory MB,
+    ratio vs our baseline) per row."""
     for r in results:
         libs = r["libraries"]
         theirs = next((n for n in libs if n.startswith("transformers")), None)
+        ours = r.get("baseline")
         for name, lib in libs.items():
             for batch, e in lib["batches"].items():
                 ratio = ""
-                if theirs and name != theirs:
+                if theirs and name != theirs and not name.startswith("transformers"):
                     ratio = f"{e['decode_tokens_per_s'] / libs[theirs]['batches'][batch]['decode_tokens_per_s']:.2f}x"
+                vs_ours = ""
+                if ours in libs and e.get("decode_runs") and libs[ours]["batches"][batch].get("decode_runs"):
+                    vs_ours = f"{paired_ratio(e['decode_runs'], libs[ours]['batches'][batch]['decode_runs']):.2f}x"
                 frac = f"{100 * e['fraction_of_ceiling']:.0f}%" if "fraction_of_ceiling" in e else ""
-                yield r["shape"], name, batch, e, ratio, frac, lib["memory_mb"]
+                yield r["shape"], name, batch, e, ratio, frac, lib["memory_mb"], vs_ours
 
 
 def print_table(results: List[Dict], bandwidth: float) -> None:
     print(f"\nmeasured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     width = max([24] + [len(name) for _, name, *_ in table_rows(results)])
     header = f"{'shape':>5} {'library':<{width}} {'batch':>5} {'decode tok/s':>12} {'of ceiling':>10} " \
-             f"{'vs HF':>6} {'prefill tok/s':>13} {'TTFT ms':>8} {'mem MB':>7}"
+             f"{'vs HF':>6} {'vs ours':>7} {'prefill tok/s':>13} {'TTFT ms':>8} {'mem MB':>7}"
     print(header)
     print("-" * len(header))
     for r in results:
-        for shape, name, batch, e, ratio, frac, memory in table_rows([r]):
+        for shape, name, batch, e, ratio, frac, memory, vs_ours in table_rows([r]):
             print(f"{shape:>5} {name:<{width}} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
-                  f"{ratio:>6} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {memory:>7.0f}")
+                  f"{ratio:>6} {vs_ours:>7} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {memory:>7.0f}")
         print(f"{r['shape']:>5} ceiling at batch 1: {r['ceiling_tokens_per_s']:.1f} tok/s "
               f"({r['bytes_per_token'] / 1e6:.0f} MB read per token at "
               f"{r.get('read_bandwidth_bytes_per_s', bandwidth) / 1e9:.1f} GB/s); "
@@ -417,13 +520,14 @@ def markdown_table(report: Dict) -> str:
         f"Read bandwidth measured in the run: {report['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
         f"{report['machine']['threads']} threads, {report['options']['dtype']}.",
         "",
-        "| shape | library | batch | decode tok/s | of ceiling | vs transformers | prefill tok/s | TTFT ms | memory MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | library | batch | decode tok/s | of ceiling | vs transformers | vs our baseline "
+        "| prefill tok/s | TTFT ms | memory MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        for shape, name, batch, e, ratio, frac, memory in table_rows([r]):
+        for shape, name, batch, e, ratio, frac, memory, vs_ours in table_rows([r]):
             lines.append(
-                f"| {shape} | {name} | {batch} | {e['decode_tokens_per_s']:.1f} | {frac} | {ratio} | "
+                f"| {shape} | {name} | {batch} | {e['decode_tokens_per_s']:.1f} | {frac} | {ratio} | {vs_ours} | "
                 f"{e['prefill_tokens_per_s']:.0f} | {e['ttft_ms']:.1f} | {memory:.0f} |"
             )
         lines.append(
@@ -457,6 +561,45 @@ def plot(results: List[Dict], path: str) -> None:
     print(f"wrote {path}")
 
 
+def write_random_checkpoint(out_dir: Path, shape: str, tokenizer_path: Path) -> None:
+    """A one-shard bf16 Meta-format checkpoint of `shape` with random weights
+    (each matrix std 1/sqrt(fan-in), as `random_weights`), written without
+    holding it in memory: each tensor is filled in a file-backed mapping,
+    which `torch.save` then streams into the shard."""
+    import shutil
+
+    from llama.model import ffn_hidden_dim
+    from llama.tiny import params_dict
+
+    checkpoint.require_new_dir(out_dir)
+    args = ModelArgs(**SHAPES[shape])
+    args.vocab_size = Tokenizer(str(tokenizer_path)).n_words
+    shapes = checkpoint.full_shapes(args)
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    scratch = out_dir / "scratch"
+    scratch.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for i, (key, full_shape) in enumerate(shapes.items()):
+        numel = 1
+        for n in full_shape:
+            numel *= n
+        t = torch.from_file(str(scratch / f"{i}.bin"), shared=True, size=numel, dtype=torch.bfloat16)
+        t = t.view(full_shape)
+        if len(full_shape) == 1:
+            t.fill_(1.0)
+        else:
+            fan_in = full_shape[1]
+            std = 1.0 if key == "tok_embeddings.weight" else (3.0 if key == "output.weight" else 1.0) * fan_in**-0.5
+            for rows in t.split(1024):
+                rows.copy_(torch.randn(rows.shape, generator=gen) * std)
+        state[key] = t
+    (out_dir / "params.json").write_text(json.dumps(params_dict(args), indent=2) + "\n")
+    torch.save(state, out_dir / "consolidated.00.pth")
+    del state
+    shutil.rmtree(scratch)
+    shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+    print(f"wrote {out_dir} ({shape} shape, bf16, hidden {hidden})")
 def importable(module: str) -> bool:
     try:
         importlib.import_module(module)
@@ -479,7 +622,19 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per library and batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, float16 or bfloat16, or several, comma-separated: each is run (ours and "
+                             "transformers'); the first is the baseline (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--transformers-dtype", default=None,
+                        help="the dtypes to run transformers in, comma-separated (default: every --dtype)")
+    parser.add_argument("--quantize", default="", help="also run ours quantized: int8, int4 or int8,int4 "
+                        "(bf16 activations)")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default: the library's)")
+    parser.add_argument("--ckpt-dir", default=None,
+                        help="build ours from this Meta-format checkpoint (e.g. a 7B-shape one written once "
+                             "with --write-ckpt) instead of random weights in memory; transformers is skipped")
+    parser.add_argument("--write-ckpt", default=None, metavar="DIR",
+                        help="write a bf16 random checkpoint of the (one) shape to DIR, tensor by tensor, and stop")
     parser.add_argument("--compile", action="store_true", help="also run ours built with compile=True")
     parser.add_argument("--cuda-graph", action="store_true", help="also run ours built with cuda_graph=True (CUDA)")
     parser.add_argument("--no-eager", dest="eager", action="store_false",
@@ -494,7 +649,19 @@ def parse_args(argv=None):
             parser.error(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     opts.batch_sizes = [int(b) for b in opts.batch_sizes.split(",")]
     opts.device = distributed.choose_device(opts.device)
-    opts.dtype = distributed.choose_dtype(opts.device, opts.dtype)
+    opts.dtypes = [distributed.choose_dtype(opts.device, d) for d in (opts.dtype or "").split(",") if d] or [
+        distributed.choose_dtype(opts.device, None)]
+    opts.dtype = opts.dtypes[0]
+    opts.transformers_dtypes = [distributed.choose_dtype(opts.device, d) for d in opts.transformers_dtype.split(",")
+                                ] if opts.transformers_dtype else opts.dtypes
+    opts.quantize = [q for q in opts.quantize.split(",") if q]
+    for mode in opts.quantize:
+        if mode not in quantize.MODES:
+            parser.error(f"unknown --quantize {mode!r}; choose int8, int4 or both")
+    if opts.group_size is not None and opts.group_size not in quantize.GROUP_SIZES:
+        parser.error(f"--group-size must be one of {', '.join(map(str, quantize.GROUP_SIZES))}")
+    if opts.ckpt_dir:
+        opts.transformers = False
     # Checked now, not after a minute of benchmarking.
     needed = []
     if not opts.markdown_from and opts.device.type == "cpu" and not importable("psutil"):
@@ -532,6 +699,10 @@ def main(argv=None) -> int:
             tokenizer_path = Path(tmp) / "tokenizer.model"
             train_tokenizer(tokenizer_path)
         tokenizer = Tokenizer(str(tokenizer_path))
+        opts.tokenizer_path = tokenizer_path
+        if opts.write_ckpt:
+            write_random_checkpoint(Path(opts.write_ckpt), opts.shapes[0], tokenizer_path)
+            return 0
         results = [bench_shape(shape, opts, bandwidth, tokenizer) for shape in opts.shapes]
 
     print_table(results, bandwidth)
@@ -545,7 +716,9 @@ def main(argv=None) -> int:
             "device": str(opts.device),
             "gpu": torch.cuda.get_device_name(opts.device) if opts.device.type == "cuda" else None,
         },
-        "options": {k: str(v) if isinstance(v, (torch.device, torch.dtype)) else v for k, v in vars(opts).items()},
+        "options": {k: str(v) if isinstance(v, (torch.device, torch.dtype, Path)) else
+                    [str(d) for d in v] if k in ("dtypes", "transformers_dtypes") else v
+                    for k, v in vars(opts).items()},
         "read_bandwidth_bytes_per_s": bandwidth,
         "results": results,
     }

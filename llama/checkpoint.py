@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from llama import quantize
 from llama.model import ModelArgs, ffn_hidden_dim
 
 # Older Meta checkpoints carry the rotary table; the model computes its own.
@@ -42,18 +43,23 @@ _SPLIT_DIMS = {
 }
 
 
-def split_dim(key: str, tok_embeddings_split_dim: int = 1) -> Optional[int]:
-    """The dimension `key` is split on across model-parallel shards, or None if replicated.
+def split_dim(key: str, tok_embeddings_split_dim: int = 1, ndim: int = 2) -> Optional[int]:
+    """The dimension `key` (of `ndim` dimensions) is split on across model-parallel
+    shards, or None if replicated.
 
     The embedding's depends on the family (`ModelArgs.tok_embeddings_split_dim`):
-    Llama 2 splits its columns, Llama 3 its vocabulary rows.
+    Llama 2 splits its columns, Llama 3 its vocabulary rows. A quantized
+    weight's scales and zeros (`...weight_scale`, `...weight_zero`) split like
+    their weight where they have that dimension: an int8 scale, one per
+    output row, is replicated for a row-parallel matrix.
     """
     parts = key.split(".")
-    if len(parts) < 2 or parts[-1] != "weight":
+    if len(parts) < 2 or parts[-1] not in ("weight", "weight_scale", "weight_zero"):
         raise ValueError(f"not a Llama weight name: {key!r}")
     if parts[-2] == "tok_embeddings":
         return tok_embeddings_split_dim
-    return _SPLIT_DIMS.get(parts[-2])
+    dim = _SPLIT_DIMS.get(parts[-2])
+    return None if dim is None or dim >= ndim else dim
 
 _PARAM_TYPES = {
     "dim": int,
@@ -69,6 +75,8 @@ _PARAM_TYPES = {
     "rope_theta": (int, float),
     "use_scaled_rope": bool,
     "rope_scaling_factor": (int, float),
+    # Not Meta's: written by `python -m llama.quantize` (see llama/quantize.py).
+    "quantization": dict,
 }
 # The rotary options this library implements; any other params.json field
 # naming rope is an option it would silently ignore, so it is refused.
@@ -151,7 +159,8 @@ def check_params(params: Mapping, source: str) -> None:
 
 def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
     """`ModelArgs` from params.json fields, then `overrides` (max_seq_len, ...)."""
-    args = ModelArgs(**{**params, **overrides})
+    fields = {k: v for k, v in params.items() if k != "quantization"}
+    args = ModelArgs(**{**fields, **overrides})
     n_kv_heads = n_kv_heads_of(args)
     if args.tok_embeddings_split_dim not in (0, 1):
         raise ValueError(f"tok_embeddings_split_dim must be 0 or 1, got {args.tok_embeddings_split_dim!r}")
@@ -239,8 +248,11 @@ def check_model_parallel_fit(
         raise ValueError(problem + hint)
 
 
-def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
-    """Every weight of an unsplit (MP=1) model and its shape, in state-dict order."""
+def full_shapes(args: ModelArgs, quant: Optional["quantize.QuantConfig"] = None) -> Dict[str, Tuple[int, ...]]:
+    """Every weight of an unsplit (MP=1) model and its shape, in state-dict order
+    (of a checkpoint quantized by `quant`, with its scales, where given)."""
+    if quant is not None:
+        return quantize.quantized_shapes(full_shapes(args), quant)
     head_dim = args.dim // args.n_heads
     q_width, kv_width = args.n_heads * head_dim, n_kv_heads_of(args) * head_dim
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
@@ -263,7 +275,7 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
 
 def shard_range(key: str, full_shape: Sequence[int], args: ModelArgs, model_parallel_size: int, rank: int):
     """(dim, start, stop): the part of the full tensor `key` that `rank` holds, or None if replicated."""
-    dim = split_dim(key, args.tok_embeddings_split_dim)
+    dim = split_dim(key, args.tok_embeddings_split_dim, len(full_shape))
     if dim is None:
         return None
     n_kv_heads = n_kv_heads_of(args)
@@ -350,6 +362,9 @@ def load_for_rank(
     dtype: Optional[torch.dtype] = None,
     progress: bool = False,
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
+    quant: Optional["quantize.QuantConfig"] = None,
+    convert: Optional[Callable] = None,
+    check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Model-parallel rank `rank`'s state dict out of a checkpoint of any shard count.
 
@@ -362,16 +377,26 @@ def load_for_rank(
     else it is sliced, joined and converted to `device` and `dtype` (None:
     keep) one tensor at a time. With `progress`, a bar over the tensors is
     shown when the shards this rank reads hold `progress_min_bytes` or more.
+    Every tensor that is copied is checked for NaN and inf on the way (the
+    copy is in cache then); `check_all_weights` checks the mapped ones too,
+    which reads the whole of this rank's part of the checkpoint.
+
+    `quant` is the quantization the checkpoint holds (its params.json
+    entry): its integer weights and fp32 scales are kept as they are, only
+    float weights go to `dtype`. `convert(key, part, whole)` (see
+    `quantize.converter`), where given, replaces each tensor by the dict it
+    returns, one tensor at a time (`whole()` gives the unsplit tensor and
+    the (dim, start, stop) of this rank's part in it).
 
     Raises ValueError when the sizes do not fit (naming sizes that do), for
-    a shard that cannot be read, and for a shard whose keys or shapes do
-    not match params.json and the tokenizer.
+    a shard that cannot be read, for a shard whose keys or shapes do not
+    match params.json and the tokenizer, and for a weight that is not finite.
     """
     if not shards:
         raise FileNotFoundError("no checkpoint shards given")
     home = _home_shards(args, len(shards), model_parallel_size, rank)
     home_bytes = sum(os.path.getsize(shards[index]) for index in home)
-    shapes = full_shapes(args)
+    shapes = full_shapes(args, quant)
 
     def open_shard(index: int):
         state_dict = load_shard(shards[index])
@@ -382,7 +407,18 @@ def load_for_rank(
     bar = _progress_bar(len(shapes), enabled=progress and home_bytes >= progress_min_bytes)
     try:
         return assemble_rank(
-            open_shard, len(shards), rank, model_parallel_size, args, device, dtype, bar, release_copied=True
+            open_shard,
+            len(shards),
+            rank,
+            model_parallel_size,
+            args,
+            device,
+            dtype,
+            bar,
+            release_copied=True,
+            check_all_weights=check_all_weights,
+            quant=quant,
+            convert=convert,
         )
     finally:
         bar(None)
@@ -398,13 +434,20 @@ def assemble_rank(
     dtype: Optional[torch.dtype] = None,
     on_tensor: Callable[[int], None] = lambda count: None,
     release_copied: bool = False,
+    quant: Optional["quantize.QuantConfig"] = None,
+    convert: Optional[Callable] = None,
+    check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """`load_for_rank` over any source of shards: `open_shard(i)` is called once
     for each shard `rank` needs. Unchanged tensors are returned as they are
     (views, for slices along dim 0); `on_tensor(1)` is called after each.
     `release_copied` is for memory-mapped shards only: once a tensor has
-    been copied out of one, its pages are dropped from resident memory."""
-    shapes = full_shapes(args)
+    been copied out of one, its pages are dropped from resident memory.
+    `quant` and `convert` are as for `load_for_rank`.
+    Copied tensors (all, with `check_all_weights`) are checked to be finite."""
+    shapes = full_shapes(args, quant)
+    if quant is not None:
+        quantize.check_fit(args, quant, [n_shards, model_parallel_size])
     # Parts are looked for in this rank's own shards first, so that
     # replicated KV heads and norms come from a shard it reads anyway.
     home = _home_shards(args, n_shards, model_parallel_size, rank)
@@ -448,11 +491,37 @@ def assemble_rank(
             parts = [(search_order[0], None)]
         else:
             parts = _pieces(key, want, shape, args, n_shards, search_order)
-        state_dict[key] = _join([piece(index, key, part) for index, part in parts], want, device, dtype)
+        # Integer weights and fp32 scales of a quantized checkpoint stay as
+        # stored; so does everything that `convert` will see.
+        keep = convert is not None or (quant is not None and quantize.stored_dtype(key, quant) is not None)
+        joined = _join([piece(index, key, part) for index, part in parts], want, device, None if keep else dtype)
+        if quant is not None and quantize.stored_dtype(key, quant) not in (None, joined.dtype):
+            raise ValueError(f"{key} is {joined.dtype} in the checkpoint; its quantization needs "
+                             f"{quantize.stored_dtype(key, quant)}")
+        copied_from = [
+            index
+            for index, _ in parts
+            if opened[index][0][key].untyped_storage().data_ptr() != joined.untyped_storage().data_ptr()
+        ]
+        if (copied_from or check_all_weights) and joined.is_floating_point():
+            require_finite(joined, key, " and ".join(opened[index][1] for index, _ in parts))
+        if convert is None:
+            state_dict[key] = joined
+        else:
+
+            def whole(key=key, shape=shape, want=want):
+                dim = split_dim(key, args.tok_embeddings_split_dim, len(shape))
+                everything = (dim, 0, shape[dim])
+                pieces = _pieces(key, everything, shape, args, n_shards, list(range(n_shards)))
+                return _join([piece(i, key, part) for i, part in pieces], everything, device, None), want
+
+            state_dict.update(convert(key, joined, whole))
         if release_copied:
             for index, _ in parts:
                 source = opened[index][0][key]
-                if source.untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr():
+                if key not in state_dict or (
+                    source.untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr()
+                ):
                     _release_pages(source)
         on_tensor(1)
     return state_dict
@@ -504,6 +573,24 @@ def _join(pieces: List[torch.Tensor], want, device, dtype) -> torch.Tensor:
     return pieces[0].contiguous()
 
 
+def require_finite(tensor: torch.Tensor, key: str, source: str) -> None:
+    """Raise ValueError if the floating-point `tensor` holds NaN or inf.
+
+    One read of the tensor in its own dtype and nothing allocated: min and
+    max are NaN if any element is, and +-inf if any element is.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+    raise ValueError(
+        f"{key} in {source} holds {n_nan} NaN and {n_inf} infinite value(s) of {tensor.numel()}: "
+        "the checkpoint is damaged (or was saved from a diverged model)"
+    )
+
+
 _MADV_DONTNEED = 4  # Linux
 
 
@@ -524,6 +611,14 @@ def _release_pages(tensor: torch.Tensor) -> None:
     end = (tensor.data_ptr() + tensor.nbytes) // page * page
     if end > start:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps them after a load's
+    temporaries are freed, so resident memory would stay above the model's size)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -614,6 +709,7 @@ def load_into(
 
     Each tensor is moved to `device` and `dtype` one at a time; where it is
     already there (fp32 on disk, fp32 on CPU) it is used as it is, mmap and all.
+    A tensor that is copied is checked to be finite (ValueError if not).
     """
     check_state_dict(model, state_dict, source)
     converted = {}
@@ -621,6 +717,8 @@ def load_into(
         if key in IGNORED_KEYS:
             continue
         converted[key] = tensor.to(device=device, dtype=dtype)
+        if converted[key] is not tensor:
+            require_finite(converted[key], key, source)
     model.load_state_dict(converted, strict=True, assign=True)
 
 

@@ -267,6 +267,10 @@ class Attention(nn.Module):
         )
         # (dim, local q + k + v columns), set by fuse_weights; wq/wk/wv.weight are views into it
         self.register_buffer("wqkv", None, persistent=False)
+        # Kernels for another layout (llama/kernels.py: bf16 packed, int8, int4), set
+        # by kernels.install: x -> q|k|v, and wo's product; None: the weights above.
+        self.qkv_kernel: Optional[nn.Module] = None
+        self.wo_kernel: Optional[nn.Module] = None
         # (max_batch_size, n_local_kv_heads, max_seq_len, head_dim), set by setup_cache
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
@@ -291,7 +295,9 @@ class Attention(nn.Module):
         than one new position, they are causal among themselves from position 0."""
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
-        if self.wqkv is not None:
+        if self.qkv_kernel is not None:
+            xqkv = self.qkv_kernel(x)
+        elif self.wqkv is not None:
             xqkv = x @ self.wqkv
         else:  # not prepared for inference: Meta's three products
             xqkv = torch.cat([F.linear(x, self.wq.weight), F.linear(x, self.wk.weight), F.linear(x, self.wv.weight)], -1)
@@ -323,13 +329,15 @@ class Attention(nn.Module):
             enable_gqa=self.n_rep > 1,
         )
         output = output.transpose(1, 2).reshape(bsz, seqlen, -1)
-        return row_parallel(output, self.wo.weight, self.model_parallel_size)
+        return row_parallel(output, self.wo.weight, self.model_parallel_size, self.wo_kernel)
 
 
-def row_parallel(x: torch.Tensor, weight: torch.Tensor, model_parallel_size: int) -> torch.Tensor:
+def row_parallel(
+    x: torch.Tensor, weight: Optional[torch.Tensor], model_parallel_size: int, kernel: Optional[nn.Module] = None
+) -> torch.Tensor:
     """What RowParallelLinear(input_is_parallel=True) computes: the product with
-    this rank's input columns, summed over the ranks."""
-    out = F.linear(x, weight)
+    this rank's input columns (by `kernel` where given), summed over the ranks."""
+    out = F.linear(x, weight) if kernel is None else kernel(x)
     return reduce_from_model_parallel_region(out) if model_parallel_size > 1 else out
 
 
@@ -360,17 +368,22 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
         # (dim, 2 * local hidden): w1 then w3, set by fuse_weights
         self.register_buffer("w13", None, persistent=False)
+        # As Attention's: x -> w1 x | w3 x, and w2's product (llama/kernels.py)
+        self.w13_kernel: Optional[nn.Module] = None
+        self.w2_kernel: Optional[nn.Module] = None
 
     def fuse_weights(self) -> None:
         self.w13 = fuse_transposed(self.w1, self.w3)
         fuse_transposed(self.w2)
 
     def forward(self, x):
-        if self.w13 is not None:
+        if self.w13_kernel is not None:
+            gate, up = self.w13_kernel(x).chunk(2, dim=-1)
+        elif self.w13 is not None:
             gate, up = (x @ self.w13).chunk(2, dim=-1)
         else:
             gate, up = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
-        return row_parallel(F.silu(gate) * up, self.w2.weight, self.model_parallel_size)
+        return row_parallel(F.silu(gate) * up, self.w2.weight, self.model_parallel_size, self.w2_kernel)
 
 
 class TransformerBlock(nn.Module):
@@ -424,6 +437,8 @@ class Transformer(nn.Module):
         # (2, 2 * max_seq_len, head_dim): cos and signed sin, set by setup_caches
         self.register_buffer("rope", None, persistent=False)
         self._prepared = False
+        # The output projection's kernel where llama/kernels.py set one.
+        self.output_kernel: Optional[nn.Module] = None
         # Loading weights replaces (assign=True) or overwrites the parameters:
         # the fused matrices are rebuilt from them afterwards.
         self.register_load_state_dict_post_hook(Transformer._refuse_after_load)
@@ -436,8 +451,9 @@ class Transformer(nn.Module):
         The cache holds `max_batch_size` rows of `max_seq_len` positions. The
         rotary table covers twice `max_seq_len`, as the reference's does.
         """
-        device = self.output.weight.device if device is None else torch.device(device)
-        dtype = self.output.weight.dtype if dtype is None else dtype
+        # The embedding is never quantized: it carries the activation dtype.
+        device = self.tok_embeddings.weight.device if device is None else torch.device(device)
+        dtype = self.tok_embeddings.weight.dtype if dtype is None else dtype
         self.register_buffer(
             "rope",
             rotary_tables(
@@ -508,7 +524,7 @@ class Transformer(nn.Module):
         if last_logits_only:
             h = h[:, -1:]
         h = self.norm(h)
-        output = F.linear(h, self.output.weight)
+        output = F.linear(h, self.output.weight) if self.output_kernel is None else self.output_kernel(h)
         if self.model_parallel_size > 1:
             output = gather_from_model_parallel_region(output)
         return output.float()

@@ -31,13 +31,17 @@ def reshard(
     """
     import torch  # here, not at the top: `--help` need not wait for it
 
-    from llama import checkpoint
+    from llama import checkpoint, quantize
 
     src, dst = Path(src), Path(dst)
     shards = checkpoint.find_shards(src)
     checkpoint.require_new_dir(dst)
     args = checkpoint.model_args_of_checkpoint(src, shards)
     checkpoint.check_model_parallel_fit(args, model_parallel_size, n_shards=len(shards))
+    # A quantized checkpoint (llama/quantize.py) keeps its integer weights and scales as they are.
+    quant = quantize.config_from_params(checkpoint.read_params(src), f"{str(src)!r}/params.json")
+    if quant is not None:
+        quantize.check_fit(args, quant, [len(shards), model_parallel_size])
 
     created = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
@@ -58,6 +62,7 @@ def reshard(
                 args,
                 dtype=dtype,
                 progress=False,
+                quant=quant,
             )
             # clone(): a slice saved as it is would drag its whole source storage along.
             shard = {key: tensor.clone() for key, tensor in part.items()}

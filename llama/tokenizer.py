@@ -36,6 +36,20 @@ PREFIX_PIECE, SUFFIX_PIECE, MIDDLE_PIECE, EOT_PIECE = "▁<PRE>", "▁<SUF>", "�
 _INFILL_MARKER = "☺"
 
 
+def check_encodable(text, what: str) -> None:
+    """Raise ValueError, naming `what` and the position, if `text` (a str) holds a
+    lone surrogate: such a str has no UTF-8 form, so no tokenizer can encode it."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} holds a lone surrogate {text[e.start]!r} at position {e.start}: it is not valid "
+            "Unicode and cannot be encoded (pair it, or decode your bytes with errors='replace')"
+        ) from None
+
+
 class Tokenizer:
     """Encodes text to token ids and back with a SentencePiece model.
 
@@ -79,8 +93,7 @@ class Tokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Token ids of `s`, with BOS first and EOS last when asked."""
-        if not isinstance(s, str):
-            raise TypeError(f"can only encode a str, got {type(s).__name__}")
+        check_encodable(s, "the text to encode")
         t = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t
@@ -98,8 +111,7 @@ class Tokenizer:
         As in Meta's Code Llama: `s` is encoded behind a marker character,
         whose tokens are then dropped (so " x" keeps its space and "x" gets none).
         """
-        if not isinstance(s, str):
-            raise TypeError(f"can only encode a str, got {type(s).__name__}")
+        check_encodable(s, "the text to encode")
         return self.sp_model.encode(_INFILL_MARKER + s)[len(self._marker_ids()) :]
 
     def decode_infilling(self, t: Sequence[int]) -> str:

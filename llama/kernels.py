@@ -1,0 +1,221 @@
+"""How the linear layers run: the choice of weight layout and kernel, per device and dtype.
+
+`choose_layout` is the one place that decides; the modules below are the
+kernels it can name. Each is a small `nn.Module` holding its weights as
+buffers and mapping x (..., in_features) to (..., out_features), so the model
+calls it like a function and `torch.compile` sees plain tensor code.
+
+Layouts:
+
+- "meta": `F.linear` on Meta's [out, in] weights, as loaded (no copy).
+- "transposed": every matrix copied once as [in, out], q/k/v and w1/w3 fused
+  (`Transformer.prepare_for_inference`): the fast fp32 layout on CPU and
+  the default on GPUs.
+- "mkldnn": bf16 weights reordered once into oneDNN's blocked layout
+  (q/k/v and w1/w3 fused); on this AVX-512 Xeon about 1.5x `F.linear` in
+  bf16, which the transposed layout makes slower instead.
+- "int8": per-output-channel symmetric int8 (`torch._weight_int8pack_mm` on
+  CPU; on CUDA `F.linear` on weights dequantized in the step, which
+  `torch.compile` fuses into the product).
+- "int4": grouped asymmetric 4-bit (`torch._weight_int4pack_mm_for_cpu`, or
+  `torch._weight_int4pack_mm` on CUDA, which needs bf16 and sm80+).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYOUTS = ("meta", "transposed", "mkldnn", "int8", "int4")
+
+
+def mkldnn_bf16_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_layout(
+    device: torch.device, dtype: torch.dtype, quantize: Optional[str] = None, fast_layout: Optional[bool] = None
+) -> str:
+    """The layout (see the module docstring) for weights of `dtype` on `device`.
+
+    `quantize` ("int8"/"int4") names its own layout. Otherwise `fast_layout`
+    True asks for the fastest decoding layout (a copy of the weights),
+    False for Meta's as loaded, None for this device and dtype's default.
+    """
+    device = torch.device(device)
+    if quantize is not None:
+        return quantize
+    if fast_layout is False:
+        return "meta"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        # Never transposed: the [in, out] bf16 matrix-vector product is slower
+        # than Meta's layout. oneDNN's packed weights where it has bf16 support
+        # (AVX-512), else F.linear (on an AVX2 machine ~2.6x fp32).
+        return "mkldnn" if mkldnn_bf16_available() else "meta"
+    if device.type == "cpu" and dtype != torch.float32:
+        return "meta"
+    if fast_layout is None:
+        # On CPU fp32 weights stay in the memory-mapped file by default.
+        return "transposed" if device.type != "cpu" else "meta"
+    return "transposed"
+
+
+class MkldnnLinear(nn.Module):
+    """bf16 weights in oneDNN's blocked layout (CPU)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ q.T) * scale: q int8 (out, in), scale (out,) in the activation dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.out_features = qweight.shape[0]
+        self.on_cuda = qweight.device.type == "cuda"
+        self.register_buffer("qweight", qweight.contiguous(), persistent=False)
+        self.register_buffer("scale", scale.to(dtype).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_cuda:
+            # Dequantized in the step: under torch.compile the conversion is
+            # fused into the product's prologue, so the int8 bytes are what is read.
+            return F.linear(x, self.qweight.to(x.dtype)) * self.scale
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Grouped 4-bit weights: w = (q - 8) * scale + zero, per group of `group_size` inputs.
+
+    `packed` is the kernel's own tiled layout, made on the weights' device from
+    plain nibbles (see `llama.quantize`); `scale_zero` is (in / group_size, out, 2).
+    """
+
+    def __init__(self, nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype):
+        super().__init__()
+        out_features, half_in = nibbles.shape
+        self.out_features = out_features
+        self.group_size = group_size
+        self.on_cuda = nibbles.device.type == "cuda"
+        check_int4_kernel(nibbles.device, dtype)
+        if self.on_cuda:
+            # The CUDA packer takes two 4-bit values a byte with the even column
+            # in the high nibble; ours keeps it in the low one.
+            swapped = ((nibbles & 15) << 4) | (nibbles >> 4)
+            in_features = 2 * half_in
+            inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+        else:
+            # Packed 4096 rows at a time (the packer tiles rows by 64, so the
+            # pieces join to the whole's layout): its int32 input is 8x the
+            # nibbles, which for a whole output projection would be a spike.
+            packed = torch.cat([
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(rows).to(torch.int32), 1)
+                for rows in nibbles.split(4096)
+            ])
+        self.register_buffer("packed", packed, persistent=False)
+        scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype)
+        self.register_buffer("scale_zero", scale_zero, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.on_cuda:
+            y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """(out, in / 2) uint8, two values a byte, the even column in the low nibble -> (out, in) uint8 in 0..15."""
+    return torch.stack((nibbles & 15, nibbles >> 4), dim=-1).flatten(-2)
+
+
+def check_int4_kernel(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise RuntimeError naming what is missing where the int4 kernel cannot run."""
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            raise ValueError(f"int4 on CUDA runs torch._weight_int4pack_mm, which takes bfloat16 activations, not {dtype}")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise RuntimeError(
+                f"int4 needs torch._weight_int4pack_mm, which needs a GPU of compute capability 8.0 or newer; "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}. Use quantize='int8'"
+            )
+        if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack"):
+            raise RuntimeError(f"this torch build ({torch.__version__}) has no torch.ops.aten._convert_weight_to_int4pack")
+    elif device.type == "cpu":
+        if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+            raise RuntimeError(
+                f"this torch build ({torch.__version__}) has no torch.ops.aten._weight_int4pack_mm_for_cpu "
+                "(torch 2.5 or newer has it)"
+            )
+    else:
+        raise RuntimeError(f"no int4 kernel for device {device}; int4 runs on CPU and CUDA")
+
+
+def check_kernel(layout: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise (naming the missing kernel) unless `layout` can run on `device` in `dtype`."""
+    device = torch.device(device)
+    if layout == "int4":
+        check_int4_kernel(device, dtype)
+    elif layout == "int8":
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"no int8 kernel for device {device}; int8 runs on CPU and CUDA")
+        if device.type == "cpu" and not hasattr(torch, "_weight_int8pack_mm"):
+            raise RuntimeError(f"this torch build ({torch.__version__}) has no torch._weight_int8pack_mm")
+    elif layout == "mkldnn" and not mkldnn_bf16_available():
+        raise RuntimeError("this CPU or torch build has no oneDNN bf16 support (torch.ops.mkldnn)")
+
+
+# The matrices each kernel slot of the model computes, by Meta key suffix:
+# (module path of the slot, attribute, [layer paths whose weights it fuses]).
+def _slots(model):
+    for i, block in enumerate(model.layers):
+        p = f"layers.{i}."
+        attention, feed_forward = block.attention, block.feed_forward
+        yield attention, "qkv_kernel", [p + "attention.wq", p + "attention.wk", p + "attention.wv"]
+        yield attention, "wo_kernel", [p + "attention.wo"]
+        yield feed_forward, "w13_kernel", [p + "feed_forward.w1", p + "feed_forward.w3"]
+        yield feed_forward, "w2_kernel", [p + "feed_forward.w2"]
+    yield model, "output_kernel", ["output"]
+
+
+def install(model: nn.Module, make) -> None:
+    """Give each linear slot of `model` the kernel `make([weight keys])` returns
+    (None: keep `F.linear` on the layer's weight). A layer whose weights went
+    into a kernel drops its `weight` parameter, so nothing is held twice."""
+    for owner, slot, layers in _slots(model):
+        kernel = make([name + ".weight" for name in layers])
+        if kernel is None:
+            continue
+        setattr(owner, slot, kernel)
+        for name in layers:
+            model.get_submodule(name).register_parameter("weight", None)
+
+
+def prepare(model: nn.Module, layout: str) -> None:
+    """Lay the loaded (unquantized) weights of `model` out as `layout`."""
+    if layout == "meta":
+        return
+    if layout == "transposed":
+        model.prepare_for_inference()
+        return
+    if layout != "mkldnn":
+        raise ValueError(f"layout {layout!r} is made while loading, not from loaded weights")
+    check_kernel(layout, model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype)
+
+    @torch.no_grad()
+    def make(keys):
+        weights = [model.get_submodule(key.rsplit(".", 1)[0]).weight for key in keys]
+        return MkldnnLinear(torch.cat(weights) if len(weights) > 1 else weights[0])
+
+    install(model, make)
