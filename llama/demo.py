@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 
-def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> Tuple[str, str]:
+def resolve_checkpoint(
+    ckpt_dir: Optional[str], tokenizer_path: Optional[str], infill: bool = False
+) -> Tuple[str, str]:
     """(ckpt_dir, tokenizer_path) to build from.
 
     With no `ckpt_dir`, a tiny random demo checkpoint with one shard per
-    process is made (or reused) in the cache folder, and the choice is
-    printed, so that the examples run on a machine with no weights. With a
-    `ckpt_dir` and no `tokenizer_path`, the directory's `tokenizer.model`
-    (or its parent's, as in Meta's download layout) is used.
+    process (Code Llama-shaped with `infill`) is made (or reused) in the
+    cache folder, and the choice is printed, so that the examples run on a
+    machine with no weights. With a `ckpt_dir` and no `tokenizer_path`, the
+    directory's `tokenizer.model` (or its parent's, as in Meta's download
+    layout) is used.
 
     Raises FileNotFoundError when `ckpt_dir` is not a checkpoint directory
     (saying what it is instead) or no tokenizer is found.
@@ -22,11 +25,11 @@ def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -
         from llama.tiny import demo_checkpoint
 
         world_size = int(os.environ.get("WORLD_SIZE", 1))
-        ckpt = demo_checkpoint(mp=world_size)
+        ckpt = demo_checkpoint(mp=world_size, infill=infill)
         if int(os.environ.get("RANK", 0)) == 0:
             print(
                 f"No --ckpt_dir given: using the demo checkpoint in {ckpt} "
-                "(tiny random weights: expect gibberish, not Llama 2's text).\n"
+                f"(tiny random weights: expect gibberish, not {'Code Llama' if infill else 'Llama 2'}'s text).\n"
             )
         return str(ckpt), tokenizer_path or str(ckpt / "tokenizer.model")
     from llama.checkpoint import find_shards
@@ -52,10 +55,14 @@ def check_request(
     max_gen_len: Optional[int],
     prompts: Sequence[str] = (),
     dialogs: Sequence = (),
+    infills: Sequence[Tuple[str, str]] = (),
+    suffix_first: bool = False,
 ) -> None:
     """Raise ValueError for arguments a run would fail on after loading the weights:
     sampling parameters, `max_gen_len`, more prompts than `max_batch_size`, and a
-    prompt (text, or dialog in the chat format) longer than `max_seq_len`.
+    prompt (text, dialog in the chat format, or (prefix, suffix) infilling pair)
+    longer than `max_seq_len`; for infilling pairs, also a tokenizer without
+    Code Llama's infilling pieces.
 
     Needs the tokenizer only, so a mistake costs a second, not a load.
     """
@@ -69,12 +76,16 @@ def check_request(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if max_gen_len is not None and max_gen_len < 0:  # as generate() checks it
         raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len!r}")
-    count = len(prompts) + len(dialogs)
+    count = len(prompts) + len(dialogs) + len(infills)
     if count > max_batch_size:
         raise ValueError(f"this example runs {count} prompts at once: max_batch_size must be at least {count}")
     tokenizer = Tokenizer(tokenizer_path)
     encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     encoded += [family.of_tokenizer(tokenizer).encode_dialog(tokenizer, d) for d in dialogs]  # its chat format
+    if infills:
+        from llama.infilling import infilling_prompt_tokens
+
+        encoded += [infilling_prompt_tokens(tokenizer, pre, suf, suffix_first) for pre, suf in infills]
     for tokens in encoded:
         if len(tokens) > max_seq_len:
             raise ValueError(

@@ -6,7 +6,7 @@ import operator
 import threading
 import time
 import weakref
-from typing import Iterator, List, Optional, Tuple, TypedDict
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,20 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
     Role,
 )
 from llama.cuda_graph import GraphedDecodeStep
+from llama.infilling import check_infilling_tokenizer, infilling_pieces, infilling_prompt_tokens
 from llama.model import Transformer
 from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable
 
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str
+    full_text: str
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
 
@@ -491,7 +499,12 @@ class Llama:
 
         Returns (tokens per row, logprobs per row or None).
         """
-        state = self._start_decoding(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        return self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+
+    @torch.inference_mode()
+    def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop_tokens=None):
+        # `generate`, with the stop tokens as an option (infilling stops at <EOT>).
+        state = self._start_decoding(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_tokens)
         if state is None:
             return [], ([] if logprobs else None)
         try:
@@ -509,9 +522,13 @@ class Llama:
         temperature: float,
         top_p: float,
         logprobs: bool,
+        stop_tokens: Optional[Sequence[int]] = None,
     ) -> Optional["_Decoding"]:
         """Check the arguments, lay out the batch and take the KV cache (waiting
-        for another thread's generation to end); None for an empty batch."""
+        for another thread's generation to end); None for an empty batch.
+
+        Rows stop at `stop_tokens` (default: the family's, `self.stop_tokens`).
+        """
         _check_sampling(temperature, top_p)
         if self._mapped_files is not None:
             self._mapped_files.check()
@@ -528,7 +545,7 @@ class Llama:
             top_p,
             logprobs,
             max_seq_len=self.model.params.max_seq_len,
-            stop_tokens=self.stop_tokens,
+            stop_tokens=self.stop_tokens if stop_tokens is None else stop_tokens,
             device=self.device,
         )
         self._in_progress.claim(state)
@@ -578,6 +595,7 @@ class Llama:
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Cut each row to its answer (or prompt + answer with `echo`)."""
         all_logprobs = state.token_logprobs.tolist() if state.logprobs else None
+        stop_tokens = state.stop_tokens.tolist()  # this call's: the family's, or <EOT> when infilling
         out_tokens, out_logprobs = [], []
         for i, row in enumerate(state.tokens.tolist()):
             prompt_len = state.prompt_lens[i]
@@ -587,7 +605,7 @@ class Llama:
             probs = all_logprobs[i][start:end] if state.logprobs else None
             # Cut before the first *generated* stop token; one in an echoed prompt stays.
             generated = row[prompt_len:end]
-            stop_at = next((k for k, token in enumerate(generated) if token in self.stop_tokens), None)
+            stop_at = next((k for k, token in enumerate(generated) if token in stop_tokens), None)
             if stop_at is not None:
                 eos_idx = prompt_len - start + stop_at
                 toks = toks[:eos_idx]
@@ -625,6 +643,58 @@ class Llama:
             self._prediction(self.tokenizer.decode(t), t, generation_logprobs, i)
             for i, t in enumerate(generation_tokens)
         ]
+
+    def text_infilling(
+        self,
+        prefixes: List[str],
+        suffixes: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+    ) -> List[InfillingPrediction]:
+        """Fill in the middle between each prefix and its suffix (Code Llama 7B and 13B).
+
+        The prompt is laid out prefix-suffix-middle, or suffix-prefix-middle
+        with `suffix_first` (`llama.infilling`); each row stops at the
+        tokenizer's <EOT>. Returns one InfillingPrediction per pair:
+        `generation` (the middle) and `full_text` (prefix + middle + suffix),
+        with `tokens` and `logprobs` when asked. Raises ValueError for a
+        tokenizer without Code Llama's infilling pieces, for prefixes and
+        suffixes of different counts, and as `generate` does.
+        """
+        check_infilling_tokenizer(self.tokenizer)
+        for name, texts in (("prefixes", prefixes), ("suffixes", suffixes)):
+            if isinstance(texts, str):
+                raise ValueError(f"{name} must be a list of strings; wrap a single one in a list")
+        prefixes, suffixes = list(prefixes), list(suffixes)
+        if len(prefixes) != len(suffixes):
+            raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; give one suffix per prefix")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [
+            infilling_prompt_tokens(self.tokenizer, prefix, suffix, suffix_first=suffix_first)
+            for prefix, suffix in zip(prefixes, suffixes)
+        ]
+        generation_tokens, generation_logprobs = self._generate(
+            prompt_tokens,
+            max_gen_len,
+            temperature,
+            top_p,
+            logprobs,
+            echo=False,
+            stop_tokens=[self.tokenizer.eot_id],
+        )
+        predictions = []
+        for i, (prefix, suffix, t) in enumerate(zip(prefixes, suffixes, generation_tokens)):
+            generation = self.tokenizer.decode_infilling(t)
+            prediction = {"generation": generation, "full_text": prefix + generation + suffix}
+            if logprobs:
+                prediction["tokens"] = infilling_pieces(self.tokenizer, t)
+                prediction["logprobs"] = generation_logprobs[i]
+            predictions.append(prediction)
+        return predictions
 
     def chat_completion(
         self,

@@ -9,7 +9,9 @@ logits match to float rounding). What differs, for speed and placement:
   by assignment and then get its caches on the weights' device and dtype;
 - the cache is laid out (bsz, heads, seq, head_dim) and attention is one
   `scaled_dot_product_attention` call; rotary embedding uses real cos/sin
-  tables (the same numbers as the reference's complex ones);
+  tables (the same numbers as the reference's complex ones; the reference's
+  `apply_rotary_emb`, `reshape_for_broadcast` and `Transformer.freqs_cis`
+  remain for code that uses them, computed from those tables);
 - `prepare_for_inference` (`Llama.build(fast_layout=True)`, the default on GPUs) lays the
   weights out for fast matrix-vector products: q/k/v in one matrix and w1/w3
   in another, every matrix stored transposed. The Meta-named parameters stay,
@@ -22,7 +24,7 @@ logits match to float rounding). What differs, for speed and placement:
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -141,9 +143,18 @@ def rotary_tables(
     Shape (2, end, dim): [0] holds cos(angle) for both members of each pair,
     [1] holds -sin(angle) for the first member and +sin(angle) for the second.
     """
-    cos_sin = torch.view_as_real(precompute_freqs_cis(dim, end, theta, use_scaled, scale_factor))  # (end, dim // 2, 2)
-    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    return rope_of_freqs_cis(precompute_freqs_cis(dim, end, theta, use_scaled, scale_factor))
+
+
+def rope_of_freqs_cis(freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Complex rotations (seqlen, head_dim // 2) as the real (2, seqlen, head_dim) table of `rotary_tables`."""
+    cos, sin = freqs_cis.real, freqs_cis.imag
     return torch.stack((cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)))
+
+
+def freqs_cis_of_rope(rope: torch.Tensor) -> torch.Tensor:
+    """The inverse of `rope_of_freqs_cis`: the complex rotations, exactly."""
+    return torch.complex(rope[0][..., ::2], rope[1][..., 1::2])
 
 
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -157,6 +168,40 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     cos, signed_sin = rope[0][None, :, None, :], rope[1][None, :, None, :]
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) for each pair (a, b)
     return torch.addcmul(xf * cos, swapped, signed_sin).type_as(x)
+
+
+def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The reference's helper: `freqs_cis` (seqlen, d) viewed as (1, seqlen, 1, ..., d)
+    to broadcast against `x` (bsz, seqlen, ..., d). Raises ValueError if the shapes disagree."""
+    ndim = x.ndim
+    if ndim < 2 or tuple(freqs_cis.shape) != (x.shape[1], x.shape[-1]):
+        raise ValueError(
+            f"freqs_cis of shape {tuple(freqs_cis.shape)} does not fit x of shape {tuple(x.shape)}: "
+            "it must be (x.shape[1], x.shape[-1])"
+        )
+    shape = [d if i == 1 or i == ndim - 1 else 1 for i, d in enumerate(x.shape)]
+    return freqs_cis.view(*shape)
+
+
+def apply_rotary_emb(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    freqs_cis: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference's rotary embedding: xq (bsz, seqlen, n_heads, head_dim) and
+    xk (bsz, seqlen, n_kv_heads, head_dim) rotated by the complex `freqs_cis`
+    (seqlen, head_dim // 2), e.g. `Transformer.freqs_cis[start_pos : start_pos + seqlen]`.
+
+    Returns (xq, xk) rotated, in their dtypes. Computed by the model's own
+    real-valued `apply_rotary`: the reference's complex product, to float rounding.
+    """
+    for name, x in (("xq", xq), ("xk", xk)):
+        if x.ndim != 4 or x.shape[-1] % 2:
+            raise ValueError(f"{name} must be (bsz, seqlen, heads, head_dim) with an even head_dim, got {tuple(x.shape)}")
+        # The reference's check, on the complex view (..., head_dim // 2) of x.
+        reshape_for_broadcast(freqs_cis, x.unflatten(-1, (-1, 2))[..., 0])
+    rope = rope_of_freqs_cis(freqs_cis).to(xq.device)
+    return apply_rotary(xq, rope), apply_rotary(xk, rope)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -422,6 +467,13 @@ class Transformer(nn.Module):
         )
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
+
+    @property
+    def freqs_cis(self) -> Optional[torch.Tensor]:
+        """The reference's rotary table: complex64, (2 * max_seq_len, head_dim // 2),
+        on the model's device. Made from the real table the model uses
+        (`rope`), with the same values; None before `setup_caches`."""
+        return None if self.rope is None else freqs_cis_of_rope(self.rope)
 
     def prepare_for_inference(self) -> None:
         """Lay the loaded weights out for fast decoding (see `fuse_transposed`).

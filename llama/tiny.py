@@ -1,6 +1,6 @@
 """Tiny random Llama checkpoints in Meta's exact format, for tests and the demo.
 
-    python -m llama.tiny OUT_DIR [--family llama2|llama3] [--mp N] [--dim 64] [--n-layers 2] ...
+    python -m llama.tiny OUT_DIR [--family llama2|llama3] [--infill] [--mp N] [--dim 64] [--n-layers 2] ...
 
 writes `params.json`, `consolidated.00.pth` ... (split by the family's
 model-parallel layout) and a `tokenizer.model`: for Llama 2 a small
@@ -8,8 +8,10 @@ SentencePiece BPE model with byte fallback, for Llama 3 a small tiktoken
 BPE file (byte-level merges trained here, then the 256 special tokens),
 both trained on built-in text; or a copy of one given with `--tokenizer`,
 whose kind then decides the family. A Llama 3 checkpoint has Llama 3.1's
-rotary settings (theta 500000, scaled) and ffn_dim_multiplier 1.3. The
-weights are seeded random numbers, so the text they produce is gibberish;
+rotary settings (theta 500000, scaled) and ffn_dim_multiplier 1.3. With
+`--infill` it is shaped like Code Llama 7B/13B (Llama 2 family): the
+SentencePiece tokenizer also holds the infilling pieces and `rope_theta` is
+1e6. The weights are seeded random numbers, so the text they produce is gibberish;
 what matters is that it is reproducible.
 """
 
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
     import torch
 
     from llama.model import ModelArgs
+
+# Code Llama's rotary base (Llama 2: 10000).
+CODE_LLAMA_ROPE_THETA = 1e6
 
 _WORDS = (
     "the a an of to in and is was for on with as by at from that this it he she they we you "
@@ -64,10 +69,17 @@ def training_text(n_lines: int = 3000, seed: int = 0):
         yield line
 
 
-def train_tokenizer(path, vocab_size: int = 512) -> None:
+def train_tokenizer(path, vocab_size: int = 512, infill: bool = False) -> None:
     """Train a SentencePiece BPE model with byte fallback, Llama's special ids
-    (unk 0, bos 1, eos 2, no pad) and Llama's normalisation, into `path`."""
+    (unk 0, bos 1, eos 2, no pad) and Llama's normalisation, into `path`.
+
+    With `infill`, Code Llama's infilling pieces are in it too, as
+    user-defined pieces (ids 3 to 6 here; 32007 to 32010 in Code Llama's:
+    code finds them by piece).
+    """
     import sentencepiece as spm
+
+    from llama.tokenizer import EOT_PIECE, MIDDLE_PIECE, PREFIX_PIECE, SUFFIX_PIECE
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -85,6 +97,7 @@ def train_tokenizer(path, vocab_size: int = 512) -> None:
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        user_defined_symbols=[PREFIX_PIECE, SUFFIX_PIECE, MIDDLE_PIECE, EOT_PIECE] if infill else [],
         num_threads=1,
         minloglevel=2,
     )
@@ -228,6 +241,7 @@ def make_tiny_checkpoint(
     rope_theta: Optional[float] = None,
     use_scaled_rope: Optional[bool] = None,
     rope_scaling_factor: Optional[float] = None,
+    infill: bool = False,
 ) -> Path:
     """Write a complete tiny checkpoint directory (weights, params, tokenizer);
     the weights in `dtype` (default float32).
@@ -236,12 +250,25 @@ def make_tiny_checkpoint(
     train; a `tokenizer` given decides by its kind. Unset options take the
     family's `tiny_defaults` (Llama 3: Llama 3.1's scaled rope; its
     `vocab_size` counts the BPE ranks, before the 256 special tokens) and
-    its rope theta.
+    its rope theta. `infill` makes it Code Llama-shaped: a tokenizer with the
+    infilling pieces and `rope_theta` 1e6 unless given. Raises ValueError,
+    before writing anything, for `infill` with Llama 3 or with a given
+    `tokenizer` that lacks the pieces.
     """
     from llama import family
     from llama.model import ModelArgs
+    from llama.tokenizer import Tokenizer
 
     wanted = None if family_name is None else family.by_option(family_name)
+    if infill:
+        from llama.infilling import check_infilling_tokenizer
+
+        if wanted is family.LLAMA_3:
+            raise ValueError("infilling is Code Llama's, a Llama 2-family model: not with the llama3 family")
+        if tokenizer is not None:
+            check_infilling_tokenizer(Tokenizer(str(tokenizer)))
+        if rope_theta is None:
+            rope_theta = CODE_LLAMA_ROPE_THETA
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.model"
@@ -250,9 +277,9 @@ def make_tiny_checkpoint(
     elif wanted is family.LLAMA_3:
         train_tiktoken_bpe(tokenizer_path, n_ranks=vocab_size or wanted.tiny_defaults["vocab_size"])
     else:
-        train_tokenizer(tokenizer_path, vocab_size=vocab_size or family.LLAMA_2.tiny_defaults["vocab_size"])
-    from llama.tokenizer import Tokenizer
-
+        train_tokenizer(
+            tokenizer_path, vocab_size=vocab_size or family.LLAMA_2.tiny_defaults["vocab_size"], infill=infill
+        )
     tok = Tokenizer(str(tokenizer_path))
     fam = family.of_tokenizer(tok)
     if wanted is not None and fam is not wanted:
@@ -282,19 +309,20 @@ def demo_cache_dir() -> Path:
     return Path(base)
 
 
-def demo_checkpoint(mp: int = 1) -> Path:
-    """A tiny demo checkpoint of `mp` shards in the cache folder, made on first use.
+def demo_checkpoint(mp: int = 1, infill: bool = False) -> Path:
+    """A tiny demo checkpoint of `mp` shards in the cache folder, made on first use
+    (Code Llama-shaped, with the infilling pieces, when `infill`).
 
     Safe to call from every rank at once: each writes a private temporary
     copy and moves it into place; the copies are identical, the first wins.
     """
-    target = demo_cache_dir() / f"demo-mp{mp}"
+    target = demo_cache_dir() / (f"demo-infill-mp{mp}" if infill else f"demo-mp{mp}")
     if (target / "params.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".demo-mp{mp}-", dir=target.parent))
     try:
-        make_tiny_checkpoint(tmp, mp=mp)
+        make_tiny_checkpoint(tmp, mp=mp, infill=infill)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not
         try:
             os.rename(tmp, target)
@@ -323,7 +351,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="size of the tokenizer to train (llama2, none: 512) or of its BPE ranks "
                              "before the 256 special tokens (llama3, none: 384)")
-    parser.add_argument("--rope-theta", type=float, default=None, help="none: 10000 for llama2, 500000 for llama3")
+    parser.add_argument("--infill", action="store_true",
+                        help="Code Llama-shaped (llama2 family): a tokenizer with the infilling pieces, rope theta 1e6")
+    parser.add_argument("--rope-theta", type=float, default=None,
+                        help="none: 10000 for llama2 (1e6 with --infill), 500000 for llama3")
     parser.add_argument("--rope-scaling-factor", type=float, default=None,
                         help="llama3: write this factor into params.json (Meta's code uses 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -364,6 +395,7 @@ def main(argv=None) -> int:
                 family_name=args.family,
                 rope_theta=args.rope_theta,
                 rope_scaling_factor=args.rope_scaling_factor,
+                infill=args.infill,
             )
 
     code = cli.call(make_in_place_of_out)

@@ -30,6 +30,12 @@ def tokenizer_kind(model_path) -> str:
     return TIKTOKEN if _TIKTOKEN_LINE.fullmatch(first_line) else SENTENCEPIECE
 
 
+# Code Llama's infilling pieces: prefix, suffix, middle and end of infilling.
+PREFIX_PIECE, SUFFIX_PIECE, MIDDLE_PIECE, EOT_PIECE = "▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"
+# Encoded before text that must not get a leading space, then dropped (Meta's trick).
+_INFILL_MARKER = "☺"
+
+
 def check_encodable(text, what: str) -> None:
     """Raise ValueError, naming `what` and the position, if `text` (a str) holds a
     lone surrogate: such a str has no UTF-8 form, so no tokenizer can encode it."""
@@ -73,6 +79,18 @@ class Tokenizer:
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
 
+        # Code Llama's infilling pieces (7B and 13B models), found by piece;
+        # None in a tokenizer without them, such as Llama 2's.
+        self.prefix_id: Optional[int] = self._piece_id(PREFIX_PIECE)
+        self.suffix_id: Optional[int] = self._piece_id(SUFFIX_PIECE)
+        self.middle_id: Optional[int] = self._piece_id(MIDDLE_PIECE)
+        self.eot_id: Optional[int] = self._piece_id(EOT_PIECE)
+
+    def _piece_id(self, piece: str) -> Optional[int]:
+        # piece_to_id answers unknown pieces with the unk id; check the round trip.
+        piece_id = self.sp_model.piece_to_id(piece)
+        return piece_id if self.sp_model.id_to_piece(piece_id) == piece else None
+
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Token ids of `s`, with BOS first and EOS last when asked."""
         check_encodable(s, "the text to encode")
@@ -86,6 +104,25 @@ class Tokenizer:
     def decode(self, t) -> str:
         """Text of a list of token ids (or of a single id)."""
         return self.sp_model.decode(t)
+
+    def encode_infilling(self, s: str) -> List[int]:
+        """Token ids of `s` without the implicit leading space SentencePiece adds.
+
+        As in Meta's Code Llama: `s` is encoded behind a marker character,
+        whose tokens are then dropped (so " x" keeps its space and "x" gets none).
+        """
+        check_encodable(s, "the text to encode")
+        return self.sp_model.encode(_INFILL_MARKER + s)[len(self._marker_ids()) :]
+
+    def decode_infilling(self, t: Sequence[int]) -> str:
+        """Text of `t` without dropping a leading space (the inverse of `encode_infilling`)."""
+        marker_ids = self._marker_ids()
+        return self.sp_model.decode(marker_ids + list(t))[len(self.sp_model.decode(marker_ids)) :]
+
+    def _marker_ids(self) -> List[int]:
+        # ["▁", "☺"] in Llama 2's and Code Llama's vocabularies (Meta drops
+        # exactly 2 tokens); byte pieces in a vocabulary that lacks the marker.
+        return self.sp_model.encode(_INFILL_MARKER)
 
     def decode_pieces(self, t: Sequence[int]) -> List[str]:
         """One string per token, so that `"".join(...) == decode(t)`.

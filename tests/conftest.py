@@ -56,6 +56,14 @@ def tiny_ckpt_mp2(tmp_path_factory, tiny_tokenizer) -> Path:
     return make_tiny_checkpoint(out, mp=2, tokenizer=tiny_tokenizer, **_shape())
 
 
+@pytest.fixture(scope="session")
+def tiny_infill_ckpt(tmp_path_factory) -> Path:
+    """A one-shard Code Llama-shaped tiny checkpoint: infilling pieces in its
+    tokenizer, rope_theta 1e6 (`python -m llama.tiny --infill`)."""
+    out = tmp_path_factory.mktemp("ckpt_infill")
+    return make_tiny_checkpoint(out, mp=1, infill=True, **_shape())
+
+
 def _shape():
     return {k: v for k, v in TINY.items() if k != "vocab_size"}
 
