@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llama import Llama, Tokenizer, checkpoint, distributed, quantize  # noqa: E402
+from llama import Llama, Tokenizer, checkpoint, distributed, quantization  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from llama.tiny import random_weights, train_tokenizer  # noqa: E402
 
@@ -207,14 +207,14 @@ class OurRunner(Runner):
         else:
             with checkpoint.init_on_meta():
                 model = Transformer(args)
-            config = quantize.make_config(quantize_mode, group_size)
+            config = quantization.make_config(quantize_mode, group_size)
             if config is not None:
-                quantize.check_fit(args, config, [1])
-                convert = quantize.converter(config, dtype, 1)
+                quantization.check_fit(args, config, [1])
+                convert = quantization.converter(config, dtype, 1)
                 parts = {}
                 for key in list(state):
                     parts.update(convert(key, state[key], None))
-                quantize.install(model, parts, config, device, dtype)
+                quantization.install(model, parts, config, device, dtype)
                 build_options["fast_layout"] = False  # the quantized kernels are the layout
             else:
                 checkpoint.load_into(model, state, device, dtype, source="random weights")
@@ -363,8 +363,8 @@ def our_variants(opts) -> List:
         if opts.compile:
             variants.append((f"llama compile{suffix}", dtype, {"compile": True}))
     for mode in opts.quantize:
-        group = (opts.group_size or quantize.DEFAULT_GROUP_SIZE) if mode == "int4" else None
-        dtype = quantize.default_dtype(opts.device)
+        group = (opts.group_size or quantization.DEFAULT_GROUP_SIZE) if mode == "int4" else None
+        dtype = quantization.default_dtype(opts.device)
         name = f"llama {mode}" + (f" g{group}" if group else "")
         variants.append((name, dtype, {"quantize_mode": mode, "group_size": group}))
         if opts.compile:
@@ -656,10 +656,10 @@ def parse_args(argv=None):
                                 ] if opts.transformers_dtype else opts.dtypes
     opts.quantize = [q for q in opts.quantize.split(",") if q]
     for mode in opts.quantize:
-        if mode not in quantize.MODES:
+        if mode not in quantization.MODES:
             parser.error(f"unknown --quantize {mode!r}; choose int8, int4 or both")
-    if opts.group_size is not None and opts.group_size not in quantize.GROUP_SIZES:
-        parser.error(f"--group-size must be one of {', '.join(map(str, quantize.GROUP_SIZES))}")
+    if opts.group_size is not None and opts.group_size not in quantization.GROUP_SIZES:
+        parser.error(f"--group-size must be one of {', '.join(map(str, quantization.GROUP_SIZES))}")
     if opts.ckpt_dir:
         opts.transformers = False
     # Checked now, not after a minute of benchmarking.

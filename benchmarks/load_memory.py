@@ -167,9 +167,9 @@ def write_checkpoints(workdir: Path) -> tuple:
         reshard(fp32, mp2, 2, progress=False)
     int8 = workdir / "int8"
     if not int8.is_dir():
-        from llama import quantize
+        from llama import quantization
 
-        quantize.quantize_checkpoint(fp32, int8, quantize.make_config("int8"), progress=False)
+        quantization.quantize_checkpoint(fp32, int8, quantization.make_config("int8"), progress=False)
     return tokenizer, {"build": (fp32, "none"), "reference": (fp32, "none"), "build bf16->fp32": (bf16, "none"),
                        "build MP=2->1": (mp2, "none"), "build int8": (fp32, "int8"),
                        "build int4": (fp32, "int4"), "build int8 offline": (int8, "none")}

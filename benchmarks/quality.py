@@ -35,7 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llama import Llama, distributed, quantize  # noqa: E402
+from llama import Llama, distributed, quantization  # noqa: E402
+from llama import quantize as quantize_cli  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 from llama.tiny import random_weights, train_tokenizer, write_checkpoint  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
@@ -65,7 +66,7 @@ def mode_build(mode: str, ckpt: Path, workdir: Path) -> dict:
             args = [str(ckpt), str(dst), "--quantize", kind, "--keep-output"]
             if group:
                 args += ["--group-size", str(group)]
-            if quantize.main(args) != 0:
+            if quantize_cli.main(args) != 0:
                 raise SystemExit(f"quantizing for {mode} failed")
             shutil.copyfile(ckpt / "tokenizer.model", dst / "tokenizer.model")
         return dict(ckpt=dst)

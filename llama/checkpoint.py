@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llama.atomic import require_new_dir  # noqa: F401  (the tools import it from here)
-from llama import quantize
+from llama import quantization
 from llama.model import ModelArgs, ffn_hidden_dim
 
 # Older Meta checkpoints carry the rotary table; the model computes its own.
@@ -79,7 +79,7 @@ _PARAM_TYPES = {
     "rope_theta": (int, float),
     "use_scaled_rope": bool,
     "rope_scaling_factor": (int, float),
-    # Not Meta's: written by `python -m llama.quantize` (see llama/quantize.py).
+    # Not Meta's: written by `python -m llama.quantize` (see llama/quantization.py).
     "quantization": dict,
 }
 # The rotary options this library implements; any other params.json field
@@ -290,11 +290,11 @@ def check_model_parallel_fit(
         raise ValueError(problem + hint)
 
 
-def full_shapes(args: ModelArgs, quant: Optional["quantize.QuantConfig"] = None) -> Dict[str, Tuple[int, ...]]:
+def full_shapes(args: ModelArgs, quant: Optional["quantization.QuantConfig"] = None) -> Dict[str, Tuple[int, ...]]:
     """Every weight of an unsplit (MP=1) model and its shape, in state-dict order
     (of a checkpoint quantized by `quant`, with its scales, where given)."""
     if quant is not None:
-        return quantize.quantized_shapes(full_shapes(args), quant)
+        return quantization.quantized_shapes(full_shapes(args), quant)
     head_dim = args.dim // args.n_heads
     q_width, kv_width = args.n_heads * head_dim, n_kv_heads_of(args) * head_dim
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
@@ -441,7 +441,7 @@ def load_for_rank(
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
     mmap: bool = True,
     mapped_files: Optional["MappedFiles"] = None,
-    quant: Optional["quantize.QuantConfig"] = None,
+    quant: Optional["quantization.QuantConfig"] = None,
     convert: Optional[Callable] = None,
     check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
@@ -466,7 +466,7 @@ def load_for_rank(
     `quant` is the quantization the checkpoint holds (its params.json
     entry): its integer weights and fp32 scales are kept as they are, only
     float weights go to `dtype`. `convert(key, part, whole)` (see
-    `quantize.converter`), where given, replaces each tensor by the dict it
+    `quantization.converter`), where given, replaces each tensor by the dict it
     returns, one tensor at a time (`whole()` gives the unsplit tensor and
     the (dim, start, stop) of this rank's part in it).
 
@@ -524,7 +524,7 @@ def assemble_rank(
     on_tensor: Callable[[int], None] = lambda count: None,
     release_copied: bool = False,
     copy_unchanged: bool = False,
-    quant: Optional["quantize.QuantConfig"] = None,
+    quant: Optional["quantization.QuantConfig"] = None,
     convert: Optional[Callable] = None,
     check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
@@ -538,7 +538,7 @@ def assemble_rank(
     Copied tensors (all, with `check_all_weights`) are checked to be finite."""
     shapes = full_shapes(args, quant)
     if quant is not None:
-        quantize.check_fit(args, quant, [n_shards, model_parallel_size])
+        quantization.check_fit(args, quant, [n_shards, model_parallel_size])
     # Parts are looked for in this rank's own shards first, so that
     # replicated KV heads and norms come from a shard it reads anyway.
     home = _home_shards(args, n_shards, model_parallel_size, rank)
@@ -584,11 +584,11 @@ def assemble_rank(
             parts = _pieces(key, want, shape, args, n_shards, search_order)
         # Integer weights and fp32 scales of a quantized checkpoint stay as
         # stored; so does everything that `convert` will see.
-        keep = convert is not None or (quant is not None and quantize.stored_dtype(key, quant) is not None)
+        keep = convert is not None or (quant is not None and quantization.stored_dtype(key, quant) is not None)
         joined = _join([piece(index, key, part) for index, part in parts], want, device, None if keep else dtype)
-        if quant is not None and quantize.stored_dtype(key, quant) not in (None, joined.dtype):
+        if quant is not None and quantization.stored_dtype(key, quant) not in (None, joined.dtype):
             raise ValueError(f"{key} is {joined.dtype} in the checkpoint; its quantization needs "
-                             f"{quantize.stored_dtype(key, quant)}")
+                             f"{quantization.stored_dtype(key, quant)}")
         if copy_unchanged and any(_same_storage(opened[index][0][key], joined) for index, _ in parts):
             joined = joined.clone()  # mmap=False: nothing returned reads the file
         copied_from = [

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import checkpoint, distributed, family, kernels, memory
-from llama import quantize as quantization
+from llama import quantization
 from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
     B_INST,
     B_SYS,
@@ -248,7 +248,7 @@ class Llama:
 
         `quantize` ("int8" or "int4", with `group_size` 32, 64, 128 or 256
         for int4) quantizes the matrices tensor by tensor as they are read
-        (see `llama/quantize.py`); `dtype` then defaults to bf16, the dtype
+        (see `llama/quantization.py`); `dtype` then defaults to bf16, the dtype
         of the activations, embeddings, norms and KV cache. A checkpoint
         written by `python -m llama.quantize` loads as it was quantized.
 

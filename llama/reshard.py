@@ -31,17 +31,17 @@ def reshard(
     """
     import torch  # here, not at the top: `--help` need not wait for it
 
-    from llama import atomic, checkpoint, quantize
+    from llama import atomic, checkpoint, quantization
 
     src, dst = Path(src), Path(dst)
     shards = checkpoint.find_shards(src)
     checkpoint.require_new_dir(dst)
     args = checkpoint.model_args_of_checkpoint(src, shards)
     checkpoint.check_model_parallel_fit(args, model_parallel_size, n_shards=len(shards))
-    # A quantized checkpoint (llama/quantize.py) keeps its integer weights and scales as they are.
-    quant = quantize.config_from_params(checkpoint.read_params(src), f"{str(src)!r}/params.json")
+    # A quantized checkpoint (llama/quantization.py) keeps its integer weights and scales as they are.
+    quant = quantization.config_from_params(checkpoint.read_params(src), f"{str(src)!r}/params.json")
     if quant is not None:
-        quantize.check_fit(args, quant, [len(shards), model_parallel_size])
+        quantization.check_fit(args, quant, [len(shards), model_parallel_size])
 
     n_tensors = checkpoint.n_weights(args)
     bar = None

@@ -1,4 +1,4 @@
-"""Weight-only quantization (llama/quantize.py) and the kernels that run it (llama/kernels.py)."""
+"""Weight-only quantization (llama/quantization.py) and the kernels that run it (llama/kernels.py)."""
 
 import json
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_torchrun
-from llama import Llama, kernels, quantize
+from llama import Llama, kernels, quantization
+from llama import quantize as quantize_cli
 from llama.model import ModelArgs
 from llama.reshard import reshard
 from quant_worker import MODES, run
@@ -21,10 +22,10 @@ def build(ckpt_dir, **kwargs) -> Llama:
 def test_int8_roundtrip_and_kernel():
     torch.manual_seed(0)
     w = torch.randn(48, 64) / 8
-    parts = quantize.quantize_tensor("layers.0.attention.wq.weight", w, quantize.make_config("int8"))
+    parts = quantization.quantize_tensor("layers.0.attention.wq.weight", w, quantization.make_config("int8"))
     q, scale = parts["layers.0.attention.wq.weight"], parts["layers.0.attention.wq.weight_scale"]
     assert q.dtype == torch.int8 and scale.shape == (48,)
-    approx = quantize.dequantize(parts, "layers.0.attention.wq.weight", quantize.make_config("int8"))
+    approx = quantization.dequantize(parts, "layers.0.attention.wq.weight", quantization.make_config("int8"))
     # Round to nearest: off by at most half a step of each row.
     assert ((approx - w).abs() <= scale[:, None] / 2 + 1e-7).all()
     x = torch.randn(3, 64)
@@ -36,13 +37,13 @@ def test_int8_roundtrip_and_kernel():
 def test_int4_roundtrip_and_kernel(group_size):
     torch.manual_seed(0)
     w = torch.randn(32, 128) / 8
-    config = quantize.make_config("int4", group_size)
-    parts = quantize.quantize_tensor("output.weight", w, config)
+    config = quantization.make_config("int4", group_size)
+    parts = quantization.quantize_tensor("output.weight", w, config)
     nibbles = parts["output.weight"]
     assert nibbles.dtype == torch.uint8 and nibbles.shape == (32, 64)
     scale = parts["output.weight_scale"]
     assert scale.shape == (32, 128 // group_size)
-    approx = quantize.dequantize(parts, "output.weight", config)
+    approx = quantization.dequantize(parts, "output.weight", config)
     step = scale.repeat_interleave(group_size, dim=1)
     assert ((approx - w).abs() <= step / 2 + 1e-6).all()
     x = torch.randn(3, 128)
@@ -65,10 +66,10 @@ def test_unknown_quantize_and_bad_group_sizes_are_clear_errors(tiny_ckpt):
 def test_group_size_must_divide_each_ranks_part():
     # wo's 64 inputs are 32 a rank on two ranks: group 64 fits one process, not two.
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, multiple_of=32, vocab_size=512)
-    config = quantize.make_config("int4", 64)
-    quantize.check_fit(args, config, [1])
+    config = quantization.make_config("int4", 64)
+    quantization.check_fit(args, config, [1])
     with pytest.raises(ValueError, match="does not divide the attention output width .* = 32 on each of 2"):
-        quantize.check_fit(args, config, [2])
+        quantization.check_fit(args, config, [2])
 
 
 @pytest.mark.parametrize("name,options", MODES, ids=[m[0] for m in MODES])
@@ -95,7 +96,7 @@ def test_quantized_model_keeps_embeddings_norms_and_cache_in_the_activation_dtyp
 def test_offline_checkpoint_gives_the_tokens_of_quantizing_at_load(tiny_ckpt, tmp_path):
     for mode, group_size in (("int8", None), ("int4", 32)):
         dst = tmp_path / mode
-        assert quantize.main([str(tiny_ckpt), str(dst), "--quantize", mode]
+        assert quantize_cli.main([str(tiny_ckpt), str(dst), "--quantize", mode]
                              + ([] if group_size is None else ["--group-size", str(group_size)])) == 0
         params = json.loads((dst / "params.json").read_text())
         assert params["quantization"]["mode"] == mode
@@ -114,8 +115,8 @@ def test_quantized_checkpoint_reshards_and_loads_at_any_size(tiny_ckpt, tiny_ckp
     # Quantized from two shards, resharded to one: the same numbers as quantizing one shard.
     for mode in ("int8", "int4"):
         group = ["--group-size", "32"] if mode == "int4" else []
-        assert quantize.main([str(tiny_ckpt_mp2), str(tmp_path / f"{mode}2"), "--quantize", mode] + group) == 0
-        assert quantize.main([str(tiny_ckpt), str(tmp_path / f"{mode}1"), "--quantize", mode] + group) == 0
+        assert quantize_cli.main([str(tiny_ckpt_mp2), str(tmp_path / f"{mode}2"), "--quantize", mode] + group) == 0
+        assert quantize_cli.main([str(tiny_ckpt), str(tmp_path / f"{mode}1"), "--quantize", mode] + group) == 0
         reshard(tmp_path / f"{mode}2", tmp_path / f"{mode}2to1", 1, progress=False)
         one = torch.load(tmp_path / f"{mode}1" / "consolidated.00.pth", weights_only=True)
         joined = torch.load(tmp_path / f"{mode}2to1" / "consolidated.00.pth", weights_only=True)
@@ -128,7 +129,7 @@ def test_quantized_checkpoint_reshards_and_loads_at_any_size(tiny_ckpt, tiny_ckp
 
 def test_each_mode_on_two_ranks(tiny_ckpt, tiny_ckpt_mp2, tmp_path):
     offline = tmp_path / "int8-mp2"
-    assert quantize.main([str(tiny_ckpt_mp2), str(offline), "--quantize", "int8"]) == 0
+    assert quantize_cli.main([str(tiny_ckpt_mp2), str(offline), "--quantize", "int8"]) == 0
     out = tmp_path / "mp2.json"
     run_torchrun(2, ["tests/quant_worker.py", out, tiny_ckpt_mp2, offline])
     mp2 = json.loads(out.read_text())
@@ -163,7 +164,7 @@ def test_int4_cpu_packing_in_row_blocks_equals_packing_whole():
     # Int4Linear packs 4096 rows at a time to bound the int32 temporary.
     torch.manual_seed(0)
     w = torch.randn(4096 + 48, 64)
-    nibbles, scale, zero = quantize.quantize_int4(w, 32)
+    nibbles, scale, zero = quantization.quantize_int4(w, 32)
     kernel = kernels.Int4Linear(nibbles, scale, zero, 32, torch.float32)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(kernels.unpack_nibbles(nibbles).to(torch.int32), 1)
     assert torch.equal(kernel.packed, whole)
