@@ -3,6 +3,7 @@
     python benchmarks/bench.py                        # ~15M and ~100M shapes, fp32, CPU
     python benchmarks/bench.py --shapes 100M --compile --plot bench.png
     python benchmarks/bench.py --shapes 7B --device cuda --dtype float16 --compile --cuda-graph
+    python benchmarks/bench.py --llama2c /path/to/llama2.c/run   # with llama2.c's run.c beside us
 
 For each named shape it makes one random Meta-format state dict (Meta's keys,
 seeded), loads it into our `Transformer` through the library's strict loader,
@@ -22,6 +23,18 @@ It also measures the machine's read bandwidth (a `torch.sum` over a large
 array) and prints, for batch 1, the ceiling bandwidth / bytes of weights read
 per token and each library's fraction of it. Results go to a JSON file and a
 table; `--plot` draws decode tokens/s against batch size.
+
+The first "llama" row is what `Llama.build` gives by default on the device
+and dtype (the layout `llama.kernels.choose_layout` picks); the rows of
+opt-in variants are named by the option (`llama compile=True`, ...).
+
+With `--llama2c BINARY` (a `run` built from Andrej Karpathy's llama2.c, e.g.
+`make runomp`; nothing of it is part of this repository), the same weights
+are also written in llama2.c's fp32 checkpoint format and the binary decodes
+them, fp32 on the CPU at batch 1, with OMP_NUM_THREADS set to our thread
+count, alternating with the other rows. Its figure is the rate it reports
+itself ("achieved tok/s": every position after the first, prompt positions
+included, one token at a time).
 """
 
 import argparse
@@ -29,6 +42,8 @@ import json
 import os
 import platform
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llama import Llama, Tokenizer, checkpoint, distributed  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.model import ModelArgs, Transformer, ffn_hidden_dim, precompute_freqs_cis  # noqa: E402
 from llama.tiny import random_weights, train_tokenizer  # noqa: E402
 
 SHAPES = {
@@ -282,6 +297,51 @@ class TheirRunner(Runner):
         return times
 
 
+def write_llama2c_checkpoint(path, state: Dict[str, torch.Tensor], args: ModelArgs) -> None:
+    """`state` (Meta's keys, MP 1) in llama2.c's original fp32 format: a header of
+    seven int32 (dim, hidden, layers, heads, kv heads, -vocab for a separate
+    output matrix, max_seq_len), then fp32 arrays, each kind for all layers in
+    turn, in Meta's [out, in] layout and rotary pair order."""
+    n_kv_heads = args.n_kv_heads or args.n_heads
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    freqs = torch.view_as_real(precompute_freqs_cis(args.dim // args.n_heads, args.max_seq_len, args.rope_theta))
+    layer_keys = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                  "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    arrays = [state["tok_embeddings.weight"]]
+    arrays += [state[f"layers.{i}.{key}.weight"] for key in layer_keys for i in range(args.n_layers)]
+    arrays += [state["norm.weight"], freqs[..., 0], freqs[..., 1], state["output.weight"]]
+    with open(path, "wb") as f:
+        f.write(struct.pack("7i", args.dim, hidden, args.n_layers, args.n_heads, n_kv_heads,
+                            -args.vocab_size, args.max_seq_len))
+        for a in arrays:
+            f.write(a.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+class Llama2cRunner:
+    """llama2.c's `run` binary on the same weights, greedy, batch 1 (see the module docstring)."""
+
+    PROMPT = "Once upon a time, in a quiet village by the sea, there lived an old fisherman"
+
+    def __init__(self, binary: str, tokenizer: str, state, args: ModelArgs, folder: str, threads: int):
+        self.path = str(Path(folder) / "llama2c.bin")
+        write_llama2c_checkpoint(self.path, state, args)
+        self.binary, self.tokenizer, self.args = binary, tokenizer, args
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        self.name = "llama2.c run.c"
+        self.model_bytes = None
+
+    def rate(self, steps: int) -> float:
+        """The tokens/s the binary reports for a run of `steps` positions."""
+        done = subprocess.run(
+            [self.binary, self.path, "-z", self.tokenizer, "-t", "0", "-n", str(steps), "-i", self.PROMPT],
+            capture_output=True, text=True, env=self.env, timeout=600,
+        )
+        for line in done.stderr.splitlines():
+            if line.startswith("achieved tok/s:"):
+                return float(line.split(":")[1])
+        raise RuntimeError(f"{self.binary} reported no tokens/s (exit {done.returncode}): {done.stderr[-500:]}")
+
+
 def summarize(step_times: List[List[float]], batch: int, prompt_len: int) -> Dict:
     decode = [batch * (len(t) - 1) / (t[-1] - t[0]) for t in step_times if len(t) > 1]
     ttft = [t[0] for t in step_times]
@@ -303,14 +363,20 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     )
     torch.manual_seed(0)
     state = random_weights(args, seed=0, device=device, dtype=dtype)
-    # transformers copies the weights (permuting q and k); ours then takes them by assignment.
+    # llama2.c reads them from its own file; transformers copies them (permuting q
+    # and k); ours then takes them by assignment.
+    llama2c = None
+    if opts.llama2c:
+        llama2c = Llama2cRunner(opts.llama2c, opts.llama2c_tokenizer, state, args, opts.tmp, torch.get_num_threads())
     theirs = [TheirRunner(state, args, device, dtype)] if opts.transformers else []
-    # from_model lays the weights out for decoding (build's fast_layout=True).
+    # The first row is build's default for this device and dtype; opt-in variants are named by their option.
     variants = [("llama", {})] if opts.eager or not (opts.compile or opts.cuda_graph) else []
+    if opts.no_fast_layout:
+        variants.append(("llama fast_layout=False", {"fast_layout": False}))
     if opts.cuda_graph:
-        variants.append(("llama cuda_graph", {"cuda_graph": True}))
+        variants.append(("llama cuda_graph=True", {"cuda_graph": True}))
     if opts.compile:
-        variants.append(("llama compile", {"compile": True}))
+        variants.append(("llama compile=True", {"compile": True}))
     runners = []
     for i, (name, build_options) in enumerate(variants):
         weights = state if i == len(variants) - 1 else {k: v.clone() for k, v in state.items()}
@@ -343,11 +409,24 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     bandwidth = read_bandwidth(device, gib=4.0 if device.type == "cuda" else 1.0)
     ceiling = bandwidth / bytes_per_token(args, dtype)
     result.update(read_bandwidth_bytes_per_s=bandwidth, ceiling_tokens_per_s=ceiling)
+    if llama2c is not None:
+        llama2c.rate(opts.prompt_len + opts.gen_len)  # warm-up: the file into the page cache
+        result["libraries"][llama2c.name] = {"memory_mb": None, "model_mb": None, "batches": {}}
     for batch in opts.batch_sizes:
         times = {runner.name: [] for runner in runners}
+        rates = []
         for _ in range(opts.runs):
             for runner in runners:  # alternate, so drift in the machine hits all alike
                 times[runner.name].append(runner.steps(prompts[:batch], opts.gen_len))
+            if llama2c is not None and batch == 1:  # llama2.c decodes one sequence at a time
+                rates.append(llama2c.rate(opts.prompt_len + opts.gen_len))
+        if rates:
+            entry = {"decode_tokens_per_s": statistics.median(rates), "ttft_ms": None,
+                     "prefill_tokens_per_s": None, "decode_runs": rates}
+            entry["fraction_of_ceiling"] = entry["decode_tokens_per_s"] / ceiling
+            result["libraries"][llama2c.name]["batches"][batch] = entry
+            print(f"  [{shape}] {llama2c.name}, batch 1: decode {entry['decode_tokens_per_s']:.1f} tok/s "
+                  f"({entry['fraction_of_ceiling']:.0%} of {ceiling:.0f})", flush=True)
         for runner in runners:
             entry = summarize(times[runner.name], batch, opts.prompt_len)
             if batch == 1 and entry["decode_tokens_per_s"]:
@@ -387,10 +466,15 @@ def table_rows(results: List[Dict]):
         for name, lib in libs.items():
             for batch, e in lib["batches"].items():
                 ratio = ""
-                if theirs and name != theirs:
+                if theirs and name != theirs and batch in libs[theirs]["batches"]:
                     ratio = f"{e['decode_tokens_per_s'] / libs[theirs]['batches'][batch]['decode_tokens_per_s']:.2f}x"
                 frac = f"{100 * e['fraction_of_ceiling']:.0f}%" if "fraction_of_ceiling" in e else ""
                 yield r["shape"], name, batch, e, ratio, frac, lib["memory_mb"]
+
+
+def number(value, spec: str) -> str:
+    """`value` formatted, or "-" where a library does not report it (llama2.c: prefill, memory)."""
+    return "-" if value is None else format(value, spec)
 
 
 def print_table(results: List[Dict], bandwidth: float) -> None:
@@ -403,7 +487,8 @@ def print_table(results: List[Dict], bandwidth: float) -> None:
     for r in results:
         for shape, name, batch, e, ratio, frac, memory in table_rows([r]):
             print(f"{shape:>5} {name:<{width}} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
-                  f"{ratio:>6} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {memory:>7.0f}")
+                  f"{ratio:>6} {number(e['prefill_tokens_per_s'], '.0f'):>13} {number(e['ttft_ms'], '.1f'):>8} "
+                  f"{number(memory, '.0f'):>7}")
         print(f"{r['shape']:>5} ceiling at batch 1: {r['ceiling_tokens_per_s']:.1f} tok/s "
               f"({r['bytes_per_token'] / 1e6:.0f} MB read per token at "
               f"{r.get('read_bandwidth_bytes_per_s', bandwidth) / 1e9:.1f} GB/s); "
@@ -423,7 +508,7 @@ def markdown_table(report: Dict) -> str:
         for shape, name, batch, e, ratio, frac, memory in table_rows([r]):
             lines.append(
                 f"| {shape} | {name} | {batch} | {e['decode_tokens_per_s']:.1f} | {frac} | {ratio} | "
-                f"{e['prefill_tokens_per_s']:.0f} | {e['ttft_ms']:.1f} | {memory:.0f} |"
+                f"{number(e['prefill_tokens_per_s'], '.0f')} | {number(e['ttft_ms'], '.1f')} | {number(memory, '.0f')} |"
             )
         lines.append(
             f"| {r['shape']} | ceiling at batch 1 | | {r['ceiling_tokens_per_s']:.1f} | "
@@ -473,6 +558,12 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="also run ours built with compile=True")
     parser.add_argument("--cuda-graph", action="store_true", help="also run ours built with cuda_graph=True (CUDA)")
+    parser.add_argument("--no-fast-layout", action="store_true",
+                        help="also run ours built with fast_layout=False (Meta's layout, weights left in place)")
+    parser.add_argument("--llama2c", metavar="BINARY", default=None,
+                        help="also run llama2.c's `run` binary (built with `make runomp`) on the same weights")
+    parser.add_argument("--llama2c-tokenizer", metavar="PATH", default=None,
+                        help="llama2.c's tokenizer.bin (default: the one beside BINARY)")
     parser.add_argument("--no-eager", dest="eager", action="store_false",
                         help="with --compile or --cuda-graph, skip the eager run")
     parser.add_argument("--no-transformers", dest="transformers", action="store_false")
@@ -484,6 +575,14 @@ def parse_args(argv=None):
         if shape not in SHAPES:
             parser.error(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     opts.batch_sizes = [int(b) for b in opts.batch_sizes.split(",")]
+    if opts.llama2c:
+        if opts.device.type != "cpu" or opts.dtype != torch.float32:
+            parser.error("--llama2c compares fp32 on the CPU: run it without --device/--dtype")
+        if not Path(opts.llama2c).is_file():
+            parser.error(f"--llama2c {opts.llama2c}: no such file")
+        opts.llama2c_tokenizer = opts.llama2c_tokenizer or str(Path(opts.llama2c).with_name("tokenizer.bin"))
+        if not Path(opts.llama2c_tokenizer).is_file():
+            parser.error(f"llama2.c's tokenizer {opts.llama2c_tokenizer} not found; give it with --llama2c-tokenizer")
     opts.device = distributed.choose_device(opts.device)
     opts.dtype = distributed.choose_dtype(opts.device, opts.dtype)
     if opts.transformers:
@@ -515,6 +614,7 @@ def main(argv=None) -> int:
             tokenizer_path = Path(tmp) / "tokenizer.model"
             train_tokenizer(tokenizer_path)
         tokenizer = Tokenizer(str(tokenizer_path))
+        opts.tmp = tmp
         results = [bench_shape(shape, opts, bandwidth, tokenizer) for shape in opts.shapes]
 
     print_table(results, bandwidth)

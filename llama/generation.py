@@ -6,7 +6,7 @@ from typing import Iterator, List, Optional, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed
+from llama import checkpoint, distributed, kernels
 from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
     B_INST,
     B_SYS,
@@ -137,9 +137,11 @@ class Llama:
         compiled with `torch.compile`; with `cuda_graph` (CUDA only) it is
         replayed from a CUDA graph, with no compiling; `fast_layout` copies
         the matrices into their decoding layout (see `from_model`). It
-        defaults to on where the weights were copied to a GPU anyway, and off
-        on the CPU, where they stay in the memory-mapped checkpoint instead
-        of taking RAM.
+        defaults to on on GPUs and for fp32 on the CPU, where it is the
+        fastest kernel torch has (`llama.kernels.choose_layout`); the weights
+        then live in RAM rather than in the memory-mapped checkpoint (the
+        same 1x of memory). `fast_layout=False` keeps Meta's layout in the
+        mapped file.
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit.
@@ -186,8 +188,6 @@ class Llama:
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
         checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
-        if fast_layout is None:
-            fast_layout = device.type != "cpu"
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
         )
@@ -199,7 +199,7 @@ class Llama:
         model: Transformer,
         tokenizer: Tokenizer,
         compile: bool = False,
-        fast_layout: bool = True,
+        fast_layout: Optional[bool] = None,
         cuda_graph: bool = False,
     ) -> "Llama":
         """A Llama around `model` whose weights are loaded: caches set up on the
@@ -210,7 +210,9 @@ class Llama:
         layout (`Transformer.prepare_for_inference`: q/k/v and w1/w3 fused,
         all transposed; ~1.25x faster matrix-vector products at batch 1 and
         ~1.4x at batch 8 on CPU). Weights assigned from a memory-mapped file
-        then live in RAM rather than in the file's pages.
+        then live in RAM rather than in the file's pages. None (the default)
+        is the choice of `llama.kernels.choose_layout` for the weights'
+        device and dtype: on GPUs and for fp32 on the CPU.
 
         With `compile`, each one-token decode step runs a `torch.compile`d
         forward with static shapes: the position is a tensor and attention
@@ -228,9 +230,10 @@ class Llama:
         no compiling, most of `compile`'s gain on a GPU. Model parallelism is
         refused there too.
         """
-        _check_step_options(model.tok_embeddings.weight.device, compile, cuda_graph)
+        weight = model.tok_embeddings.weight
+        _check_step_options(weight.device, compile, cuda_graph)
         model.setup_caches()
-        if fast_layout:
+        if kernels.choose_layout(weight.device, weight.dtype, fast_layout) == "transposed":
             model.prepare_for_inference()
         model.eval()
         generator = Llama(model, tokenizer)

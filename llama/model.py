@@ -10,11 +10,11 @@ logits match to float rounding). What differs, for speed and placement:
 - the cache is laid out (bsz, heads, seq, head_dim) and attention is one
   `scaled_dot_product_attention` call; rotary embedding uses real cos/sin
   tables (the same numbers as the reference's complex ones);
-- `prepare_for_inference` (`Llama.build(fast_layout=True)`, the default on GPUs) lays the
-  weights out for fast matrix-vector products: q/k/v in one matrix and w1/w3
-  in another, every matrix stored transposed. The Meta-named parameters stay,
-  as views into those matrices, so `state_dict()` keys do not change and no
-  weight is held twice;
+- `prepare_for_inference` (`Llama.build(fast_layout=True)`, the default on
+  GPUs and for fp32 on the CPU) lays the weights out for fast matrix-vector
+  products: q/k/v in one matrix and w1/w3 in another, every matrix stored
+  transposed. The Meta-named parameters stay, as views into those matrices,
+  so `state_dict()` keys do not change and no weight is held twice;
 - the linear layers are applied as plain functions with fairscale's
   model-parallel collectives only where the model-parallel size exceeds one
   (the layer objects' Python overhead dominates small models' decode steps).
