@@ -139,3 +139,16 @@ def test_the_default_cpu_build_uses_the_layout_the_benchmark_measures(generator,
         assert model.output.weight.t().is_contiguous()
     # The opt-out is Meta's layout, in both.
     assert kernels.choose_layout(torch.device("cpu"), torch.float32, fast_layout=False) == "meta"
+
+
+def test_the_page_releaser_drops_only_tensors_mapped_from_the_shards(tiny_ckpt):
+    shard_path = tiny_ckpt / "consolidated.00.pth"
+    shard = checkpoint.load_shard(shard_path)
+    release = checkpoint.mapped_page_releaser([shard_path])
+    big = torch.arange(1 << 20, dtype=torch.float32)  # anonymous memory, several pages
+    release(big)
+    assert torch.equal(big, torch.arange(1 << 20, dtype=torch.float32))  # untouched
+    weight = shard["output.weight"]
+    before = weight.clone()
+    release(weight)  # its pages are dropped, and read back from the file on use
+    assert torch.equal(weight, before)
