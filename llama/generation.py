@@ -188,13 +188,13 @@ class Llama:
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
         checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
+        del state_dict  # the model holds the weights now; each is freed once laid out below
         if kernels.choose_layout(device, dtype, fast_layout) == "transposed":
             # Laid out here rather than in from_model: each matrix still in the
             # mapped shard is dropped from memory once copied, so that the
             # copy does not double the resident memory.
             model.prepare_for_inference(release=checkpoint.mapped_page_releaser(shards))
             fast_layout = False  # done
-        del state_dict
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
         )
