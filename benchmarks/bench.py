@@ -575,6 +575,8 @@ def parse_args(argv=None):
         if shape not in SHAPES:
             parser.error(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     opts.batch_sizes = [int(b) for b in opts.batch_sizes.split(",")]
+    opts.device = distributed.choose_device(opts.device)
+    opts.dtype = distributed.choose_dtype(opts.device, opts.dtype)
     if opts.llama2c:
         if opts.device.type != "cpu" or opts.dtype != torch.float32:
             parser.error("--llama2c compares fp32 on the CPU: run it without --device/--dtype")
@@ -583,8 +585,6 @@ def parse_args(argv=None):
         opts.llama2c_tokenizer = opts.llama2c_tokenizer or str(Path(opts.llama2c).with_name("tokenizer.bin"))
         if not Path(opts.llama2c_tokenizer).is_file():
             parser.error(f"llama2.c's tokenizer {opts.llama2c_tokenizer} not found; give it with --llama2c-tokenizer")
-    opts.device = distributed.choose_device(opts.device)
-    opts.dtype = distributed.choose_dtype(opts.device, opts.dtype)
     if opts.transformers:
         try:
             import transformers  # noqa: F401
