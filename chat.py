@@ -11,11 +11,17 @@ Ctrl-D leaves, Ctrl-C stops a reply.
 
 from typing import Optional
 
-import fire
+try:
+    from llama.cli import run
+except ImportError:  # a folder named llama (a clone of this project?) beside this script hides the package
+    import llama
 
-from llama import Llama
-from llama.chat_repl import run_chat
-from llama.demo import resolve_checkpoint
+    if llama.__file__ is None:
+        raise SystemExit(
+            f"error: the folder {list(llama.__path__)[0]} hides the llama package from this script: "
+            "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
+        ) from None
+    raise
 
 
 def main(
@@ -30,7 +36,29 @@ def main(
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
 ):
+    """Chat with a Llama 2 model in the terminal. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply.
+
+    Args:
+        ckpt_dir: checkpoint directory (params.json, consolidated.NN.pth); none: a tiny random demo checkpoint
+        tokenizer_path: tokenizer.model; none: the one in --ckpt_dir or its parent
+        system: system prompt, kept at the start of the conversation
+        temperature: sampling temperature; 0 is greedy
+        top_p: nucleus sampling: sample from the tokens that make up this much probability
+        max_seq_len: longest conversation the model sees, in tokens; older turns are dropped to fit
+        max_gen_len: longest reply, in tokens; none: half of max_seq_len
+        seed: random seed, the same on every rank
+        device: cpu, cuda or cuda:N; none: this process's GPU if there is one, else the CPU
+        heartbeat_s: under torchrun, how often rank 0 wakes the other ranks while it waits for input
+    """
+    from llama import Llama
+    from llama.chat_repl import Conversation, reply_length, run_chat
+    from llama.demo import check_request, resolve_checkpoint
+
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
+    # Everything that needs no weights is checked before they load.
+    check_request(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)
+    reply_length(max_gen_len, max_seq_len)
+    Conversation(system)
     llama = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -41,8 +69,7 @@ def main(
     )
     run_chat(
         llama,
-        # fire turns a value such as "42" into an int; a system prompt is text.
-        system=None if system is None else str(system),
+        system=system,
         temperature=temperature,
         top_p=top_p,
         max_gen_len=max_gen_len,
@@ -51,4 +78,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -6,12 +6,35 @@
 Without --ckpt_dir it runs on a tiny random demo checkpoint.
 """
 
-from typing import List, Optional
+from typing import Optional
 
-import fire
+try:
+    from llama.cli import run
+except ImportError:  # a folder named llama (a clone of this project?) beside this script hides the package
+    import llama
 
-from llama import Dialog, Llama
-from llama.demo import resolve_checkpoint
+    if llama.__file__ is None:
+        raise SystemExit(
+            f"error: the folder {list(llama.__path__)[0]} hides the llama package from this script: "
+            "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
+        ) from None
+    raise
+
+DIALOGS = [
+    # A single turn.
+    [{"role": "user", "content": "What are three things to pack for a day of hiking?"}],
+    # Several turns: the last question depends on the earlier answer.
+    [
+        {"role": "user", "content": "Suggest a name for a grey cat."},
+        {"role": "assistant", "content": "How about Pebble? It suits a small grey cat."},
+        {"role": "user", "content": "Why does that name suit it?"},
+    ],
+    # A system prompt that sets the assistant's manner.
+    [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "How does a rainbow form?"},
+    ],
+]
 
 
 def main(
@@ -23,37 +46,37 @@ def main(
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
 ):
+    """Answer a few dialogs with a Llama 2 chat checkpoint (a tiny random demo one without --ckpt_dir).
+
+    Args:
+        ckpt_dir: checkpoint directory (params.json, consolidated.NN.pth); none: a tiny random demo checkpoint
+        tokenizer_path: tokenizer.model; none: the one in --ckpt_dir or its parent
+        temperature: sampling temperature; 0 is greedy
+        top_p: nucleus sampling: sample from the tokens that make up this much probability
+        max_seq_len: longest dialog plus answer, in tokens
+        max_batch_size: most dialogs run at once (this example has 3)
+        max_gen_len: most tokens per answer; none: up to max_seq_len
+    """
+    from llama import Llama
+    from llama.demo import check_request, resolve_checkpoint
+
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
+    # Everything that needs no weights is checked before they load.
+    check_request(tokenizer_path, max_seq_len, max_batch_size, temperature, top_p, max_gen_len, dialogs=DIALOGS)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
     )
-
-    dialogs: List[Dialog] = [
-        # A single turn.
-        [{"role": "user", "content": "What are three things to pack for a day of hiking?"}],
-        # Several turns: the last question depends on the earlier answer.
-        [
-            {"role": "user", "content": "Suggest a name for a grey cat."},
-            {"role": "assistant", "content": "How about Pebble? It suits a small grey cat."},
-            {"role": "user", "content": "Why does that name suit it?"},
-        ],
-        # A system prompt that sets the assistant's manner.
-        [
-            {"role": "system", "content": "Answer in one short sentence."},
-            {"role": "user", "content": "How does a rainbow form?"},
-        ],
-    ]
     results = generator.chat_completion(
-        dialogs,
+        DIALOGS,
         max_gen_len=max_gen_len,
         temperature=temperature,
         top_p=top_p,
     )
 
-    for dialog, result in zip(dialogs, results):
+    for dialog, result in zip(DIALOGS, results):
         for msg in dialog:
             print(f"{msg['role'].capitalize()}: {msg['content']}\n")
         print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
@@ -61,4 +84,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -8,10 +8,35 @@ Without --ckpt_dir it runs on a tiny random demo checkpoint.
 
 from typing import Optional
 
-import fire
+try:
+    from llama.cli import run
+except ImportError:  # a folder named llama (a clone of this project?) beside this script hides the package
+    import llama
 
-from llama import Llama
-from llama.demo import resolve_checkpoint
+    if llama.__file__ is None:
+        raise SystemExit(
+            f"error: the folder {list(llama.__path__)[0]} hides the llama package from this script: "
+            "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
+        ) from None
+    raise
+
+PROMPTS = [
+    # A plain completion: the model continues the sentence.
+    "The best way to learn a new language is",
+    # A few-shot prompt: the pattern tells the model what to produce.
+    """Name the capital city of each country.
+
+France: Paris
+Japan: Tokyo
+Kenya: Nairobi
+Canada:""",
+    # A few-shot translation in the style of the reference's example.
+    """English to Spanish:
+
+good morning => buenos días
+thank you => gracias
+the red house =>""",
+]
 
 
 def main(
@@ -23,42 +48,40 @@ def main(
     max_gen_len: int = 64,
     max_batch_size: int = 4,
 ):
+    """Complete a few prompts with a Llama checkpoint (a tiny random demo one without --ckpt_dir).
+
+    Args:
+        ckpt_dir: checkpoint directory (params.json, consolidated.NN.pth); none: a tiny random demo checkpoint
+        tokenizer_path: tokenizer.model; none: the one in --ckpt_dir or its parent
+        temperature: sampling temperature; 0 is greedy
+        top_p: nucleus sampling: sample from the tokens that make up this much probability
+        max_seq_len: longest prompt plus generation, in tokens
+        max_gen_len: most tokens generated per prompt
+        max_batch_size: most prompts run at once (this example has 3)
+    """
+    from llama import Llama
+    from llama.demo import check_request, resolve_checkpoint
+
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
+    # Everything that needs no weights is checked before they load.
+    check_request(tokenizer_path, max_seq_len, max_batch_size, temperature, top_p, max_gen_len, prompts=PROMPTS)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
     )
-
-    prompts = [
-        # A plain completion: the model continues the sentence.
-        "The best way to learn a new language is",
-        # A few-shot prompt: the pattern tells the model what to produce.
-        """Name the capital city of each country.
-
-France: Paris
-Japan: Tokyo
-Kenya: Nairobi
-Canada:""",
-        # A few-shot translation in the style of the reference's example.
-        """English to Spanish:
-
-good morning => buenos días
-thank you => gracias
-the red house =>""",
-    ]
     results = generator.text_completion(
-        prompts,
+        PROMPTS,
         max_gen_len=max_gen_len,
         temperature=temperature,
         top_p=top_p,
     )
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(PROMPTS, results):
         print(prompt)
         print(f"> {result['generation']}")
         print("\n==================================\n")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

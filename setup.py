@@ -1,6 +1,13 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
+
+
+def version():
+    """`__version__` from llama/__init__.py, read as text: importing the package needs torch."""
+    text = Path(__file__).with_name("llama").joinpath("__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
 def requirements():
@@ -10,7 +17,7 @@ def requirements():
 
 setup(
     name="llama",
-    version="0.1.0",
+    version=version(),
     description="Inference for Meta-format Llama 2 checkpoints, on CUDA or CPU, at any world size",
     packages=find_packages(include=["llama", "llama.*"]),
     python_requires=">=3.9",

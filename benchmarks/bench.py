@@ -38,6 +38,7 @@ included, one token at a time).
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -541,6 +542,14 @@ def plot(results: List[Dict], path: str) -> None:
     print(f"wrote {path}")
 
 
+def importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown-from", metavar="JSON", default=None,
@@ -585,6 +594,14 @@ def parse_args(argv=None):
         opts.llama2c_tokenizer = opts.llama2c_tokenizer or str(Path(opts.llama2c).with_name("tokenizer.bin"))
         if not Path(opts.llama2c_tokenizer).is_file():
             parser.error(f"llama2.c's tokenizer {opts.llama2c_tokenizer} not found; give it with --llama2c-tokenizer")
+    # Checked now, not after a minute of benchmarking.
+    needed = []
+    if not opts.markdown_from and opts.device.type == "cpu" and not importable("psutil"):
+        needed.append("psutil (memory on the CPU)")
+    if opts.plot and not importable("matplotlib"):
+        needed.append("matplotlib (--plot)")
+    if needed:
+        parser.error(f"this run needs {' and '.join(needed)}: install them with pip install -e \".[bench]\"")
     if opts.transformers:
         try:
             import transformers  # noqa: F401

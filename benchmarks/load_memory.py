@@ -3,7 +3,7 @@
     python benchmarks/load_memory.py [--workdir DIR] [--keep]
 
 Writes a ~130M-parameter fp32 checkpoint (dim 768, 12 layers, 12 heads,
-vocab 32000 with the real Llama 2 tokenizer when ../shared/data has it),
+vocab 32000 with the real Llama 2 tokenizer when LLAMA2_TOKENIZER names it),
 then measures, each in a fresh subprocess:
 
 - `build`: `Llama.build` (meta-device model, mmap'd shard, weights assigned);
@@ -36,8 +36,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPE = dict(dim=768, n_layers=12, n_heads=12, multiple_of=256, norm_eps=1e-5)
-REAL_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
 LIMIT = 1.25
+
+
+def real_tokenizer():
+    """The Llama 2 tokenizer named by LLAMA2_TOKENIZER (or in the developers'
+    workspace beside the checkout), or None."""
+    for candidate in (os.environ.get("LLAMA2_TOKENIZER"), REPO.parent / "shared" / "data" / "llama2-tokenizer.model"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
 
 
 def status_kib(field: str) -> int:
@@ -119,10 +127,11 @@ def write_checkpoints(workdir: Path) -> tuple:
     from llama.tokenizer import Tokenizer
 
     tokenizer = workdir / "tokenizer.model"
-    if REAL_TOKENIZER.is_file():
-        shutil.copyfile(REAL_TOKENIZER, tokenizer)
+    if real_tokenizer() is not None:
+        shutil.copyfile(real_tokenizer(), tokenizer)
     else:
-        print(f"note: {REAL_TOKENIZER} not found; using a trained tokenizer of 512 pieces")
+        print("note: no Llama 2 tokenizer found (set LLAMA2_TOKENIZER to its path for vocab 32000); "
+              "using a trained tokenizer of 512 pieces")
         train_tokenizer(tokenizer, vocab_size=512)
     args = ModelArgs(**SHAPE, vocab_size=Tokenizer(str(tokenizer)).n_words)
     fp32 = workdir / "fp32"

@@ -215,6 +215,21 @@ class _Ranks:
         return bool(box.item())
 
 
+def reply_length(max_gen_len: Optional[int], max_seq_len: int) -> int:
+    """The longest reply: `max_gen_len`, or half of `max_seq_len` for None.
+
+    Raises ValueError unless it leaves room for a message within `max_seq_len`.
+    """
+    if max_gen_len is None:
+        max_gen_len = max_seq_len // 2
+    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or not 0 < max_gen_len < max_seq_len:
+        raise ValueError(
+            f"max_gen_len must be an int in [1, max_seq_len - 1] = [1, {max_seq_len - 1}], "
+            f"got {max_gen_len!r}; the rest of max_seq_len holds the history"
+        )
+    return max_gen_len
+
+
 class ChatRepl:
     """A read-reply loop over a built `Llama`; see `run_chat`."""
 
@@ -230,16 +245,9 @@ class ChatRepl:
     ):
         self.llama = llama
         self.max_seq_len = llama.model.params.max_seq_len
-        if max_gen_len is None:
-            max_gen_len = self.max_seq_len // 2
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or not 0 < max_gen_len < self.max_seq_len:
-            raise ValueError(
-                f"max_gen_len must be an int in [1, max_seq_len - 1] = [1, {self.max_seq_len - 1}], "
-                f"got {max_gen_len!r}; the rest of max_seq_len holds the history"
-            )
         # Checked now, not at the first message after someone has typed it.
+        self.max_gen_len = reply_length(max_gen_len, self.max_seq_len)
         _check_sampling(temperature, top_p)
-        self.max_gen_len = max_gen_len
         self.temperature = temperature
         self.top_p = top_p
         self.conversation = Conversation(system)

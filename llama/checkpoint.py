@@ -68,11 +68,31 @@ def find_shards(ckpt_dir) -> List[Path]:
     """The `*.pth` files of `ckpt_dir`, sorted by name (shard order)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {str(ckpt_dir)!r}")
+        raise FileNotFoundError(_not_a_checkpoint(ckpt_dir))
     shards = sorted(ckpt_dir.glob("*.pth"))
     if not shards:
-        raise FileNotFoundError(f"no checkpoint files (*.pth) in {str(ckpt_dir)!r}")
+        raise FileNotFoundError(_not_a_checkpoint(ckpt_dir))
     return shards
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why `path` is not a Meta checkpoint directory, and what to pass instead."""
+    if not path.exists():
+        return f"checkpoint directory not found: {str(path)!r}"
+    if not path.is_dir():
+        return f"{str(path)!r} is a file; pass the directory that holds params.json and consolidated.00.pth"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return (
+            f"{str(path)!r} is a HuggingFace checkpoint: convert it with "
+            f"`python -m llama.convert_hf to-meta {path} {path.name}-meta` and use that directory"
+        )
+    models = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and any(sub.glob("*.pth")))
+    if models:
+        return (
+            f"{str(path)!r} holds model folders, not a checkpoint: {', '.join(models)}; "
+            f"pass one of them, e.g. {str(path / models[0])!r}"
+        )
+    return f"no checkpoint files (*.pth) in {str(path)!r}"
 
 
 def read_params(ckpt_dir) -> Dict:

@@ -12,17 +12,22 @@ head, HuggingFace the two halves (x[i], x[i + head_dim/2]), so HuggingFace's
 `q_proj` and `k_proj` hold Meta's rows in a permuted order, head by head.
 """
 
-import argparse
+from __future__ import annotations
+
 import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
-import torch
+from llama import cli
 
-from llama import checkpoint
-from llama.model import ModelArgs, ffn_hidden_dim
+# torch, and the modules that import it, are imported where the work needs
+# them, so that `python -m llama.convert_hf --help` answers at once.
+if TYPE_CHECKING:
+    import torch
+
+    from llama.model import ModelArgs
 
 # Meta key (with {i} for the layer) -> HuggingFace key.
 _LAYER_KEYS = {
@@ -76,6 +81,8 @@ def ffn_params_for(dim: int, hidden: int, hints: Tuple = ()) -> Tuple[int, Optio
     the largest power of two with no multiplier; then a multiplier.
     Raises ValueError when none fits.
     """
+    from llama.model import ffn_hidden_dim
+
     powers = [2**k for k in range(12, -1, -1)]
     candidates = list(hints) + list(_KNOWN_FFN_PARAMS) + [(m, None) for m in powers]
     base = int(2 * (4 * dim) / 3)
@@ -107,6 +114,8 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     Raises ValueError for what this model cannot represent: another model
     type or activation, biases, rope scaling, a head size of its own.
     """
+    from llama import checkpoint
+
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     absent = [name for name in required if not isinstance(config.get(name), int)]
     if absent:
@@ -154,6 +163,9 @@ def hf_config_from_model_args(args: ModelArgs, dtype: torch.dtype, max_position_
     `multiple_of` and `ffn_dim_multiplier` ride along, unused by transformers,
     so that converting back gives the same params.json.
     """
+    from llama import checkpoint
+    from llama.model import ffn_hidden_dim
+
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -218,6 +230,7 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     for missing files, FileExistsError for a non-empty `out_dir`, ValueError
     for a config or weights this model cannot represent.
     """
+    from llama import checkpoint
     from llama.tiny import write_checkpoint
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -272,6 +285,8 @@ def meta_to_hf(
     """
     from safetensors.torch import save_file
 
+    from llama import checkpoint
+
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     shards = checkpoint.find_shards(meta_dir)
     checkpoint.require_new_dir(out_dir)
@@ -300,7 +315,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.convert_hf", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m llama.convert_hf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
     to_meta = sub.add_parser("to-meta", help="HuggingFace directory -> Meta checkpoint")
     to_meta.add_argument("src")
@@ -314,19 +329,20 @@ def main(argv=None) -> int:
         p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                        help="store the weights in this dtype (default: as in SRC)")
     args = parser.parse_args(argv)
+    if args.direction == "to-meta" and args.mp < 1:
+        parser.error("--mp must be at least 1")
+    import torch  # after parsing: --help and a mistyped flag need not wait for it
+
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        if args.direction == "to-meta":
-            if args.mp < 1:
-                parser.error("--mp must be at least 1")
-            hf_to_meta(args.src, args.dst, model_parallel_size=args.mp, dtype=dtype)
-        else:
-            meta_to_hf(args.src, args.dst, dtype=dtype, max_position_embeddings=args.max_position_embeddings)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.dst}")
-    return 0
+    if args.direction == "to-meta":
+        code = cli.call(hf_to_meta, args.src, args.dst, model_parallel_size=args.mp, dtype=dtype)
+    else:
+        code = cli.call(
+            meta_to_hf, args.src, args.dst, dtype=dtype, max_position_embeddings=args.max_position_embeddings
+        )
+    if code == 0:
+        print(f"wrote {args.dst}")
+    return code
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Where the example scripts find their model: the user's checkpoint, or the demo one."""
+"""What the example scripts share: where they find their model (the user's
+checkpoint, or the demo one), and the checks they make before loading it."""
 
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 
 def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> Tuple[str, str]:
@@ -13,6 +14,9 @@ def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -
     printed, so that the examples run on a machine with no weights. With a
     `ckpt_dir` and no `tokenizer_path`, the directory's `tokenizer.model`
     (or its parent's, as in Meta's download layout) is used.
+
+    Raises FileNotFoundError when `ckpt_dir` is not a checkpoint directory
+    (saying what it is instead) or no tokenizer is found.
     """
     if ckpt_dir is None:
         from llama.tiny import demo_checkpoint
@@ -25,6 +29,10 @@ def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -
                 "(tiny random weights: expect gibberish, not Llama 2's text).\n"
             )
         return str(ckpt), tokenizer_path or str(ckpt / "tokenizer.model")
+    from llama.checkpoint import find_shards
+
+    # The directory first: a wrong one is the problem to report, not its missing tokenizer.
+    find_shards(ckpt_dir)
     if tokenizer_path is None:
         for candidate in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
             if candidate.is_file():
@@ -33,3 +41,42 @@ def resolve_checkpoint(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -
             f"no tokenizer.model in {ckpt_dir!r} or its parent; pass --tokenizer_path"
         )
     return ckpt_dir, tokenizer_path
+
+
+def check_request(
+    tokenizer_path: str,
+    max_seq_len: int,
+    max_batch_size: int,
+    temperature: float,
+    top_p: float,
+    max_gen_len: Optional[int],
+    prompts: Sequence[str] = (),
+    dialogs: Sequence = (),
+) -> None:
+    """Raise ValueError for arguments a run would fail on after loading the weights:
+    sampling parameters, `max_gen_len`, more prompts than `max_batch_size`, and a
+    prompt (text, or dialog in the chat format) longer than `max_seq_len`.
+
+    Needs the tokenizer only, so a mistake costs a second, not a load.
+    """
+    from llama.chat_format import encode_dialog
+    from llama.generation import _check_sampling
+    from llama.tokenizer import Tokenizer
+
+    _check_sampling(temperature, top_p)
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if max_gen_len is not None and max_gen_len < 0:  # as generate() checks it
+        raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len!r}")
+    count = len(prompts) + len(dialogs)
+    if count > max_batch_size:
+        raise ValueError(f"this example runs {count} prompts at once: max_batch_size must be at least {count}")
+    tokenizer = Tokenizer(tokenizer_path)
+    encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    encoded += [encode_dialog(tokenizer, d) for d in dialogs]
+    for tokens in encoded:
+        if len(tokens) > max_seq_len:
+            raise ValueError(
+                f"a prompt of this example is {len(tokens)} tokens, longer than max_seq_len {max_seq_len}"
+            )

@@ -49,6 +49,17 @@ def choose_dtype(device: torch.device, dtype: Optional[Union[str, torch.dtype]] 
     return dtype
 
 
+def planned_model_parallel_size(model_parallel_size: Optional[int] = None) -> int:
+    """The model-parallel size `init_distributed` will set up, known before it runs:
+    the one given, else the world size. Raises ValueError unless a positive int."""
+    if model_parallel_size is None:
+        default = dist.get_world_size() if dist.is_initialized() else 1
+        model_parallel_size = int(os.environ.get("WORLD_SIZE", default))
+    if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
+        raise ValueError(f"model_parallel_size must be a positive int, got {model_parallel_size!r}")
+    return model_parallel_size
+
+
 def init_distributed(device: torch.device, model_parallel_size: Optional[int] = None) -> int:
     """Start the process group and fairscale's model parallelism if not yet done.
 
@@ -65,10 +76,7 @@ def init_distributed(device: torch.device, model_parallel_size: Optional[int] = 
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
     world_size = dist.get_world_size()
-    if model_parallel_size is None:
-        model_parallel_size = int(os.environ.get("WORLD_SIZE", world_size))
-    if not isinstance(model_parallel_size, int) or model_parallel_size < 1:
-        raise ValueError(f"model_parallel_size must be a positive int, got {model_parallel_size!r}")
+    model_parallel_size = planned_model_parallel_size(model_parallel_size)
     if world_size % model_parallel_size != 0:
         raise ValueError(
             f"model_parallel_size {model_parallel_size} does not divide the world size {world_size}"

@@ -155,6 +155,11 @@ class Llama:
         # Cheap checks first, so that a typo fails before any process group exists.
         shards = checkpoint.find_shards(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
+        checkpoint.check_model_parallel_fit(
+            checkpoint.model_args_from_params(params),
+            distributed.planned_model_parallel_size(model_parallel_size),
+            n_shards=len(shards),
+        )
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
 
         model_parallel_size = distributed.init_distributed(device, model_parallel_size)

@@ -7,15 +7,17 @@ every start and lets each rank read one file. DST must be new or empty; SRC
 is only read. `params.json` and `tokenizer.model` are copied alongside.
 """
 
-import argparse
+from __future__ import annotations
+
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+from llama import cli
 
-from llama import checkpoint
+if TYPE_CHECKING:
+    import torch
 
 
 def reshard(
@@ -27,6 +29,10 @@ def reshard(
     ValueError if the model cannot be split that way, and whatever
     reading `src` raises (see `checkpoint.load_for_rank`).
     """
+    import torch  # here, not at the top: `--help` need not wait for it
+
+    from llama import checkpoint
+
     src, dst = Path(src), Path(dst)
     shards = checkpoint.find_shards(src)
     checkpoint.require_new_dir(dst)
@@ -76,7 +82,7 @@ def reshard(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint directory to read (params.json, consolidated.NN.pth)")
     parser.add_argument("dst", help="new or empty directory to write")
     parser.add_argument("--mp", type=int, required=True, help="number of model-parallel shards to write")
@@ -85,13 +91,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.mp < 1:
         parser.error("--mp must be at least 1")
-    try:
-        reshard(args.src, args.dst, args.mp, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.mp} shard(s) to {args.dst}")
-    return 0
+    import torch  # after parsing: --help and a mistyped flag need not wait for it
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    code = cli.call(reshard, args.src, args.dst, args.mp, dtype=dtype)
+    if code == 0:
+        print(f"wrote {args.mp} shard(s) to {args.dst}")
+    return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ with `--tokenizer`). The weights are seeded random numbers, so the text they
 produce is gibberish; what matters is that it is reproducible.
 """
 
-import argparse
+from __future__ import annotations
+
 import io
 import json
 import os
@@ -18,12 +19,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
-import torch
+from llama import cli
 
-from llama.checkpoint import assemble_rank, params_dict
-from llama.model import ModelArgs, ffn_hidden_dim
+# torch, and the modules that import it, are imported where the work needs
+# them, so that `python -m llama.tiny --help` answers at once.
+if TYPE_CHECKING:
+    import torch
+
+    from llama.model import ModelArgs
 
 _WORDS = (
     "the a an of to in and is was for on with as by at from that this it he she they we you "
@@ -80,13 +85,19 @@ def train_tokenizer(path, vocab_size: int = 512) -> None:
     Path(path).write_bytes(model.getvalue())
 
 
-def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=None) -> Dict[str, torch.Tensor]:
     """A full (MP=1) state dict with Meta's keys and seeded random values.
 
     Scaled so that activations stay O(1) and the logits are spread widely
     enough that greedy choices are not decided by float rounding. Made on
     `device` (a 7B one straight on the GPU); the values depend on the device.
+    `dtype` defaults to float32.
     """
+    import torch
+
+    from llama.model import ffn_hidden_dim
+
+    dtype = torch.float32 if dtype is None else dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
     head_dim = args.dim // args.n_heads
@@ -120,6 +131,8 @@ def shard_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """Rank `rank`'s part of a full state dict under Meta's MP layout (KV heads
     replicated when `mp` exceeds them), as tensors of their own."""
+    from llama.checkpoint import assemble_rank
+
     part = assemble_rank(lambda index: (state, "the full state dict"), 1, rank, mp, args)
     return {key: tensor.clone() for key, tensor in part.items()}
 
@@ -129,9 +142,15 @@ def write_checkpoint(
     state: Dict[str, torch.Tensor],
     args: ModelArgs,
     mp: int = 1,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Write `params.json` and `consolidated.NN.pth` for `mp` shards into `out_dir`."""
+    """Write `params.json` and `consolidated.NN.pth` for `mp` shards into `out_dir`,
+    the weights in `dtype` (default float32)."""
+    import torch
+
+    from llama.checkpoint import params_dict
+
+    dtype = torch.float32 if dtype is None else dtype
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params_dict(args), indent=2) + "\n")
@@ -151,10 +170,13 @@ def make_tiny_checkpoint(
     ffn_dim_multiplier: Optional[float] = None,
     vocab_size: int = 512,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
     tokenizer: Optional[str] = None,
 ) -> Path:
-    """Write a complete tiny checkpoint directory (weights, params, tokenizer)."""
+    """Write a complete tiny checkpoint directory (weights, params, tokenizer);
+    the weights in `dtype` (default float32)."""
+    from llama.model import ModelArgs
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.model"
@@ -211,24 +233,30 @@ def demo_checkpoint(mp: int = 1) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
+    parser = cli.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="new or empty directory to write")
     parser.add_argument("--mp", type=int, default=1, help="number of model-parallel shards")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--n-kv-heads", type=int, default=2, help="0 for none (plain multi-head attention)")
-    parser.add_argument("--multiple-of", type=int, default=32)
-    parser.add_argument("--ffn-dim-multiplier", type=float, default=None)
+    parser.add_argument("--dim", type=int, default=64, help="model width")
+    parser.add_argument("--n-layers", type=int, default=2, help="number of transformer blocks")
+    parser.add_argument("--n-heads", type=int, default=4, help="attention (query) heads")
+    parser.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads; 0 for plain multi-head attention")
+    parser.add_argument("--multiple-of", type=int, default=32, help="the feed-forward size is rounded up to this")
+    parser.add_argument("--ffn-dim-multiplier", type=float, default=None,
+                        help="scales the feed-forward size; none: Meta's 8/3 x dim")
     parser.add_argument("--vocab-size", type=int, default=512, help="size of the tokenizer to train")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--tokenizer", default=None, help="copy this tokenizer.model instead of training one")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the stored weights")
+    parser.add_argument("--tokenizer", default=None,
+                        help="copy this tokenizer.model; none: train a small one")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty; choose a new directory")
-    make_tiny_checkpoint(
+    import torch  # after parsing: --help and a mistyped flag need not wait for it
+
+    code = cli.call(
+        make_tiny_checkpoint,
         out,
         mp=args.mp,
         dim=args.dim,
@@ -242,8 +270,9 @@ def main(argv=None) -> int:
         dtype=getattr(torch, args.dtype),
         tokenizer=args.tokenizer,
     )
-    print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
-    return 0
+    if code == 0:
+        print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,358 @@
+"""Command lines that check their flags before doing any work and fail in one line.
+
+A script describes its flags once, as the keyword parameters of a typed
+`main` with a docstring, and hands it to `run`:
+
+    def main(ckpt_dir: Optional[str] = None, temperature: float = 0.6):
+        \"\"\"Complete a few prompts.
+
+        Args:
+            ckpt_dir: the checkpoint directory
+            temperature: 0 for greedy decoding
+        \"\"\"
+
+    if __name__ == "__main__":
+        run(main)
+
+`run` builds an argparse parser from the signature (`--ckpt_dir` and
+`--ckpt-dir` both work), parses the whole command line before calling
+`main`, and then calls it. So:
+
+- an unknown flag fails at once, naming it and the closest known flag;
+- `-h`/`--help` lists each flag with its meaning (from the docstring's
+  `Args:`), its type and its default;
+- text stays text: `--system None` is the string "None", and `1e3` or
+  `[INST]` reach a `str` parameter as typed. An `Optional[int]` or
+  `Optional[float]` flag takes `none` for None; a `bool` flag is `--flag`
+  or `--flag false`; a `Literal[...]` flag takes one of its values;
+- a user error (see `is_user_error`) prints one line, `error: ...`, from
+  rank 0 only, and exits with status 1 (2 for a bad command line); a real
+  bug still shows its traceback. `LLAMA_TRACEBACK=1` shows it for every error.
+
+This module imports nothing heavy, so `--help` and a misspelled flag are
+answered in a fraction of a second; `main` imports torch when it runs.
+This is why the scripts do not use `fire`, as Meta's reference does: fire
+reports an unknown flag only after `main` has returned (after loading the
+weights and generating), parses values as Python literals (`--system 1e3`
+becomes a float, `None` becomes None), and takes `-h` for any flag starting
+with h (`--heartbeat_s` in chat.py).
+"""
+
+import argparse
+import difflib
+import inspect
+import linecache
+import os
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def is_first_rank() -> bool:
+    """True unless this process is a torchrun worker other than global rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def print_error(message: str) -> None:
+    """`error: message` in one line on stderr, from rank 0 only."""
+    if is_first_rank():
+        print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def one_line(message: str) -> str:
+    """A multi-line message joined into one line (a list after a colon stays readable)."""
+    message = re.sub(r":\s*\n\s*", ": ", message.strip())
+    return re.sub(r"\s*\n\s*", "; ", message)
+
+
+# --- argument parsing ---
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; each flag's help ends with its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or action.required
+            or default is argparse.SUPPRESS
+            or "(default:" in text
+            or (default is None and re.search(r"\bnone\b", text))  # the help says what none means
+        ):
+            return text
+        return f"{text} (default: {_default_text(default).replace('%', '%%')})".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that prints errors in one line and names the closest flag.
+
+    Abbreviated flags are refused (`--temp` is not `--temperature`), so that
+    a flag added later cannot change what an old command line means.
+    Help is printed by rank 0 only, and shows each flag's default.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        """As argparse's; a flag spelled with - also answers to _, and the other way
+        round (`--max_seq_len`, `--max-seq-len`). --help shows the spelling given."""
+        action = super().add_argument(*names, **kwargs)
+        aliases = []
+        for name in names:
+            if name.startswith("--") and ("-" in name[2:] or "_" in name[2:]):
+                body = name[2:]
+                other = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+                if other not in self._option_string_actions and other not in aliases:
+                    aliases.append(other)
+        if aliases:
+            hidden = {k: v for k, v in kwargs.items() if k != "required"}
+            super().add_argument(
+                *aliases, **{**hidden, "dest": action.dest, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+            )
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not getattr(self, "_is_subparser", False):
+            # Unknown flags first, so that one is named even when a required argument is missing too.
+            known = {option for option, _ in self._all_flags()} | {"-h", "--help"}
+            for token in sys.argv[1:] if args is None else args:
+                if token == "--":
+                    break
+                if token.startswith("--") and token.split("=", 1)[0] not in known:
+                    self.error(self._unknown_message([token]))
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not getattr(self, "_is_subparser", False):
+            self.error(self._unknown_message(extras))
+        return namespace, extras
+
+    def _unknown_message(self, extras: List[str]) -> str:
+        flags = [a for a in extras if a.startswith("-")]
+        if not flags:
+            return f"unexpected argument {extras[0]!r}"
+        flag = flags[0].split("=", 1)[0]
+        if flag in {option for option, _ in self._all_flags()}:  # another subcommand's
+            return f"flag {flag} does not apply to this command (its --help lists the flags)"
+        # Compared with - and _ alike; the flag suggested is spelled as --help shows it.
+        known = {alias.replace("-", "_"): shown for alias, shown in self._all_flags()}
+        close = difflib.get_close_matches(flag.replace("-", "_"), list(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {known[close[0]]}?" if close else ""
+        return f"unknown flag {flag}{hint} (--help lists the flags)"
+
+    def _all_flags(self) -> List[Tuple[str, str]]:
+        """(flag, the flag as --help shows it) for every long flag, subcommands' too."""
+        options, shown, flags = [], {}, []
+        for action in self._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    options.append((option, action.dest))
+                    if action.help != argparse.SUPPRESS:  # a hidden alias shows as its dest's flag
+                        shown.setdefault(action.dest, option)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    flags += sub._all_flags()
+        return flags + [(option, shown.get(dest, option)) for option, dest in options]
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", _SubParser)
+        return super().add_subparsers(**kwargs)
+
+    def error(self, message: str):
+        print_error(message)
+        self.exit(2)
+
+    def print_help(self, file=None):
+        if is_first_rank():
+            super().print_help(file)
+
+
+class _SubParser(ArgumentParser):
+    """A subcommand's parser: unknown flags go back to the main parser, which names them."""
+
+    _is_subparser = True
+
+
+def _docstring_parts(doc: str) -> Tuple[str, Dict[str, str]]:
+    """(text before `Args:`, {parameter: its description}) of a Google-style docstring."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+    except StopIteration:
+        return "\n".join(lines).strip(), {}
+    described: Dict[str, str] = {}
+    name = None
+    indent = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if depth == 0:  # the next section
+            break
+        entry = re.match(r"\s*(\w+)(?: \([^)]*\))?:\s*(.*)", line)
+        if entry and (indent is None or depth == indent):
+            indent = depth
+            name = entry.group(1)
+            described[name] = entry.group(2)
+        elif name is not None:
+            described[name] += " " + line.strip()
+    return "\n".join(lines[:start]).strip(), described
+
+
+def _is_optional(annotation) -> Tuple[bool, object]:
+    """(whether None is allowed, the other type) of `annotation`."""
+    if typing.get_origin(annotation) is typing.Union:
+        others = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(others) == 1 and len(typing.get_args(annotation)) == 2:
+            return True, others[0]
+    return False, annotation
+
+
+def _converter(kind, optional: bool, flag: str) -> Tuple[Callable[[str], object], str]:
+    """A function from the typed text to a value of `kind`, and the metavar to show."""
+    if typing.get_origin(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+
+        def choice(text: str):
+            for value in choices:
+                if str(value) == text:
+                    return value
+            if optional and text.lower() == "none":
+                return None
+            allowed = ", ".join(map(str, choices)) + (" or none" if optional else "")
+            raise argparse.ArgumentTypeError(f"expected one of {allowed}, got {text!r}")
+
+        return choice, "{" + ",".join(map(str, choices)) + "}"
+    if kind is str:
+        return str, "TEXT"
+    if kind is bool:
+
+        def boolean(text: str) -> bool:
+            if text.lower() in ("true", "yes", "1", "on"):
+                return True
+            if text.lower() in ("false", "no", "0", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+        return boolean, "BOOL"
+    if kind in (int, float):
+        noun = "an integer" if kind is int else "a number"
+
+        def number(text: str):
+            if optional and text.lower() == "none":
+                return None
+            try:
+                return kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected {noun}{' or none' if optional else ''}, got {text!r}"
+                ) from None
+
+        return number, kind.__name__.upper()
+    raise TypeError(f"cli: no flag can be made for parameter {flag!r} of type {kind!r}")
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def parser_for(main: Callable, prog: Optional[str] = None, description: Optional[str] = None) -> ArgumentParser:
+    """An `ArgumentParser` with one flag per keyword parameter of `main` (positional
+    ones for parameters without a default), described by `main`'s docstring."""
+    summary, described = _docstring_parts(main.__doc__ or "")
+    if description is None:
+        description = summary or (sys.modules.get(main.__module__).__doc__ or "").strip()
+    parser = ArgumentParser(prog=prog, description=description)
+    hints = typing.get_type_hints(main)
+    for name, param in inspect.signature(main).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"cli: main may not take *{name} or **{name}")
+        annotation = hints.get(name, type(param.default) if param.default not in (param.empty, None) else str)
+        optional, kind = _is_optional(annotation)
+        convert, metavar = _converter(kind, optional, name)
+        help_text = described.get(name, "").replace("%", "%%")
+        if param.default is param.empty:
+            parser.add_argument(name, type=convert, metavar=name.upper(), help=help_text)
+            continue
+        # `--compile` alone means true; `--compile false` is also accepted.
+        value = dict(nargs="?", const=True) if kind is bool else {}
+        parser.add_argument(f"--{name}", type=convert, default=param.default, metavar=metavar, help=help_text,
+                            **value)
+    return parser
+
+
+# --- running ---
+
+
+def is_user_error(error: BaseException, own_files=()) -> bool:
+    """True for errors about the user's input or machine, shown in one line:
+
+    - any OSError (a missing file, a permission, a full disk: the message
+      names the path);
+    - a ValueError or TypeError raised on purpose by this library or by the
+      script (`own_files`): its innermost frame is a `raise` statement in
+      one of those files. The same exception types raised elsewhere ("too
+      many values to unpack", a ValueError inside torch) are bugs and keep
+      their traceback.
+    """
+    if isinstance(error, OSError):
+        return True
+    if not isinstance(error, (ValueError, TypeError)) or error.__traceback__ is None:
+        return False
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = Path(tb.tb_frame.f_code.co_filename).resolve()
+    ours = _PACKAGE_DIR in filename.parents or filename in {Path(f).resolve() for f in own_files}
+    line = linecache.getline(str(filename), tb.tb_lineno).strip()
+    return ours and line.startswith("raise")
+
+
+def call(work: Callable, *args, own_files=(), **kwargs) -> int:
+    """`work(*args, **kwargs)`; returns 0, or 1 after printing a user error in one
+    line (rank 0 only), or 130 after Ctrl-C. Any other exception propagates."""
+    try:
+        work(*args, **kwargs)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    except Exception as error:
+        if os.environ.get("LLAMA_TRACEBACK") or not is_user_error(error, own_files):
+            raise
+        print_error(str(error) or type(error).__name__)
+        return 1
+    return 0
+
+
+def refuse_hidden_package() -> None:
+    """Exit with one line when a folder named llama beside the script hides this package.
+
+    Python then imports that folder as an empty namespace package `llama`;
+    with an editable install, submodules such as `llama.cli` may still be
+    found, so the scripts get this far and would fail later on `Llama`.
+    """
+    package = sys.modules.get("llama")
+    if package is not None and getattr(package, "__file__", None) is None:
+        print_error(
+            f"the folder {list(package.__path__)[0]} hides the llama package from this script: "
+            "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
+        )
+        sys.exit(1)
+
+
+def run(main: Callable, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> None:
+    """Parse the command line for `main` (see the module's docstring), call it, and exit."""
+    refuse_hidden_package()
+    args = parser_for(main, prog=prog).parse_args(argv)
+    sys.exit(call(main, own_files=[inspect.getfile(main)], **vars(args)))
