@@ -1,4 +1,4 @@
-"""Chat with a Llama 2 model in the terminal.
+"""Chat with a Llama model (Llama 2 or 3.x chat format) in the terminal.
 
     python chat.py [--ckpt_dir DIR] [--system "You are ..."] [--max_seq_len 512] ...
     torchrun --nproc_per_node N chat.py --ckpt_dir DIR_WITH_N_SHARDS ...
@@ -50,7 +50,7 @@ def main(
         device: cpu, cuda or cuda:N; none: this process's GPU if there is one, else the CPU
         heartbeat_s: under torchrun, how often rank 0 wakes the other ranks while it waits for input
     """
-    from llama import Llama
+    from llama import Llama, family
     from llama.chat_repl import Conversation, reply_length, run_chat
     from llama.demo import check_request, resolve_checkpoint
 
@@ -58,7 +58,7 @@ def main(
     # Everything that needs no weights is checked before they load.
     check_request(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)
     reply_length(max_gen_len, max_seq_len)
-    Conversation(system)
+    Conversation(system, family.of_tokenizer_file(tokenizer_path))  # the chat format follows the tokenizer
     llama = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,

@@ -1,4 +1,4 @@
-"""Inference for Meta-format Llama 2 checkpoints, on CUDA or CPU, at any world size."""
+"""Inference for Meta-format Llama checkpoints (Llama 2, Code Llama, Llama 3.x text), on CUDA or CPU, at any world size."""
 
 import importlib
 from typing import TYPE_CHECKING

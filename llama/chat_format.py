@@ -1,4 +1,8 @@
-"""The Llama 2 chat prompt format: a Dialog turned into prompt tokens."""
+"""The chat prompt formats: a Dialog turned into prompt tokens.
+
+Llama 2 (and Code Llama) wrap turns in [INST] ... [/INST]; Llama 3 gives
+each message a header of special tokens. `llama.family` says which a model uses.
+"""
 
 from typing import List, Literal, Sequence, TypedDict
 
@@ -80,3 +84,30 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Sequence[Message]) -> List[int]:
         )
     tokens += tokenizer.encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True, eos=False)
     return tokens
+
+
+def encode_header_llama3(tokenizer, role: str) -> List[int]:
+    """<|start_header_id|>{role}<|end_header_id|> and the blank line after it."""
+    return (
+        [tokenizer.special_tokens["<|start_header_id|>"]]
+        + tokenizer.encode(role, bos=False, eos=False)
+        + [tokenizer.special_tokens["<|end_header_id|>"]]
+        + tokenizer.encode("\n\n", bos=False, eos=False)
+    )
+
+
+def encode_dialog_llama3(tokenizer, dialog: Sequence[Message]) -> List[int]:
+    """Prompt tokens for `dialog` in Meta's Llama 3 chat format.
+
+    <|begin_of_text|>, then each message as its header, its stripped content
+    and <|eot_id|>, then an open assistant header for the answer. Special-token
+    text inside a message is encoded as plain text. The dialog is checked as
+    for Llama 2 (`check_dialog`).
+    """
+    check_dialog(dialog)
+    tokens = [tokenizer.bos_id]
+    for message in dialog:
+        tokens += encode_header_llama3(tokenizer, message["role"])
+        tokens += tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+        tokens.append(tokenizer.special_tokens["<|eot_id|>"])
+    return tokens + encode_header_llama3(tokenizer, "assistant")

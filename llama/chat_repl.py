@@ -1,4 +1,4 @@
-"""An interactive Llama 2 chat in a terminal, under plain `python` or `torchrun`.
+"""An interactive Llama chat (any family's chat format) in a terminal, under plain `python` or `torchrun`.
 
 Rank 0 reads what the person types and prints the replies; it sends each
 command to the other ranks (`broadcast_object_list`), and every rank runs the
@@ -24,7 +24,8 @@ from typing import List, Optional, TextIO, Tuple
 import torch
 import torch.distributed as dist
 
-from llama.chat_format import Dialog, encode_dialog, has_special_tags
+from llama import family
+from llama.chat_format import Dialog
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
@@ -49,14 +50,15 @@ class MessageTooLong(ValueError):
 class Conversation:
     """The chat so far: an optional system prompt and the finished (user, assistant) turns."""
 
-    def __init__(self, system: Optional[str] = None):
-        if system is not None and has_special_tags([{"role": "system", "content": system}]):
+    def __init__(self, system: Optional[str] = None, model_family: family.Family = family.LLAMA_2):
+        self.family = model_family
+        if system is not None and model_family.refuses([{"role": "system", "content": system}]):
             raise ValueError("the system prompt holds the chat format's own tags ([INST], <<SYS>>, ...)")
         self.system = system or None
         self.turns: List[Tuple[str, str]] = []
 
     def dialog(self, message: str, turns: Optional[List[Tuple[str, str]]] = None) -> Dialog:
-        """The Llama 2 dialog of the system prompt, `turns` (default: all) and the new `message`."""
+        """The dialog of the system prompt, `turns` (default: all) and the new `message`."""
         dialog: Dialog = [{"role": "system", "content": self.system}] if self.system else []
         for user, assistant in self.turns if turns is None else turns:
             dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -73,7 +75,7 @@ class Conversation:
         """
         for dropped in range(len(self.turns) + 1):
             dialog = self.dialog(message, self.turns[dropped:])
-            prompt_len = len(encode_dialog(tokenizer, dialog))
+            prompt_len = len(self.family.encode_dialog(tokenizer, dialog))
             if prompt_len + max_gen_len <= max_seq_len:
                 break
         if prompt_len >= max_seq_len:
@@ -250,7 +252,7 @@ class ChatRepl:
         _check_sampling(temperature, top_p)
         self.temperature = temperature
         self.top_p = top_p
-        self.conversation = Conversation(system)
+        self.conversation = Conversation(system, llama.family)
         self.ranks = _Ranks(llama.device)
         self.terminal = terminal
         self.heartbeat_s = heartbeat_s
@@ -302,7 +304,7 @@ class ChatRepl:
                 return "reset", None
             if text.startswith("/"):
                 self.say(f"[unknown command {text.split()[0]!r}] {HELP}\n")
-            elif text and has_special_tags([{"role": "user", "content": text}]):
+            elif text and self.llama.family.refuses([{"role": "user", "content": text}]):
                 self.say("[not sent: a message may not hold the chat format's tags ([INST], <<SYS>>, ...)]\n")
             elif text:
                 return "message", text

@@ -42,11 +42,17 @@ _SPLIT_DIMS = {
 }
 
 
-def split_dim(key: str) -> Optional[int]:
-    """The dimension `key` is split on across model-parallel shards, or None if replicated."""
+def split_dim(key: str, tok_embeddings_split_dim: int = 1) -> Optional[int]:
+    """The dimension `key` is split on across model-parallel shards, or None if replicated.
+
+    The embedding's depends on the family (`ModelArgs.tok_embeddings_split_dim`):
+    Llama 2 splits its columns, Llama 3 its vocabulary rows.
+    """
     parts = key.split(".")
     if len(parts) < 2 or parts[-1] != "weight":
         raise ValueError(f"not a Llama weight name: {key!r}")
+    if parts[-2] == "tok_embeddings":
+        return tok_embeddings_split_dim
     return _SPLIT_DIMS.get(parts[-2])
 
 _PARAM_TYPES = {
@@ -61,7 +67,12 @@ _PARAM_TYPES = {
     "max_batch_size": int,
     "max_seq_len": int,
     "rope_theta": (int, float),
+    "use_scaled_rope": bool,
+    "rope_scaling_factor": (int, float),
 }
+# The rotary options this library implements; any other params.json field
+# naming rope is an option it would silently ignore, so it is refused.
+ROPE_FIELDS = ("rope_theta", "use_scaled_rope", "rope_scaling_factor")
 
 
 def find_shards(ckpt_dir) -> List[Path]:
@@ -106,22 +117,44 @@ def read_params(ckpt_dir) -> Dict:
         raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
     if not isinstance(params, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
+    check_params(params, str(path))
+    return params
+
+
+def check_params(params: Mapping, source: str) -> None:
+    """Raise ValueError unless `params` holds only known params.json fields of the right types."""
     for key, value in params.items():
         if key not in _PARAM_TYPES:
+            if "rope" in key.lower():
+                raise ValueError(
+                    f"{source!r}: unknown rope option {key!r}={value!r}; this library implements "
+                    f"{', '.join(ROPE_FIELDS)} (Meta's Llama 3.1 scaling) and nothing else, so it "
+                    "cannot run this checkpoint as it was trained"
+                )
             known = ", ".join(sorted(_PARAM_TYPES))
-            raise ValueError(f"{str(path)!r}: unknown field {key!r} (known fields: {known})")
-        if isinstance(value, bool) or not isinstance(value, _PARAM_TYPES[key]):
-            raise ValueError(f"{str(path)!r}: field {key!r} has the wrong type: {value!r}")
-    for key in ("dim", "n_layers", "n_heads"):
+            raise ValueError(f"{source!r}: unknown field {key!r} (known fields: {known})")
+        expected = _PARAM_TYPES[key]
+        wrong = not isinstance(value, bool) if expected is bool else (
+            isinstance(value, bool) or not isinstance(value, expected)
+        )
+        if wrong:
+            raise ValueError(f"{source!r}: field {key!r} has the wrong type: {value!r}")
+    for key in ("dim", "n_layers", "n_heads", "rope_theta", "rope_scaling_factor"):
         if key in params and params[key] <= 0:
-            raise ValueError(f"{str(path)!r}: {key} must be positive, got {params[key]}")
-    return params
+            raise ValueError(f"{source!r}: {key} must be positive, got {params[key]}")
+    if "rope_scaling_factor" in params and not params.get("use_scaled_rope"):
+        raise ValueError(
+            f"{source!r}: rope_scaling_factor is set but use_scaled_rope is not true; "
+            "the factor only applies to the scaled rotary embedding"
+        )
 
 
 def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
     """`ModelArgs` from params.json fields, then `overrides` (max_seq_len, ...)."""
     args = ModelArgs(**{**params, **overrides})
     n_kv_heads = n_kv_heads_of(args)
+    if args.tok_embeddings_split_dim not in (0, 1):
+        raise ValueError(f"tok_embeddings_split_dim must be 0 or 1, got {args.tok_embeddings_split_dim!r}")
     if args.dim % args.n_heads != 0:
         raise ValueError(f"dim {args.dim} is not a multiple of n_heads {args.n_heads}")
     if (args.dim // args.n_heads) % 2 != 0:
@@ -132,11 +165,18 @@ def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
 
 
 def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
-    """`ModelArgs` of a checkpoint on its own, without a tokenizer: where
-    params.json says vocab_size -1 (as Meta's do), the embedding's row count."""
-    args = model_args_from_params(read_params(ckpt_dir))
+    """`ModelArgs` of a checkpoint on its own, without a tokenizer given, in
+    its family's layout (`llama.family.of_checkpoint`): where params.json
+    says vocab_size -1 (as Llama 2's do), the vocabulary comes from the
+    embedding's shape."""
+    from llama import family
+
+    params = read_params(ckpt_dir)
+    args = family.of_checkpoint(ckpt_dir, params, shards).model_args(params)
     if args.vocab_size <= 0:
-        args.vocab_size = load_shard(shards[0])["tok_embeddings.weight"].shape[0]
+        args.vocab_size = family.checkpoint_evidence(params, shards)[2] or -1
+    if args.vocab_size <= 0:
+        raise ValueError(f"cannot tell the vocabulary size of the checkpoint {str(ckpt_dir)!r}")
     return args
 
 
@@ -223,7 +263,7 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
 
 def shard_range(key: str, full_shape: Sequence[int], args: ModelArgs, model_parallel_size: int, rank: int):
     """(dim, start, stop): the part of the full tensor `key` that `rank` holds, or None if replicated."""
-    dim = split_dim(key)
+    dim = split_dim(key, args.tok_embeddings_split_dim)
     if dim is None:
         return None
     n_kv_heads = n_kv_heads_of(args)
@@ -279,6 +319,21 @@ def load_shard(path) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+def shard_tensor_shape(path, key: str) -> Optional[Tuple[int, ...]]:
+    """The shape of `key` in a shard (None if absent), from its header alone.
+
+    The file is memory-mapped and the tensor's bytes are never touched, so
+    this reads a few kilobytes of a shard of any size. Used to tell a
+    checkpoint's family before loading; `load_shard` is for loading.
+    """
+    try:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ValueError(f"cannot read checkpoint shard {str(path)!r}: {e}") from e
+    tensor = state_dict.get(key) if isinstance(state_dict, dict) else None
+    return None if tensor is None else tuple(tensor.shape)
+
+
 # Loading more bytes than this shows a progress bar (on the rank asked to).
 PROGRESS_MIN_BYTES = 256 * 2**20
 
@@ -320,6 +375,7 @@ def load_for_rank(
 
     def open_shard(index: int):
         state_dict = load_shard(shards[index])
+        tie_output(state_dict, args, len(shards), shards[index])
         _check_keys(state_dict, shapes, shards[index])
         return state_dict, repr(str(shards[index]))
 
@@ -363,9 +419,19 @@ def assemble_rank(
         expected = _local_shape(shapes[key], shard_range(key, shapes[key], args, n_shards, index))
         if tuple(tensor.shape) != expected:
             hint = ""
-            if key == "tok_embeddings.weight" and tensor.shape[0] != expected[0]:
-                # Rows are the vocabulary, never split: a size mismatch there is the tokenizer's.
-                hint = " (the vocabulary size comes from the tokenizer: wrong tokenizer for this model?)"
+            if key == "tok_embeddings.weight":
+                split = args.tok_embeddings_split_dim
+                full = shapes[key]
+                other_layout = tuple(n // n_shards if d == 1 - split else n for d, n in enumerate(full))
+                if n_shards > 1 and tuple(tensor.shape) == other_layout:
+                    # The embedding fits but for its split axis: another family's layout.
+                    hint = (
+                        f" (this checkpoint's embedding is split on dim {1 - split}, where this "
+                        f"model family splits it on dim {split}: wrong tokenizer for this model?)"
+                    )
+                elif tensor.shape[0] != expected[0]:
+                    # Rows are the vocabulary, whose size comes from the tokenizer.
+                    hint = " (the vocabulary size comes from the tokenizer: wrong tokenizer for this model?)"
             raise ValueError(
                 f"{key} has shape {tuple(tensor.shape)} in {name}, but shard {index} of "
                 f"{n_shards} of the model in params.json has {expected}{hint}"
@@ -499,6 +565,26 @@ def _libc():
         return None
 
 
+def tie_output(state_dict: Dict[str, torch.Tensor], args: ModelArgs, n_shards: int, path) -> None:
+    """Use the embedding as the output where a shard has no `output.weight` (and says so).
+
+    Llama 3.2 1B and 3B tie the two; Meta's files still hold a copy, but a
+    converted checkpoint may not. The two are laid out alike (vocabulary
+    rows, split on dim 0) in a single shard or in Llama 3's layout; in
+    Llama 2's column-split layout they are not, and the weight stays missing.
+    """
+    if "output.weight" in state_dict or "tok_embeddings.weight" not in state_dict:
+        return
+    if n_shards > 1 and split_dim("output.weight") != args.tok_embeddings_split_dim:
+        return
+    print(
+        f"note: {str(path)!r} has no output.weight; using tok_embeddings.weight as the output "
+        "(tied embeddings, as in Llama 3.2 1B and 3B)",
+        file=sys.stderr,
+    )
+    state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+
+
 def _check_keys(state_dict: Mapping[str, torch.Tensor], shapes: Mapping, path) -> None:
     keys = set(state_dict) - set(IGNORED_KEYS)
     missing, unexpected = sorted(shapes.keys() - keys), sorted(keys - shapes.keys())
@@ -578,4 +664,9 @@ def params_dict(args: ModelArgs) -> Dict:
         fields.pop("ffn_dim_multiplier")
     if fields["rope_theta"] == 10000.0:
         fields.pop("rope_theta")
+    if not fields["use_scaled_rope"]:
+        fields.pop("use_scaled_rope")
+    if fields["rope_scaling_factor"] is None:
+        fields.pop("rope_scaling_factor")
+    fields.pop("tok_embeddings_split_dim")  # follows from the family, not a params.json field
     return fields

@@ -5,8 +5,12 @@
 
 A HuggingFace directory holds `config.json`, one or more `*.safetensors`
 (with `model.safetensors.index.json` when there are several) and
-`tokenizer.model`; a Meta directory holds `params.json`,
-`consolidated.NN.pth` and `tokenizer.model`. The two differ in key names and
+`tokenizer.model` (Meta's Llama 3 repositories keep it in `original/`); a
+Meta directory holds `params.json`, `consolidated.NN.pth` and
+`tokenizer.model`. Llama 2 and Llama 3.x both convert: Llama 3.1's
+`rope_scaling` of type `llama3` becomes `use_scaled_rope` (and
+`rope_scaling_factor` when its factor is not Meta's 8), and shards are
+written in the family's layout. The two differ in key names and
 in the rotary layout: Meta rotates adjacent pairs (x[2i], x[2i+1]) of a
 head, HuggingFace the two halves (x[i], x[i + head_dim/2]), so HuggingFace's
 `q_proj` and `k_proj` hold Meta's rows in a permuted order, head by head.
@@ -27,7 +31,9 @@ from llama import cli
 if TYPE_CHECKING:
     import torch
 
+    from llama.family import Family
     from llama.model import ModelArgs
+    from llama.tokenizer import Tokenizer
 
 # Meta key (with {i} for the layer) -> HuggingFace key.
 _LAYER_KEYS = {
@@ -49,8 +55,8 @@ _TOP_KEYS = {
 
 # (multiple_of, ffn_dim_multiplier) pairs Meta's own models use, tried first
 # so that their params.json comes back as Meta wrote it: Llama 2 7B and 13B,
-# Llama 2 70B, Llama 3.
-_KNOWN_FFN_PARAMS = ((256, None), (4096, 1.3), (1024, 1.3))
+# Llama 2 70B and Llama 3 70B, Llama 3 8B, Llama 3.2 1B, Llama 3.1 405B.
+_KNOWN_FFN_PARAMS = ((256, None), (4096, 1.3), (1024, 1.3), (256, 1.5), (4096, 1.2))
 
 
 def meta_to_hf_key(key: str) -> str:
@@ -99,13 +105,32 @@ def ffn_params_for(dim: int, hidden: int, hints: Tuple = ()) -> Tuple[int, Optio
     )
 
 
-def _rope_settings(config: Dict) -> Tuple[float, Optional[str]]:
-    """(rope_theta, rope type or None for plain RoPE), from transformers 4 or 5 fields."""
+def _rope_settings(config: Dict) -> Tuple[float, Optional[str], Dict]:
+    """(rope_theta, rope type or None for plain RoPE, its parameters), from transformers 4 or 5 fields."""
     parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
     theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    return float(theta), (None if rope_type in (None, "default") else rope_type)
+    return float(theta), (None if rope_type in (None, "default") else rope_type), {**scaling, **parameters}
+
+
+def _llama3_rope() -> Dict:
+    """Meta's Llama 3.1 scaling constants, as transformers names them."""
+    from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT
+
+    return {
+        "low_freq_factor": ROPE_LOW_FREQ_FACTOR,
+        "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+        "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT,
+    }
+
+
+def _llama3_rope_problems(rope: Dict) -> list:
+    return [
+        f"rope_scaling {name} {rope.get(name)!r} (Meta's llama3 scaling, implemented here, uses {value:g})"
+        for name, value in _llama3_rope().items()
+        if rope.get(name, value) != value
+    ]
 
 
 def model_args_from_hf_config(config: Dict) -> ModelArgs:
@@ -128,9 +153,19 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             problems.append(f"{flag} is set (this model has no biases)")
-    theta, rope_type = _rope_settings(config)
-    if rope_type is not None:
-        problems.append(f"rope scaling of type {rope_type!r} (this model implements plain RoPE only)")
+    theta, rope_type, rope = _rope_settings(config)
+    scaling = {}
+    if rope_type == "llama3":
+        from llama.model import ROPE_SCALING_FACTOR
+
+        problems += _llama3_rope_problems(rope)
+        factor = float(rope.get("factor", ROPE_SCALING_FACTOR))
+        # Meta's params.json has no factor (its code hard-codes 8): written only when it differs.
+        scaling = {"use_scaled_rope": True, "rope_scaling_factor": None if factor == ROPE_SCALING_FACTOR else factor}
+    elif rope_type is not None:
+        problems.append(
+            f"rope scaling of type {rope_type!r} (this model implements plain RoPE and Meta's llama3 scaling)"
+        )
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim")
     if head_dim is not None and head_dim * n_heads != dim:
@@ -153,19 +188,53 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
             "ffn_dim_multiplier": multiplier,
             "norm_eps": config.get("rms_norm_eps", 1e-6),
             "rope_theta": theta,
+            **scaling,
         }
     )
 
 
-def hf_config_from_model_args(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int) -> Dict:
+def hf_family(config: Dict, hf_dir: Path) -> Family:
+    """The family of a HuggingFace Llama: its tokenizer.model's kind where there is
+    one, else Llama 3 for llama3 rope scaling or Llama 3's vocabulary, else Llama 2."""
+    from llama import family
+    from llama.tokenizer import Tokenizer
+
+    tokenizer_path = _hf_tokenizer_model(hf_dir)
+    if tokenizer_path is not None:
+        return family.of_tokenizer(Tokenizer(str(tokenizer_path)))
+    _, rope_type, _ = _rope_settings(config)
+    return family.of_hf_config(rope_type, config.get("vocab_size"))
+
+
+def _eos_token_id(tokenizer: Tokenizer):
+    """EOS for config.json: the family's stop tokens, a list where there are several (Llama 3)."""
+    from llama import family
+
+    stops = family.of_tokenizer(tokenizer).stop_tokens(tokenizer)
+    return stops[0] if len(stops) == 1 else stops
+
+
+def hf_config_from_model_args(
+    args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int, tokenizer: Optional[Tokenizer] = None
+) -> Dict:
     """A HuggingFace `LlamaConfig` dict for `args` (transformers 4 and 5 both read it).
 
     `multiple_of` and `ffn_dim_multiplier` ride along, unused by transformers,
-    so that converting back gives the same params.json.
+    so that converting back gives the same params.json. BOS and EOS ids are
+    the tokenizer's where one is given (EOS: all of its family's stop tokens).
     """
     from llama import checkpoint
-    from llama.model import ffn_hidden_dim
+    from llama.model import ROPE_SCALING_FACTOR, ffn_hidden_dim
 
+    rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
+    rope_scaling = None
+    if args.use_scaled_rope:
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": args.rope_scaling_factor or ROPE_SCALING_FACTOR,
+            **_llama3_rope(),
+        }
+        rope_parameters = {**rope_scaling, "rope_theta": args.rope_theta}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -178,15 +247,15 @@ def hf_config_from_model_args(args: ModelArgs, dtype: torch.dtype, max_position_
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_scaling": rope_scaling,
+        "rope_parameters": rope_parameters,
         "max_position_embeddings": max_position_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": 1 if tokenizer is None else tokenizer.bos_id,
+        "eos_token_id": 2 if tokenizer is None else _eos_token_id(tokenizer),
         "torch_dtype": str(dtype).removeprefix("torch."),
         "multiple_of": args.multiple_of,
         "ffn_dim_multiplier": args.ffn_dim_multiplier,
@@ -240,6 +309,7 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     checkpoint.require_new_dir(out_dir)
     config = json.loads(config_path.read_text())
     args = model_args_from_hf_config(config)
+    args.tok_embeddings_split_dim = hf_family(config, hf_dir).tok_embeddings_split_dim
     checkpoint.check_model_parallel_fit(args, model_parallel_size)
 
     expected = checkpoint.full_shapes(args)
@@ -301,17 +371,38 @@ def meta_to_hf(
         hf_state[meta_to_hf_key(key)] = tensor.contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config_from_model_args(args, state["norm.weight"].dtype, max_position_embeddings)
+    tokenizer_path = meta_dir / "tokenizer.model"
+    from llama.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(str(tokenizer_path)) if tokenizer_path.is_file() else None
+    config = hf_config_from_model_args(args, state["norm.weight"].dtype, max_position_embeddings, tokenizer)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_tokenizer(meta_dir, out_dir)
     return out_dir
 
 
+def _hf_tokenizer_model(src: Path) -> Optional[Path]:
+    """Meta's tokenizer file in a HuggingFace folder: tokenizer.model, or
+    original/tokenizer.model as Meta's Llama 3 repositories keep it."""
+    for candidate in (src / "tokenizer.model", src / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    if (src / "tokenizer.model").is_file():
-        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
-    else:
-        print(f"note: no tokenizer.model in {str(src)!r}; copy it to {str(dst)!r} yourself", file=sys.stderr)
+    found = _hf_tokenizer_model(src)
+    if found is not None:
+        shutil.copyfile(found, dst / "tokenizer.model")
+        return
+    others = sorted(p.name for p in src.glob("tokenizer*.json"))
+    what = f" (only {', '.join(others)}, which Llama.build does not read)" if others else ""
+    print(
+        f"note: no tokenizer.model in {str(src)!r}{what}. Llama.build needs Meta's tokenizer.model: "
+        "a SentencePiece model for Llama 2, the tiktoken BPE file for Llama 3.x (Meta's download, or "
+        f"original/tokenizer.model in Meta's HuggingFace repositories). Copy it to {str(dst)!r}.",
+        file=sys.stderr,
+    )
 
 
 def main(argv=None) -> int:

@@ -59,7 +59,7 @@ def check_request(
 
     Needs the tokenizer only, so a mistake costs a second, not a load.
     """
-    from llama.chat_format import encode_dialog
+    from llama import family
     from llama.generation import _check_sampling
     from llama.tokenizer import Tokenizer
 
@@ -74,7 +74,7 @@ def check_request(
         raise ValueError(f"this example runs {count} prompts at once: max_batch_size must be at least {count}")
     tokenizer = Tokenizer(tokenizer_path)
     encoded = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    encoded += [encode_dialog(tokenizer, d) for d in dialogs]
+    encoded += [family.of_tokenizer(tokenizer).encode_dialog(tokenizer, d) for d in dialogs]  # its chat format
     for tokens in encoded:
         if len(tokens) > max_seq_len:
             raise ValueError(

@@ -6,7 +6,7 @@ from typing import Iterator, List, Optional, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed, kernels
+from llama import checkpoint, distributed, family, kernels
 from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
     B_INST,
     B_SYS,
@@ -17,8 +17,6 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
     Dialog,
     Message,
     Role,
-    encode_dialog,
-    has_special_tags,
 )
 from llama.cuda_graph import GraphedDecodeStep
 from llama.model import Transformer
@@ -77,7 +75,7 @@ def _check_sampling(temperature: float, top_p: float) -> None:
 class _Decoding:
     """The tensors of one generate() call, shared by its loop and its results."""
 
-    def __init__(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, max_seq_len, device):
+    def __init__(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, max_seq_len, stop_tokens, device):
         self.prompt_lens = [len(t) for t in prompt_tokens]
         self.max_gen_len = max_gen_len
         self.temperature = temperature
@@ -98,6 +96,7 @@ class _Decoding:
             torch.zeros((bsz, self.total_len), dtype=torch.float, device=device) if logprobs else None
         )
         self.eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+        self.stop_tokens = torch.tensor(stop_tokens, dtype=torch.long, device=device)
 
 
 def _check_step_options(device: torch.device, compile: bool, cuda_graph: bool) -> None:
@@ -161,6 +160,9 @@ class Llama:
             n_shards=len(shards),
         )
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
+        # The family follows from the files; one that disagrees with the
+        # tokenizer's fails here, before any process group or weight.
+        model_family = family.detect(ckpt_dir, params, shards, tokenizer, tokenizer_path)
 
         model_parallel_size = distributed.init_distributed(device, model_parallel_size)
         if device.type == "cuda":
@@ -170,14 +172,7 @@ class Llama:
         distributed.silence_other_ranks()
 
         start_time = time.time()
-        model_args = checkpoint.model_args_from_params(
-            params, max_seq_len=max_seq_len, max_batch_size=max_batch_size
-        )
-        if model_args.vocab_size not in (-1, tokenizer.n_words):
-            raise ValueError(
-                f"params.json says vocab_size {model_args.vocab_size} but the tokenizer "
-                f"{str(tokenizer_path)!r} has {tokenizer.n_words} pieces"
-            )
+        model_args = model_family.model_args(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         model_args.vocab_size = tokenizer.n_words
         # Any shard count loads on any model-parallel size that divides it or
         # that it divides: this rank's part is cut from the shards it needs.
@@ -258,6 +253,9 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        # Chat format and stop tokens follow the tokenizer's family.
+        self.family = family.of_tokenizer(tokenizer)
+        self.stop_tokens: List[int] = self.family.stop_tokens(tokenizer)
         # The decoding that owns the KV cache now. A suspended stream checks it
         # before each step, so that one left open while another generation ran
         # raises instead of reading a cache that now holds other tokens.
@@ -342,8 +340,9 @@ class Llama:
         Prompts of different lengths run as one batch: positions are filled
         from the shortest prompt on, a longer prompt's own tokens taking
         precedence over sampled ones until it ends, so each row gets the tokens
-        it would get alone. Stops when every row has produced EOS; each row is
-        cut before its first generated EOS. With `echo` the prompt is included;
+        it would get alone. Stops when every row has produced one of the
+        family's stop tokens (EOS; in Llama 3 also <|eot_id|> and <|eom_id|>);
+        each row is cut before its first generated stop token. With `echo` the prompt is included;
         with `logprobs` each returned token comes with log p(token | before).
 
         Returns (tokens per row, logprobs per row or None).
@@ -378,6 +377,7 @@ class Llama:
             top_p,
             logprobs,
             max_seq_len=self.model.params.max_seq_len,
+            stop_tokens=self.stop_tokens,
             device=self.device,
         )
         return self._current_decoding
@@ -411,7 +411,7 @@ class Llama:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = token_logprobs_of(
                     logits, tokens[:, prev_pos + 1 : cur_pos + 1]
                 )
-            state.eos_reached |= (~state.input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            state.eos_reached |= (~state.input_text_mask[:, cur_pos]) & torch.isin(next_token, state.stop_tokens)
             prev_pos = cur_pos
             yield cur_pos
             if bool(state.eos_reached.all()):
@@ -429,10 +429,11 @@ class Llama:
             end = prompt_len + state.max_gen_len
             toks = row[start:end]
             probs = all_logprobs[i][start:end] if state.logprobs else None
-            # Cut before the first *generated* EOS; an EOS in an echoed prompt stays.
+            # Cut before the first *generated* stop token; one in an echoed prompt stays.
             generated = row[prompt_len:end]
-            if self.tokenizer.eos_id in generated:
-                eos_idx = prompt_len - start + generated.index(self.tokenizer.eos_id)
+            stop_at = next((k for k, token in enumerate(generated) if token in self.stop_tokens), None)
+            if stop_at is not None:
+                eos_idx = prompt_len - start + stop_at
                 toks = toks[:eos_idx]
                 probs = probs[:eos_idx] if state.logprobs else None
             out_tokens.append(toks)
@@ -477,15 +478,17 @@ class Llama:
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant; returns one ChatPrediction per dialog.
 
-        A dialog whose messages hold the format's own tags ([INST], <<SYS>>,
-        ...) is answered with UNSAFE_ERROR. Raises ValueError for a dialog the
-        format cannot encode (empty, wrong role order, ending with the assistant).
+        The prompt is in the model family's chat format (`llama.family`). In
+        Llama 2's, a dialog whose messages hold the format's own tags ([INST],
+        <<SYS>>, ...) is answered with UNSAFE_ERROR; Llama 3 encodes such text
+        as plain text. Raises ValueError for a dialog the format cannot encode
+        (empty, wrong role order, ending with the assistant).
         """
         _check_sampling(temperature, top_p)
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
-        unsafe_requests = [has_special_tags(dialog) for dialog in dialogs]
+        prompt_tokens = [self.family.encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
+        unsafe_requests = [self.family.refuses(dialog) for dialog in dialogs]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens,
             max_gen_len=max_gen_len,
@@ -514,8 +517,8 @@ class Llama:
 
         Runs the same decoding loop as `generate`, so for the same seed it
         yields exactly `generate([prompt_tokens], ...)[0][0]` (the tokens
-        before EOS) and draws the same random numbers. Ends at EOS (not
-        yielded) or after `max_gen_len` tokens; the caller may stop earlier
+        before the stop token) and draws the same random numbers. Ends at a
+        stop token (not yielded) or after `max_gen_len` tokens; the caller may stop earlier
         by leaving the loop or calling `.close()`. Arguments are checked
         here, before the first token: raises ValueError as `generate` does.
         A stream left open while another generation runs on this Llama
@@ -600,9 +603,9 @@ class Llama:
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = encode_dialog(self.tokenizer, dialog)
+        prompt_tokens = self.family.encode_dialog(self.tokenizer, dialog)
         token_stream = self.stream_generate(prompt_tokens, max_gen_len, temperature, top_p)
-        if has_special_tags(dialog):
+        if self.family.refuses(dialog):
             return self._stream_unsafe(token_stream)
         return self._stream_text(token_stream)
 

@@ -1,4 +1,4 @@
-"""The Llama 2 transformer: the math only.
+"""The Llama transformer (Llama 2, Code Llama, Llama 3.x text): the math only.
 
 Mirrors Meta's reference `model.py` layer for layer, with the same parameter
 names (so Meta's state dicts load unchanged) and the same computation (so the
@@ -35,6 +35,7 @@ from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
+    VocabParallelEmbedding,
 )
 from torch import nn
 
@@ -54,8 +55,20 @@ class ModelArgs:
     max_seq_len: int = 2048
 
     # Not in the Llama 2 reference; params.json may carry it (Code Llama,
-    # converted HuggingFace checkpoints). 10000 is the Llama 2 value.
+    # Llama 3, converted HuggingFace checkpoints). 10000 is the Llama 2 value.
     rope_theta: float = 10000.0
+    # Llama 3.1 and later: Meta's long-context scaling of the rotary
+    # frequencies (`apply_scaling`). `rope_scaling_factor` is this library's
+    # params.json field for a factor other than Meta's hard-coded 8 (Llama
+    # 3.2 1B/3B were trained with 32; `convert_hf` writes it).
+    use_scaled_rope: bool = False
+    rope_scaling_factor: Optional[float] = None
+
+    # Not a params.json field: the dimension `tok_embeddings` is split on
+    # across model-parallel ranks, set from the checkpoint's family
+    # (`llama.family`): 1 in Llama 2 (ParallelEmbedding), 0 in Llama 3
+    # (VocabParallelEmbedding).
+    tok_embeddings_split_dim: int = 1
 
 
 def _no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -79,21 +92,56 @@ class RMSNorm(torch.nn.Module):
         return output * self.weight
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
-    """Complex rotations e^(i * t * theta^(-2k/dim)), shape (end, dim // 2)."""
+# Meta's Llama 3.1 rotary scaling: frequencies whose wavelength fits in a
+# quarter of the original 8192-token context are kept, those longer than the
+# whole context are divided by the factor, and the band between is blended.
+ROPE_SCALING_FACTOR = 8.0
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_ORIGINAL_CONTEXT = 8192
+
+
+def apply_scaling(freqs: torch.Tensor, scale_factor: float = ROPE_SCALING_FACTOR) -> torch.Tensor:
+    """Llama 3.1's scaled rotary base frequencies (Meta's `apply_scaling`, with the factor as an argument)."""
+    low_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
+    high_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
+    wavelen = 2 * math.pi / freqs
+    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def precompute_freqs_cis(
+    dim: int,
+    end: int,
+    theta: float = 10000.0,
+    use_scaled: bool = False,
+    scale_factor: float = ROPE_SCALING_FACTOR,
+) -> torch.Tensor:
+    """Complex rotations e^(i * t * theta^(-2k/dim)), shape (end, dim // 2);
+    with `use_scaled`, the frequencies pass through `apply_scaling` first."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    if use_scaled:
+        freqs = apply_scaling(freqs, scale_factor)
     t = torch.arange(end, device=freqs.device, dtype=torch.float32)
     freqs = torch.outer(t, freqs).float()
     return torch.polar(torch.ones_like(freqs), freqs)  # complex64
 
 
-def rotary_tables(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+def rotary_tables(
+    dim: int,
+    end: int,
+    theta: float = 10000.0,
+    use_scaled: bool = False,
+    scale_factor: float = ROPE_SCALING_FACTOR,
+) -> torch.Tensor:
     """The rotations of `precompute_freqs_cis` as real tables for `apply_rotary`.
 
     Shape (2, end, dim): [0] holds cos(angle) for both members of each pair,
     [1] holds -sin(angle) for the first member and +sin(angle) for the second.
     """
-    cos_sin = torch.view_as_real(precompute_freqs_cis(dim, end, theta))  # (end, dim // 2, 2)
+    cos_sin = torch.view_as_real(precompute_freqs_cis(dim, end, theta, use_scaled, scale_factor))  # (end, dim // 2, 2)
     cos, sin = cos_sin[..., 0], cos_sin[..., 1]
     return torch.stack((cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)))
 
@@ -320,7 +368,9 @@ class Transformer(nn.Module):
         self.n_layers = params.n_layers
         self.model_parallel_size = fs_init.get_model_parallel_world_size()
 
-        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_no_init)
+        # Llama 2 splits the embedding's columns across ranks, Llama 3 its vocabulary rows.
+        embedding = VocabParallelEmbedding if params.tok_embeddings_split_dim == 0 else ParallelEmbedding
+        self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_no_init)
 
         self.layers = torch.nn.ModuleList()
         for layer_id in range(params.n_layers):
@@ -352,6 +402,8 @@ class Transformer(nn.Module):
                 self.params.dim // self.params.n_heads,
                 self.params.max_seq_len * 2,
                 self.params.rope_theta,
+                self.params.use_scaled_rope,
+                self.params.rope_scaling_factor or ROPE_SCALING_FACTOR,
             ).to(device),
             persistent=False,
         )

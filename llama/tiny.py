@@ -1,16 +1,22 @@
 """Tiny random Llama checkpoints in Meta's exact format, for tests and the demo.
 
-    python -m llama.tiny OUT_DIR [--mp N] [--dim 64] [--n-layers 2] ...
+    python -m llama.tiny OUT_DIR [--family llama2|llama3] [--mp N] [--dim 64] [--n-layers 2] ...
 
-writes `params.json`, `consolidated.00.pth` ... (split by Meta's
-model-parallel layout) and a `tokenizer.model` (a small SentencePiece BPE
-model with byte fallback, trained on built-in text, or a copy of one given
-with `--tokenizer`). The weights are seeded random numbers, so the text they
-produce is gibberish; what matters is that it is reproducible.
+writes `params.json`, `consolidated.00.pth` ... (split by the family's
+model-parallel layout) and a `tokenizer.model`: for Llama 2 a small
+SentencePiece BPE model with byte fallback, for Llama 3 a small tiktoken
+BPE file (byte-level merges trained here, then the 256 special tokens),
+both trained on built-in text; or a copy of one given with `--tokenizer`,
+whose kind then decides the family. A Llama 3 checkpoint has Llama 3.1's
+rotary settings (theta 500000, scaled) and ffn_dim_multiplier 1.3. The
+weights are seeded random numbers, so the text they produce is gibberish;
+what matters is that it is reproducible.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import io
 import json
 import os
@@ -83,6 +89,52 @@ def train_tokenizer(path, vocab_size: int = 512) -> None:
         minloglevel=2,
     )
     Path(path).write_bytes(model.getvalue())
+
+
+def train_tiktoken_bpe(path, n_ranks: int = 384) -> None:
+    """Write a tiktoken BPE file of `n_ranks` ranks: the 256 bytes, then merges.
+
+    Byte-level BPE over the training text, split first by Meta's Llama 3
+    pattern: each merge joins the most frequent adjacent pair of tokens
+    within a piece (ties broken by the bytes, so the file is the same every
+    time). The special tokens are not in the file; the tokenizer adds them
+    after the ranks.
+    """
+    import regex
+
+    from llama.tokenizer import LLAMA3_PATTERN
+
+    if n_ranks < 256:
+        raise ValueError(f"a byte-level BPE needs at least the 256 byte tokens, got n_ranks {n_ranks}")
+    counts = collections.Counter()
+    for line in training_text():
+        counts.update(regex.findall(LLAMA3_PATTERN, line + "\n"))
+    words = {tuple(bytes([b]) for b in piece.encode("utf-8")): n for piece, n in counts.items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < n_ranks:
+        pairs = collections.Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        candidates = [(n, pair) for pair, n in pairs.items() if pair[0] + pair[1] not in ranks]
+        if not candidates:
+            break  # the text has nothing left to merge
+        best = min(candidates, key=lambda c: (-c[0], c[1]))[1]  # most frequent, then by bytes
+        ranks[best[0] + best[1]] = len(ranks)
+        merged = {}
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()]
+    Path(path).write_text("".join(lines))
 
 
 def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=None) -> Dict[str, torch.Tensor]:
@@ -168,34 +220,56 @@ def make_tiny_checkpoint(
     n_kv_heads: Optional[int] = 2,
     multiple_of: int = 32,
     ffn_dim_multiplier: Optional[float] = None,
-    vocab_size: int = 512,
+    vocab_size: Optional[int] = None,
     seed: int = 0,
     dtype: Optional[torch.dtype] = None,
     tokenizer: Optional[str] = None,
+    family_name: Optional[str] = None,
+    rope_theta: Optional[float] = None,
+    use_scaled_rope: Optional[bool] = None,
+    rope_scaling_factor: Optional[float] = None,
 ) -> Path:
     """Write a complete tiny checkpoint directory (weights, params, tokenizer);
-    the weights in `dtype` (default float32)."""
+    the weights in `dtype` (default float32).
+
+    `family_name` "llama2" (the default) or "llama3" picks the tokenizer to
+    train; a `tokenizer` given decides by its kind. Unset options take the
+    family's `tiny_defaults` (Llama 3: Llama 3.1's scaled rope; its
+    `vocab_size` counts the BPE ranks, before the 256 special tokens) and
+    its rope theta.
+    """
+    from llama import family
     from llama.model import ModelArgs
 
+    wanted = None if family_name is None else family.by_option(family_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.model"
     if tokenizer is not None:
         shutil.copyfile(tokenizer, tokenizer_path)
+    elif wanted is family.LLAMA_3:
+        train_tiktoken_bpe(tokenizer_path, n_ranks=vocab_size or wanted.tiny_defaults["vocab_size"])
     else:
-        train_tokenizer(tokenizer_path, vocab_size=vocab_size)
+        train_tokenizer(tokenizer_path, vocab_size=vocab_size or family.LLAMA_2.tiny_defaults["vocab_size"])
     from llama.tokenizer import Tokenizer
 
-    n_words = Tokenizer(str(tokenizer_path)).n_words
+    tok = Tokenizer(str(tokenizer_path))
+    fam = family.of_tokenizer(tok)
+    if wanted is not None and fam is not wanted:
+        raise ValueError(f"the tokenizer {str(tokenizer)!r} is a {fam.name} tokenizer, not {wanted.name}'s")
     args = ModelArgs(
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
-        vocab_size=n_words,
+        vocab_size=tok.n_words,
         multiple_of=multiple_of,
         ffn_dim_multiplier=ffn_dim_multiplier,
         norm_eps=1e-5,
+        rope_theta=fam.default_rope_theta if rope_theta is None else rope_theta,
+        use_scaled_rope=fam.tiny_defaults["use_scaled_rope"] if use_scaled_rope is None else use_scaled_rope,
+        rope_scaling_factor=rope_scaling_factor,
+        tok_embeddings_split_dim=fam.tok_embeddings_split_dim,
     )
     write_checkpoint(out_dir, random_weights(args, seed), args, mp=mp, dtype=dtype)
     return out_dir
@@ -235,6 +309,9 @@ def demo_checkpoint(mp: int = 1) -> Path:
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m llama.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="new or empty directory to write")
+    parser.add_argument("--family", default=None, choices=["llama2", "llama3"],
+                        help="llama3: a tiktoken BPE tokenizer, Llama 3.1's rotary settings, vocabulary-split "
+                             "embedding; none: llama2, or the kind of --tokenizer")
     parser.add_argument("--mp", type=int, default=1, help="number of model-parallel shards")
     parser.add_argument("--dim", type=int, default=64, help="model width")
     parser.add_argument("--n-layers", type=int, default=2, help="number of transformer blocks")
@@ -242,8 +319,13 @@ def main(argv=None) -> int:
     parser.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads; 0 for plain multi-head attention")
     parser.add_argument("--multiple-of", type=int, default=32, help="the feed-forward size is rounded up to this")
     parser.add_argument("--ffn-dim-multiplier", type=float, default=None,
-                        help="scales the feed-forward size; none: Meta's 8/3 x dim")
-    parser.add_argument("--vocab-size", type=int, default=512, help="size of the tokenizer to train")
+                        help="scales the feed-forward size; none: Meta's 8/3 x dim (llama3: 1.3)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="size of the tokenizer to train (llama2, none: 512) or of its BPE ranks "
+                             "before the 256 special tokens (llama3, none: 384)")
+    parser.add_argument("--rope-theta", type=float, default=None, help="none: 10000 for llama2, 500000 for llama3")
+    parser.add_argument("--rope-scaling-factor", type=float, default=None,
+                        help="llama3: write this factor into params.json (Meta's code uses 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the stored weights")
@@ -253,7 +335,13 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty; choose a new directory")
+    if args.rope_scaling_factor is not None and args.family != "llama3":
+        parser.error("--rope-scaling-factor applies to --family llama3 (the family with scaled rope)")
     import torch  # after parsing: --help and a mistyped flag need not wait for it
+
+    from llama import family
+
+    defaults = family.by_option(args.family or "llama2").tiny_defaults
 
     code = cli.call(
         make_tiny_checkpoint,
@@ -264,11 +352,14 @@ def main(argv=None) -> int:
         n_heads=args.n_heads,
         n_kv_heads=args.n_kv_heads or None,
         multiple_of=args.multiple_of,
-        ffn_dim_multiplier=args.ffn_dim_multiplier,
+        ffn_dim_multiplier=args.ffn_dim_multiplier or defaults["ffn_dim_multiplier"],
         vocab_size=args.vocab_size,
         seed=args.seed,
         dtype=getattr(torch, args.dtype),
         tokenizer=args.tokenizer,
+        family_name=args.family,
+        rope_theta=args.rope_theta,
+        rope_scaling_factor=args.rope_scaling_factor,
     )
     if code == 0:
         print(f"wrote a tiny checkpoint ({args.mp} shard(s)) to {out}")

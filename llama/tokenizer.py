@@ -1,13 +1,50 @@
-"""SentencePiece tokenizer, as Meta's reference wraps it."""
+"""The tokenizers of Meta's Llama families, as Meta's references wrap them.
 
+`Tokenizer(model_path)` opens either kind of `tokenizer.model`: a
+SentencePiece model (Llama 2, Code Llama) or a tiktoken BPE file of
+`base64-token rank` lines (Llama 3.x), which gives a `Llama3Tokenizer`.
+Both have the same interface: `n_words`, `bos_id`, `eos_id`, `pad_id`,
+`encode(s, bos, eos)`, `decode(t)` and `decode_pieces(t)`.
+"""
+
+import base64
+import binascii
 import os
-from typing import List, Sequence
+import re
+from typing import AbstractSet, Dict, Iterator, List, Optional, Sequence, Union
 
 from sentencepiece import SentencePieceProcessor
 
+SENTENCEPIECE = "sentencepiece"
+TIKTOKEN = "tiktoken"
+
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")
+
+
+def tokenizer_kind(model_path) -> str:
+    """SENTENCEPIECE or TIKTOKEN, from the file's first line (tiktoken files are text)."""
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"tokenizer model not found: {str(model_path)!r}")
+    with open(model_path, "rb") as f:
+        first_line = f.readline(256).rstrip(b"\r\n")
+    return TIKTOKEN if _TIKTOKEN_LINE.fullmatch(first_line) else SENTENCEPIECE
+
 
 class Tokenizer:
-    """Encodes text to token ids and back with a SentencePiece model."""
+    """Encodes text to token ids and back with a SentencePiece model.
+
+    Given a tiktoken BPE file instead, `Tokenizer(path)` returns a
+    `Llama3Tokenizer`, so that code written for either family opens its
+    tokenizer the same way.
+    """
+
+    def __new__(cls, model_path: Optional[str] = None):
+        # (No path: copy.copy and pickle make an empty instance, then fill it.)
+        if cls is Tokenizer and model_path is not None and tokenizer_kind(model_path) == TIKTOKEN:
+            return super().__new__(Llama3Tokenizer)
+        return super().__new__(cls)
+
+    kind = SENTENCEPIECE
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
@@ -85,3 +122,148 @@ class IncrementalDecoder:
             self.read_offset = len(self.tokens)
             return new_text[len(prefix_text) :]
         return ""
+
+
+# Meta's Llama 3 pre-tokenizer split: contractions, letter runs with one
+# leading non-letter, numbers of up to three digits, punctuation runs,
+# newlines and other whitespace.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+# Meta's names (Llama 3.1 onwards) of the first special tokens after the BPE
+# ranks; the rest are <|reserved_special_token_N|>, N counting on from 2.
+LLAMA3_NAMED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+)
+# Meta encodes a long text in slices, so that tiktoken never sees more than
+# 400k characters at once, nor a run of more than 25k whitespace or
+# non-whitespace characters (its regex would take quadratic time).
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+
+
+def llama3_special_tokens() -> List[str]:
+    """The 256 special tokens' names, in id order."""
+    n_reserved = LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS)
+    return list(LLAMA3_NAMED_SPECIAL_TOKENS) + [f"<|reserved_special_token_{2 + i}|>" for i in range(n_reserved)]
+
+
+def read_tiktoken_ranks(model_path) -> Dict[bytes, int]:
+    """The mergeable ranks of a tiktoken BPE file (`base64-token rank` per line).
+
+    Read here rather than by tiktoken's loader, which also caches files
+    under the temporary directory.
+    """
+    ranks: Dict[bytes, int] = {}
+    with open(model_path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error) as e:
+                raise ValueError(
+                    f"{str(model_path)!r} line {number} is not a 'base64-token rank' line: {line[:60]!r}"
+                ) from e
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{str(model_path)!r}: the BPE ranks are not 0 .. {len(ranks) - 1}, each once")
+    return ranks
+
+
+def split_long_runs(s: str, max_run: int = MAX_NO_WHITESPACES_CHARS) -> Iterator[str]:
+    """Consecutive slices of `s` in which no run of whitespace or of
+    non-whitespace is longer than `max_run`: a run is cut every `max_run`
+    characters, and nowhere else (Meta's slicing)."""
+    start = 0
+    for run in re.finditer(r"\s+|\S+", s):
+        for cut in range(run.start() + max_run, run.end(), max_run):
+            yield s[start:cut]
+            start = cut
+    yield s[start:]
+
+
+class Llama3Tokenizer(Tokenizer):
+    """Meta's Llama 3 tokenizer: tiktoken byte-level BPE with 256 special tokens.
+
+    The special tokens take the ids after the BPE ranks (128000 onwards for
+    Meta's file). `encode` reads special-token text in `s` as plain text
+    unless `allowed_special` names it, so text from a user never becomes a
+    control token.
+    """
+
+    kind = TIKTOKEN
+
+    def __init__(self, model_path: str):
+        import tiktoken
+
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer model not found: {model_path!r}")
+        mergeable_ranks = read_tiktoken_ranks(model_path)
+        self.num_base_tokens = len(mergeable_ranks)
+        self.special_tokens: Dict[str, int] = {
+            name: self.num_base_tokens + i for i, name in enumerate(llama3_special_tokens())
+        }
+        try:
+            self.model = tiktoken.Encoding(
+                name=os.path.basename(model_path),
+                pat_str=LLAMA3_PATTERN,
+                mergeable_ranks=mergeable_ranks,
+                special_tokens=self.special_tokens,
+            )
+        except ValueError as e:
+            raise ValueError(f"{model_path!r} is not a usable tiktoken BPE file: {e}") from e
+
+        self.n_words: int = self.num_base_tokens + len(self.special_tokens)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        self.eom_id: int = self.special_tokens["<|eom_id|>"]
+        # Generation ends at any of these.
+        self.stop_tokens: List[int] = [self.eos_id, self.eom_id, self.eot_id]
+
+    def encode(
+        self,
+        s: str,
+        bos: bool,
+        eos: bool,
+        allowed_special: Union[str, AbstractSet[str]] = frozenset(),
+        disallowed_special: Union[str, AbstractSet[str]] = (),
+    ) -> List[int]:
+        """Token ids of `s`, with <|begin_of_text|> first and <|end_of_text|> last when asked.
+
+        Special-token text in `s` is encoded as plain text unless named in
+        `allowed_special` (or "all").
+        """
+        if not isinstance(s, str):
+            raise TypeError(f"can only encode a str, got {type(s).__name__}")
+        t: List[int] = []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in split_long_runs(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS]):
+                t += self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
+        if bos:
+            t.insert(0, self.bos_id)
+        if eos:
+            t.append(self.eos_id)
+        return t
+
+    def decode(self, t) -> str:
+        """Text of a list of token ids (or of a single id); a byte sequence
+        that is not whole UTF-8 comes out as U+FFFD."""
+        if isinstance(t, int):
+            t = [t]
+        return self.model.decode([int(token) for token in t])
