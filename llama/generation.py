@@ -189,7 +189,7 @@ class Llama:
             model = Transformer(model_args)
         checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
         del state_dict  # the model holds the weights now; each is freed once laid out below
-        if kernels.choose_layout(device, dtype, fast_layout) == "transposed":
+        if kernels.choose_layout(device, dtype, fast_layout=fast_layout) == "transposed":
             # Laid out here rather than in from_model: each matrix still in the
             # mapped shard is dropped from memory once copied, so that the
             # copy does not double the resident memory.
@@ -240,7 +240,7 @@ class Llama:
         weight = model.tok_embeddings.weight
         _check_step_options(weight.device, compile, cuda_graph)
         model.setup_caches()
-        if kernels.choose_layout(weight.device, weight.dtype, fast_layout) == "transposed":
+        if kernels.choose_layout(weight.device, weight.dtype, fast_layout=fast_layout) == "transposed":
             model.prepare_for_inference()
         model.eval()
         generator = Llama(model, tokenizer)
