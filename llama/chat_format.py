@@ -6,7 +6,7 @@ each message a header of special tokens. `llama.family` says which a model uses.
 
 from typing import List, Literal, Sequence, TypedDict
 
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, check_encodable
 
 Role = Literal["system", "user", "assistant"]
 
@@ -44,6 +44,7 @@ def check_dialog(dialog: Sequence[Message]) -> None:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {msg!r}")
         if not isinstance(msg["content"], str):
             raise ValueError(f"message {i}: 'content' must be a str, got {type(msg['content']).__name__}")
+        check_encodable(msg["content"], f"message {i}'s content")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     if len(turns) == 0:
         raise ValueError("a dialog needs a user message after the system message")

@@ -350,6 +350,7 @@ def load_for_rank(
     dtype: Optional[torch.dtype] = None,
     progress: bool = False,
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
+    check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Model-parallel rank `rank`'s state dict out of a checkpoint of any shard count.
 
@@ -362,10 +363,13 @@ def load_for_rank(
     else it is sliced, joined and converted to `device` and `dtype` (None:
     keep) one tensor at a time. With `progress`, a bar over the tensors is
     shown when the shards this rank reads hold `progress_min_bytes` or more.
+    Every tensor that is copied is checked for NaN and inf on the way (the
+    copy is in cache then); `check_all_weights` checks the mapped ones too,
+    which reads the whole of this rank's part of the checkpoint.
 
     Raises ValueError when the sizes do not fit (naming sizes that do), for
-    a shard that cannot be read, and for a shard whose keys or shapes do
-    not match params.json and the tokenizer.
+    a shard that cannot be read, for a shard whose keys or shapes do not
+    match params.json and the tokenizer, and for a weight that is not finite.
     """
     if not shards:
         raise FileNotFoundError("no checkpoint shards given")
@@ -382,7 +386,16 @@ def load_for_rank(
     bar = _progress_bar(len(shapes), enabled=progress and home_bytes >= progress_min_bytes)
     try:
         return assemble_rank(
-            open_shard, len(shards), rank, model_parallel_size, args, device, dtype, bar, release_copied=True
+            open_shard,
+            len(shards),
+            rank,
+            model_parallel_size,
+            args,
+            device,
+            dtype,
+            bar,
+            release_copied=True,
+            check_all_weights=check_all_weights,
         )
     finally:
         bar(None)
@@ -398,12 +411,14 @@ def assemble_rank(
     dtype: Optional[torch.dtype] = None,
     on_tensor: Callable[[int], None] = lambda count: None,
     release_copied: bool = False,
+    check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """`load_for_rank` over any source of shards: `open_shard(i)` is called once
     for each shard `rank` needs. Unchanged tensors are returned as they are
     (views, for slices along dim 0); `on_tensor(1)` is called after each.
     `release_copied` is for memory-mapped shards only: once a tensor has
-    been copied out of one, its pages are dropped from resident memory."""
+    been copied out of one, its pages are dropped from resident memory.
+    Copied tensors (all, with `check_all_weights`) are checked to be finite."""
     shapes = full_shapes(args)
     # Parts are looked for in this rank's own shards first, so that
     # replicated KV heads and norms come from a shard it reads anyway.
@@ -449,11 +464,16 @@ def assemble_rank(
         else:
             parts = _pieces(key, want, shape, args, n_shards, search_order)
         state_dict[key] = _join([piece(index, key, part) for index, part in parts], want, device, dtype)
+        copied_from = [
+            index
+            for index, _ in parts
+            if opened[index][0][key].untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr()
+        ]
+        if copied_from or check_all_weights:
+            require_finite(state_dict[key], key, " and ".join(opened[index][1] for index, _ in parts))
         if release_copied:
-            for index, _ in parts:
-                source = opened[index][0][key]
-                if source.untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr():
-                    _release_pages(source)
+            for index in copied_from:
+                _release_pages(opened[index][0][key])
         on_tensor(1)
     return state_dict
 
@@ -502,6 +522,24 @@ def _join(pieces: List[torch.Tensor], want, device, dtype) -> torch.Tensor:
         return torch.cat(pieces, dim=want[0])
     # A slice across columns (dim 1) is strided: give the layer a dense copy.
     return pieces[0].contiguous()
+
+
+def require_finite(tensor: torch.Tensor, key: str, source: str) -> None:
+    """Raise ValueError if the floating-point `tensor` holds NaN or inf.
+
+    One read of the tensor in its own dtype and nothing allocated: min and
+    max are NaN if any element is, and +-inf if any element is.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+    raise ValueError(
+        f"{key} in {source} holds {n_nan} NaN and {n_inf} infinite value(s) of {tensor.numel()}: "
+        "the checkpoint is damaged (or was saved from a diverged model)"
+    )
 
 
 _MADV_DONTNEED = 4  # Linux
@@ -643,6 +681,7 @@ def load_into(
 
     Each tensor is moved to `device` and `dtype` one at a time; where it is
     already there (fp32 on disk, fp32 on CPU) it is used as it is, mmap and all.
+    A tensor that is copied is checked to be finite (ValueError if not).
     """
     check_state_dict(model, state_dict, source)
     converted = {}
@@ -650,6 +689,8 @@ def load_into(
         if key in IGNORED_KEYS:
             continue
         converted[key] = tensor.to(device=device, dtype=dtype)
+        if converted[key] is not tensor:
+            require_finite(converted[key], key, source)
     model.load_state_dict(converted, strict=True, assign=True)
 
 

@@ -1,12 +1,17 @@
 """The public `Llama` class: build, the one decoding loop, text and chat completion."""
 
+import contextlib
+import numbers
+import operator
+import threading
 import time
+import weakref
 from typing import Iterator, List, Optional, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed, family, kernels
+from llama import checkpoint, distributed, family, kernels, memory
 from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
     B_INST,
     B_SYS,
@@ -20,7 +25,7 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
 )
 from llama.cuda_graph import GraphedDecodeStep
 from llama.model import Transformer
-from llama.tokenizer import IncrementalDecoder, Tokenizer
+from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -52,12 +57,33 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     return next_token
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(bsz,) next tokens from last-position logits (bsz, vocab): greedy at temperature 0."""
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p).reshape(-1)
-    return torch.argmax(logits, dim=-1).reshape(-1)
+# A temperature above 0 but below this decodes greedily, as 0 does. Sampling
+# there picks the argmax anyway (unless two logits are within ~1e-4), and
+# logits / temperature can overflow float32 (1e-40 makes every logit +-inf).
+GREEDY_BELOW_TEMPERATURE = 1e-6
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens (bsz,) from last-position logits (bsz, vocab), and (bsz,) True
+    where a row's logits (or logits / temperature) are not all finite.
+
+    Greedy at a temperature below GREEDY_BELOW_TEMPERATURE. A row that is not
+    finite is sampled from a uniform distribution instead, so that torch is
+    never handed a NaN probability; the caller raises for it.
+    """
+    if temperature >= GREEDY_BELOW_TEMPERATURE:
+        scaled = logits / temperature
+        nonfinite = _nonfinite_rows(scaled)
+        probs = torch.softmax(scaled.masked_fill_(nonfinite[:, None], 0.0), dim=-1)
+        return sample_top_p(probs, top_p).reshape(-1), nonfinite
+    return torch.argmax(logits, dim=-1).reshape(-1), _nonfinite_rows(logits)
+
+
+def _nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    # A row's sum is finite exactly when all its values are (NaN and +-inf
+    # carry through a sum), barring a sum of finite logits beyond 3e38,
+    # which is as broken: one reduction, nothing the size of the row allocated.
+    return ~torch.isfinite(logits.sum(dim=-1))
 
 
 def token_logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,6 +92,9 @@ def token_logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def _check_sampling(temperature: float, top_p: float) -> None:
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
@@ -99,6 +128,59 @@ class _Decoding:
         self.stop_tokens = torch.tensor(stop_tokens, dtype=torch.long, device=device)
 
 
+class _GenerationInProgress:
+    """Who owns a Llama's KV cache: one generation at a time.
+
+    A generation owns it from its start to its end. A stream owns it from
+    the call that made it until it ends, is closed or is garbage collected,
+    including while it is suspended between tokens. A generation started
+    from another thread waits for the owner to finish; one started from
+    the owner's own thread takes the cache over at once, and the stream it
+    overtook raises when resumed (a thread that waited for itself would
+    hang). Single decoding steps never overlap, whichever thread runs them.
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._owner: Optional[_Decoding] = None
+        self._owner_thread: Optional[int] = None
+        self._step_running = False
+        self.current: Optional[_Decoding] = None  # the latest generation to take the cache
+
+    def claim(self, state: _Decoding) -> None:
+        me = threading.get_ident()
+        with self._changed:
+            self._changed.wait_for(
+                lambda: not self._step_running and (self._owner is None or self._owner_thread == me)
+            )
+            self._owner, self._owner_thread, self.current = state, me, state
+
+    def release(self, state: _Decoding) -> None:
+        with self._changed:
+            if self._owner is state:
+                self._owner = self._owner_thread = None
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def stepping(self, state: _Decoding):
+        """Run decoding steps of `state`: waits for any step under way; raises
+        RuntimeError if a later generation has taken the cache over."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._step_running)
+            if self.current is not state:
+                raise RuntimeError(
+                    "this stream was overtaken by a later generation on the same Llama, which "
+                    "reused the KV cache; finish or close a stream before starting another"
+                )
+            self._step_running = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._step_running = False
+                self._changed.notify_all()
+
+
 def _check_step_options(device: torch.device, compile: bool, cuda_graph: bool) -> None:
     """The ways of running the decode step that `build` and `from_model` accept."""
     if cuda_graph and device.type != "cuda":
@@ -124,6 +206,7 @@ class Llama:
         compile: bool = False,
         fast_layout: Optional[bool] = None,
         cuda_graph: bool = False,
+        check_weights: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
 
@@ -140,10 +223,14 @@ class Llama:
         fastest kernel torch has (`llama.kernels.choose_layout`); the weights
         then live in RAM rather than in the memory-mapped checkpoint (the
         same 1x of memory). `fast_layout=False` keeps Meta's layout in the
-        mapped file.
+        mapped file. Every weight that loading copies (converts, slices or
+        moves to a GPU) is checked for NaN and inf as it is copied;
+        `check_weights` also scans the ones used in place from the mapped
+        file (this reads the whole checkpoint once).
 
         Raises FileNotFoundError for a missing directory, shard, params.json
-        or tokenizer, and ValueError for anything that does not fit.
+        or tokenizer, and ValueError for anything that does not fit: a weight
+        that is not finite, a KV cache larger than the memory available.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -174,6 +261,8 @@ class Llama:
         start_time = time.time()
         model_args = model_family.model_args(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         model_args.vocab_size = tokenizer.n_words
+        # Before any weight is read: a cache that cannot fit fails in a moment.
+        memory.check_cache_fits(model_args, model_parallel_size, device, dtype)
         # Any shard count loads on any model-parallel size that divides it or
         # that it divides: this rank's part is cut from the shards it needs.
         state_dict = checkpoint.load_for_rank(
@@ -184,6 +273,7 @@ class Llama:
             device=device,
             dtype=dtype,
             progress=distributed.is_first_rank(),
+            check_all_weights=check_weights,
         )
         with checkpoint.init_on_meta():
             model = Transformer(model_args)
@@ -238,7 +328,13 @@ class Llama:
         refused there too.
         """
         weight = model.tok_embeddings.weight
-        _check_step_options(weight.device, compile, cuda_graph)
+        device = weight.device
+        _check_step_options(device, compile, cuda_graph)
+        _check_special_ids(tokenizer)
+        held = sum(b.nbytes for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v", "rope")))
+        memory.check_cache_fits(
+            model.params, model.model_parallel_size, device, model.output.weight.dtype, already_held=held
+        )
         model.setup_caches()
         if kernels.choose_layout(weight.device, weight.dtype, fast_layout=fast_layout) == "transposed":
             model.prepare_for_inference()
@@ -256,10 +352,11 @@ class Llama:
         # Chat format and stop tokens follow the tokenizer's family.
         self.family = family.of_tokenizer(tokenizer)
         self.stop_tokens: List[int] = self.family.stop_tokens(tokenizer)
-        # The decoding that owns the KV cache now. A suspended stream checks it
-        # before each step, so that one left open while another generation ran
-        # raises instead of reading a cache that now holds other tokens.
-        self._current_decoding: Optional[_Decoding] = None
+        # The generation that owns the KV cache: generations from several
+        # threads take turns, and a stream left open while its own thread
+        # started another generation raises instead of reading a cache that
+        # now holds other tokens.
+        self._in_progress = _GenerationInProgress()
         self._compiled_step = None
         self._graphed_step = None
         self._position: Optional[torch.Tensor] = None  # the compiled step's position, on the device
@@ -319,7 +416,7 @@ class Llama:
                 raise ValueError(
                     f"prompt {i} has {len(tokens)} tokens, more than max_seq_len {params.max_seq_len}"
                 )
-            bad = [t for t in tokens if not isinstance(t, int) or not 0 <= t < params.vocab_size]
+            bad = [t for t in tokens if not 0 <= t < params.vocab_size]
             if bad:
                 raise ValueError(
                     f"prompt {i} holds token id {bad[0]!r}, outside the vocabulary [0, {params.vocab_size})"
@@ -350,8 +447,12 @@ class Llama:
         state = self._start_decoding(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
         if state is None:
             return [], ([] if logprobs else None)
-        for _ in self._decode_steps(state):
-            pass
+        try:
+            with self._in_progress.stepping(state):
+                for _ in self._decode_steps(state):
+                    pass
+        finally:
+            self._in_progress.release(state)
         return self._finish_decoding(state, echo)
 
     def _start_decoding(
@@ -362,15 +463,16 @@ class Llama:
         top_p: float,
         logprobs: bool,
     ) -> Optional["_Decoding"]:
-        """Check the arguments and lay out the batch; None for an empty batch."""
+        """Check the arguments, lay out the batch and take the KV cache (waiting
+        for another thread's generation to end); None for an empty batch."""
         _check_sampling(temperature, top_p)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
-        prompt_tokens = [list(t) for t in prompt_tokens]
+        prompt_tokens = [[_token_id(t, i) for t in prompt] for i, prompt in enumerate(prompt_tokens)]
         if not prompt_tokens:
             return None
         self._check_prompts(prompt_tokens)
-        self._current_decoding = _Decoding(
+        state = _Decoding(
             prompt_tokens,
             max_gen_len,
             temperature,
@@ -380,7 +482,8 @@ class Llama:
             stop_tokens=self.stop_tokens,
             device=self.device,
         )
-        return self._current_decoding
+        self._in_progress.claim(state)
+        return state
 
     def _decode_steps(self, state: "_Decoding") -> Iterator[int]:
         """Run the decoding loop; yields each position `cur_pos` once it is filled.
@@ -403,7 +506,7 @@ class Llama:
         for cur_pos in range(state.min_prompt_len, state.total_len):
             # Without logprobs only the last position's logits are needed.
             logits = self._forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not state.logprobs)
-            next_token = sample_next_token(logits[:, -1], state.temperature, state.top_p)
+            next_token, nonfinite = sample_next_token(logits[:, -1], state.temperature, state.top_p)
             # Rows still inside their prompt keep the prompt's token.
             next_token = torch.where(state.input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
@@ -412,9 +515,13 @@ class Llama:
                     logits, tokens[:, prev_pos + 1 : cur_pos + 1]
                 )
             state.eos_reached |= (~state.input_text_mask[:, cur_pos]) & torch.isin(next_token, state.stop_tokens)
+            # The step's one wait for the device answers both questions.
+            all_done, any_nonfinite = torch.stack((state.eos_reached.all(), nonfinite.any())).tolist()
+            if any_nonfinite:
+                _raise_nonfinite(logits[:, -1], nonfinite, cur_pos - state.min_prompt_len, cur_pos, state)
             prev_pos = cur_pos
             yield cur_pos
-            if bool(state.eos_reached.all()):
+            if all_done:
                 break
 
     def _finish_decoding(
@@ -452,6 +559,8 @@ class Llama:
         """Complete each prompt; returns one CompletionPrediction per prompt."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings; wrap a single prompt in a list")
+        for i, prompt in enumerate(prompts):
+            check_encodable(prompt, f"prompt {i}")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
@@ -487,7 +596,12 @@ class Llama:
         _check_sampling(temperature, top_p)
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self.family.encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
+        prompt_tokens = []
+        for i, dialog in enumerate(dialogs):
+            try:
+                prompt_tokens.append(self.family.encode_dialog(self.tokenizer, dialog))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"dialog {i}: {e}") from e
         unsafe_requests = [self.family.refuses(dialog) for dialog in dialogs]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens,
@@ -521,32 +635,37 @@ class Llama:
         stop token (not yielded) or after `max_gen_len` tokens; the caller may stop earlier
         by leaving the loop or calling `.close()`. Arguments are checked
         here, before the first token: raises ValueError as `generate` does.
-        A stream left open while another generation runs on this Llama
-        raises RuntimeError when resumed, since the KV cache moved on.
+        The stream holds this Llama until it ends or is closed (or garbage
+        collected): another thread's generation waits for it, and a
+        generation started from this thread meanwhile overtakes it, after
+        which it raises RuntimeError when resumed, since the KV cache moved on.
         """
         if not isinstance(prompt_tokens, (list, tuple)) or any(isinstance(t, (list, tuple)) for t in prompt_tokens):
             raise ValueError("stream_generate takes one prompt, a list of token ids; call it once per prompt")
         with torch.inference_mode():
             state = self._start_decoding([prompt_tokens], max_gen_len, temperature, top_p, logprobs=False)
-        return self._stream_tokens(state)
+        stream = self._stream_tokens(state)
+        # A stream dropped before its first token never runs its `finally`.
+        weakref.finalize(stream, self._in_progress.release, state)
+        return stream
 
     def _stream_tokens(self, state: "_Decoding") -> Iterator[int]:
         steps = self._decode_steps(state)
-        while True:
-            if self._current_decoding is not state:
-                raise RuntimeError(
-                    "this stream was overtaken by a later generation on the same Llama, which "
-                    "reused the KV cache; finish or close a stream before starting another"
-                )
-            # Inference mode around each step, never across the yield: the
-            # caller's code between tokens runs in its own mode. (torch's
-            # decorator would do the same for a generator function; spelled
-            # out here so that it does not depend on that.)
-            with torch.inference_mode():
-                cur_pos = next(steps, None)
-            if cur_pos is None or bool(state.eos_reached[0]):
-                return
-            yield int(state.tokens[0, cur_pos])
+        try:
+            while True:
+                # Inference mode around each step, never across the yield: the
+                # caller's code between tokens runs in its own mode. (torch's
+                # decorator would do the same for a generator function; spelled
+                # out here so that it does not depend on that.)
+                with self._in_progress.stepping(state), torch.inference_mode():
+                    cur_pos = next(steps, None)
+                    ended = cur_pos is None or bool(state.eos_reached[0])
+                    token = None if ended else int(state.tokens[0, cur_pos])
+                if ended:
+                    return
+                yield token
+        finally:
+            self._in_progress.release(state)
 
     def _stream_text(self, token_stream: Iterator[int]) -> Iterator[str]:
         # One piece per token ("" while a character is still incomplete), and
@@ -581,6 +700,7 @@ class Llama:
                 f"stream_text_completion takes one prompt str, got {type(prompt).__name__}; "
                 "call it once per prompt"
             )
+        check_encodable(prompt, "the prompt")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
@@ -624,3 +744,42 @@ class Llama:
             "tokens": self.tokenizer.decode_pieces(tokens),
             "logprobs": logprobs[i],
         }
+
+
+def _token_id(token, prompt_index: int) -> int:
+    """`token` as a Python int: ints, numpy and torch integers are accepted."""
+    if isinstance(token, bool) or (isinstance(token, torch.Tensor) and token.dtype == torch.bool):
+        raise TypeError(f"prompt {prompt_index} holds {token!r}: token ids must be integers, not bools")
+    try:
+        return operator.index(token)
+    except TypeError:
+        raise TypeError(
+            f"prompt {prompt_index} holds {token!r} ({type(token).__name__}): token ids must be integers"
+        ) from None
+
+
+def _check_special_ids(tokenizer: Tokenizer) -> None:
+    """Generation needs BOS to start a prompt and EOS to end one."""
+    for name in ("bos_id", "eos_id"):
+        value = getattr(tokenizer, name)
+        if not 0 <= value < tokenizer.n_words:
+            raise ValueError(
+                f"the tokenizer has no {name[:3].upper()} token ({name} = {value}); "
+                "Llama needs a tokenizer with both BOS and EOS"
+            )
+
+
+def _raise_nonfinite(logits, nonfinite, step: int, position: int, state: _Decoding) -> None:
+    """Raise FloatingPointError for the first row whose logits (bsz, vocab) are not finite."""
+    row = int(nonfinite.nonzero()[0, 0])
+    values = logits[row]
+    n_nan, n_inf = int(values.isnan().sum()), int(values.isinf().sum())
+    if n_nan or n_inf:
+        what = f"the logits are not finite ({n_nan} NaN, {n_inf} infinite of {values.numel()})"
+    else:
+        what = f"the logits / temperature {state.temperature} overflow float32"
+    raise FloatingPointError(
+        f"decoding step {step} (position {position}), row {row} of the batch: {what}; the "
+        "weights may hold NaN or inf (build(check_weights=True) scans them all), or the "
+        "activations overflowed the model's dtype"
+    )

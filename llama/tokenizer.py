@@ -30,6 +30,20 @@ def tokenizer_kind(model_path) -> str:
     return TIKTOKEN if _TIKTOKEN_LINE.fullmatch(first_line) else SENTENCEPIECE
 
 
+def check_encodable(text, what: str) -> None:
+    """Raise ValueError, naming `what` and the position, if `text` (a str) holds a
+    lone surrogate: such a str has no UTF-8 form, so no tokenizer can encode it."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} holds a lone surrogate {text[e.start]!r} at position {e.start}: it is not valid "
+            "Unicode and cannot be encoded (pair it, or decode your bytes with errors='replace')"
+        ) from None
+
+
 class Tokenizer:
     """Encodes text to token ids and back with a SentencePiece model.
 
@@ -61,8 +75,7 @@ class Tokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Token ids of `s`, with BOS first and EOS last when asked."""
-        if not isinstance(s, str):
-            raise TypeError(f"can only encode a str, got {type(s).__name__}")
+        check_encodable(s, "the text to encode")
         t = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t
