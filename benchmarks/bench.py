@@ -1,6 +1,7 @@
 """Decoding speed of this library, side by side with `transformers`, on random weights.
 
     python benchmarks/bench.py                        # ~15M and ~100M shapes, fp32, CPU
+    python benchmarks/bench.py --llama2c /path/to/llama2.c/run   # with llama2.c's run.c beside us
     python benchmarks/bench.py --shapes 100M --compile --plot bench.png
     python benchmarks/bench.py --shapes 7B --device cuda --dtype float16 --compile --cuda-graph
 
@@ -22,6 +23,18 @@ It also measures the machine's read bandwidth (a `torch.sum` over a large
 array) and prints, for batch 1, the ceiling bandwidth / bytes of weights read
 per token and each library's fraction of it. Results go to a JSON file and a
 table; `--plot` draws decode tokens/s against batch size.
+
+The first "llama" row is what `Llama.build` gives by default on the device
+and dtype (the layout `llama.kernels.choose_layout` picks); the rows of
+opt-in variants are named by the option (`llama compile=True`, ...).
+
+With `--llama2c BINARY` (a `run` built from Andrej Karpathy's llama2.c, e.g.
+`make runomp`; nothing of it is part of this repository), the same weights
+are also written in llama2.c's fp32 checkpoint format and the binary decodes
+them, fp32 on the CPU at batch 1, with OMP_NUM_THREADS set to our thread
+count, alternating with the other rows. Its figure is the rate it reports
+itself ("achieved tok/s": every position after the first, prompt positions
+included, one token at a time).
 """
 
 import argparse
@@ -30,6 +43,8 @@ import json
 import os
 import platform
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llama import Llama, Tokenizer, checkpoint, distributed, quantization  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.model import ModelArgs, Transformer, ffn_hidden_dim, precompute_freqs_cis  # noqa: E402
 from llama.tiny import random_weights, train_tokenizer  # noqa: E402
 
 SHAPES = {
@@ -350,25 +365,73 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
+def write_llama2c_checkpoint(path, state: Dict[str, torch.Tensor], args: ModelArgs) -> None:
+    """`state` (Meta's keys, MP 1) in llama2.c's original fp32 format: a header of
+    seven int32 (dim, hidden, layers, heads, kv heads, -vocab for a separate
+    output matrix, max_seq_len), then fp32 arrays, each kind for all layers in
+    turn, in Meta's [out, in] layout and rotary pair order."""
+    n_kv_heads = args.n_kv_heads or args.n_heads
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    freqs = torch.view_as_real(precompute_freqs_cis(args.dim // args.n_heads, args.max_seq_len, args.rope_theta))
+    layer_keys = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                  "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    arrays = [state["tok_embeddings.weight"]]
+    arrays += [state[f"layers.{i}.{key}.weight"] for key in layer_keys for i in range(args.n_layers)]
+    arrays += [state["norm.weight"], freqs[..., 0], freqs[..., 1], state["output.weight"]]
+    with open(path, "wb") as f:
+        f.write(struct.pack("7i", args.dim, hidden, args.n_layers, args.n_heads, n_kv_heads,
+                            -args.vocab_size, args.max_seq_len))
+        for a in arrays:
+            f.write(a.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+class Llama2cRunner:
+    """llama2.c's `run` binary on the same weights, greedy, batch 1 (see the module docstring)."""
+
+    PROMPT = "Once upon a time, in a quiet village by the sea, there lived an old fisherman"
+
+    def __init__(self, binary: str, tokenizer: str, state, args: ModelArgs, folder: str, threads: int):
+        self.path = str(Path(folder) / "llama2c.bin")
+        write_llama2c_checkpoint(self.path, state, args)
+        self.binary, self.tokenizer, self.args = binary, tokenizer, args
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        self.name = "llama2.c run.c"
+        self.model_bytes = None
+
+    def rate(self, steps: int) -> float:
+        """The tokens/s the binary reports for a run of `steps` positions."""
+        done = subprocess.run(
+            [self.binary, self.path, "-z", self.tokenizer, "-t", "0", "-n", str(steps), "-i", self.PROMPT],
+            capture_output=True, text=True, env=self.env, timeout=600,
+        )
+        for line in done.stderr.splitlines():
+            if line.startswith("achieved tok/s:"):
+                return float(line.split(":")[1])
+        raise RuntimeError(f"{self.binary} reported no tokens/s (exit {done.returncode}): {done.stderr[-500:]}")
+
+
 def our_variants(opts) -> List:
     """(name, dtype, options) of each of our runs: every --dtype, then every --quantize.
     The first is the baseline that the others are compared with."""
     variants = []
     for dtype in opts.dtypes:
         suffix = "" if len(opts.dtypes) == 1 and not opts.quantize else f" {dtype_name(dtype)}"
+        # The first row of a dtype is build's default for it; opt-in variants are named by their option.
         if opts.eager or not (opts.compile or opts.cuda_graph):
             variants.append((f"llama{suffix}", dtype, {}))
+        if opts.no_fast_layout:
+            variants.append((f"llama fast_layout=False{suffix}", dtype, {"fast_layout": False}))
         if opts.cuda_graph:
-            variants.append((f"llama cuda_graph{suffix}", dtype, {"cuda_graph": True}))
+            variants.append((f"llama cuda_graph=True{suffix}", dtype, {"cuda_graph": True}))
         if opts.compile:
-            variants.append((f"llama compile{suffix}", dtype, {"compile": True}))
+            variants.append((f"llama compile=True{suffix}", dtype, {"compile": True}))
     for mode in opts.quantize:
         group = (opts.group_size or quantization.DEFAULT_GROUP_SIZE) if mode == "int4" else None
         dtype = quantization.default_dtype(opts.device)
         name = f"llama {mode}" + (f" g{group}" if group else "")
         variants.append((name, dtype, {"quantize_mode": mode, "group_size": group}))
         if opts.compile:
-            variants.append((name + " compile", dtype, {"quantize_mode": mode, "group_size": group,
+            variants.append((name + " compile=True", dtype, {"quantize_mode": mode, "group_size": group,
                                                         "compile": True}))
     return variants
 
@@ -383,6 +446,7 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     )
     variants = our_variants(opts)
     runners = []
+    llama2c = None
     if opts.ckpt_dir:  # each of ours built from the checkpoint, one at a time
         for name, variant_dtype, options in variants:
             print(f"  [{shape}] building {name} from {opts.ckpt_dir}", flush=True)
@@ -392,14 +456,18 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
         torch.manual_seed(0)
         state = random_weights(args, seed=0, device=device, dtype=torch.float32 if len(opts.dtypes) > 1 or opts.quantize
                                else dtype)
-        # transformers copies the weights (permuting q and k); ours then takes copies, or by assignment.
+        # llama2.c reads them from its own file; transformers copies them (permuting q
+        # and k); ours then takes copies, or by assignment.
+        if opts.llama2c:
+            llama2c = Llama2cRunner(opts.llama2c, opts.llama2c_tokenizer, state, args, opts.tmp,
+                                    torch.get_num_threads())
         theirs = [TheirRunner(state, args, device, d) for d in opts.transformers_dtypes] if opts.transformers else []
         for name, variant_dtype, options in variants:
             weights = {k: v.to(variant_dtype) if v.dtype != variant_dtype or len(variants) > 1 else v
                        for k, v in state.items()}
             if options.get("quantize_mode"):
                 weights = state  # quantized from the fp32 values, as build does from the checkpoint
-            # from_model lays the weights out for decoding (build's fast_layout=True).
+            # from_model lays the weights out as build would by default (or as the variant asks).
             runners.append(OurRunner(name, weights, args, tokenizer, device, variant_dtype, **options))
             del weights
         runners += theirs
@@ -433,11 +501,24 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     bandwidth = read_bandwidth(device, gib=4.0 if device.type == "cuda" else 1.0)
     ceiling = bandwidth / bytes_per_token(args, dtype)
     result.update(read_bandwidth_bytes_per_s=bandwidth, ceiling_tokens_per_s=ceiling)
+    if llama2c is not None:
+        llama2c.rate(opts.prompt_len + opts.gen_len)  # warm-up: the file into the page cache
+        result["libraries"][llama2c.name] = {"memory_mb": None, "model_mb": None, "batches": {}}
     for batch in opts.batch_sizes:
         times = {runner.name: [] for runner in runners}
+        rates = []
         for _ in range(opts.runs):
             for runner in runners:  # alternate, so drift in the machine hits all alike
                 times[runner.name].append(runner.steps(prompts[:batch], opts.gen_len))
+            if llama2c is not None and batch == 1:  # llama2.c decodes one sequence at a time
+                rates.append(llama2c.rate(opts.prompt_len + opts.gen_len))
+        if rates:
+            entry = {"decode_tokens_per_s": statistics.median(rates), "ttft_ms": None,
+                     "prefill_tokens_per_s": None, "decode_runs": rates}
+            entry["fraction_of_ceiling"] = entry["decode_tokens_per_s"] / ceiling
+            result["libraries"][llama2c.name]["batches"][batch] = entry
+            print(f"  [{shape}] {llama2c.name}, batch 1: decode {entry['decode_tokens_per_s']:.1f} tok/s "
+                  f"({entry['fraction_of_ceiling']:.0%} of {ceiling:.0f})", flush=True)
         for runner in runners:
             entry = summarize(times[runner.name], batch, opts.prompt_len)
             if batch == 1 and entry["decode_tokens_per_s"]:
@@ -452,6 +533,11 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
                      if "fraction_of_ceiling" in entry else "")
                   + f", first token {entry['ttft_ms']:.1f} ms", flush=True)
     return result
+
+
+def number(value, spec: str) -> str:
+    """`value` formatted, or "-" where a library does not report it (llama2.c: prefill, memory)."""
+    return "-" if value is None else format(value, spec)
 
 
 def same_tokens(runners: List[Runner], prompt: torch.Tensor, gen_len: int) -> Optional[bool]:
@@ -488,7 +574,7 @@ def table_rows(results: List[Dict]):
         for name, lib in libs.items():
             for batch, e in lib["batches"].items():
                 ratio = ""
-                if theirs and name != theirs and not name.startswith("transformers"):
+                if theirs and name != theirs and not name.startswith("transformers") and batch in libs[theirs]["batches"]:
                     ratio = f"{e['decode_tokens_per_s'] / libs[theirs]['batches'][batch]['decode_tokens_per_s']:.2f}x"
                 vs_ours = ""
                 if ours in libs and e.get("decode_runs") and libs[ours]["batches"][batch].get("decode_runs"):
@@ -507,7 +593,8 @@ def print_table(results: List[Dict], bandwidth: float) -> None:
     for r in results:
         for shape, name, batch, e, ratio, frac, memory, vs_ours in table_rows([r]):
             print(f"{shape:>5} {name:<{width}} {batch:>5} {e['decode_tokens_per_s']:>12.1f} {frac:>10} "
-                  f"{ratio:>6} {vs_ours:>7} {e['prefill_tokens_per_s']:>13.0f} {e['ttft_ms']:>8.1f} {memory:>7.0f}")
+                  f"{ratio:>6} {vs_ours:>7} {number(e['prefill_tokens_per_s'], '.0f'):>13} "
+                  f"{number(e['ttft_ms'], '.1f'):>8} {number(memory, '.0f'):>7}")
         print(f"{r['shape']:>5} ceiling at batch 1: {r['ceiling_tokens_per_s']:.1f} tok/s "
               f"({r['bytes_per_token'] / 1e6:.0f} MB read per token at "
               f"{r.get('read_bandwidth_bytes_per_s', bandwidth) / 1e9:.1f} GB/s); "
@@ -528,7 +615,7 @@ def markdown_table(report: Dict) -> str:
         for shape, name, batch, e, ratio, frac, memory, vs_ours in table_rows([r]):
             lines.append(
                 f"| {shape} | {name} | {batch} | {e['decode_tokens_per_s']:.1f} | {frac} | {ratio} | {vs_ours} | "
-                f"{e['prefill_tokens_per_s']:.0f} | {e['ttft_ms']:.1f} | {memory:.0f} |"
+                f"{number(e['prefill_tokens_per_s'], '.0f')} | {number(e['ttft_ms'], '.1f')} | {number(memory, '.0f')} |"
             )
         lines.append(
             f"| {r['shape']} | ceiling at batch 1 | | {r['ceiling_tokens_per_s']:.1f} | "
@@ -627,6 +714,12 @@ def parse_args(argv=None):
                              "transformers'); the first is the baseline (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--transformers-dtype", default=None,
                         help="the dtypes to run transformers in, comma-separated (default: every --dtype)")
+    parser.add_argument("--no-fast-layout", action="store_true",
+                        help="also run ours built with fast_layout=False (Meta's layout, weights left in place)")
+    parser.add_argument("--llama2c", metavar="BINARY", default=None,
+                        help="also run llama2.c's `run` binary (built with `make runomp`) on the same weights")
+    parser.add_argument("--llama2c-tokenizer", metavar="PATH", default=None,
+                        help="llama2.c's tokenizer.bin (default: the one beside BINARY)")
     parser.add_argument("--quantize", default="", help="also run ours quantized: int8, int4 or int8,int4 "
                         "(bf16 activations)")
     parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default: the library's)")
@@ -662,6 +755,15 @@ def parse_args(argv=None):
         parser.error(f"--group-size must be one of {', '.join(map(str, quantization.GROUP_SIZES))}")
     if opts.ckpt_dir:
         opts.transformers = False
+    if opts.llama2c:
+        if opts.device.type != "cpu" or opts.dtypes != [torch.float32] or opts.ckpt_dir:
+            parser.error("--llama2c compares fp32 on the CPU from random weights: run it without "
+                         "--device/--dtype/--ckpt-dir")
+        if not Path(opts.llama2c).is_file():
+            parser.error(f"--llama2c {opts.llama2c}: no such file")
+        opts.llama2c_tokenizer = opts.llama2c_tokenizer or str(Path(opts.llama2c).with_name("tokenizer.bin"))
+        if not Path(opts.llama2c_tokenizer).is_file():
+            parser.error(f"llama2.c's tokenizer {opts.llama2c_tokenizer} not found; give it with --llama2c-tokenizer")
     # Checked now, not after a minute of benchmarking.
     needed = []
     if not opts.markdown_from and opts.device.type == "cpu" and not importable("psutil"):
@@ -700,6 +802,7 @@ def main(argv=None) -> int:
             train_tokenizer(tokenizer_path)
         tokenizer = Tokenizer(str(tokenizer_path))
         opts.tokenizer_path = tokenizer_path
+        opts.tmp = tmp
         if opts.write_ckpt:
             write_random_checkpoint(Path(opts.write_ckpt), opts.shapes[0], tokenizer_path)
             return 0

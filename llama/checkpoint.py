@@ -785,6 +785,35 @@ def return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def mapped_page_releaser(paths) -> Callable[[torch.Tensor], None]:
+    """A function that drops a tensor's pages from resident memory (`_release_pages`)
+    when the tensor lies wholly in a mapping of one of the files `paths`, and
+    leaves any other tensor alone (dropping anonymous pages would lose data).
+
+    For copies made after loading (`Llama.build`'s fast layout): the mapped
+    original of each matrix stops counting against memory once it is copied.
+    The mappings are those of the moment it is called (Linux: /proc/self/maps).
+    """
+    names = {str(Path(p).resolve()) for p in paths}
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].strip() in names:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+
+    def release(tensor: torch.Tensor) -> None:
+        first = tensor.data_ptr()
+        if tensor.device.type == "cpu" and any(s <= first and first + tensor.nbytes <= e for s, e in ranges):
+            _release_pages(tensor)
+
+    return release
+
+
 @functools.lru_cache(maxsize=None)
 def _libc():
     if not sys.platform.startswith("linux"):

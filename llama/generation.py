@@ -232,19 +232,20 @@ class Llama:
         compiled with `torch.compile`; with `cuda_graph` (CUDA only) it is
         replayed from a CUDA graph, with no compiling; `fast_layout` copies
         the matrices into their decoding layout (see `from_model`). It
-        defaults to on where the weights were copied to a GPU anyway, and off
-        on the CPU, where they stay in the memory-mapped checkpoint instead
-        of taking RAM. Weights that stay memory-mapped are read from the file
-        while decoding: each generation first checks that no such file was
-        rewritten or truncated since (RuntimeError). `mmap=False` copies every
-        weight into memory, so that the files may change afterwards.
+        defaults to on on GPUs and for fp32 on the CPU, where it is the
+        fastest kernel torch has; bf16 on the CPU gets oneDNN's packed layout
+        (`llama.kernels.choose_layout` decides). The weights then live in RAM
+        rather than in the memory-mapped checkpoint (the same 1x of memory).
+        `fast_layout=False` keeps Meta's layout in the mapped file; such
+        weights are read from the file while decoding, so each generation
+        first checks that no such file was rewritten or truncated since
+        (RuntimeError). `mmap=False` copies every weight into memory, so that
+        the files may change afterwards.
+
         `collective_timeout_s` (with more than one rank): once every rank has
         loaded, a collective that waits longer than this for a peer raises
         instead of waiting torch's 30 minutes, and rank 0 tracks which peers
         still answer (see `distributed.exit_when_a_peer_is_lost`).
-        of taking RAM. Every weight that loading copies (converts, slices or
-        of taking RAM; bf16 on CPU gets its own fast layout by default (see
-        `llama/kernels.py`, `choose_layout`).
 
         `quantize` ("int8" or "int4", with `group_size` 32, 64, 128 or 256
         for int4) quantizes the matrices tensor by tensor as they are read
@@ -333,11 +334,16 @@ class Llama:
             model = Transformer(model_args)
         if quant is not None:
             quantization.install(model, state_dict, quant, device, dtype)
-            fast_layout = False  # the quantized kernels are the layout
         else:
             checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
-            fast_layout = kernels.choose_layout(device, dtype, None, fast_layout) != "meta"
-        del state_dict
+        del state_dict  # the model holds the weights now; each is freed once laid out below
+        if quant is None:
+            # Laid out here rather than in from_model: each matrix still in the
+            # mapped shard is dropped from memory once copied, so that the
+            # copy does not double the resident memory.
+            layout = kernels.choose_layout(device, dtype, fast_layout=fast_layout)
+            kernels.prepare(model, layout, release=checkpoint.mapped_page_releaser(shards))
+        fast_layout = False  # done: the quantized kernels, or the layout just made, are the layout
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
         )
@@ -351,7 +357,7 @@ class Llama:
         model: Transformer,
         tokenizer: Tokenizer,
         compile: bool = False,
-        fast_layout: bool = True,
+        fast_layout: Optional[bool] = None,
         cuda_graph: bool = False,
     ) -> "Llama":
         """A Llama around `model` whose weights are loaded: caches set up on the
@@ -362,7 +368,9 @@ class Llama:
         layout (`Transformer.prepare_for_inference`: q/k/v and w1/w3 fused,
         all transposed; ~1.25x faster matrix-vector products at batch 1 and
         ~1.4x at batch 8 on CPU). Weights assigned from a memory-mapped file
-        then live in RAM rather than in the file's pages.
+        then live in RAM rather than in the file's pages. None (the default)
+        is the choice of `llama.kernels.choose_layout` for the weights'
+        device and dtype: on GPUs and for fp32 on the CPU.
 
         With `compile`, each one-token decode step runs a `torch.compile`d
         forward with static shapes: the position is a tensor and attention
@@ -388,9 +396,10 @@ class Llama:
             model.params, model.model_parallel_size, device, dtype, already_held=held
         )
         model.setup_caches()
-        if fast_layout:
-            # The decoding layout of this device and dtype (llama/kernels.py).
-            kernels.prepare(model, kernels.choose_layout(device, dtype, None, True))
+        if getattr(model, "quantization", None) is None:
+            # The decoding layout of this device and dtype (llama/kernels.py);
+            # a quantized model's kernels are its layout already.
+            kernels.prepare(model, kernels.choose_layout(device, dtype, fast_layout=fast_layout))
         model.eval()
         generator = Llama(model, tokenizer)
         if compile:

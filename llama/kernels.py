@@ -9,8 +9,8 @@ Layouts:
 
 - "meta": `F.linear` on Meta's [out, in] weights, as loaded (no copy).
 - "transposed": every matrix copied once as [in, out], q/k/v and w1/w3 fused
-  (`Transformer.prepare_for_inference`): the fast fp32 layout on CPU and
-  the default on GPUs.
+  (`Transformer.prepare_for_inference`): the default on GPUs and for fp32 on
+  the CPU (`fast_layout=False` keeps Meta's, in the memory-mapped file).
 - "mkldnn": bf16 weights reordered once into oneDNN's blocked layout
   (q/k/v and w1/w3 fused); on this AVX-512 Xeon about 1.5x `F.linear` in
   bf16, which the transposed layout makes slower instead.
@@ -21,7 +21,7 @@ Layouts:
   `torch._weight_int4pack_mm` on CUDA, which needs bf16 and sm80+).
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +55,8 @@ def choose_layout(
         return "mkldnn" if mkldnn_bf16_available() else "meta"
     if device.type == "cpu" and dtype != torch.float32:
         return "meta"
-    if fast_layout is None:
-        # On CPU fp32 weights stay in the memory-mapped file by default.
-        return "transposed" if device.type != "cpu" else "meta"
+    # fp32 on the CPU too: the transposed product is the fastest fp32 kernel
+    # torch offers for decoding (benchmarks/fp32_kernels.py, benchmarks/NOTES.md).
     return "transposed"
 
 
@@ -202,12 +201,16 @@ def install(model: nn.Module, make) -> None:
             model.get_submodule(name).register_parameter("weight", None)
 
 
-def prepare(model: nn.Module, layout: str) -> None:
-    """Lay the loaded (unquantized) weights of `model` out as `layout`."""
+def prepare(model: nn.Module, layout: str, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+    """Lay the loaded (unquantized) weights of `model` out as `layout`.
+
+    `release`, if given, is called on each original matrix once it has been
+    copied into the new layout (`Llama.build` drops its memory-mapped pages).
+    """
     if layout == "meta":
         return
     if layout == "transposed":
-        model.prepare_for_inference()
+        model.prepare_for_inference(release=release)
         return
     if layout != "mkldnn":
         raise ValueError(f"layout {layout!r} is made while loading, not from loaded weights")
@@ -216,6 +219,10 @@ def prepare(model: nn.Module, layout: str) -> None:
     @torch.no_grad()
     def make(keys):
         weights = [model.get_submodule(key.rsplit(".", 1)[0]).weight for key in keys]
-        return MkldnnLinear(torch.cat(weights) if len(weights) > 1 else weights[0])
+        kernel = MkldnnLinear(torch.cat(weights) if len(weights) > 1 else weights[0])
+        if release is not None:
+            for weight in weights:
+                release(weight)
+        return kernel
 
     install(model, make)

@@ -12,11 +12,11 @@ logits match to float rounding). What differs, for speed and placement:
   tables (the same numbers as the reference's complex ones; the reference's
   `apply_rotary_emb`, `reshape_for_broadcast` and `Transformer.freqs_cis`
   remain for code that uses them, computed from those tables);
-- `prepare_for_inference` (`Llama.build(fast_layout=True)`, the default on GPUs) lays the
-  weights out for fast matrix-vector products: q/k/v in one matrix and w1/w3
-  in another, every matrix stored transposed. The Meta-named parameters stay,
-  as views into those matrices, so `state_dict()` keys do not change and no
-  weight is held twice;
+- `prepare_for_inference` (`Llama.build(fast_layout=True)`, the default on
+  GPUs and for fp32 on the CPU) lays the weights out for fast matrix-vector
+  products: q/k/v in one matrix and w1/w3 in another, every matrix stored
+  transposed. The Meta-named parameters stay, as views into those matrices,
+  so `state_dict()` keys do not change and no weight is held twice;
 - the linear layers are applied as plain functions with fairscale's
   model-parallel collectives only where the model-parallel size exceeds one
   (the layer objects' Python overhead dominates small models' decode steps).
@@ -24,7 +24,7 @@ logits match to float rounding). What differs, for speed and placement:
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -217,13 +217,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 @torch.no_grad()  # else the copies would record an autograd graph that keeps the old weights alive
-def fuse_transposed(*layers: nn.Module) -> torch.Tensor:
+def fuse_transposed(*layers: nn.Module, release: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """One (in_features, sum of out_features) matrix holding the layers' weights,
     transposed and side by side; each layer's `weight` becomes a view into it.
 
     `x @ fused` then computes every layer's output in one product, with the
     weights read row by row (the fast layout for a matrix-vector product on
     CPU), while the parameters keep their names, shapes and values.
+    `release`, if given, is called on each old weight once it is copied.
     """
     weights = [layer.weight for layer in layers]
     fused = torch.empty(
@@ -233,6 +234,8 @@ def fuse_transposed(*layers: nn.Module) -> torch.Tensor:
     for layer, weight in zip(layers, weights):
         end = start + weight.shape[0]
         fused[:, start:end].copy_(weight.t())
+        if release is not None:
+            release(weight)
         # Inference only: the fused matrix is a plain buffer; its views need no grad.
         layer.weight = nn.Parameter(fused[:, start:end].t(), requires_grad=False)
         start = end
@@ -280,9 +283,9 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def fuse_weights(self) -> None:
-        self.wqkv = fuse_transposed(self.wq, self.wk, self.wv)
-        fuse_transposed(self.wo)
+    def fuse_weights(self, release=None) -> None:
+        self.wqkv = fuse_transposed(self.wq, self.wk, self.wv, release=release)
+        fuse_transposed(self.wo, release=release)
 
     def forward(
         self,
@@ -372,9 +375,9 @@ class FeedForward(nn.Module):
         self.w13_kernel: Optional[nn.Module] = None
         self.w2_kernel: Optional[nn.Module] = None
 
-    def fuse_weights(self) -> None:
-        self.w13 = fuse_transposed(self.w1, self.w3)
-        fuse_transposed(self.w2)
+    def fuse_weights(self, release=None) -> None:
+        self.w13 = fuse_transposed(self.w1, self.w3, release=release)
+        fuse_transposed(self.w2, release=release)
 
     def forward(self, x):
         if self.w13_kernel is not None:
@@ -475,16 +478,17 @@ class Transformer(nn.Module):
         (`rope`), with the same values; None before `setup_caches`."""
         return None if self.rope is None else freqs_cis_of_rope(self.rope)
 
-    def prepare_for_inference(self) -> None:
+    def prepare_for_inference(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Lay the loaded weights out for fast decoding (see `fuse_transposed`).
 
         Values, parameter names and state-dict keys are unchanged; later loads
-        into the model re-fuse automatically.
+        into the model re-fuse automatically. `release` is called on each old
+        matrix once copied (`Llama.build` drops its memory-mapped pages).
         """
         for layer in self.layers:
-            layer.attention.fuse_weights()
-            layer.feed_forward.fuse_weights()
-        fuse_transposed(self.output)
+            layer.attention.fuse_weights(release)
+            layer.feed_forward.fuse_weights(release)
+        fuse_transposed(self.output, release=release)
         self._prepared = True
 
     @staticmethod

@@ -162,9 +162,10 @@ def _shape_args():
 
 
 def test_matching_dtype_is_assigned_from_the_mapped_file(tiny_ckpt):
-    # fp32 on disk, fp32 on CPU: every weight must live in the memory-mapped
-    # shard itself, not in a copy.
-    model = build(tiny_ckpt).model
+    # fp32 on disk, fp32 on CPU, Meta's layout asked for (fast_layout=False;
+    # the default copies the matrices into the decoding layout): every weight
+    # must live in the memory-mapped shard itself, not in a copy.
+    model = build(tiny_ckpt, fast_layout=False).model
     shard = str(tiny_ckpt / "consolidated.00.pth")
     mapped = []
     for line in Path("/proc/self/maps").read_text().splitlines():

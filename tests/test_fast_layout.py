@@ -2,6 +2,8 @@
 transposed weights that stay Meta's parameters, and the alternative entry
 points of the forward pass (a chunk after cached positions, a tensor position)."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,9 +13,16 @@ from llama.model import Transformer
 
 @pytest.fixture(scope="module")
 def fast(tiny_ckpt):
-    """`generator`'s checkpoint built with the decoding layout (CPU builds default to without)."""
+    """`generator`'s checkpoint built with the decoding layout asked for."""
     return Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=8,
                        device="cpu", fast_layout=True)
+
+
+@pytest.fixture(scope="module")
+def mapped(tiny_ckpt):
+    """The same checkpoint left in Meta's layout, in the memory-mapped file (the opt-out)."""
+    return Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=8,
+                       device="cpu", fast_layout=False)
 
 
 def storage_ptr(t: torch.Tensor) -> int:
@@ -57,16 +66,35 @@ def test_loading_into_a_prepared_model_refuses_the_matrices(fast, tiny_ckpt):
         torch.testing.assert_close(model.forward(tokens, 0), before, atol=0, rtol=0)
 
 
-def test_unprepared_model_gives_the_prepared_logits(generator, fast):
-    assert generator.model.layers[0].attention.wqkv is None  # the CPU default keeps the mapped weights
+def test_unprepared_model_gives_the_prepared_logits(mapped, fast):
+    assert mapped.model.layers[0].attention.wqkv is None  # fast_layout=False keeps the mapped weights
     tokens = torch.tensor([[1, 45, 300, 12, 99, 7, 250, 3]])
     with torch.inference_mode():
-        torch.testing.assert_close(fast.model.forward(tokens, 0), generator.model.forward(tokens, 0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.model.forward(tokens, 0), mapped.model.forward(tokens, 0), atol=1e-5, rtol=1e-5)
+
+
+def mapped_file(t: torch.Tensor):
+    """The file whose mapping holds `t`'s memory (from /proc/self/maps), or None."""
+    address = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_only_fast_layout_false_leaves_the_weights_in_the_mapped_file(mapped, fast, tiny_ckpt):
+    shard = str(tiny_ckpt / "consolidated.00.pth")
+    assert mapped_file(mapped.model.layers[0].attention.wq.weight) == shard
+    assert mapped_file(mapped.model.output.weight) == shard
+    assert mapped_file(fast.model.layers[0].attention.wq.weight) != shard
 
 
 @pytest.mark.parametrize("layout", ["mapped", "fast"])
-def test_a_chunk_after_cached_positions_and_a_tensor_position_match_the_full_forward(generator, fast, layout):
-    model = (fast if layout == "fast" else generator).model
+def test_a_chunk_after_cached_positions_and_a_tensor_position_match_the_full_forward(mapped, fast, layout):
+    model = (fast if layout == "fast" else mapped).model
     tokens = torch.tensor([[1, 17, 230, 42, 5, 311, 90, 61, 8, 400]])
     with torch.inference_mode():
         full = model.forward(tokens, 0)
@@ -84,3 +112,43 @@ def test_last_logits_only_is_the_last_row_of_all_logits(generator):
         last = generator.model.forward(tokens, 0, last_logits_only=True)
     assert last.shape == (2, 1, full.shape[-1])
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_the_default_cpu_build_uses_the_layout_the_benchmark_measures(generator, tiny_ckpt):
+    """fp32 on the CPU: `Llama.build` with no option lays the weights out for
+    decoding, and bench.py's first "llama" row (from_model with no option) is
+    that same layout (not one the benchmark chose for itself)."""
+    import sys
+
+    from conftest import REPO, TINY
+    from llama import kernels
+    from llama.model import ModelArgs
+    from llama.tiny import random_weights
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench
+
+    assert kernels.choose_layout(torch.device("cpu"), torch.float32) == "transposed"
+    args = ModelArgs(**{k: v for k, v in TINY.items() if k != "seed"}, max_seq_len=32, max_batch_size=2)
+    runner = bench.OurRunner("llama", random_weights(args), args, generator.tokenizer,
+                             torch.device("cpu"), torch.float32)
+    for model in (generator.model, runner.generator.model):  # build's default, bench's first row
+        for layer in model.layers:
+            assert layer.attention.wqkv is not None and layer.feed_forward.w13 is not None
+            assert layer.attention.wo.weight.t().is_contiguous() and layer.feed_forward.w2.weight.t().is_contiguous()
+        assert model.output.weight.t().is_contiguous()
+    # The opt-out is Meta's layout, in both.
+    assert kernels.choose_layout(torch.device("cpu"), torch.float32, fast_layout=False) == "meta"
+
+
+def test_the_page_releaser_drops_only_tensors_mapped_from_the_shards(tiny_ckpt):
+    shard_path = tiny_ckpt / "consolidated.00.pth"
+    shard = checkpoint.load_shard(shard_path)
+    release = checkpoint.mapped_page_releaser([shard_path])
+    big = torch.arange(1 << 20, dtype=torch.float32)  # anonymous memory, several pages
+    release(big)
+    assert torch.equal(big, torch.arange(1 << 20, dtype=torch.float32))  # untouched
+    weight = shard["output.weight"]
+    before = weight.clone()
+    release(weight)  # its pages are dropped, and read back from the file on use
+    assert torch.equal(weight, before)
