@@ -36,7 +36,7 @@ def main(
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
     collective_timeout_s: float = 120.0,
-    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/compressed-weights.md)
     group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     """Chat with a Llama 2 model in the terminal. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply.

@@ -46,7 +46,7 @@ def main(
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
     collective_timeout_s: float = 120.0,
-    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/compressed-weights.md)
     group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     """Answer a few dialogs with a Llama 2 chat checkpoint (a tiny random demo one without --ckpt_dir).

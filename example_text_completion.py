@@ -48,7 +48,7 @@ def main(
     max_gen_len: int = 64,
     max_batch_size: int = 4,
     collective_timeout_s: float = 120.0,
-    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/quant.md)
+    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/compressed-weights.md)
     group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
 ):
     """Complete a few prompts with a Llama checkpoint (a tiny random demo one without --ckpt_dir).

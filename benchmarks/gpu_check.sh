@@ -12,7 +12,7 @@
 #
 # Usage: bash benchmarks/gpu_check.sh
 # Results: $OUT (or ./gpu-results) gets the logs and bench-7b-*.json.
-# Missing packages travel as wheels in .whl/ (see the README's GPU section).
+# Missing packages travel as wheels in .whl/ (see benchmarks/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"

@@ -38,9 +38,9 @@ from llama.model import ModelArgs, ffn_hidden_dim
 
 # The command line (llama/quantize.py) lists them without importing torch.
 from llama.quantize import GROUP_SIZES, MODES  # noqa: E402,F401
-# Measured on the 100M shape (benchmarks/quality.py, bench.py): see docs/quant.md.
+# Measured on the 100M shape (benchmarks/quality.py, bench.py): see docs/compressed-weights.md.
 DEFAULT_GROUP_SIZE = 32
-# Measured: quantizing the output projection costs little (docs/quant.md), so it is.
+# Measured: quantizing the output projection costs little (docs/compressed-weights.md), so it is.
 DEFAULT_QUANTIZE_OUTPUT = True
 
 _BLOCK_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
