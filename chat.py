@@ -9,7 +9,7 @@ tokenizer.model in --ckpt_dir or its parent. /reset starts over, /exit or
 Ctrl-D leaves, Ctrl-C stops a reply.
 """
 
-from typing import Optional
+from typing import Literal, Optional
 
 try:
     from llama.cli import run
@@ -36,10 +36,10 @@ def main(
     device: Optional[str] = None,
     heartbeat_s: float = 60.0,
     collective_timeout_s: float = 120.0,
-    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/compressed-weights.md)
-    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
+    quantize: Optional[Literal["int8", "int4"]] = None,
+    group_size: Optional[int] = None,
 ):
-    """Chat with a Llama 2 model in the terminal. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply.
+    """Chat with a Llama 2, Llama 3.x or Code Llama Instruct model in the terminal. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply.
 
     Args:
         ckpt_dir: checkpoint directory (params.json, consolidated.NN.pth); none: a tiny random demo checkpoint
@@ -53,6 +53,8 @@ def main(
         device: cpu, cuda or cuda:N; none: this process's GPU if there is one, else the CPU
         heartbeat_s: under torchrun, how often rank 0 wakes the other ranks while it waits for input
         collective_timeout_s: under torchrun, how long a rank waits for another before all stop, naming it
+        quantize: store the weight matrices as int8 or int4 (docs/compressed-weights.md); none: as loaded
+        group_size: int4 only: inputs per scale, 32, 64, 128 or 256; none: 32
     """
     from llama import Llama, family
     from llama.chat_repl import Conversation, check_heartbeat, reply_length, run_chat

@@ -1,4 +1,4 @@
-"""Answer a few dialogs with a Llama 2 chat checkpoint.
+"""Answer a few dialogs with a Llama chat checkpoint (Llama 2, Llama 3.x or Code Llama Instruct).
 
     torchrun --nproc_per_node 1 example_chat_completion.py \
         --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
@@ -6,7 +6,7 @@
 Without --ckpt_dir it runs on a tiny random demo checkpoint.
 """
 
-from typing import Optional
+from typing import Literal, Optional
 
 try:
     from llama.cli import run
@@ -46,10 +46,10 @@ def main(
     max_batch_size: int = 8,
     max_gen_len: Optional[int] = None,
     collective_timeout_s: float = 120.0,
-    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/compressed-weights.md)
-    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
+    quantize: Optional[Literal["int8", "int4"]] = None,
+    group_size: Optional[int] = None,
 ):
-    """Answer a few dialogs with a Llama 2 chat checkpoint (a tiny random demo one without --ckpt_dir).
+    """Answer a few dialogs with a Llama chat checkpoint (a tiny random demo one without --ckpt_dir).
 
     Args:
         ckpt_dir: checkpoint directory (params.json, consolidated.NN.pth); none: a tiny random demo checkpoint
@@ -60,6 +60,8 @@ def main(
         max_batch_size: most dialogs run at once (this example has 3)
         max_gen_len: most tokens per answer; none: up to max_seq_len
         collective_timeout_s: under torchrun, how long a rank waits for another before all stop, naming it
+        quantize: store the weight matrices as int8 or int4 (docs/compressed-weights.md); none: as loaded
+        group_size: int4 only: inputs per scale, 32, 64, 128 or 256; none: 32
     """
     from llama import Llama
     from llama.demo import check_request, resolve_checkpoint

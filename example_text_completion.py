@@ -6,7 +6,7 @@
 Without --ckpt_dir it runs on a tiny random demo checkpoint.
 """
 
-from typing import Optional
+from typing import Literal, Optional
 
 try:
     from llama.cli import run
@@ -48,8 +48,8 @@ def main(
     max_gen_len: int = 64,
     max_batch_size: int = 4,
     collective_timeout_s: float = 120.0,
-    quantize: Optional[str] = None,  # "int8" or "int4": weight-only quantization (docs/compressed-weights.md)
-    group_size: Optional[int] = None,  # int4 only: 32, 64, 128 or 256
+    quantize: Optional[Literal["int8", "int4"]] = None,
+    group_size: Optional[int] = None,
 ):
     """Complete a few prompts with a Llama checkpoint (a tiny random demo one without --ckpt_dir).
 
@@ -62,6 +62,8 @@ def main(
         max_gen_len: most tokens generated per prompt
         max_batch_size: most prompts run at once (this example has 3)
         collective_timeout_s: under torchrun, how long a rank waits for another before all stop, naming it
+        quantize: store the weight matrices as int8 or int4 (docs/compressed-weights.md); none: as loaded
+        group_size: int4 only: inputs per scale, 32, 64, 128 or 256; none: 32
     """
     from llama import Llama
     from llama.demo import check_request, resolve_checkpoint

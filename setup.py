@@ -18,7 +18,7 @@ def requirements():
 setup(
     name="llama",
     version=version(),
-    description="Inference for Meta-format Llama 2 checkpoints, on CUDA or CPU, at any world size",
+    description="Inference for Meta-format Llama checkpoints (Llama 2, Code Llama, Llama 3.x text), on CUDA or CPU, at any world size",
     packages=find_packages(include=["llama", "llama.*"]),
     python_requires=">=3.9",
     install_requires=requirements(),

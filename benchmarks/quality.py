@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         if LLAMA2_TOKENIZER.is_file():
             shutil.copyfile(LLAMA2_TOKENIZER, ckpt / "tokenizer.model")
         else:
-            print(f"note: {LLAMA2_TOKENIZER} not found; a trained tokenizer of 512 pieces")
+            print("note: no Llama 2 tokenizer found (set LLAMA2_TOKENIZER to its path for vocab 32000); "
+                  "a trained tokenizer of 512 pieces")
             train_tokenizer(ckpt / "tokenizer.model", vocab_size=512)
         vocab = Tokenizer(str(ckpt / "tokenizer.model")).n_words
         args = ModelArgs(**SHAPES[opts.shape], vocab_size=vocab)

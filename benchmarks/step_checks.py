@@ -11,11 +11,14 @@ takes ~3 ms and a 100M one ~28 ms on the 2-vCPU development machine.
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from llama.generation import sample_next_token, sample_top_p
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llama, not another install
+from llama.generation import sample_next_token, sample_top_p  # noqa: E402
 
 
 def old_step(logits, eos_reached, temperature, top_p):

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("dst", help="new or empty directory to write")
     parser.add_argument("--quantize", required=True, choices=MODES, help="int8: per output channel; int4: grouped")
     parser.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
-                        help="int4 only: inputs per scale (default 32)")
+                        help="int4 only: inputs per scale; none: 32")
     parser.add_argument("--keep-output", action="store_true", help="leave the output projection unquantized")
     opts = parser.parse_args(argv)
     from llama import quantization  # imports torch: after parsing

@@ -316,6 +316,18 @@ def test_bench_without_its_extra_says_what_to_install():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_of_a_script_is_described_under_args(script):
+    # --help shows only what the docstring's Args: section says; a parameter
+    # described in a `#` comment instead would show up bare.
+    import inspect
+    import runpy
+
+    main = runpy.run_path(str(REPO / script), run_name="not_main")["main"]
+    _, described = cli._docstring_parts(main.__doc__)
+    assert [name for name in inspect.signature(main).parameters if name not in described] == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_script_beside_a_folder_named_llama_says_what_to_do(script, tmp_path):
     # A clone named llama beside the script: Python takes that folder for the
     # package (a namespace package) before the installed one.
