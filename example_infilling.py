@@ -10,17 +10,7 @@ with Code Llama's infilling pieces.
 
 from typing import Optional
 
-try:
-    from llama.cli import run
-except ImportError:  # a folder named llama (a clone of this project?) beside this script hides the package
-    import llama
-
-    if llama.__file__ is None:
-        raise SystemExit(
-            f"error: the folder {list(llama.__path__)[0]} hides the llama package from this script: "
-            "move the script into that folder, or into one with no folder named llama (docs/cli.md)"
-        ) from None
-    raise
+from llama.cli import run  # it also says so when a folder named llama beside this script hides the package
 
 # The model writes the text at <FILL>, given what comes before and after it.
 FILL = "<FILL>"
