@@ -154,10 +154,12 @@ def test_example_scripts_pass_quantize_to_build(tiny_ckpt):
     out = run_checked([sys.executable, "example_text_completion.py", "--ckpt_dir", str(tiny_ckpt),
                        "--quantize", "int4", "--group_size", "32", "--max_gen_len", "4"]).stdout
     assert sum(1 for line in out.splitlines() if line.startswith("> ") and "initializing" not in line) == 3
-    # A value build refuses shows that the flag reached it.
+    # A group size build refuses shows that both flags reached it (an unknown
+    # --quantize mode is refused by the command line itself).
     for script in ("example_text_completion.py", "example_chat_completion.py", "chat.py"):
-        with pytest.raises(AssertionError, match="unknown quantize='int3'"):
-            run_checked([sys.executable, script, "--ckpt_dir", str(tiny_ckpt), "--quantize", "int3"])
+        with pytest.raises(AssertionError, match="int4 group_size must be one of 32, 64, 128, 256, got 48"):
+            run_checked([sys.executable, script, "--ckpt_dir", str(tiny_ckpt), "--quantize", "int4",
+                         "--group_size", "48"])
 
 
 def test_int4_cpu_packing_in_row_blocks_equals_packing_whole():
