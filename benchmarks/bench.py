@@ -656,7 +656,6 @@ def write_random_checkpoint(out_dir: Path, shape: str, tokenizer_path: Path) -> 
     import shutil
 
     from llama.model import ffn_hidden_dim
-    from llama.tiny import params_dict
 
     checkpoint.require_new_dir(out_dir)
     args = ModelArgs(**SHAPES[shape])
@@ -681,7 +680,7 @@ def write_random_checkpoint(out_dir: Path, shape: str, tokenizer_path: Path) -> 
             for rows in t.split(1024):
                 rows.copy_(torch.randn(rows.shape, generator=gen) * std)
         state[key] = t
-    (out_dir / "params.json").write_text(json.dumps(params_dict(args), indent=2) + "\n")
+    (out_dir / "params.json").write_text(json.dumps(checkpoint.params_dict(args), indent=2) + "\n")
     torch.save(state, out_dir / "consolidated.00.pth")
     del state
     shutil.rmtree(scratch)
