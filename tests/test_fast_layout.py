@@ -4,6 +4,8 @@ points of the forward pass (a chunk after cached positions, a tensor position)."
 
 import os
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -152,3 +154,23 @@ def test_the_page_releaser_drops_only_tensors_mapped_from_the_shards(tiny_ckpt):
     before = weight.clone()
     release(weight)  # its pages are dropped, and read back from the file on use
     assert torch.equal(weight, before)
+
+
+def _file_backed_resident_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status on this platform")
+
+
+def test_the_page_releaser_drops_a_mapped_tensors_pages(tmp_path):
+    # 16 MiB in a shard: read once, its pages count as resident file pages;
+    # released, they no longer do.
+    path = tmp_path / "consolidated.00.pth"
+    torch.save({"w": torch.ones(4 << 20)}, path)
+    weight = checkpoint.load_shard(path)["w"]
+    assert float(weight.sum()) == 4 << 20  # every page read
+    resident = _file_backed_resident_kib()
+    checkpoint.mapped_page_releaser([path])(weight)
+    assert resident - _file_backed_resident_kib() > 12 * 1024
+    assert float(weight.sum()) == 4 << 20  # read back from the file
