@@ -355,4 +355,9 @@ def run(main: Callable, argv: Optional[List[str]] = None, prog: Optional[str] = 
     """Parse the command line for `main` (see the module's docstring), call it, and exit."""
     refuse_hidden_package()
     args = parser_for(main, prog=prog).parse_args(argv)
-    sys.exit(call(main, own_files=[inspect.getfile(main)], **vars(args)))
+    status = call(main, own_files=[inspect.getfile(main)], **vars(args))
+    if status == 0 and "llama.distributed" in sys.modules:
+        from llama.distributed import end_process
+
+        end_process(0)  # under torchrun with gloo: past the group's teardown (see there)
+    sys.exit(status)

@@ -107,7 +107,11 @@ def run_torchrun(nproc: int, args, timeout: float = 300, env=None, extra=()) -> 
 
 def subprocess_env(env=None) -> dict:
     """The environment a test's child process runs in: CPU only, one thread, this checkout first."""
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
+    # PYTHONFAULTHANDLER: a child killed by a signal (SIGABRT, SIGSEGV) prints every thread's
+    # Python stack, so that a rare crash in CI says where it happened.
+    full_env = {
+        **os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})
+    }
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
     return full_env
 

@@ -25,3 +25,32 @@ def test_two_ranks_give_the_single_process_results(tiny_ckpt_mp2, mp1_results, t
     assert mp2["text"] == mp1_results["text"]
     for got, expected in zip(mp2["logprobs"], mp1_results["logprobs"]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+END_PROCESS_WORKER = """
+import io, logging, os, sys
+import torch
+import torch.distributed as dist
+from llama.distributed import end_process, init_distributed
+
+init_distributed(torch.device("cpu"))
+t = torch.ones(1)
+dist.all_reduce(t)
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+logging.info("logged by rank %d", dist.get_rank())
+# torchrun sets PYTHONUNBUFFERED; a block-buffered stdout, as outside torchrun, shows the flush.
+sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(os.dup(1), "w"), 1 << 16))
+if dist.get_rank() == 0:
+    print("sum", int(t.item()))  # still in the buffer: end_process must flush it
+end_process(0)
+print("not reached")
+"""
+
+
+def test_end_process_leaves_a_gloo_job_with_status_0_and_its_output_flushed(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(END_PROCESS_WORKER)
+    proc = run_torchrun(2, [script], timeout=120)  # fails the test on a non-zero exit
+    assert "sum 2" in proc.stdout
+    assert "not reached" not in proc.stdout
+    assert "logged by rank 0" in proc.stderr and "logged by rank 1" in proc.stderr
