@@ -54,3 +54,6 @@ def main(out, *ckpt_dirs):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    from llama.distributed import end_process
+
+    end_process(0)  # as the scripts end: past gloo's teardown at exit (docs/reliability.md)

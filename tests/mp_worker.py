@@ -10,7 +10,6 @@ from pathlib import Path
 import torch.distributed as dist
 
 from llama import Llama
-from llama.distributed import end_process
 
 PROMPTS = [[1, 100, 200, 300], [1, 42], [1, 7, 8, 9, 10, 11, 12, 13]]
 
@@ -42,4 +41,6 @@ def main(ckpt_dir: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    end_process(0)
+    from llama.distributed import end_process
+
+    end_process(0)  # as the scripts end: past gloo's teardown at exit (docs/reliability.md)

@@ -50,3 +50,6 @@ def main(out_path: str, *ckpt_dirs: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    from llama.distributed import end_process
+
+    end_process(0)  # as the scripts end: past gloo's teardown at exit (docs/reliability.md)
