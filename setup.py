@@ -1,7 +1,7 @@
 import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 
 def version():
@@ -15,11 +15,26 @@ def requirements():
             if line.strip() and not line.startswith("#")]
 
 
+# The one-token decoding step in C for fp32 on the CPU (llama/native.py loads it
+# with ctypes; it is no Python module). Optional: without a C compiler the
+# install still succeeds and fp32 decodes with torch's kernels, saying so once.
+# -march=native: built for, and on, the machine that runs it. -fopenmp: it
+# shares torch's OpenMP runtime (libgomp.so.1), loaded first.
+native = Extension(
+    "llama._native",
+    sources=["llama/native.c"],
+    extra_compile_args=["-O3", "-march=native", "-fopenmp", "-std=c11"],
+    extra_link_args=["-fopenmp"],
+    optional=True,
+)
+
+
 setup(
     name="llama",
     version=version(),
     description="Inference for Meta-format Llama checkpoints (Llama 2, Code Llama, Llama 3.x text), on CUDA or CPU, at any world size",
     packages=find_packages(include=["llama", "llama.*"]),
+    ext_modules=[native],
     python_requires=">=3.9",
     install_requires=requirements(),
     extras_require={

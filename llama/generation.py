@@ -11,7 +11,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed, family, kernels, memory
+from llama import checkpoint, distributed, family, kernels, memory, native
 from llama import quantization
 from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
     B_INST,
@@ -402,6 +402,8 @@ class Llama:
             kernels.prepare(model, kernels.choose_layout(device, dtype, fast_layout=fast_layout))
         model.eval()
         generator = Llama(model, tokenizer)
+        if not compile and native.supports(model):
+            generator._native_step = native.DecodeStep(model)
         if compile:
             generator._compile_decode_step()
         if cuda_graph:
@@ -421,6 +423,7 @@ class Llama:
         self._in_progress = _GenerationInProgress()
         self._compiled_step = None
         self._graphed_step = None
+        self._native_step: Optional[native.DecodeStep] = None  # the one-token step in C (CPU, fp32)
         self._position: Optional[torch.Tensor] = None  # the compiled step's position, on the device
         # Shard files the weights are still memory-mapped from (set by build).
         self._mapped_files: Optional[checkpoint.MappedFiles] = None
@@ -449,6 +452,8 @@ class Llama:
         """The model's logits for `tokens` at `start_pos`, by the compiled or graphed step where it applies."""
         if self._graphed_step is not None and tokens.shape[1] == 1:
             return self._graphed_step(tokens, start_pos)
+        if self._native_step is not None and tokens.shape[1] == 1:
+            return self._native_step(tokens, start_pos)
         if self._compiled_step is not None and tokens.shape[1] == 1:
             # Set in place: a new tensor from a Python int would be a
             # host-to-device copy, which waits for the GPU to catch up.

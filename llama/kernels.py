@@ -8,9 +8,14 @@ calls it like a function and `torch.compile` sees plain tensor code.
 Layouts:
 
 - "meta": `F.linear` on Meta's [out, in] weights, as loaded (no copy).
+- "native": every matrix copied once into RAM in Meta's [out, in] layout, q/k/v
+  and w1/w3 stacked (`Transformer.prepare_for_inference(rows=True)`), for the
+  one-token step in C (`llama/native.py`): the default for fp32 on the CPU
+  where that library was compiled (`fast_layout=False` keeps Meta's layout
+  in the memory-mapped file, on torch's kernels).
 - "transposed": every matrix copied once as [in, out], q/k/v and w1/w3 fused
-  (`Transformer.prepare_for_inference`): the default on GPUs and for fp32 on
-  the CPU (`fast_layout=False` keeps Meta's, in the memory-mapped file).
+  (`Transformer.prepare_for_inference`): the default on GPUs, and for fp32 on
+  the CPU where the C step is not compiled.
 - "mkldnn": bf16 weights reordered once into oneDNN's blocked layout
   (q/k/v and w1/w3 fused); on this AVX-512 Xeon about 1.5x `F.linear` in
   bf16, which the transposed layout makes slower instead.
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYOUTS = ("meta", "transposed", "mkldnn", "int8", "int4")
+LAYOUTS = ("meta", "native", "transposed", "mkldnn", "int8", "int4")
 
 
 def mkldnn_bf16_available() -> bool:
@@ -55,8 +60,15 @@ def choose_layout(
         return "mkldnn" if mkldnn_bf16_available() else "meta"
     if device.type == "cpu" and dtype != torch.float32:
         return "meta"
-    # fp32 on the CPU too: the transposed product is the fastest fp32 kernel
-    # torch offers for decoding (benchmarks/fp32_kernels.py, benchmarks/NOTES.md).
+    if device.type == "cpu" and dtype == torch.float32:
+        # The C step where it was compiled (benchmarks/NOTES.md); else the
+        # transposed product, torch's fastest fp32 kernel for decoding
+        # (benchmarks/fp32_kernels.py), with one line saying why.
+        from llama import native
+
+        if native.available():
+            return "native"
+        native.notice_fallback()
     return "transposed"
 
 
@@ -209,8 +221,8 @@ def prepare(model: nn.Module, layout: str, release: Optional[Callable[[torch.Ten
     """
     if layout == "meta":
         return
-    if layout == "transposed":
-        model.prepare_for_inference(release=release)
+    if layout in ("transposed", "native"):
+        model.prepare_for_inference(release=release, rows=layout == "native")
         return
     if layout != "mkldnn":
         raise ValueError(f"layout {layout!r} is made while loading, not from loaded weights")

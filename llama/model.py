@@ -242,6 +242,32 @@ def fuse_transposed(*layers: nn.Module, release: Optional[Callable[[torch.Tensor
     return fused
 
 
+@torch.no_grad()
+def fuse_rows(*layers: nn.Module, release: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    """One (sum of out_features, in_features) matrix holding the layers' weights
+    in Meta's layout, stacked by rows; each layer's `weight` becomes a view of
+    its rows. Returns the transposed view (in, sum of out), so that `x @ it`
+    is the fused product, as with `fuse_transposed`.
+
+    The layout of the C decoding step (`llama/native.c`), which reads each
+    matrix row by row; the copy lives in RAM, not in the checkpoint's mapped
+    pages. `release`, if given, is called on each old weight once copied.
+    """
+    weights = [layer.weight for layer in layers]
+    fused = torch.empty(
+        sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device
+    )
+    start = 0
+    for layer, weight in zip(layers, weights):
+        end = start + weight.shape[0]
+        fused[start:end].copy_(weight)
+        if release is not None:
+            release(weight)
+        layer.weight = nn.Parameter(fused[start:end], requires_grad=False)
+        start = end
+    return fused.t()
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -283,9 +309,10 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def fuse_weights(self, release=None) -> None:
-        self.wqkv = fuse_transposed(self.wq, self.wk, self.wv, release=release)
-        fuse_transposed(self.wo, release=release)
+    def fuse_weights(self, release=None, rows: bool = False) -> None:
+        fuse = fuse_rows if rows else fuse_transposed
+        self.wqkv = fuse(self.wq, self.wk, self.wv, release=release)
+        fuse(self.wo, release=release)
 
     def forward(
         self,
@@ -375,9 +402,10 @@ class FeedForward(nn.Module):
         self.w13_kernel: Optional[nn.Module] = None
         self.w2_kernel: Optional[nn.Module] = None
 
-    def fuse_weights(self, release=None) -> None:
-        self.w13 = fuse_transposed(self.w1, self.w3, release=release)
-        fuse_transposed(self.w2, release=release)
+    def fuse_weights(self, release=None, rows: bool = False) -> None:
+        fuse = fuse_rows if rows else fuse_transposed
+        self.w13 = fuse(self.w1, self.w3, release=release)
+        fuse(self.w2, release=release)
 
     def forward(self, x):
         if self.w13_kernel is not None:
@@ -439,7 +467,10 @@ class Transformer(nn.Module):
 
         # (2, 2 * max_seq_len, head_dim): cos and signed sin, set by setup_caches
         self.register_buffer("rope", None, persistent=False)
+        # False, or how prepare_for_inference laid the weights out: "transposed" or "rows"
         self._prepared = False
+        # Counts re-layouts and new caches: the C step (llama/native.py) then re-reads its pointers.
+        self._layout_version = 0
         # The output projection's kernel where llama/kernels.py set one.
         self.output_kernel: Optional[nn.Module] = None
         # Loading weights replaces (assign=True) or overwrites the parameters:
@@ -470,6 +501,7 @@ class Transformer(nn.Module):
         )
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
+        self._layout_version += 1
 
     @property
     def freqs_cis(self) -> Optional[torch.Tensor]:
@@ -478,23 +510,26 @@ class Transformer(nn.Module):
         (`rope`), with the same values; None before `setup_caches`."""
         return None if self.rope is None else freqs_cis_of_rope(self.rope)
 
-    def prepare_for_inference(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-        """Lay the loaded weights out for fast decoding (see `fuse_transposed`).
+    def prepare_for_inference(self, release: Optional[Callable[[torch.Tensor], None]] = None, rows: bool = False) -> None:
+        """Lay the loaded weights out for fast decoding: transposed for torch's
+        products (see `fuse_transposed`), or with `rows` in Meta's layout,
+        stacked, for the C step (see `fuse_rows`).
 
         Values, parameter names and state-dict keys are unchanged; later loads
         into the model re-fuse automatically. `release` is called on each old
         matrix once copied (`Llama.build` drops its memory-mapped pages).
         """
         for layer in self.layers:
-            layer.attention.fuse_weights(release)
-            layer.feed_forward.fuse_weights(release)
-        fuse_transposed(self.output, release=release)
-        self._prepared = True
+            layer.attention.fuse_weights(release, rows=rows)
+            layer.feed_forward.fuse_weights(release, rows=rows)
+        (fuse_rows if rows else fuse_transposed)(self.output, release=release)
+        self._prepared = "rows" if rows else "transposed"
+        self._layout_version += 1
 
     @staticmethod
     def _refuse_after_load(module: "Transformer", incompatible_keys) -> None:
         if module._prepared:
-            module.prepare_for_inference()
+            module.prepare_for_inference(rows=module._prepared == "rows")
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], last_logits_only: bool = False):
         """Logits (float32) for `tokens` (bsz, seqlen) placed at `start_pos`.

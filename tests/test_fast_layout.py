@@ -31,8 +31,21 @@ def storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def test_meta_parameters_are_views_of_the_fused_matrices(fast, tiny_ckpt):
-    model = fast.model
+@pytest.fixture(scope="module")
+def transposed(tiny_ckpt):
+    """The checkpoint in torch's decoding layout (the CPU fp32 default where the C step is not compiled)."""
+    from llama import kernels
+
+    generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=8,
+                            device="cpu", fast_layout=False, mmap=False)
+    kernels.prepare(generator.model, "transposed")
+    return generator
+
+
+@pytest.mark.parametrize("layout", ["native", "transposed"])
+def test_meta_parameters_are_views_of_the_fused_matrices(fast, transposed, tiny_ckpt, layout):
+    model = (fast if layout == "native" else transposed).model
+    assert model._prepared == ("rows" if layout == "native" else "transposed")
     shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
     state = model.state_dict()
     assert set(state) == set(shard)  # Meta's keys, nothing more
@@ -44,9 +57,12 @@ def test_meta_parameters_are_views_of_the_fused_matrices(fast, tiny_ckpt):
             assert storage_ptr(linear.weight) == storage_ptr(attention.wqkv)
         for linear in (feed_forward.w1, feed_forward.w3):
             assert storage_ptr(linear.weight) == storage_ptr(feed_forward.w13)
-        # transposed storage: the [out, in] parameter reads [in, out] memory
-        assert attention.wo.weight.t().is_contiguous() and feed_forward.w2.weight.t().is_contiguous()
-    assert model.output.weight.t().is_contiguous()
+        if layout == "transposed":  # the [out, in] parameter reads [in, out] memory
+            assert attention.wo.weight.t().is_contiguous() and feed_forward.w2.weight.t().is_contiguous()
+        else:  # Meta's [out, in] rows, q|k|v stacked: what the C step reads
+            assert attention.wo.weight.is_contiguous() and feed_forward.w2.weight.is_contiguous()
+            assert attention.wqkv.t().is_contiguous() and feed_forward.w13.t().is_contiguous()
+    assert (model.output.weight.t() if layout == "transposed" else model.output.weight).is_contiguous()
 
 
 def test_loading_into_a_prepared_model_refuses_the_matrices(fast, tiny_ckpt):
@@ -68,11 +84,13 @@ def test_loading_into_a_prepared_model_refuses_the_matrices(fast, tiny_ckpt):
         torch.testing.assert_close(model.forward(tokens, 0), before, atol=0, rtol=0)
 
 
-def test_unprepared_model_gives_the_prepared_logits(mapped, fast):
+def test_unprepared_model_gives_the_prepared_logits(mapped, fast, transposed):
     assert mapped.model.layers[0].attention.wqkv is None  # fast_layout=False keeps the mapped weights
     tokens = torch.tensor([[1, 45, 300, 12, 99, 7, 250, 3]])
     with torch.inference_mode():
-        torch.testing.assert_close(fast.model.forward(tokens, 0), mapped.model.forward(tokens, 0), atol=1e-5, rtol=1e-5)
+        for prepared in (fast, transposed):
+            torch.testing.assert_close(prepared.model.forward(tokens, 0), mapped.model.forward(tokens, 0),
+                                       atol=1e-5, rtol=1e-5)
 
 
 def mapped_file(t: torch.Tensor):
@@ -130,15 +148,21 @@ def test_the_default_cpu_build_uses_the_layout_the_benchmark_measures(generator,
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench
 
-    assert kernels.choose_layout(torch.device("cpu"), torch.float32) == "transposed"
+    from llama import native
+
+    # pip install -e . compiles the C step; without it this is a slower product, and this test says why.
+    assert native.available(), native.unavailable_reason()
+    assert kernels.choose_layout(torch.device("cpu"), torch.float32) == "native"
     args = ModelArgs(**{k: v for k, v in TINY.items() if k != "seed"}, max_seq_len=32, max_batch_size=2)
     runner = bench.OurRunner("llama", random_weights(args), args, generator.tokenizer,
                              torch.device("cpu"), torch.float32)
-    for model in (generator.model, runner.generator.model):  # build's default, bench's first row
+    for built in (generator, runner.generator):  # build's default, bench's first row
+        model = built.model
+        assert model._prepared == "rows" and isinstance(built._native_step, native.DecodeStep)
         for layer in model.layers:
             assert layer.attention.wqkv is not None and layer.feed_forward.w13 is not None
-            assert layer.attention.wo.weight.t().is_contiguous() and layer.feed_forward.w2.weight.t().is_contiguous()
-        assert model.output.weight.t().is_contiguous()
+            assert layer.attention.wo.weight.is_contiguous() and layer.feed_forward.w2.weight.is_contiguous()
+        assert model.output.weight.is_contiguous()
     # The opt-out is Meta's layout, in both.
     assert kernels.choose_layout(torch.device("cpu"), torch.float32, fast_layout=False) == "meta"
 

@@ -1,0 +1,198 @@
+"""The one-token decoding step in C (`llama/native.c`), for fp32 on the CPU.
+
+`pip install -e .` compiles `llama/native.c` into `llama/_native*.so` where a
+C compiler is found (setup.py; the build is optional). Where the library is
+there, `Llama.build` on the CPU in fp32 lays the weights out for it (Meta's
+[out, in] matrices, q|k|v and w1|w3 stacked, copied into RAM: layout
+"native" in `llama.kernels`) and runs every one-token step of a model on one
+rank through `llama_decode_step`; prompts and everything else run the
+eager forward on the same weights. Where it is not, fp32 runs torch's kernels
+("transposed" layout) and one line says why. `LLAMA_NATIVE=0` turns it off.
+"""
+
+import ctypes
+import importlib.machinery
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+ABI = 1  # LLAMA_NATIVE_ABI in native.c
+
+_lib: Optional[ctypes.CDLL] = None
+_reason: Optional[str] = None  # why the library is not used, once known
+_noticed = False
+
+
+class _Model(ctypes.Structure):
+    """native.c's llama_model, field for field."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in (
+            "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab", "max_seq", "max_batch",
+            "rope_rows",
+        )],
+        ("eps", ctypes.c_double),
+        *[(name, ctypes.c_void_p) for name in (
+            "tok_embeddings", "attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "cache_k", "cache_v",
+            "norm", "output", "rope",
+        )],
+    ]
+
+
+def library_path() -> Optional[Path]:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_native{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _reason
+    if _lib is not None or _reason is not None:
+        return _lib
+    if os.environ.get("LLAMA_NATIVE", "1") == "0":
+        _reason = "LLAMA_NATIVE=0 is set"
+        return None
+    path = library_path()
+    if path is None:
+        _reason = "llama/native.c was not compiled (pip install -e . compiles it where a C compiler is found)"
+        return None
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded first: the library then uses the same one
+    try:
+        lib = ctypes.CDLL(str(path))
+        lib.llama_native_abi.restype = ctypes.c_int64
+        abi = lib.llama_native_abi()
+    except (OSError, AttributeError) as error:
+        _reason = f"{path.name} did not load ({error})"
+        return None
+    if abi != ABI:
+        _reason = f"{path.name} is from another version of llama (ABI {abi}, not {ABI}): run pip install -e . again"
+        return None
+    lib.llama_scratch_floats.restype = ctypes.c_int64
+    lib.llama_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
+    lib.llama_decode_step.restype = ctypes.c_int64
+    lib.llama_decode_step.argtypes = [
+        ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+    ]
+    _lib = lib
+    return lib
+
+
+def available() -> bool:
+    """True where the compiled step can be used (built, loadable, not turned off)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why `available()` is False (None when it is True)."""
+    _load()
+    return _reason
+
+
+def notice_fallback() -> None:
+    """One line on stderr, once per process (first rank only), when fp32 on the CPU falls back to torch."""
+    global _noticed
+    reason = unavailable_reason()
+    if _noticed or reason is None:
+        return
+    _noticed = True
+    from llama import distributed
+
+    if distributed.is_first_rank():
+        print(f"llama: fp32 on the CPU decodes with torch's kernels, slower at batch 1: {reason}", file=sys.stderr)
+
+
+def supports(model) -> bool:
+    """Whether `DecodeStep(model)` can run `model`: CPU, fp32, one rank, weights in the native layout."""
+    weight = model.tok_embeddings.weight
+    return (
+        available()
+        and getattr(model, "_prepared", False) == "rows"
+        and model.model_parallel_size == 1
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+    )
+
+
+class DecodeStep:
+    """`model.forward(tokens, start_pos)` for one token per row (tokens (bsz, 1)), in C.
+
+    Returns the same float32 logits (bsz, 1, vocab), to float rounding. The
+    model's tensors are read in place: the KV cache gets this position's keys
+    and values as the eager forward would write them, so the two can take
+    turns (prompts run eager, then the steps here).
+    """
+
+    def __init__(self, model):
+        if not supports(model):
+            raise ValueError("the native step needs an fp32 CPU model on one rank, prepared with rows=True")
+        self.model = model
+        self._lib = _load()
+        self._bound_to = None
+        self._scratch: Dict[int, torch.Tensor] = {}
+
+    def _bind(self) -> None:
+        """Point the C struct at the model's current tensors (again after a reload or a new cache)."""
+        model, params = self.model, self.model.params
+        keep: List = []
+
+        def ptr(tensor: torch.Tensor) -> int:
+            if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+                raise RuntimeError(f"the native step needs contiguous fp32 CPU tensors, got {tensor.dtype} "
+                                   f"{tuple(tensor.shape)} {tensor.stride()}")
+            keep.append(tensor)
+            return tensor.data_ptr()
+
+        def per_layer(get) -> int:
+            array = (ctypes.c_void_p * len(model.layers))(*[ptr(get(layer)) for layer in model.layers])
+            keep.append(array)
+            return ctypes.addressof(array)
+
+        attention = model.layers[0].attention
+        self._model = _Model(
+            dim=params.dim, n_layers=len(model.layers), n_heads=attention.n_local_heads,
+            n_kv_heads=attention.n_local_kv_heads, head_dim=attention.head_dim,
+            hidden=model.layers[0].feed_forward.w2.weight.shape[1], vocab=model.output.weight.shape[0],
+            max_seq=attention.cache_k.shape[2], max_batch=attention.cache_k.shape[0], rope_rows=model.rope.shape[1],
+            eps=model.norm.eps,
+            tok_embeddings=ptr(model.tok_embeddings.weight),
+            attention_norm=per_layer(lambda layer: layer.attention_norm.weight),
+            wqkv=per_layer(lambda layer: layer.attention.wqkv.t()),
+            wo=per_layer(lambda layer: layer.attention.wo.weight),
+            ffn_norm=per_layer(lambda layer: layer.ffn_norm.weight),
+            w13=per_layer(lambda layer: layer.feed_forward.w13.t()),
+            w2=per_layer(lambda layer: layer.feed_forward.w2.weight),
+            cache_k=per_layer(lambda layer: layer.attention.cache_k),
+            cache_v=per_layer(lambda layer: layer.attention.cache_v),
+            norm=ptr(model.norm.weight), output=ptr(model.output.weight), rope=ptr(model.rope),
+        )
+        self._keep = keep
+        self._scratch.clear()
+        self._bound_to = model._layout_version
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        if self._bound_to != self.model._layout_version:
+            self._bind()
+        bsz = tokens.shape[0]
+        ids = tokens.reshape(bsz).to(torch.int64).contiguous()
+        scratch = self._scratch.get(bsz)
+        if scratch is None:
+            scratch = torch.empty(self._lib.llama_scratch_floats(ctypes.byref(self._model), bsz), dtype=torch.float32)
+            self._scratch[bsz] = scratch
+        logits = torch.empty(bsz, 1, self._model.vocab, dtype=torch.float32)
+        status = self._lib.llama_decode_step(
+            ctypes.byref(self._model), ids.data_ptr(), bsz, int(start_pos), logits.data_ptr(), scratch.data_ptr()
+        )
+        if status == -1:
+            raise IndexError(f"a token id is outside the vocabulary of {self._model.vocab}: {ids.tolist()}")
+        if status != 0:
+            raise ValueError(
+                f"batch {bsz} at position {start_pos} is outside the cache "
+                f"({self._model.max_batch} rows, {self._model.max_seq} positions)"
+            )
+        return logits

@@ -1,0 +1,113 @@
+"""The one-token decoding step in C (llama/native.c): the eager forward's
+numbers, the same KV cache, and a fallback that says why."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, subprocess_env
+from llama import Llama, checkpoint, kernels, native
+from llama.model import ModelArgs, Transformer
+from llama.tiny import random_weights
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
+# (test_fast_layout.py fails, naming the reason, where the library is missing:
+# this file only checks the library that is there.)
+
+
+def native_model(**shape) -> Transformer:
+    from llama import distributed
+
+    distributed.init_distributed(torch.device("cpu"), 1)
+    args = ModelArgs(**shape)
+    with checkpoint.init_on_meta():
+        model = Transformer(args)
+    checkpoint.load_into(model, random_weights(args, seed=3), torch.device("cpu"), torch.float32, source="random")
+    model.setup_caches()
+    kernels.prepare(model, "native")
+    return model.eval()
+
+
+SHAPES = {
+    # grouped-query attention, every size a multiple of 16: the vector path
+    "gqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=512),
+    # sizes that are not (dim 40, head_dim 10, vocab 333): the remainder paths
+    "odd": dict(dim=40, n_layers=2, n_heads=4, multiple_of=8, vocab_size=333),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bsz", [1, 3])
+def test_native_step_gives_the_eager_logits_and_cache(shape, bsz):
+    model = native_model(**SHAPES[shape], max_seq_len=16, max_batch_size=4)
+    step = native.DecodeStep(model)
+    tokens = torch.randint(0, SHAPES[shape]["vocab_size"], (bsz, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model.forward(tokens[:, :5], 0)
+        for pos in range(5, 9):
+            eager = model.forward(tokens[:, pos : pos + 1], pos)
+            k, v = model.layers[-1].attention.cache_k.clone(), model.layers[-1].attention.cache_v.clone()
+            model.layers[-1].attention.cache_k[:, :, pos] = 0  # the C step must write it again
+            ours = step(tokens[:, pos : pos + 1], pos)
+            assert ours.shape == eager.shape == (bsz, 1, SHAPES[shape]["vocab_size"])
+            torch.testing.assert_close(ours, eager, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(model.layers[-1].attention.cache_k, k, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(model.layers[-1].attention.cache_v, v, atol=1e-6, rtol=1e-6)
+
+
+def test_native_step_refuses_a_token_outside_the_vocabulary_and_a_position_outside_the_cache():
+    model = native_model(**SHAPES["gqa"], max_seq_len=8, max_batch_size=2)
+    step = native.DecodeStep(model)
+    with torch.inference_mode():
+        with pytest.raises(IndexError, match="outside the vocabulary of 512"):
+            step(torch.tensor([[5], [512]]), 0)
+        with pytest.raises(ValueError, match="position 8 is outside the cache"):
+            step(torch.tensor([[5]]), 8)
+        with pytest.raises(ValueError, match="batch 3"):
+            step(torch.tensor([[5], [6], [7]]), 0)
+
+
+def test_native_step_follows_weights_loaded_into_the_model(tiny_ckpt):
+    generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=2)
+    model, step = generator.model, generator._native_step
+    assert step is not None
+    shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
+    token = torch.tensor([[7]])
+    with torch.inference_mode():
+        before = step(token, 0)
+        doubled = {k: 2 * v if k == "output.weight" else v for k, v in shard.items()}
+        model.load_state_dict(doubled, strict=True, assign=True)  # re-laid out: new tensors
+        torch.testing.assert_close(step(token, 0), 2 * before, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step(token, 0), model.forward(token, 0), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_tokens_and_logprobs_match_the_eager_step(tiny_ckpt):
+    generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=4)
+    prompts = [[1, 100, 200, 300], [1, 42], [1, 7, 8, 9, 10, 11, 12, 13]]
+    ours, ours_lp = generator.generate(prompts, max_gen_len=20, temperature=0, logprobs=True)
+    generator._native_step = None
+    eager, eager_lp = generator.generate(prompts, max_gen_len=20, temperature=0, logprobs=True)
+    assert ours == eager
+    for a, b in zip(ours_lp, eager_lp):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_without_the_library_fp32_falls_back_to_torch_and_says_so_once(tiny_ckpt):
+    probe = (
+        "from llama import Llama\n"
+        f"g = Llama.build({str(tiny_ckpt)!r}, {str(tiny_ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
+        f"g = Llama.build({str(tiny_ckpt)!r}, {str(tiny_ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
+        "print(g.model._prepared, g._native_step)\n"
+        "print(g.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0])\n"
+    )
+    env = subprocess_env({"LLAMA_NATIVE": "0"})
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("llama:")]
+    assert lines == ["llama: fp32 on the CPU decodes with torch's kernels, slower at batch 1: LLAMA_NATIVE=0 is set"]
+    assert "transposed None" in proc.stdout
+    generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1)
+    assert str(generator.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0]) in proc.stdout
