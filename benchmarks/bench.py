@@ -57,7 +57,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llama import Llama, Tokenizer, checkpoint, distributed, quantization  # noqa: E402
+from llama import Llama, Tokenizer, checkpoint, distributed, kernels, quantization  # noqa: E402
 from llama.model import ModelArgs, Transformer, ffn_hidden_dim, precompute_freqs_cis  # noqa: E402
 from llama.tiny import random_weights, train_tokenizer  # noqa: E402
 
@@ -233,6 +233,10 @@ class OurRunner(Runner):
                 build_options["fast_layout"] = False  # the quantized kernels are the layout
             else:
                 checkpoint.load_into(model, state, device, dtype, source="random weights")
+            layout = build_options.pop("layout", None)
+            if layout is not None:  # a layout other than the default's, laid out here
+                kernels.prepare(model, layout)
+                build_options["fast_layout"] = False
             self.generator = Llama.from_model(model, tokenizer, **build_options)
         self.model_bytes = tensor_bytes(self.generator.model)
         self.bytes_per_token = weight_bytes_per_token(self.generator.model)
@@ -421,6 +425,9 @@ def our_variants(opts) -> List:
             variants.append((f"llama{suffix}", dtype, {}))
         if opts.no_fast_layout:
             variants.append((f"llama fast_layout=False{suffix}", dtype, {"fast_layout": False}))
+        if opts.torch_kernels and opts.device.type == "cpu" and dtype == torch.float32:
+            # What the default was before the C step, and is where it is not compiled (LLAMA_NATIVE=0).
+            variants.append((f"llama LLAMA_NATIVE=0{suffix}", dtype, {"layout": "transposed"}))
         if opts.cuda_graph:
             variants.append((f"llama cuda_graph=True{suffix}", dtype, {"cuda_graph": True}))
         if opts.compile:
@@ -713,6 +720,9 @@ def parse_args(argv=None):
                              "transformers'); the first is the baseline (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--transformers-dtype", default=None,
                         help="the dtypes to run transformers in, comma-separated (default: every --dtype)")
+    parser.add_argument("--torch-kernels", action="store_true",
+                        help="add a row for fp32 on the CPU without the C step: torch's transposed layout, "
+                             "as with LLAMA_NATIVE=0")
     parser.add_argument("--no-fast-layout", action="store_true",
                         help="also run ours built with fast_layout=False (Meta's layout, weights left in place)")
     parser.add_argument("--llama2c", metavar="BINARY", default=None,
