@@ -20,7 +20,19 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 1
+#define LLAMA_NATIVE_ABI 2
+
+/* One weight matrix [rows, cols] (Meta's [out, in]) as stored. Mirrored by llama/native.py's _Matrix.
+   FP32: w float [rows, cols].
+   INT8: w int8 [rows, cols]; scale float [rows]: w = q * scale[row] (per output channel, symmetric).
+   INT4: w uint8 [rows, cols / 2], two values a byte, the even column in the low nibble;
+         scale float [rows, cols / group, 2]: scale then zero of each group: w = (q - 8) * scale + zero. */
+enum { LLAMA_FP32 = 0, LLAMA_INT8 = 1, LLAMA_INT4 = 2 };
+typedef struct {
+    int64_t kind, rows, cols, group;
+    const void *w;
+    const float *scale;
+} llama_matrix;
 
 /* Mirrored by llama/native.py's _Model (ctypes): keep the two in step. */
 typedef struct {
@@ -28,15 +40,15 @@ typedef struct {
     double eps;
     const float *tok_embeddings;  /* [vocab, dim] */
     const float *const *attention_norm;  /* per layer: [dim] */
-    const float *const *wqkv;  /* [(n_heads + 2 n_kv_heads) head_dim, dim] */
-    const float *const *wo;  /* [dim, n_heads head_dim] */
+    const llama_matrix *wqkv;  /* per layer: [(n_heads + 2 n_kv_heads) head_dim, dim] */
+    const llama_matrix *wo;  /* [dim, n_heads head_dim] */
     const float *const *ffn_norm;  /* [dim] */
-    const float *const *w13;  /* [2 hidden, dim]: w1 rows, then w3 rows */
-    const float *const *w2;  /* [dim, hidden] */
+    const llama_matrix *w13;  /* [2 hidden, dim]: w1 rows, then w3 rows */
+    const llama_matrix *w2;  /* [dim, hidden] */
     float *const *cache_k;  /* [max_batch, n_kv_heads, max_seq, head_dim] */
     float *const *cache_v;
     const float *norm;  /* [dim] */
-    const float *output;  /* [vocab, dim] */
+    const llama_matrix *output;  /* [vocab, dim] */
     const float *rope;  /* [2, rope_rows, head_dim]: cos, then signed sin (-sin, sin per pair) */
 } llama_model;
 
@@ -44,8 +56,14 @@ int64_t llama_native_abi(void) { return LLAMA_NATIVE_ABI; }
 
 static int64_t qkv_width(const llama_model *m) { return (m->n_heads + 2 * m->n_kv_heads) * m->head_dim; }
 
+/* Floats of workspace `matmul` needs for `batch` rows of x with `cols` columns. */
+int64_t llama_matmul_scratch_floats(int64_t batch, int64_t cols) { return batch * (cols + cols / 2 + 1); }
+
 int64_t llama_scratch_floats(const llama_model *m, int64_t batch) {
-    return batch * (3 * m->dim + qkv_width(m) + m->n_heads * m->head_dim + 3 * m->hidden + m->n_heads * m->max_seq);
+    int64_t widest = m->hidden > m->dim ? m->hidden : m->dim;
+    if (m->n_heads * m->head_dim > widest) widest = m->n_heads * m->head_dim;
+    return batch * (3 * m->dim + qkv_width(m) + m->n_heads * m->head_dim + 3 * m->hidden + m->n_heads * m->max_seq) +
+           llama_matmul_scratch_floats(batch, widest);
 }
 
 static float dot(const float *a, const float *b, int64_t n) {
@@ -63,7 +81,7 @@ static float dot(const float *a, const float *b, int64_t n) {
 /* y[b, n] = sum_k x[b, k] w[n, k] for b < batch; w row-major [rows, cols].
    Rows are split across threads; each thread reads its weight rows once for
    every b (four rows at a time, which fit in the first-level cache). */
-static void matvec(const float *x, const float *w, float *y, int64_t batch, int64_t rows, int64_t cols) {
+static void matvec_f32(const float *x, const float *w, float *y, int64_t batch, int64_t rows, int64_t cols) {
     int64_t blocks = (rows + 3) / 4;
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; blk++) {
@@ -98,6 +116,114 @@ static void matvec(const float *x, const float *w, float *y, int64_t batch, int6
             }
         }
     }
+}
+
+static void matvec_i8(const float *x, const int8_t *w, const float *scale, float *y, int64_t batch, int64_t rows,
+                      int64_t cols) {
+    int64_t blocks = (rows + 3) / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t n = 4 * blk;
+        for (int64_t b = 0; b < batch; b++) {
+            const float *xb = x + b * cols;
+            float *yb = y + b * rows;
+#ifdef __AVX512F__
+            if (n + 4 <= rows && cols % 16 == 0) {
+                const int8_t *r0 = w + n * cols, *r1 = r0 + cols, *r2 = r1 + cols, *r3 = r2 + cols;
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define LLAMA_I8(r) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((r) + k))))
+                for (int64_t k = 0; k < cols; k += 16) {
+                    __m512 xv = _mm512_loadu_ps(xb + k);
+                    a0 = _mm512_fmadd_ps(LLAMA_I8(r0), xv, a0);
+                    a1 = _mm512_fmadd_ps(LLAMA_I8(r1), xv, a1);
+                    a2 = _mm512_fmadd_ps(LLAMA_I8(r2), xv, a2);
+                    a3 = _mm512_fmadd_ps(LLAMA_I8(r3), xv, a3);
+                }
+#undef LLAMA_I8
+                yb[n] = _mm512_reduce_add_ps(a0) * scale[n];
+                yb[n + 1] = _mm512_reduce_add_ps(a1) * scale[n + 1];
+                yb[n + 2] = _mm512_reduce_add_ps(a2) * scale[n + 2];
+                yb[n + 3] = _mm512_reduce_add_ps(a3) * scale[n + 3];
+                continue;
+            }
+#endif
+            for (int64_t r = n; r < n + 4 && r < rows; r++) {
+                const int8_t *row = w + r * cols;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t k = 0; k < cols; k++) s += (float)row[k] * xb[k];
+                yb[r] = s * scale[r];
+            }
+        }
+    }
+}
+
+/* int4: y = sum over groups of scale * dot(q, x_g) + (zero - 8 scale) * sum(x_g). x is split once
+   into even and odd columns (xe, xo: [batch, cols / 2]) to meet the low and high nibbles, and
+   each group's sum of x taken once (xs: [batch, cols / group]). */
+static void matvec_i4(const float *x, const uint8_t *w, const float *sz, float *y, int64_t batch, int64_t rows,
+                      int64_t cols, int64_t group, float *work) {
+    const int64_t half = cols / 2, groups = cols / group, hg = group / 2;
+    float *xe = work, *xo = xe + batch * half, *xs = xo + batch * half;
+    for (int64_t b = 0; b < batch; b++) {
+        const float *xb = x + b * cols;
+        for (int64_t k = 0; k < half; k++) {
+            xe[b * half + k] = xb[2 * k];
+            xo[b * half + k] = xb[2 * k + 1];
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += xb[k];
+            xs[b * groups + g] = s;
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < rows; n++) {
+        const uint8_t *row = w + n * half;
+        const float *rsz = sz + n * groups * 2;
+        for (int64_t b = 0; b < batch; b++) {
+            const float *e = xe + b * half, *o = xo + b * half, *sums = xs + b * groups;
+            float total = 0.f;
+            int64_t g = 0;
+#ifdef __AVX512F__
+            if (hg % 16 == 0) {
+                const __m512i low = _mm512_set1_epi32(15);
+                __m512 acc = _mm512_setzero_ps();
+                for (; g < groups; g++) {
+                    __m512 part = _mm512_setzero_ps();
+                    for (int64_t k = g * hg; k < (g + 1) * hg; k += 16) {
+                        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
+                        part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), _mm512_loadu_ps(e + k), part);
+                        part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_loadu_ps(o + k), part);
+                    }
+                    acc = _mm512_fmadd_ps(part, _mm512_set1_ps(rsz[2 * g]), acc);
+                    total += (rsz[2 * g + 1] - 8.f * rsz[2 * g]) * sums[g];
+                }
+                total += _mm512_reduce_add_ps(acc);
+            }
+#endif
+            for (; g < groups; g++) {
+                float s = 0.f;
+                for (int64_t k = g * hg; k < (g + 1) * hg; k++) s += (float)(row[k] & 15) * e[k] + (float)(row[k] >> 4) * o[k];
+                total += rsz[2 * g] * s + (rsz[2 * g + 1] - 8.f * rsz[2 * g]) * sums[g];
+            }
+            y[b * rows + n] = total;
+        }
+    }
+}
+
+/* y[b, :] = W x[b, :] for each of `batch` rows; `work`: llama_matmul_scratch_floats(batch, cols). */
+static void matvec(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work) {
+    switch (m->kind) {
+    case LLAMA_INT8: matvec_i8(x, (const int8_t *)m->w, m->scale, y, batch, m->rows, m->cols); break;
+    case LLAMA_INT4: matvec_i4(x, (const uint8_t *)m->w, m->scale, y, batch, m->rows, m->cols, m->group, work); break;
+    default: matvec_f32(x, (const float *)m->w, y, batch, m->rows, m->cols);
+    }
+}
+
+/* For the eager forward (prompts) of a matrix the C step reads: y [batch, rows] = x [batch, cols] W^T. */
+void llama_matmul(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work) {
+    matvec(m, x, y, batch, work);
 }
 
 /* out = x * rsqrt(mean(x^2) + eps) * weight, per row of dim. */
@@ -138,6 +264,7 @@ int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t b
 
     float *x = scratch, *xn = x + batch * dim, *tmp = xn + batch * dim, *qkv = tmp + batch * dim;
     float *att = qkv + batch * qkvw, *h13 = att + batch * qw, *g = h13 + batch * 2 * hidden, *scores = g + batch * hidden;
+    float *work = scores + batch * nh * seq;
     const float *cos = m->rope + pos * hd, *signed_sin = m->rope + (m->rope_rows + pos) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t n_rep = nh / nkv;
@@ -146,7 +273,7 @@ int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t b
 
     for (int64_t l = 0; l < m->n_layers; l++) {
         rmsnorm(x, m->attention_norm[l], xn, batch, dim, m->eps);
-        matvec(xn, m->wqkv[l], qkv, batch, qkvw, dim);
+        matvec(&m->wqkv[l], xn, qkv, batch, work);
         for (int64_t b = 0; b < batch; b++) {
             float *q = qkv + b * qkvw, *k = q + qw, *v = k + kvw;
             rotate(q, nh + nkv, hd, cos, signed_sin);  /* q and k are adjacent */
@@ -180,20 +307,20 @@ int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t b
                 for (int64_t i = 0; i < hd; i++) out[i] += p * vt[i];
             }
         }
-        matvec(att, m->wo[l], tmp, batch, dim, qw);
+        matvec(&m->wo[l], att, tmp, batch, work);
         for (int64_t i = 0; i < batch * dim; i++) x[i] += tmp[i];
 
         rmsnorm(x, m->ffn_norm[l], xn, batch, dim, m->eps);
-        matvec(xn, m->w13[l], h13, batch, 2 * hidden, dim);
+        matvec(&m->w13[l], xn, h13, batch, work);
 #pragma omp parallel for schedule(static)
         for (int64_t b = 0; b < batch; b++) {
             float *gate = h13 + b * 2 * hidden, *up = gate + hidden, *out = g + b * hidden;
             for (int64_t i = 0; i < hidden; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         }
-        matvec(g, m->w2[l], tmp, batch, dim, hidden);
+        matvec(&m->w2[l], g, tmp, batch, work);
         for (int64_t i = 0; i < batch * dim; i++) x[i] += tmp[i];
     }
     rmsnorm(x, m->norm, xn, batch, dim, m->eps);
-    matvec(xn, m->output, logits, batch, m->vocab, dim);
+    matvec(m->output, xn, logits, batch, work);
     return 0;
 }

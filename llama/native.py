@@ -19,11 +19,19 @@ from typing import Dict, List, Optional
 
 import torch
 
-ABI = 1  # LLAMA_NATIVE_ABI in native.c
+ABI = 2  # LLAMA_NATIVE_ABI in native.c
+FP32, INT8, INT4 = 0, 1, 2  # llama_matrix kinds
 
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None  # why the library is not used, once known
 _noticed = False
+
+
+class _Matrix(ctypes.Structure):
+    """native.c's llama_matrix."""
+
+    _fields_ = [("kind", ctypes.c_int64), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("group", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p)]
 
 
 class _Model(ctypes.Structure):
@@ -75,6 +83,11 @@ def _load() -> Optional[ctypes.CDLL]:
         return None
     lib.llama_scratch_floats.restype = ctypes.c_int64
     lib.llama_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
+    lib.llama_matmul_scratch_floats.restype = ctypes.c_int64
+    lib.llama_matmul_scratch_floats.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.llama_matmul.restype = None
+    lib.llama_matmul.argtypes = [ctypes.POINTER(_Matrix), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_void_p]
     lib.llama_decode_step.restype = ctypes.c_int64
     lib.llama_decode_step.argtypes = [
         ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -107,16 +120,81 @@ def notice_fallback() -> None:
         print(f"llama: fp32 on the CPU decodes with torch's kernels, slower at batch 1: {reason}", file=sys.stderr)
 
 
+def _checked(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise RuntimeError(f"the native step needs contiguous {dtype} CPU tensors, got {tensor.dtype} "
+                           f"{tuple(tensor.shape)} {tensor.stride()} on {tensor.device}")
+    return tensor
+
+
+def matrix(kernel, weight: Optional[torch.Tensor], keep: List) -> "_Matrix":
+    """The C description of one matrix slot: its kernel module's (int8, int4) or
+    the fp32 [out, in] `weight`. Raises RuntimeError where C cannot read it."""
+    from llama import kernels
+
+    if isinstance(kernel, kernels.Int8Linear):
+        q, scale = _checked(kernel.qweight, torch.int8), _checked(kernel.scale, torch.float32)
+        keep += [q, scale]
+        return _Matrix(INT8, q.shape[0], q.shape[1], 0, q.data_ptr(), scale.data_ptr())
+    if isinstance(kernel, kernels.NativeInt4Linear):
+        q, sz = _checked(kernel.nibbles, torch.uint8), _checked(kernel.scale_zero, torch.float32)
+        keep += [q, sz]
+        return _Matrix(INT4, q.shape[0], 2 * q.shape[1], kernel.group_size, q.data_ptr(), sz.data_ptr())
+    if kernel is not None:
+        raise RuntimeError(f"the native step cannot read a {type(kernel).__name__}")
+    if weight is None:
+        raise RuntimeError("the native step needs the weights in the native layout (prepare_for_inference(rows=True))")
+    weight = _checked(weight, torch.float32)
+    keep.append(weight)
+    return _Matrix(FP32, weight.shape[0], weight.shape[1], 0, weight.data_ptr(), None)
+
+
+def _slots(model, layer_or_model, slot: str):
+    """(kernel module or None, fp32 [out, in] weight or None) of one slot of `model`."""
+    kernel = getattr(layer_or_model, slot)
+    if kernel is not None:
+        return kernel, None
+    rows = getattr(model, "_prepared", False) == "rows"
+    if slot == "qkv_kernel":
+        return None, layer_or_model.wqkv.t() if rows and layer_or_model.wqkv is not None else None
+    if slot == "w13_kernel":
+        return None, layer_or_model.w13.t() if rows and layer_or_model.w13 is not None else None
+    weight = {"wo_kernel": lambda: layer_or_model.wo.weight, "w2_kernel": lambda: layer_or_model.w2.weight,
+              "output_kernel": lambda: layer_or_model.output.weight}[slot]()
+    return None, weight if weight is not None and weight.is_contiguous() else None
+
+
 def supports(model) -> bool:
-    """Whether `DecodeStep(model)` can run `model`: CPU, fp32, one rank, weights in the native layout."""
+    """Whether `DecodeStep(model)` can run `model`: CPU, fp32 activations, one
+    rank, and every matrix either fp32 in the native layout or int8 / int4 in a
+    kernel C reads."""
     weight = model.tok_embeddings.weight
-    return (
-        available()
-        and getattr(model, "_prepared", False) == "rows"
-        and model.model_parallel_size == 1
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-    )
+    if not (available() and model.model_parallel_size == 1 and weight.device.type == "cpu"
+            and weight.dtype == torch.float32):
+        return False
+    try:
+        keep: List = []
+        for layer in model.layers:
+            for owner, slot in ((layer.attention, "qkv_kernel"), (layer.attention, "wo_kernel"),
+                                (layer.feed_forward, "w13_kernel"), (layer.feed_forward, "w2_kernel")):
+                matrix(*_slots(model, owner, slot), keep)
+        matrix(*_slots(model, model, "output_kernel"), keep)
+    except RuntimeError:
+        return False
+    return True
+
+
+def matmul(kernel, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (..., in) times a kernel module's matrix, in C: the eager forward (prompts) of
+    the matrices only C reads (int4 for the native step)."""
+    lib = _load()
+    keep: List = []
+    desc = matrix(kernel, None, keep)
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    work = torch.empty(lib.llama_matmul_scratch_floats(x2.shape[0], x2.shape[1]), dtype=torch.float32)
+    lib.llama_matmul(ctypes.byref(desc), x2.data_ptr(), y.data_ptr(), x2.shape[0], work.data_ptr())
+    return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
 class DecodeStep:
@@ -130,7 +208,8 @@ class DecodeStep:
 
     def __init__(self, model):
         if not supports(model):
-            raise ValueError("the native step needs an fp32 CPU model on one rank, prepared with rows=True")
+            raise ValueError("the native step needs an fp32 CPU model on one rank, its matrices in the native "
+                             "layout or quantized int8 / int4")
         self.model = model
         self._lib = _load()
         self._bound_to = None
@@ -142,10 +221,7 @@ class DecodeStep:
         keep: List = []
 
         def ptr(tensor: torch.Tensor) -> int:
-            if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
-                raise RuntimeError(f"the native step needs contiguous fp32 CPU tensors, got {tensor.dtype} "
-                                   f"{tuple(tensor.shape)} {tensor.stride()}")
-            keep.append(tensor)
+            keep.append(_checked(tensor, torch.float32))
             return tensor.data_ptr()
 
         def per_layer(get) -> int:
@@ -153,23 +229,32 @@ class DecodeStep:
             keep.append(array)
             return ctypes.addressof(array)
 
+        def matrices(owner_of, slot) -> int:
+            array = (_Matrix * len(model.layers))(
+                *[matrix(*_slots(model, owner_of(layer), slot), keep) for layer in model.layers]
+            )
+            keep.append(array)
+            return ctypes.addressof(array)
+
+        output = matrix(*_slots(model, model, "output_kernel"), keep)
+        keep.append(output)
         attention = model.layers[0].attention
         self._model = _Model(
             dim=params.dim, n_layers=len(model.layers), n_heads=attention.n_local_heads,
             n_kv_heads=attention.n_local_kv_heads, head_dim=attention.head_dim,
-            hidden=model.layers[0].feed_forward.w2.weight.shape[1], vocab=model.output.weight.shape[0],
+            hidden=model.layers[0].feed_forward.w2.in_features, vocab=params.vocab_size,
             max_seq=attention.cache_k.shape[2], max_batch=attention.cache_k.shape[0], rope_rows=model.rope.shape[1],
             eps=model.norm.eps,
             tok_embeddings=ptr(model.tok_embeddings.weight),
             attention_norm=per_layer(lambda layer: layer.attention_norm.weight),
-            wqkv=per_layer(lambda layer: layer.attention.wqkv.t()),
-            wo=per_layer(lambda layer: layer.attention.wo.weight),
+            wqkv=matrices(lambda layer: layer.attention, "qkv_kernel"),
+            wo=matrices(lambda layer: layer.attention, "wo_kernel"),
             ffn_norm=per_layer(lambda layer: layer.ffn_norm.weight),
-            w13=per_layer(lambda layer: layer.feed_forward.w13.t()),
-            w2=per_layer(lambda layer: layer.feed_forward.w2.weight),
+            w13=matrices(lambda layer: layer.feed_forward, "w13_kernel"),
+            w2=matrices(lambda layer: layer.feed_forward, "w2_kernel"),
             cache_k=per_layer(lambda layer: layer.attention.cache_k),
             cache_v=per_layer(lambda layer: layer.attention.cache_v),
-            norm=ptr(model.norm.weight), output=ptr(model.output.weight), rope=ptr(model.rope),
+            norm=ptr(model.norm.weight), output=ctypes.addressof(output), rope=ptr(model.rope),
         )
         self._keep = keep
         self._scratch.clear()

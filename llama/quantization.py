@@ -103,8 +103,14 @@ def config_from_params(params: Mapping, source: str = "params.json") -> Optional
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """Activation dtype of a quantized model when none is given: bf16 (the kernels'
-    fast input on CPU; what int4 needs on CUDA)."""
+    """Activation dtype of a quantized model when none is given: on the CPU fp32
+    where the C step is compiled (it reads int8 and int4 matrices with fp32
+    activations, `llama/native.c`), else bf16 (torch's kernels' fast input on
+    the CPU; what int4 needs on CUDA)."""
+    from llama import native
+
+    if torch.device(device).type == "cpu" and native.available():
+        return torch.float32
     return torch.bfloat16
 
 
@@ -311,7 +317,7 @@ def install(model, state_dict: Dict[str, torch.Tensor], config: QuantConfig, dev
 
     Consumes `state_dict`: each matrix's parts are dropped once its kernel is made.
     """
-    from llama import checkpoint, kernels
+    from llama import checkpoint, kernels, native
 
     kernels.check_kernel(config.mode, device, dtype)
 
@@ -326,6 +332,8 @@ def install(model, state_dict: Dict[str, torch.Tensor], config: QuantConfig, dev
             return kernels.Int8Linear(q, scale, dtype)
         zeros = [state_dict.pop(zero_key(k)).to(device) for k in keys]
         zero = torch.cat(zeros) if len(zeros) > 1 else zeros[0]
+        if torch.device(device).type == "cpu" and dtype == torch.float32 and native.available():
+            return kernels.NativeInt4Linear(q, scale, zero, config.group_size)  # read by C (llama/native.c)
         if device.type == "cpu" and q.shape[0] % 16 != 0:
             raise ValueError(
                 f"int4 on CPU needs each rank's output rows in multiples of 16; {', '.join(keys)} "

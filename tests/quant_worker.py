@@ -18,6 +18,8 @@ PROMPTS = [[1, 100, 200, 300], [1, 42]]
 MODES = [
     ("int8", dict(quantize="int8", dtype=torch.float32)),
     ("int4", dict(quantize="int4", group_size=32, dtype=torch.float32)),
+    # bf16 activations: torch's int4 kernel rather than the C one
+    ("int4-bf16", dict(quantize="int4", group_size=32, dtype=torch.bfloat16)),
     ("bf16", dict(dtype=torch.bfloat16)),
 ]
 

@@ -111,3 +111,59 @@ def test_without_the_library_fp32_falls_back_to_torch_and_says_so_once(tiny_ckpt
     assert "transposed None" in proc.stdout
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1)
     assert str(generator.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0]) in proc.stdout
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_native_int4_product_is_the_dequantized_product(group, rows):
+    from llama.kernels import NativeInt4Linear
+
+    gen = torch.Generator().manual_seed(group + rows)
+    out_features, in_features = 24, 128
+    q = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(out_features, in_features // group, generator=gen) * 0.1 + 0.01
+    zero = torch.randn(out_features, in_features // group, generator=gen) * 0.1
+    nibbles = q[:, 0::2] | (q[:, 1::2] << 4)
+    kernel = NativeInt4Linear(nibbles, scale, zero, group)
+    weight = ((q.float() - 8).view(out_features, -1, group) * scale[..., None] + zero[..., None]).view(out_features, -1)
+    x = torch.randn(rows, 3, in_features, generator=gen)
+    torch.testing.assert_close(kernel(x), torch.nn.functional.linear(x, weight), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_models_run_the_native_step_in_fp32(tiny_ckpt, mode):
+    generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3,
+                            quantize=mode)
+    model = generator.model
+    assert model.tok_embeddings.weight.dtype == torch.float32  # the CPU default with the C step
+    assert isinstance(generator._native_step, native.DecodeStep)
+    tokens = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        model.forward(tokens[:, :6], 0)
+        for pos in range(6, 9):
+            eager = model.forward(tokens[:, pos : pos + 1], pos)
+            torch.testing.assert_close(generator._native_step(tokens[:, pos : pos + 1], pos), eager,
+                                       atol=2e-5, rtol=2e-5)
+    ours = generator.generate([[1, 100, 200], [1, 5]], max_gen_len=12, temperature=0)[0]
+    generator._native_step = None
+    assert generator.generate([[1, 100, 200], [1, 5]], max_gen_len=12, temperature=0)[0] == ours
+
+
+def test_int8_prompts_run_the_c_product_with_fp32_activations():
+    from llama.kernels import Int8Linear
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randint(-127, 128, (20, 48), generator=gen, dtype=torch.int8)
+    scale = torch.rand(20, generator=gen) * 0.01
+    kernel = Int8Linear(q, scale, torch.float32)
+    x = torch.randn(2, 7, 48, generator=gen)
+    want = torch.nn.functional.linear(x, q.float() * scale[:, None])
+    torch.testing.assert_close(kernel(x), want, atol=2e-5, rtol=2e-5)
+    calls = []
+    real = native.matmul
+    try:
+        native.matmul = lambda *args: calls.append(args) or real(*args)
+        kernel(x)
+    finally:
+        native.matmul = real
+    assert len(calls) == 1  # not torch._weight_int8pack_mm, ~6x slower with fp32 inputs
