@@ -10,7 +10,7 @@ Layouts:
 - "meta": `F.linear` on Meta's [out, in] weights, as loaded (no copy).
 - "native": every matrix copied once into RAM in Meta's [out, in] layout, q/k/v
   and w1/w3 stacked (`Transformer.prepare_for_inference(rows=True)`), for the
-  one-token step in C (`llama/native.py`): the default for fp32 on the CPU
+  one-token step in C (`llama/native.py`): the default for fp32 and bf16 on the CPU
   where that library was compiled (`fast_layout=False` keeps Meta's layout
   in the memory-mapped file, on torch's kernels).
 - "transposed": every matrix copied once as [in, out], q/k/v and w1/w3 fused
@@ -54,9 +54,15 @@ def choose_layout(
     if fast_layout is False:
         return "meta"
     if device.type == "cpu" and dtype == torch.bfloat16:
-        # Never transposed: the [in, out] bf16 matrix-vector product is slower
-        # than Meta's layout. oneDNN's packed weights where it has bf16 support
-        # (AVX-512), else F.linear (on an AVX2 machine ~2.6x fp32).
+        # The C step where it was compiled (it reads Meta's rows; AVX512-BF16
+        # dot products where the CPU has them). Else never transposed: the
+        # [in, out] bf16 matrix-vector product is slower than Meta's layout.
+        # oneDNN's packed weights where it has bf16 support (AVX-512), else
+        # F.linear (on an AVX2 machine ~2.6x fp32).
+        from llama import native
+
+        if native.available():
+            return "native"
         return "mkldnn" if mkldnn_bf16_available() else "meta"
     if device.type == "cpu" and dtype != torch.float32:
         return "meta"

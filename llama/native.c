@@ -20,39 +20,72 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 2
+#define LLAMA_NATIVE_ABI 3
 
 /* One weight matrix [rows, cols] (Meta's [out, in]) as stored. Mirrored by llama/native.py's _Matrix.
    FP32: w float [rows, cols].
    INT8: w int8 [rows, cols]; scale float [rows]: w = q * scale[row] (per output channel, symmetric).
    INT4: w uint8 [rows, cols / 2], two values a byte, the even column in the low nibble;
-         scale float [rows, cols / group, 2]: scale then zero of each group: w = (q - 8) * scale + zero. */
-enum { LLAMA_FP32 = 0, LLAMA_INT8 = 1, LLAMA_INT4 = 2 };
+         scale float [rows, cols / group, 2]: scale then zero of each group: w = (q - 8) * scale + zero.
+   BF16: w bf16 [rows, cols] (as uint16); only in a bf16 model (bf16 below). */
+enum { LLAMA_FP32 = 0, LLAMA_INT8 = 1, LLAMA_INT4 = 2, LLAMA_BF16 = 3 };
 typedef struct {
     int64_t kind, rows, cols, group;
     const void *w;
     const float *scale;
 } llama_matrix;
 
-/* Mirrored by llama/native.py's _Model (ctypes): keep the two in step. */
+/* Mirrored by llama/native.py's _Model (ctypes): keep the two in step.
+   bf16 0: activations, embeddings, norms and KV cache in fp32. bf16 1: all of those in bf16 (as
+   uint16), every value rounded to bf16 where the eager bf16 forward stores one (after each norm,
+   product, rotation, attention, SiLU and sum), computed in fp32 between. */
 typedef struct {
-    int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, hidden, vocab, max_seq, max_batch, rope_rows;
+    int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, hidden, vocab, max_seq, max_batch, rope_rows, bf16;
     double eps;
-    const float *tok_embeddings;  /* [vocab, dim] */
-    const float *const *attention_norm;  /* per layer: [dim] */
+    const void *tok_embeddings;  /* [vocab, dim] */
+    const void *const *attention_norm;  /* per layer: [dim] */
     const llama_matrix *wqkv;  /* per layer: [(n_heads + 2 n_kv_heads) head_dim, dim] */
     const llama_matrix *wo;  /* [dim, n_heads head_dim] */
-    const float *const *ffn_norm;  /* [dim] */
+    const void *const *ffn_norm;  /* [dim] */
     const llama_matrix *w13;  /* [2 hidden, dim]: w1 rows, then w3 rows */
     const llama_matrix *w2;  /* [dim, hidden] */
-    float *const *cache_k;  /* [max_batch, n_kv_heads, max_seq, head_dim] */
-    float *const *cache_v;
-    const float *norm;  /* [dim] */
+    void *const *cache_k;  /* [max_batch, n_kv_heads, max_seq, head_dim] */
+    void *const *cache_v;
+    const void *norm;  /* [dim] */
     const llama_matrix *output;  /* [vocab, dim] */
     const float *rope;  /* [2, rope_rows, head_dim]: cos, then signed sin (-sin, sin per pair) */
 } llama_model;
 
 int64_t llama_native_abi(void) { return LLAMA_NATIVE_ABI; }
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 conversion (NaN kept a NaN). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* v, or v rounded to bf16 in a bf16 model. */
+static inline float keep(int64_t bf16, float v) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+static void round_all(int64_t bf16, float *v, int64_t n) {
+    if (bf16)
+        for (int64_t i = 0; i < n; i++) v[i] = keep(1, v[i]);
+}
+
+/* element i of a vector stored in fp32, or in bf16 when bf16 */
+static inline float load_at(int64_t bf16, const void *p, int64_t i) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
 
 static int64_t qkv_width(const llama_model *m) { return (m->n_heads + 2 * m->n_kv_heads) * m->head_dim; }
 
@@ -212,11 +245,54 @@ static void matvec_i4(const float *x, const uint8_t *w, const float *sz, float *
     }
 }
 
+/* bf16 weights and inputs (x holds values already rounded to bf16), fp32 sums, as F.linear in bf16.
+   `work` takes x as bf16. */
+static void matvec_bf16(const float *x, const uint16_t *w, float *y, int64_t batch, int64_t rows, int64_t cols,
+                        float *work) {
+    uint16_t *xb16 = (uint16_t *)work;
+    for (int64_t i = 0; i < batch * cols; i++) xb16[i] = float_to_bf16(x[i]);
+    int64_t blocks = (rows + 3) / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t n = 4 * blk;
+        for (int64_t b = 0; b < batch; b++) {
+            const uint16_t *xb = xb16 + b * cols;
+            float *yb = y + b * rows;
+#if defined(__AVX512BF16__)
+            if (n + 4 <= rows && cols % 32 == 0) {
+                const uint16_t *r0 = w + n * cols, *r1 = r0 + cols, *r2 = r1 + cols, *r3 = r2 + cols;
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t k = 0; k < cols; k += 32) {
+                    __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
+                    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r0 + k), xv);
+                    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r1 + k), xv);
+                    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r2 + k), xv);
+                    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r3 + k), xv);
+                }
+                yb[n] = _mm512_reduce_add_ps(a0);
+                yb[n + 1] = _mm512_reduce_add_ps(a1);
+                yb[n + 2] = _mm512_reduce_add_ps(a2);
+                yb[n + 3] = _mm512_reduce_add_ps(a3);
+                continue;
+            }
+#endif
+            for (int64_t r = n; r < n + 4 && r < rows; r++) {
+                const uint16_t *row = w + r * cols;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t k = 0; k < cols; k++) s += bf16_to_float(row[k]) * bf16_to_float(xb[k]);
+                yb[r] = s;
+            }
+        }
+    }
+}
+
 /* y[b, :] = W x[b, :] for each of `batch` rows; `work`: llama_matmul_scratch_floats(batch, cols). */
 static void matvec(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work) {
     switch (m->kind) {
     case LLAMA_INT8: matvec_i8(x, (const int8_t *)m->w, m->scale, y, batch, m->rows, m->cols); break;
     case LLAMA_INT4: matvec_i4(x, (const uint8_t *)m->w, m->scale, y, batch, m->rows, m->cols, m->group, work); break;
+    case LLAMA_BF16: matvec_bf16(x, (const uint16_t *)m->w, y, batch, m->rows, m->cols, work); break;
     default: matvec_f32(x, (const float *)m->w, y, batch, m->rows, m->cols);
     }
 }
@@ -227,7 +303,8 @@ void llama_matmul(const llama_matrix *m, const float *x, float *y, int64_t batch
 }
 
 /* out = x * rsqrt(mean(x^2) + eps) * weight, per row of dim. */
-static void rmsnorm(const float *x, const float *weight, float *out, int64_t batch, int64_t dim, double eps) {
+static void rmsnorm(const float *x, const void *weight, float *out, int64_t batch, int64_t dim, double eps,
+                    int64_t bf16) {
     for (int64_t b = 0; b < batch; b++) {
         const float *xb = x + b * dim;
         float *ob = out + b * dim;
@@ -235,18 +312,18 @@ static void rmsnorm(const float *x, const float *weight, float *out, int64_t bat
 #pragma omp simd reduction(+ : ss)
         for (int64_t i = 0; i < dim; i++) ss += xb[i] * xb[i];
         float inv = 1.0f / sqrtf(ss / (float)dim + (float)eps);
-        for (int64_t i = 0; i < dim; i++) ob[i] = (xb[i] * inv) * weight[i];
+        for (int64_t i = 0; i < dim; i++) ob[i] = keep(bf16, keep(bf16, xb[i] * inv) * load_at(bf16, weight, i));
     }
 }
 
 /* Rotate each pair (v[2i], v[2i+1]) of `heads` heads by the position's angles. */
-static void rotate(float *v, int64_t heads, int64_t head_dim, const float *cos, const float *signed_sin) {
+static void rotate(float *v, int64_t heads, int64_t head_dim, const float *cos, const float *signed_sin, int64_t bf16) {
     for (int64_t h = 0; h < heads; h++) {
         float *p = v + h * head_dim;
         for (int64_t i = 0; i < head_dim; i += 2) {
             float a = p[i], c = p[i + 1];
-            p[i] = a * cos[i] + c * signed_sin[i];
-            p[i + 1] = c * cos[i + 1] + a * signed_sin[i + 1];
+            p[i] = keep(bf16, a * cos[i] + c * signed_sin[i]);
+            p[i + 1] = keep(bf16, c * cos[i + 1] + a * signed_sin[i + 1]);
         }
     }
 }
@@ -257,7 +334,7 @@ static void rotate(float *v, int64_t heads, int64_t head_dim, const float *cos, 
 int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t batch, int64_t pos, float *logits,
                           float *scratch) {
     const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, hidden = m->hidden;
-    const int64_t qw = nh * hd, kvw = nkv * hd, qkvw = qkv_width(m), seq = m->max_seq;
+    const int64_t qw = nh * hd, kvw = nkv * hd, qkvw = qkv_width(m), seq = m->max_seq, bf16 = m->bf16;
     if (batch < 1 || batch > m->max_batch || pos < 0 || pos >= seq || pos >= m->rope_rows) return -2;
     for (int64_t b = 0; b < batch; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
@@ -269,30 +346,46 @@ int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t b
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t n_rep = nh / nkv;
 
-    for (int64_t b = 0; b < batch; b++) memcpy(x + b * dim, m->tok_embeddings + tokens[b] * dim, dim * sizeof(float));
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t i = 0; i < dim; i++) x[b * dim + i] = load_at(bf16, m->tok_embeddings, tokens[b] * dim + i);
 
     for (int64_t l = 0; l < m->n_layers; l++) {
-        rmsnorm(x, m->attention_norm[l], xn, batch, dim, m->eps);
+        rmsnorm(x, m->attention_norm[l], xn, batch, dim, m->eps, bf16);
         matvec(&m->wqkv[l], xn, qkv, batch, work);
+        round_all(bf16, qkv, batch * qkvw);
         for (int64_t b = 0; b < batch; b++) {
             float *q = qkv + b * qkvw, *k = q + qw, *v = k + kvw;
-            rotate(q, nh + nkv, hd, cos, signed_sin);  /* q and k are adjacent */
+            rotate(q, nh + nkv, hd, cos, signed_sin, bf16);  /* q and k are adjacent */
             for (int64_t h = 0; h < nkv; h++) {
                 int64_t at = ((b * nkv + h) * seq + pos) * hd;
-                memcpy(m->cache_k[l] + at, k + h * hd, hd * sizeof(float));
-                memcpy(m->cache_v[l] + at, v + h * hd, hd * sizeof(float));
+                if (bf16) {
+                    for (int64_t i = 0; i < hd; i++) {
+                        ((uint16_t *)m->cache_k[l])[at + i] = float_to_bf16(k[h * hd + i]);
+                        ((uint16_t *)m->cache_v[l])[at + i] = float_to_bf16(v[h * hd + i]);
+                    }
+                } else {
+                    memcpy((float *)m->cache_k[l] + at, k + h * hd, hd * sizeof(float));
+                    memcpy((float *)m->cache_v[l] + at, v + h * hd, hd * sizeof(float));
+                }
             }
         }
 #pragma omp parallel for schedule(static)
         for (int64_t bh = 0; bh < batch * nh; bh++) {
             int64_t b = bh / nh, h = bh % nh, kvh = h / n_rep;
             const float *q = qkv + b * qkvw + h * hd;
-            const float *keys = m->cache_k[l] + (b * nkv + kvh) * seq * hd;
-            const float *values = m->cache_v[l] + (b * nkv + kvh) * seq * hd;
+            const int64_t base = (b * nkv + kvh) * seq * hd;
             float *s = scores + bh * seq, *out = att + b * qw + h * hd;
             float top = -INFINITY;
             for (int64_t t = 0; t <= pos; t++) {
-                s[t] = dot(q, keys + t * hd, hd) * scale;
+                if (bf16) {
+                    const uint16_t *kt = (const uint16_t *)m->cache_k[l] + base + t * hd;
+                    float d = 0.f;
+#pragma omp simd reduction(+ : d)
+                    for (int64_t i = 0; i < hd; i++) d += q[i] * bf16_to_float(kt[i]);
+                    s[t] = d * scale;
+                } else {
+                    s[t] = dot(q, (const float *)m->cache_k[l] + base + t * hd, hd) * scale;
+                }
                 if (s[t] > top) top = s[t];
             }
             float total = 0.f;
@@ -302,25 +395,35 @@ int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t b
             }
             for (int64_t i = 0; i < hd; i++) out[i] = 0.f;
             for (int64_t t = 0; t <= pos; t++) {
-                const float p = s[t] / total, *vt = values + t * hd;
+                const float p = s[t] / total;
+                if (bf16) {
+                    const uint16_t *vt = (const uint16_t *)m->cache_v[l] + base + t * hd;
 #pragma omp simd
-                for (int64_t i = 0; i < hd; i++) out[i] += p * vt[i];
+                    for (int64_t i = 0; i < hd; i++) out[i] += p * bf16_to_float(vt[i]);
+                } else {
+                    const float *vt = (const float *)m->cache_v[l] + base + t * hd;
+#pragma omp simd
+                    for (int64_t i = 0; i < hd; i++) out[i] += p * vt[i];
+                }
             }
+            round_all(bf16, out, hd);
         }
         matvec(&m->wo[l], att, tmp, batch, work);
-        for (int64_t i = 0; i < batch * dim; i++) x[i] += tmp[i];
+        for (int64_t i = 0; i < batch * dim; i++) x[i] = keep(bf16, x[i] + keep(bf16, tmp[i]));
 
-        rmsnorm(x, m->ffn_norm[l], xn, batch, dim, m->eps);
+        rmsnorm(x, m->ffn_norm[l], xn, batch, dim, m->eps, bf16);
         matvec(&m->w13[l], xn, h13, batch, work);
+        round_all(bf16, h13, batch * 2 * hidden);
 #pragma omp parallel for schedule(static)
         for (int64_t b = 0; b < batch; b++) {
             float *gate = h13 + b * 2 * hidden, *up = gate + hidden, *out = g + b * hidden;
-            for (int64_t i = 0; i < hidden; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+            for (int64_t i = 0; i < hidden; i++) out[i] = keep(bf16, keep(bf16, gate[i] / (1.0f + expf(-gate[i]))) * up[i]);
         }
         matvec(&m->w2[l], g, tmp, batch, work);
-        for (int64_t i = 0; i < batch * dim; i++) x[i] += tmp[i];
+        for (int64_t i = 0; i < batch * dim; i++) x[i] = keep(bf16, x[i] + keep(bf16, tmp[i]));
     }
-    rmsnorm(x, m->norm, xn, batch, dim, m->eps);
+    rmsnorm(x, m->norm, xn, batch, dim, m->eps, bf16);
     matvec(m->output, xn, logits, batch, work);
+    round_all(bf16, logits, batch * m->vocab);
     return 0;
 }

@@ -19,8 +19,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-ABI = 2  # LLAMA_NATIVE_ABI in native.c
-FP32, INT8, INT4 = 0, 1, 2  # llama_matrix kinds
+ABI = 3  # LLAMA_NATIVE_ABI in native.c
+FP32, INT8, INT4, BF16 = 0, 1, 2, 3  # llama_matrix kinds
+DTYPES = (torch.float32, torch.bfloat16)  # of a model's activations the step runs
 
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None  # why the library is not used, once known
@@ -40,7 +41,7 @@ class _Model(ctypes.Structure):
     _fields_ = [
         *[(name, ctypes.c_int64) for name in (
             "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab", "max_seq", "max_batch",
-            "rope_rows",
+            "rope_rows", "bf16",
         )],
         ("eps", ctypes.c_double),
         *[(name, ctypes.c_void_p) for name in (
@@ -144,9 +145,10 @@ def matrix(kernel, weight: Optional[torch.Tensor], keep: List) -> "_Matrix":
         raise RuntimeError(f"the native step cannot read a {type(kernel).__name__}")
     if weight is None:
         raise RuntimeError("the native step needs the weights in the native layout (prepare_for_inference(rows=True))")
-    weight = _checked(weight, torch.float32)
+    weight = _checked(weight, torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32)
     keep.append(weight)
-    return _Matrix(FP32, weight.shape[0], weight.shape[1], 0, weight.data_ptr(), None)
+    kind = BF16 if weight.dtype == torch.bfloat16 else FP32
+    return _Matrix(kind, weight.shape[0], weight.shape[1], 0, weight.data_ptr(), None)
 
 
 def _slots(model, layer_or_model, slot: str):
@@ -165,23 +167,23 @@ def _slots(model, layer_or_model, slot: str):
 
 
 def supports(model) -> bool:
-    """Whether `DecodeStep(model)` can run `model`: CPU, fp32 activations, one
-    rank, and every matrix either fp32 in the native layout or int8 / int4 in a
-    kernel C reads."""
+    """Whether `DecodeStep(model)` can run `model`: CPU, one rank, and either
+    fp32 activations with every matrix fp32 in the native layout or int8 / int4
+    in a kernel C reads, or bf16 throughout with the matrices in the native layout."""
     weight = model.tok_embeddings.weight
     if not (available() and model.model_parallel_size == 1 and weight.device.type == "cpu"
-            and weight.dtype == torch.float32):
+            and weight.dtype in DTYPES):
         return False
     try:
         keep: List = []
-        for layer in model.layers:
-            for owner, slot in ((layer.attention, "qkv_kernel"), (layer.attention, "wo_kernel"),
-                                (layer.feed_forward, "w13_kernel"), (layer.feed_forward, "w2_kernel")):
-                matrix(*_slots(model, owner, slot), keep)
-        matrix(*_slots(model, model, "output_kernel"), keep)
+        kinds = {matrix(*_slots(model, owner, slot), keep).kind
+                 for layer in model.layers
+                 for owner, slot in ((layer.attention, "qkv_kernel"), (layer.attention, "wo_kernel"),
+                                     (layer.feed_forward, "w13_kernel"), (layer.feed_forward, "w2_kernel"))}
+        kinds.add(matrix(*_slots(model, model, "output_kernel"), keep).kind)
     except RuntimeError:
         return False
-    return True
+    return kinds == {BF16} if weight.dtype == torch.bfloat16 else BF16 not in kinds
 
 
 def matmul(kernel, x: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -200,7 +202,9 @@ def matmul(kernel, x: torch.Tensor, out_features: int) -> torch.Tensor:
 class DecodeStep:
     """`model.forward(tokens, start_pos)` for one token per row (tokens (bsz, 1)), in C.
 
-    Returns the same float32 logits (bsz, 1, vocab), to float rounding. The
+    Returns the same float32 logits (bsz, 1, vocab), to float rounding (in a
+    bf16 model, to the rounding of two bf16 kernels: each value is rounded to
+    bf16 where the eager forward stores one, the sums are in fp32). The
     model's tensors are read in place: the KV cache gets this position's keys
     and values as the eager forward would write them, so the two can take
     turns (prompts run eager, then the steps here).
@@ -208,8 +212,8 @@ class DecodeStep:
 
     def __init__(self, model):
         if not supports(model):
-            raise ValueError("the native step needs an fp32 CPU model on one rank, its matrices in the native "
-                             "layout or quantized int8 / int4")
+            raise ValueError("the native step needs a CPU model on one rank: fp32 with its matrices in the native "
+                             "layout or quantized int8 / int4, or bf16 in the native layout")
         self.model = model
         self._lib = _load()
         self._bound_to = None
@@ -218,10 +222,11 @@ class DecodeStep:
     def _bind(self) -> None:
         """Point the C struct at the model's current tensors (again after a reload or a new cache)."""
         model, params = self.model, self.model.params
+        dtype = model.tok_embeddings.weight.dtype
         keep: List = []
 
-        def ptr(tensor: torch.Tensor) -> int:
-            keep.append(_checked(tensor, torch.float32))
+        def ptr(tensor: torch.Tensor, dtype: torch.dtype = dtype) -> int:
+            keep.append(_checked(tensor, dtype))
             return tensor.data_ptr()
 
         def per_layer(get) -> int:
@@ -244,7 +249,7 @@ class DecodeStep:
             n_kv_heads=attention.n_local_kv_heads, head_dim=attention.head_dim,
             hidden=model.layers[0].feed_forward.w2.in_features, vocab=params.vocab_size,
             max_seq=attention.cache_k.shape[2], max_batch=attention.cache_k.shape[0], rope_rows=model.rope.shape[1],
-            eps=model.norm.eps,
+            bf16=int(dtype == torch.bfloat16), eps=model.norm.eps,
             tok_embeddings=ptr(model.tok_embeddings.weight),
             attention_norm=per_layer(lambda layer: layer.attention_norm.weight),
             wqkv=matrices(lambda layer: layer.attention, "qkv_kernel"),
@@ -254,7 +259,7 @@ class DecodeStep:
             w2=matrices(lambda layer: layer.feed_forward, "w2_kernel"),
             cache_k=per_layer(lambda layer: layer.attention.cache_k),
             cache_v=per_layer(lambda layer: layer.attention.cache_v),
-            norm=ptr(model.norm.weight), output=ctypes.addressof(output), rope=ptr(model.rope),
+            norm=ptr(model.norm.weight), output=ctypes.addressof(output), rope=ptr(model.rope, torch.float32),
         )
         self._keep = keep
         self._scratch.clear()

@@ -167,3 +167,23 @@ def test_int8_prompts_run_the_c_product_with_fp32_activations():
     finally:
         native.matmul = real
     assert len(calls) == 1  # not torch._weight_int8pack_mm, ~6x slower with fp32 inputs
+
+
+def test_bf16_model_runs_the_native_step_within_bf16_rounding(tiny_ckpt):
+    generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3,
+                            dtype=torch.bfloat16)
+    model = generator.model
+    assert model._prepared == "rows" and model.layers[0].attention.qkv_kernel is None
+    assert isinstance(generator._native_step, native.DecodeStep)
+    tokens = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        model.forward(tokens[:, :6], 0)
+        for pos in range(6, 9):
+            eager = model.forward(tokens[:, pos : pos + 1], pos)
+            k = model.layers[-1].attention.cache_k[:, :, pos].clone()
+            ours = generator._native_step(tokens[:, pos : pos + 1], pos)
+            # Two bf16 computations: a value of ~11 is within a few of its bf16 steps (0.0625).
+            torch.testing.assert_close(ours, eager, atol=0.25, rtol=0)
+            assert (ours.argmax(-1) == eager.argmax(-1)).all()
+            assert model.layers[-1].attention.cache_k.dtype == torch.bfloat16
+            torch.testing.assert_close(model.layers[-1].attention.cache_k[:, :, pos], k, atol=0.05, rtol=0.02)
