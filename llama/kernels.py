@@ -162,7 +162,8 @@ class NativeInt4Linear(nn.Module):
     (`llama/native.c`): the one-token step and, here, every other product.
 
     `nibbles` (out, in / 2) uint8, two values a byte, the even column in the low
-    nibble; `scale_zero` (out, in / group_size, 2) fp32: each group's scale, then zero.
+    nibble; `scale_offset` (2, out, in / group_size) fp32: each group's scale, then
+    its offset zero - 8 * scale (w = q * scale + offset).
     """
 
     def __init__(self, nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
@@ -170,8 +171,8 @@ class NativeInt4Linear(nn.Module):
         self.out_features = nibbles.shape[0]
         self.group_size = group_size
         self.register_buffer("nibbles", nibbles.contiguous(), persistent=False)
-        scale_zero = torch.stack((scale, zero), dim=-1).to(torch.float32).contiguous()
-        self.register_buffer("scale_zero", scale_zero, persistent=False)
+        scale, zero = scale.to(torch.float32), zero.to(torch.float32)
+        self.register_buffer("scale_offset", torch.stack((scale, zero - 8 * scale)).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from llama import native

@@ -20,13 +20,14 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 3
+#define LLAMA_NATIVE_ABI 4
 
 /* One weight matrix [rows, cols] (Meta's [out, in]) as stored. Mirrored by llama/native.py's _Matrix.
    FP32: w float [rows, cols].
    INT8: w int8 [rows, cols]; scale float [rows]: w = q * scale[row] (per output channel, symmetric).
    INT4: w uint8 [rows, cols / 2], two values a byte, the even column in the low nibble;
-         scale float [rows, cols / group, 2]: scale then zero of each group: w = (q - 8) * scale + zero.
+         scale float [2, rows, cols / group]: each group's scale, then its offset = zero - 8 scale:
+         w = (q - 8) * scale + zero = q * scale + offset.
    BF16: w bf16 [rows, cols] (as uint16); only in a bf16 model (bf16 below). */
 enum { LLAMA_FP32 = 0, LLAMA_INT8 = 1, LLAMA_INT4 = 2, LLAMA_BF16 = 3 };
 typedef struct {
@@ -191,12 +192,15 @@ static void matvec_i8(const float *x, const int8_t *w, const float *scale, float
     }
 }
 
-/* int4: y = sum over groups of scale * dot(q, x_g) + (zero - 8 scale) * sum(x_g). x is split once
-   into even and odd columns (xe, xo: [batch, cols / 2]) to meet the low and high nibbles, and
-   each group's sum of x taken once (xs: [batch, cols / group]). */
-static void matvec_i4(const float *x, const uint8_t *w, const float *sz, float *y, int64_t batch, int64_t rows,
+/* int4: y = sum over groups of scale * dot(q, x_g) + sum over groups of offset * sum(x_g), where
+   offset = zero - 8 scale (so that (q - 8) scale + zero = q scale + offset). x is split once into
+   even and odd columns (xe, xo: [batch, cols / 2]) to meet the low and high nibbles, and each
+   group's sum of x taken once (xs: [batch, cols / group]). sc: [2, rows, groups], scales then
+   offsets. Two rows at a time share the loads of x. */
+static void matvec_i4(const float *x, const uint8_t *w, const float *sc, float *y, int64_t batch, int64_t rows,
                       int64_t cols, int64_t group, float *work) {
     const int64_t half = cols / 2, groups = cols / group, hg = group / 2;
+    const float *offsets = sc + rows * groups;
     float *xe = work, *xo = xe + batch * half, *xs = xo + batch * half;
     for (int64_t b = 0; b < batch; b++) {
         const float *xb = x + b * cols;
@@ -210,37 +214,62 @@ static void matvec_i4(const float *x, const uint8_t *w, const float *sz, float *
             xs[b * groups + g] = s;
         }
     }
+    const int64_t pairs = (rows + 1) / 2;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < rows; n++) {
-        const uint8_t *row = w + n * half;
-        const float *rsz = sz + n * groups * 2;
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        const int64_t n = 2 * pair;
         for (int64_t b = 0; b < batch; b++) {
             const float *e = xe + b * half, *o = xo + b * half, *sums = xs + b * groups;
-            float total = 0.f;
-            int64_t g = 0;
 #ifdef __AVX512F__
-            if (hg % 16 == 0) {
+            if (n + 2 <= rows && hg % 16 == 0) {
+                const uint8_t *r0 = w + n * half, *r1 = r0 + half;
+                const float *s0 = sc + n * groups, *s1 = s0 + groups;
+                const float *f0 = offsets + n * groups, *f1 = f0 + groups;
                 const __m512i low = _mm512_set1_epi32(15);
-                __m512 acc = _mm512_setzero_ps();
-                for (; g < groups; g++) {
-                    __m512 part = _mm512_setzero_ps();
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+                for (int64_t g = 0; g < groups; g++) {
+                    __m512 p0 = _mm512_setzero_ps(), p1 = p0;
                     for (int64_t k = g * hg; k < (g + 1) * hg; k += 16) {
-                        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
-                        part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), _mm512_loadu_ps(e + k), part);
-                        part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_loadu_ps(o + k), part);
+                        __m512 ev = _mm512_loadu_ps(e + k), ov = _mm512_loadu_ps(o + k);
+                        __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r0 + k)));
+                        __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r1 + k)));
+                        p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q0, low)), ev, p0);
+                        p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q1, low)), ev, p1);
+                        p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q0, 4)), ov, p0);
+                        p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q1, 4)), ov, p1);
                     }
-                    acc = _mm512_fmadd_ps(part, _mm512_set1_ps(rsz[2 * g]), acc);
-                    total += (rsz[2 * g + 1] - 8.f * rsz[2 * g]) * sums[g];
+                    a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(s0[g]), a0);
+                    a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(s1[g]), a1);
                 }
-                total += _mm512_reduce_add_ps(acc);
+                __m512 c0 = _mm512_setzero_ps(), c1 = c0;
+                int64_t g = 0;
+                for (; g + 16 <= groups; g += 16) {
+                    __m512 sv = _mm512_loadu_ps(sums + g);
+                    c0 = _mm512_fmadd_ps(_mm512_loadu_ps(f0 + g), sv, c0);
+                    c1 = _mm512_fmadd_ps(_mm512_loadu_ps(f1 + g), sv, c1);
+                }
+                float t0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, c0)), t1 = _mm512_reduce_add_ps(_mm512_add_ps(a1, c1));
+                for (; g < groups; g++) {
+                    t0 += f0[g] * sums[g];
+                    t1 += f1[g] * sums[g];
+                }
+                y[b * rows + n] = t0;
+                y[b * rows + n + 1] = t1;
+                continue;
             }
 #endif
-            for (; g < groups; g++) {
-                float s = 0.f;
-                for (int64_t k = g * hg; k < (g + 1) * hg; k++) s += (float)(row[k] & 15) * e[k] + (float)(row[k] >> 4) * o[k];
-                total += rsz[2 * g] * s + (rsz[2 * g + 1] - 8.f * rsz[2 * g]) * sums[g];
+            for (int64_t r = n; r < n + 2 && r < rows; r++) {
+                const uint8_t *row = w + r * half;
+                float total = 0.f;
+                for (int64_t g = 0; g < groups; g++) {
+                    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t k = g * hg; k < (g + 1) * hg; k++)
+                        s += (float)(row[k] & 15) * e[k] + (float)(row[k] >> 4) * o[k];
+                    total += sc[r * groups + g] * s + offsets[r * groups + g] * sums[g];
+                }
+                y[b * rows + r] = total;
             }
-            y[b * rows + n] = total;
         }
     }
 }

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-ABI = 3  # LLAMA_NATIVE_ABI in native.c
+ABI = 4  # LLAMA_NATIVE_ABI in native.c
 FP32, INT8, INT4, BF16 = 0, 1, 2, 3  # llama_matrix kinds
 DTYPES = (torch.float32, torch.bfloat16)  # of a model's activations the step runs
 
@@ -138,7 +138,7 @@ def matrix(kernel, weight: Optional[torch.Tensor], keep: List) -> "_Matrix":
         keep += [q, scale]
         return _Matrix(INT8, q.shape[0], q.shape[1], 0, q.data_ptr(), scale.data_ptr())
     if isinstance(kernel, kernels.NativeInt4Linear):
-        q, sz = _checked(kernel.nibbles, torch.uint8), _checked(kernel.scale_zero, torch.float32)
+        q, sz = _checked(kernel.nibbles, torch.uint8), _checked(kernel.scale_offset, torch.float32)
         keep += [q, sz]
         return _Matrix(INT4, q.shape[0], 2 * q.shape[1], kernel.group_size, q.data_ptr(), sz.data_ptr())
     if kernel is not None:
