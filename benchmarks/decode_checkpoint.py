@@ -25,6 +25,9 @@ MODES = {
     "bf16": {"dtype": torch.bfloat16},
     "int8": {"quantize": "int8"},
     "int4": {"quantize": "int4"},
+    # quantized with bf16 activations: torch's kernels rather than the C step
+    "int8-bf16": {"quantize": "int8", "dtype": torch.bfloat16},
+    "int4-bf16": {"quantize": "int4", "dtype": torch.bfloat16},
 }
 
 

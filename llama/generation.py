@@ -249,8 +249,10 @@ class Llama:
 
         `quantize` ("int8" or "int4", with `group_size` 32, 64, 128 or 256
         for int4) quantizes the matrices tensor by tensor as they are read
-        (see `llama/quantization.py`); `dtype` then defaults to bf16, the dtype
-        of the activations, embeddings, norms and KV cache. A checkpoint
+        (see `llama/quantization.py`); `dtype`, the dtype of the activations,
+        embeddings, norms and KV cache, then defaults to fp32 on a CPU where the
+        C step (`llama/native.py`) is compiled, which reads the quantized
+        matrices itself, and to bf16 elsewhere. A checkpoint
         written by `python -m llama.quantize` loads as it was quantized.
 
         Every weight that loading copies (converts, slices or
