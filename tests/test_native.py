@@ -187,3 +187,17 @@ def test_bf16_model_runs_the_native_step_within_bf16_rounding(tiny_ckpt):
             assert (ours.argmax(-1) == eager.argmax(-1)).all()
             assert model.layers[-1].attention.cache_k.dtype == torch.bfloat16
             torch.testing.assert_close(model.layers[-1].attention.cache_k[:, :, pos], k, atol=0.05, rtol=0.02)
+
+
+def test_a_missing_library_is_named_in_the_reason(monkeypatch):
+    # As on a machine where pip install -e . found no C compiler (the build is optional).
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_reason", None)
+    monkeypatch.setattr(native, "library_path", lambda: None)
+    assert not native.available()
+    assert native.unavailable_reason() == (
+        "llama/native.c was not compiled (pip install -e . compiles it where a C compiler is found)"
+    )
+    from llama import kernels
+
+    assert kernels.choose_layout(torch.device("cpu"), torch.float32) == "transposed"
