@@ -22,6 +22,18 @@
 
 #define LLAMA_NATIVE_ABI 4
 
+/* Ask for the next block of rows while this one is summed: without it the compressed products
+   waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
+   int8 and bf16 read about twice as fast (benchmarks/NOTES.md). A hint: never faults, even past
+   the end of the matrix. `next` is the first row after this block, `rows_ahead` rows of `stride`. */
+#ifdef __AVX512F__
+#define LLAMA_PREFETCH_ROWS(next, stride, rows_ahead)                                                   \
+    do {                                                                                             \
+        for (int64_t ahead_ = 0; ahead_ < (rows_ahead); ahead_++)                                    \
+            _mm_prefetch((const char *)(next) + ahead_ * (stride), _MM_HINT_T0);                     \
+    } while (0)
+#endif
+
 /* One weight matrix [rows, cols] (Meta's [out, in]) as stored. Mirrored by llama/native.py's _Matrix.
    FP32: w float [rows, cols].
    INT8: w int8 [rows, cols]; scale float [rows]: w = q * scale[row] (per output channel, symmetric).
@@ -167,6 +179,7 @@ static void matvec_i8(const float *x, const int8_t *w, const float *scale, float
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
 #define LLAMA_I8(r) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((r) + k))))
                 for (int64_t k = 0; k < cols; k += 16) {
+                    if (b == 0 && (k & 63) == 0) LLAMA_PREFETCH_ROWS(r3 + cols + k, cols, 4);
                     __m512 xv = _mm512_loadu_ps(xb + k);
                     a0 = _mm512_fmadd_ps(LLAMA_I8(r0), xv, a0);
                     a1 = _mm512_fmadd_ps(LLAMA_I8(r1), xv, a1);
@@ -230,6 +243,7 @@ static void matvec_i4(const float *x, const uint8_t *w, const float *sc, float *
                 for (int64_t g = 0; g < groups; g++) {
                     __m512 p0 = _mm512_setzero_ps(), p1 = p0;
                     for (int64_t k = g * hg; k < (g + 1) * hg; k += 16) {
+                        if (b == 0 && (k & 63) == 0) LLAMA_PREFETCH_ROWS(r1 + half + k, half, 2);
                         __m512 ev = _mm512_loadu_ps(e + k), ov = _mm512_loadu_ps(o + k);
                         __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r0 + k)));
                         __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r1 + k)));
@@ -292,6 +306,7 @@ static void matvec_bf16(const float *x, const uint16_t *w, float *y, int64_t bat
                 const uint16_t *r0 = w + n * cols, *r1 = r0 + cols, *r2 = r1 + cols, *r3 = r2 + cols;
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                 for (int64_t k = 0; k < cols; k += 32) {
+                    if (b == 0) LLAMA_PREFETCH_ROWS(r3 + cols + k, cols * 2, 4);
                     __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
                     a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r0 + k), xv);
                     a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r1 + k), xv);
