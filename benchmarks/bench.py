@@ -764,6 +764,9 @@ def parse_args(argv=None):
         parser.error(f"--group-size must be one of {', '.join(map(str, quantization.GROUP_SIZES))}")
     if opts.ckpt_dir:
         opts.transformers = False
+        if opts.torch_kernels:
+            parser.error("--torch-kernels lays out random weights in memory: run it without --ckpt-dir "
+                         "(for a checkpoint, set LLAMA_NATIVE=0 instead)")
     if opts.llama2c:
         if opts.device.type != "cpu" or opts.dtypes != [torch.float32] or opts.ckpt_dir:
             parser.error("--llama2c compares fp32 on the CPU from random weights: run it without "

@@ -216,7 +216,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
-@torch.no_grad()  # else the copies would record an autograd graph that keeps the old weights alive
 def fuse_transposed(*layers: nn.Module, release: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """One (in_features, sum of out_features) matrix holding the layers' weights,
     transposed and side by side; each layer's `weight` becomes a view into it.
@@ -226,23 +225,9 @@ def fuse_transposed(*layers: nn.Module, release: Optional[Callable[[torch.Tensor
     CPU), while the parameters keep their names, shapes and values.
     `release`, if given, is called on each old weight once it is copied.
     """
-    weights = [layer.weight for layer in layers]
-    fused = torch.empty(
-        weights[0].shape[1], sum(w.shape[0] for w in weights), dtype=weights[0].dtype, device=weights[0].device
-    )
-    start = 0
-    for layer, weight in zip(layers, weights):
-        end = start + weight.shape[0]
-        fused[:, start:end].copy_(weight.t())
-        if release is not None:
-            release(weight)
-        # Inference only: the fused matrix is a plain buffer; its views need no grad.
-        layer.weight = nn.Parameter(fused[:, start:end].t(), requires_grad=False)
-        start = end
-    return fused
+    return _fuse(layers, release, transposed=True)
 
 
-@torch.no_grad()
 def fuse_rows(*layers: nn.Module, release: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """One (sum of out_features, in_features) matrix holding the layers' weights
     in Meta's layout, stacked by rows; each layer's `weight` becomes a view of
@@ -253,19 +238,27 @@ def fuse_rows(*layers: nn.Module, release: Optional[Callable[[torch.Tensor], Non
     matrix row by row; the copy lives in RAM, not in the checkpoint's mapped
     pages. `release`, if given, is called on each old weight once copied.
     """
+    return _fuse(layers, release, transposed=False)
+
+
+@torch.no_grad()  # else the copies would record an autograd graph that keeps the old weights alive
+def _fuse(layers, release, transposed: bool) -> torch.Tensor:
+    """The two above: memory stored as (in, sum of out) when `transposed`, else as
+    (sum of out, in); `rows` is the (sum of out, in) view of it either way."""
     weights = [layer.weight for layer in layers]
-    fused = torch.empty(
-        sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device
-    )
+    shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+    like = dict(dtype=weights[0].dtype, device=weights[0].device)
+    rows = torch.empty(shape[::-1], **like).t() if transposed else torch.empty(shape, **like)
     start = 0
     for layer, weight in zip(layers, weights):
         end = start + weight.shape[0]
-        fused[start:end].copy_(weight)
+        rows[start:end].copy_(weight)
         if release is not None:
             release(weight)
-        layer.weight = nn.Parameter(fused[start:end], requires_grad=False)
+        # Inference only: the fused matrix is a plain buffer; its views need no grad.
+        layer.weight = nn.Parameter(rows[start:end], requires_grad=False)
         start = end
-    return fused.t()
+    return rows.t()
 
 
 class Attention(nn.Module):

@@ -151,7 +151,7 @@ def matrix(kernel, weight: Optional[torch.Tensor], keep: List) -> "_Matrix":
     return _Matrix(kind, weight.shape[0], weight.shape[1], 0, weight.data_ptr(), None)
 
 
-def _slots(model, layer_or_model, slot: str):
+def _slot_contents(model, layer_or_model, slot: str):
     """(kernel module or None, fp32 [out, in] weight or None) of one slot of `model`."""
     kernel = getattr(layer_or_model, slot)
     if kernel is not None:
@@ -170,17 +170,15 @@ def supports(model) -> bool:
     """Whether `DecodeStep(model)` can run `model`: CPU, one rank, and either
     fp32 activations with every matrix fp32 in the native layout or int8 / int4
     in a kernel C reads, or bf16 throughout with the matrices in the native layout."""
+    from llama import kernels
+
     weight = model.tok_embeddings.weight
     if not (available() and model.model_parallel_size == 1 and weight.device.type == "cpu"
             and weight.dtype in DTYPES):
         return False
     try:
         keep: List = []
-        kinds = {matrix(*_slots(model, owner, slot), keep).kind
-                 for layer in model.layers
-                 for owner, slot in ((layer.attention, "qkv_kernel"), (layer.attention, "wo_kernel"),
-                                     (layer.feed_forward, "w13_kernel"), (layer.feed_forward, "w2_kernel"))}
-        kinds.add(matrix(*_slots(model, model, "output_kernel"), keep).kind)
+        kinds = {matrix(*_slot_contents(model, owner, slot), keep).kind for owner, slot, _ in kernels._slots(model)}
     except RuntimeError:
         return False
     return kinds == {BF16} if weight.dtype == torch.bfloat16 else BF16 not in kinds
@@ -236,12 +234,12 @@ class DecodeStep:
 
         def matrices(owner_of, slot) -> int:
             array = (_Matrix * len(model.layers))(
-                *[matrix(*_slots(model, owner_of(layer), slot), keep) for layer in model.layers]
+                *[matrix(*_slot_contents(model, owner_of(layer), slot), keep) for layer in model.layers]
             )
             keep.append(array)
             return ctypes.addressof(array)
 
-        output = matrix(*_slots(model, model, "output_kernel"), keep)
+        output = matrix(*_slot_contents(model, model, "output_kernel"), keep)
         keep.append(output)
         attention = model.layers[0].attention
         self._model = _Model(

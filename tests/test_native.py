@@ -149,7 +149,7 @@ def test_quantized_models_run_the_native_step_in_fp32(tiny_ckpt, mode):
     assert generator.generate([[1, 100, 200], [1, 5]], max_gen_len=12, temperature=0)[0] == ours
 
 
-def test_int8_prompts_run_the_c_product_with_fp32_activations():
+def test_int8_prompts_run_the_c_product_with_fp32_activations(monkeypatch):
     from llama.kernels import Int8Linear
 
     gen = torch.Generator().manual_seed(4)
@@ -161,11 +161,8 @@ def test_int8_prompts_run_the_c_product_with_fp32_activations():
     torch.testing.assert_close(kernel(x), want, atol=2e-5, rtol=2e-5)
     calls = []
     real = native.matmul
-    try:
-        native.matmul = lambda *args: calls.append(args) or real(*args)
-        kernel(x)
-    finally:
-        native.matmul = real
+    monkeypatch.setattr(native, "matmul", lambda *args: calls.append(args) or real(*args))
+    kernel(x)
     assert len(calls) == 1  # not torch._weight_int8pack_mm, ~6x slower with fp32 inputs
 
 
