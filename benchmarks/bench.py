@@ -436,7 +436,8 @@ def our_variants(opts) -> List:
         group = (opts.group_size or quantization.DEFAULT_GROUP_SIZE) if mode == "int4" else None
         dtype = quantization.default_dtype(opts.device)
         name = f"llama {mode}" + (f" g{group}" if group else "")
-        variants.append((name, dtype, {"quantize_mode": mode, "group_size": group}))
+        if opts.eager or not opts.compile:  # with --compile, the eager run only if asked (it holds its own copy)
+            variants.append((name, dtype, {"quantize_mode": mode, "group_size": group}))
         if opts.compile:
             variants.append((name + " compile=True", dtype, {"quantize_mode": mode, "group_size": group,
                                                         "compile": True}))

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# The real CUDA path on a GPU machine, in one call of under 8 minutes:
-#   1. the test suite's CUDA tests (NCCL under torchrun, fp16 and bf16, the
-#      compiled and the graphed decode steps);
-#   2. Llama-2-7B's shape, fp16 random weights made on the GPU (no checkpoint
-#      file), batch 1: ours eager, with cuda_graph=True and with compile=True,
-#      with the GPU's measured read bandwidth and each one's fraction of it;
-#   3. the same shape, ours eager and graphed against transformers, batch 1 and 8;
-#   4. the text-completion example under torchrun (NCCL, fp16 by default).
+# The real CUDA path on a GPU machine, in one call of under 9 minutes:
+#   1. Llama-2-7B's shape, random weights made on the GPU (no checkpoint
+#      file), batch 1, every run compiled (compile=True): ours in fp16 (the
+#      baseline), int8 and int4 (group 32, bf16 activations), with the GPU's
+#      measured read bandwidth and each one's fraction of its own ceiling;
+#   2. the test suite's CUDA tests (NCCL under torchrun, fp16 and bf16, the
+#      compiled and the graphed decode steps, int8 and int4);
+#   3. the text-completion example under torchrun (NCCL, fp16 by default).
 # Each stage has its own time limit, so one that hangs leaves the others
 # their time; every figure is printed as it is measured.
 #
 # Usage: bash benchmarks/gpu_check.sh
-# Results: $OUT (or ./gpu-results) gets the logs and bench-7b-*.json.
+# Results: $OUT (or ./gpu-results) gets the logs and bench-7b.json.
 # Missing packages travel as wheels in .whl/ (see benchmarks/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,13 +42,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/N
     [ "$rc" -eq 0 ] || status=1
 }
 
-stage tests 140 "$py" -m pytest -q -rs -p no:cacheprovider tests -k cuda
 # perf_hints: torch says here if it could not capture the step in a CUDA graph.
-stage bench-7b-compile 210 env TORCH_LOGS=perf_hints "$py" benchmarks/bench.py --shapes 7B --device cuda \
-    --dtype float16 --cuda-graph --compile --no-transformers --batch-sizes 1 \
-    --prompt-len 32 --gen-len 128 --runs 5 --json "$out/bench-7b-compile.json"
-stage bench-7b-eager 150 "$py" benchmarks/bench.py --shapes 7B --device cuda --dtype float16 \
-    --cuda-graph --batch-sizes 1,8 --prompt-len 32 --gen-len 64 --runs 3 --json "$out/bench-7b-eager.json"
+stage bench-7b 330 env TORCH_LOGS=perf_hints "$py" benchmarks/bench.py --shapes 7B --device cuda \
+    --dtype float16 --compile --no-eager --quantize int8,int4 --no-transformers --batch-sizes 1 \
+    --prompt-len 32 --gen-len 128 --runs 3 --json "$out/bench-7b.json"
+stage tests 180 "$py" -m pytest -q -rs -p no:cacheprovider tests -k cuda
 stage example 40 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 example_text_completion.py \
     --max_gen_len 16
 exit $status

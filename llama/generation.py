@@ -380,7 +380,9 @@ class Llama:
         serves every position (one compilation per batch size; the first call
         at each takes from seconds to minutes). On CPU it uses inductor's own
         matrix templates (`max_autotune`) on frozen weights; on CUDA it also
-        captures CUDA graphs (`mode="reduce-overhead"`). Prompts still run
+        captures CUDA graphs (`mode="reduce-overhead"`; int8 models also get
+        coordinate-descent tuning, which fuses their dequantization into the
+        one-row products). Prompts still run
         the eager forward. Raises ValueError under model parallelism, which
         the compiled step does not support.
 
@@ -444,7 +446,16 @@ class Llama:
     def _compile_decode_step(self) -> None:
         self._refuse_model_parallel("compile")
         if self.device.type == "cuda":
-            self._compiled_step = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+            # mode="reduce-overhead" (CUDA graphs), plus, for int8, inductor's
+            # coordinate-descent tuning: with it a one-row product is lowered to
+            # a fused multiply-and-sum, so the int8-to-bf16 conversion of the
+            # weights happens in registers inside it (without it the product is
+            # cuBLAS's, on a bf16 copy of each matrix written every step).
+            options = {"triton.cudagraphs": True}
+            quantization = getattr(self.model, "quantization", None)
+            if quantization is not None and quantization.mode == "int8":
+                options["coordinate_descent_tuning"] = True
+            self._compiled_step = torch.compile(self.model.forward, fullgraph=True, options=options)
         else:
             self._compiled_step = torch.compile(
                 self.model.forward, fullgraph=True, options={"max_autotune": True, "freezing": True}

@@ -110,7 +110,7 @@ class Int8Linear(nn.Module):
 
             if native.available():
                 # torch's int8 kernel is ~6x slower with fp32 inputs than the C product (prompts)
-                return native.matmul(self, x, self.out_features)
+                return native.matmul(self, x)
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -177,7 +177,7 @@ class NativeInt4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from llama import native
 
-        return native.matmul(self, x, self.out_features)
+        return native.matmul(self, x)
 
 
 def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:

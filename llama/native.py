@@ -184,17 +184,41 @@ def supports(model) -> bool:
     return kinds == {BF16} if weight.dtype == torch.bfloat16 else BF16 not in kinds
 
 
-def matmul(kernel, x: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x (..., in) times a kernel module's matrix, in C: the eager forward (prompts) of
-    the matrices only C reads (int4 for the native step)."""
+def matmul(kernel, x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) times an int8 or int4 kernel module's matrix, in C: the eager
+    forward (prompts) of the matrices only C reads. A custom op, so that
+    `torch.compile` keeps it as one opaque call."""
+    from llama import kernels
+
+    if isinstance(kernel, kernels.Int8Linear):
+        return torch.ops.llama.native_matmul(x, kernel.qweight, kernel.scale, INT8, 0)
+    if isinstance(kernel, kernels.NativeInt4Linear):
+        return torch.ops.llama.native_matmul(x, kernel.nibbles, kernel.scale_offset, INT4, kernel.group_size)
+    raise RuntimeError(f"the native product cannot read a {type(kernel).__name__}")
+
+
+@torch.library.custom_op("llama::native_matmul", mutates_args=())
+def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, kind: int, group: int) -> torch.Tensor:
+    """y (..., rows) = x (..., cols) W for an int8 (`kind` INT8: w int8 [rows, cols], scale fp32 [rows])
+    or int4 (INT4: w uint8 [rows, cols / 2], scale fp32 [2, rows, cols / group]) matrix."""
     lib = _load()
-    keep: List = []
-    desc = matrix(kernel, None, keep)
+    if lib is None:
+        raise RuntimeError(f"the native product is not available: {unavailable_reason()}")
+    w, scale = _checked(w, torch.int8 if kind == INT8 else torch.uint8), _checked(scale, torch.float32)
+    rows, cols = w.shape[0], w.shape[1] * (2 if kind == INT4 else 1)
+    desc = _Matrix(kind, rows, cols, group, w.data_ptr(), scale.data_ptr())
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    if x2.shape[1] != cols:
+        raise ValueError(f"input of {x2.shape[1]} features for a matrix of {cols} columns")
+    y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
     work = torch.empty(lib.llama_matmul_scratch_floats(x2.shape[0], x2.shape[1]), dtype=torch.float32)
     lib.llama_matmul(ctypes.byref(desc), x2.data_ptr(), y.data_ptr(), x2.shape[0], work.data_ptr())
-    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+    return y.view(*x.shape[:-1], rows).to(x.dtype)
+
+
+@_native_matmul.register_fake
+def _(x, w, scale, kind, group):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 class DecodeStep:

@@ -57,3 +57,28 @@ def test_torchrun_on_the_gpu_uses_nccl_and_matches_one_process(tiny_ckpt, tiny_c
         assert result["greedy"] == here["greedy"] and result["sampled"] == here["sampled"]
     else:  # fp16 over two ranks sums in another order: a near tie may flip late
         assert [row[:3] for row in result["greedy"]] == [row[:3] for row in here["greedy"]]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_modes_on_the_gpu_track_the_cpu_kernels(tiny_ckpt, mode):
+    gpu = build(tiny_ckpt, quantize=mode)  # bf16 activations, the CUDA default
+    assert gpu.model.tok_embeddings.weight.dtype == torch.bfloat16
+    kernel = gpu.model.layers[0].attention.qkv_kernel
+    assert next(kernel.buffers()).device.type == "cuda"
+    cpu = build(tiny_ckpt, device="cpu", dtype=torch.float32, quantize=mode)  # the same quantized values
+    tokens = torch.tensor([GOLDEN_PROMPTS[0]])
+    with torch.inference_mode():
+        diff = gpu.model.forward(tokens.cuda(), 0).float().cpu() - cpu.model.forward(tokens, 0)
+    assert diff.abs().max() < 0.25  # bf16 activations against fp32 ones, on the same weights
+    got, _ = gpu.generate(GOLDEN_PROMPTS, max_gen_len=8, temperature=0)
+    expected, _ = cpu.generate(GOLDEN_PROMPTS, max_gen_len=8, temperature=0)
+    assert [row[:3] for row in got] == [row[:3] for row in expected]
+    # The compiled step (int8: dequantization fused into the one-row products) decodes the same.
+    compiled = build(tiny_ckpt, quantize=mode, compile=True)
+    got_compiled, _ = compiled.generate(GOLDEN_PROMPTS, max_gen_len=8, temperature=0)
+    assert [row[:3] for row in got_compiled] == [row[:3] for row in got]
+
+
+def test_int4_on_the_gpu_names_the_activation_dtype_it_needs(tiny_ckpt):
+    with pytest.raises(ValueError, match="takes bfloat16 activations"):
+        build(tiny_ckpt, quantize="int4", dtype=torch.float16)

@@ -176,3 +176,15 @@ def test_int4_cpu_packing_in_row_blocks_equals_packing_whole():
     kernel = kernels.Int4Linear(nibbles, scale, zero, 32, torch.float32)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(kernels.unpack_nibbles(nibbles).to(torch.int32), 1)
     assert torch.equal(kernel.packed, whole)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_step_of_a_quantized_model_decodes_as_the_c_step(tiny_ckpt, mode):
+    # The C products are a custom op (llama::native_matmul) that torch.compile keeps whole;
+    # as a plain ctypes call, fullgraph tracing refused them.
+    compiled = build(tiny_ckpt, quantize=mode, compile=True)
+    eager = build(tiny_ckpt, quantize=mode)
+    prompts = [[1, 5, 6, 7], [1, 9, 10]]
+    got, _ = compiled.generate(prompts, max_gen_len=6, temperature=0)
+    want, _ = eager.generate(prompts, max_gen_len=6, temperature=0)
+    assert got == want
