@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The real CUDA path on a GPU machine, in one call of under 9 minutes:
+# The real CUDA path on a GPU machine, in one call of under 10 minutes:
 #   1. Llama-2-7B's shape, random weights made on the GPU (no checkpoint
 #      file), batch 1, every run compiled (compile=True): ours in fp16 (the
 #      baseline), int8 and int4 (group 32, bf16 activations), with the GPU's
 #      measured read bandwidth and each one's fraction of its own ceiling;
 #   2. the test suite's CUDA tests (NCCL under torchrun, fp16 and bf16, the
 #      compiled and the graphed decode steps, int8 and int4);
-#   3. the text-completion example under torchrun (NCCL, fp16 by default).
+#   3. which int8 / int4 product is fastest on one block's matrices
+#      (benchmarks/gpu_quant_kernels.py);
+#   4. the text-completion example under torchrun (NCCL, fp16 by default).
 # Each stage has its own time limit, so one that hangs leaves the others
 # their time; every figure is printed as it is measured.
 #
@@ -43,10 +45,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/N
 }
 
 # perf_hints: torch says here if it could not capture the step in a CUDA graph.
-stage bench-7b 330 env TORCH_LOGS=perf_hints "$py" benchmarks/bench.py --shapes 7B --device cuda \
+stage bench-7b 300 env TORCH_LOGS=perf_hints "$py" benchmarks/bench.py --shapes 7B --device cuda \
     --dtype float16 --compile --no-eager --quantize int8,int4 --no-transformers --batch-sizes 1 \
     --prompt-len 32 --gen-len 128 --runs 3 --json "$out/bench-7b.json"
-stage tests 180 "$py" -m pytest -q -rs -p no:cacheprovider tests -k cuda
+stage tests 150 "$py" -m pytest -q -rs -p no:cacheprovider tests -k cuda
+stage quant-kernels 90 "$py" benchmarks/gpu_quant_kernels.py
 stage example 40 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 example_text_completion.py \
     --max_gen_len 16
 exit $status
