@@ -3,6 +3,7 @@
 import contextlib
 import numbers
 import operator
+import sys
 import threading
 import time
 import weakref
@@ -405,6 +406,12 @@ class Llama:
             # a quantized model's kernels are its layout already.
             kernels.prepare(model, kernels.choose_layout(device, dtype, fast_layout=fast_layout))
         model.eval()
+        quantized = getattr(model, "quantization", None)
+        if device.type == "cuda" and quantized is not None and quantized.mode == "int8" and not compile:
+            # The int8 product is fused only when compiled: say so rather than run slowly unannounced.
+            if distributed.is_first_rank():
+                print("llama: int8 on CUDA is fast with compile=True; without it each step converts every matrix "
+                      "to bf16 first (slower than fp16)", file=sys.stderr)
         generator = Llama(model, tokenizer)
         if not compile and native.supports(model):
             generator._native_step = native.DecodeStep(model)
@@ -452,8 +459,8 @@ class Llama:
             # weights happens in registers inside it (without it the product is
             # cuBLAS's, on a bf16 copy of each matrix written every step).
             options = {"triton.cudagraphs": True}
-            quantization = getattr(self.model, "quantization", None)
-            if quantization is not None and quantization.mode == "int8":
+            quantized = getattr(self.model, "quantization", None)
+            if quantized is not None and quantized.mode == "int8":
                 options["coordinate_descent_tuning"] = True
             self._compiled_step = torch.compile(self.model.forward, fullgraph=True, options=options)
         else:

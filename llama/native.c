@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 4
+#define LLAMA_NATIVE_ABI 5
 
 /* Ask for the next block of rows while this one is summed: without it the compressed products
    waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
@@ -37,9 +37,11 @@
 /* One weight matrix [rows, cols] (Meta's [out, in]) as stored. Mirrored by llama/native.py's _Matrix.
    FP32: w float [rows, cols].
    INT8: w int8 [rows, cols]; scale float [rows]: w = q * scale[row] (per output channel, symmetric).
-   INT4: w uint8 [rows, cols / 2], two values a byte, the even column in the low nibble;
-         scale float [2, rows, cols / group]: each group's scale, then its offset = zero - 8 scale:
-         w = (q - 8) * scale + zero = q * scale + offset.
+   INT4: w uint8 records, in tiles of 16 rows (the last tile padded with zero rows): for each tile,
+         for each group of `group` inputs, one record of group * 8 + 64 bytes: group / 2 * 16 bytes
+         of values (byte 16 p + j: row j's value at the group's input 2 p in the low nibble, at
+         2 p + 1 in the high one), then the 16 rows' scales and their offsets = zero - 8 scale, as
+         fp16: w = (q - 8) * scale + zero = q * scale + offset. scale unused.
    BF16: w bf16 [rows, cols] (as uint16); only in a bf16 model (bf16 below). */
 enum { LLAMA_FP32 = 0, LLAMA_INT8 = 1, LLAMA_INT4 = 2, LLAMA_BF16 = 3 };
 typedef struct {
@@ -206,86 +208,133 @@ static void matvec_i8(const float *x, const int8_t *w, const float *scale, float
     }
 }
 
-/* int4: y = sum over groups of scale * dot(q, x_g) + sum over groups of offset * sum(x_g), where
-   offset = zero - 8 scale (so that (q - 8) scale + zero = q scale + offset). x is split once into
-   even and odd columns (xe, xo: [batch, cols / 2]) to meet the low and high nibbles, and each
-   group's sum of x taken once (xs: [batch, cols / group]). sc: [2, rows, groups], scales then
-   offsets. Two rows at a time share the loads of x. */
-static void matvec_i4(const float *x, const uint8_t *w, const float *sc, float *y, int64_t batch, int64_t rows,
-                      int64_t cols, int64_t group, float *work) {
-    const int64_t half = cols / 2, groups = cols / group, hg = group / 2;
-    const float *offsets = sc + rows * groups;
-    float *xe = work, *xo = xe + batch * half, *xs = xo + batch * half;
-    for (int64_t b = 0; b < batch; b++) {
-        const float *xb = x + b * cols;
-        for (int64_t k = 0; k < half; k++) {
-            xe[b * half + k] = xb[2 * k];
-            xo[b * half + k] = xb[2 * k + 1];
+/* int4 in tiles of 16 rows (the layout is described at LLAMA_INT4). Each output lane of a vector
+   is one row of the tile, so a group's scale and offset apply to 16 rows with one multiply-add and
+   no horizontal sums; each input is broadcast once for four tiles (64 rows), which keeps the reads
+   of x low where x is long (w2); a nibble becomes a float by a table lookup (vpermps reads the low
+   four bits of its index, so the low nibble needs no mask). Per group:
+   y += scale * sum_k q_k x_k + offset * sum_k x_k, the sums of x taken once per group (xs). */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (mant << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        u = sign;
+    } else {  /* subnormal: normalise */
+        exp = 113;
+        while (!(mant & 0x400u)) {
+            mant <<= 1;
+            exp--;
         }
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) s += xb[k];
-            xs[b * groups + g] = s;
+        u = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#define LLAMA_I4_RECORD(group) ((group) * 8 + 64)
+
+/* Bytes of the int4 records read ahead of the group being summed (about four records at group 32). */
+#define LLAMA_I4_AHEAD 1280
+
+#ifdef __AVX512F__
+/* Tiles tile .. tile + nt - 1 for one row b of x (nt a constant 1 or 4 once inlined: the arrays
+   below are then registers). */
+static inline __attribute__((always_inline)) void i4_tiles_avx512(const uint8_t *w, int64_t tile, const int nt,
+                                                                  int64_t rows, int64_t groups, int64_t group,
+                                                                  const float *xb, const float *xsb, float *yb,
+                                                                  int prefetch) {
+    const int64_t record = LLAMA_I4_RECORD(group), tile_bytes = groups * record, pairs = group / 2;
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 acc[4];
+    for (int i = 0; i < nt; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *r[4];
+        for (int i = 0; i < nt; i++) r[i] = w + (tile + i) * tile_bytes + g * record;
+        if (prefetch)
+            for (int64_t line = 0; line < record; line += 64)
+                for (int i = 0; i < nt; i++) _mm_prefetch((const char *)r[i] + LLAMA_I4_AHEAD + line, _MM_HINT_T0);
+        const float *xg = xb + g * group;
+        __m512 even[4], odd[4];
+        for (int i = 0; i < nt; i++) even[i] = odd[i] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pairs; p++) {
+            const __m512 xe = _mm512_set1_ps(xg[2 * p]), xo = _mm512_set1_ps(xg[2 * p + 1]);
+            for (int i = 0; i < nt; i++) {
+                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r[i] + 16 * p)));
+                even[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, table), xe, even[i]);
+                odd[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), xo, odd[i]);
+            }
+        }
+        const __m512 sum = _mm512_set1_ps(xsb[g]);
+        for (int i = 0; i < nt; i++) {
+            const __m256i *scale_offset = (const __m256i *)(r[i] + 8 * group);
+            acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), _mm512_cvtph_ps(_mm256_loadu_si256(scale_offset)),
+                                     acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(scale_offset + 1)), sum, acc[i]);
         }
     }
-    const int64_t pairs = (rows + 1) / 2;
-#pragma omp parallel for schedule(static)
-    for (int64_t pair = 0; pair < pairs; pair++) {
-        const int64_t n = 2 * pair;
-        for (int64_t b = 0; b < batch; b++) {
-            const float *e = xe + b * half, *o = xo + b * half, *sums = xs + b * groups;
-#ifdef __AVX512F__
-            if (n + 2 <= rows && hg % 16 == 0) {
-                const uint8_t *r0 = w + n * half, *r1 = r0 + half;
-                const float *s0 = sc + n * groups, *s1 = s0 + groups;
-                const float *f0 = offsets + n * groups, *f1 = f0 + groups;
-                const __m512i low = _mm512_set1_epi32(15);
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-                for (int64_t g = 0; g < groups; g++) {
-                    __m512 p0 = _mm512_setzero_ps(), p1 = p0;
-                    for (int64_t k = g * hg; k < (g + 1) * hg; k += 16) {
-                        if (b == 0 && (k & 63) == 0) LLAMA_PREFETCH_ROWS(r1 + half + k, half, 2);
-                        __m512 ev = _mm512_loadu_ps(e + k), ov = _mm512_loadu_ps(o + k);
-                        __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r0 + k)));
-                        __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r1 + k)));
-                        p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q0, low)), ev, p0);
-                        p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q1, low)), ev, p1);
-                        p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q0, 4)), ov, p0);
-                        p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q1, 4)), ov, p1);
-                    }
-                    a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(s0[g]), a0);
-                    a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(s1[g]), a1);
-                }
-                __m512 c0 = _mm512_setzero_ps(), c1 = c0;
-                int64_t g = 0;
-                for (; g + 16 <= groups; g += 16) {
-                    __m512 sv = _mm512_loadu_ps(sums + g);
-                    c0 = _mm512_fmadd_ps(_mm512_loadu_ps(f0 + g), sv, c0);
-                    c1 = _mm512_fmadd_ps(_mm512_loadu_ps(f1 + g), sv, c1);
-                }
-                float t0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, c0)), t1 = _mm512_reduce_add_ps(_mm512_add_ps(a1, c1));
-                for (; g < groups; g++) {
-                    t0 += f0[g] * sums[g];
-                    t1 += f1[g] * sums[g];
-                }
-                y[b * rows + n] = t0;
-                y[b * rows + n + 1] = t1;
-                continue;
-            }
+    for (int i = 0; i < nt; i++) {
+        int64_t first = (tile + i) * 16, valid = rows - first < 16 ? rows - first : 16;
+        _mm512_mask_storeu_ps(yb + first, (__mmask16)((1u << valid) - 1u), acc[i]);
+    }
+}
 #endif
-            for (int64_t r = n; r < n + 2 && r < rows; r++) {
-                const uint8_t *row = w + r * half;
-                float total = 0.f;
-                for (int64_t g = 0; g < groups; g++) {
-                    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t k = g * hg; k < (g + 1) * hg; k++)
-                        s += (float)(row[k] & 15) * e[k] + (float)(row[k] >> 4) * o[k];
-                    total += sc[r * groups + g] * s + offsets[r * groups + g] * sums[g];
+
+/* Tiles tile .. tile + nt - 1 (nt 1 or 4) for one row b of x: y[n] for their rows below `rows`. */
+static void i4_tiles(const uint8_t *w, int64_t tile, int nt, int64_t rows, int64_t groups, int64_t group,
+                     const float *xb, const float *xsb, float *yb, int prefetch) {
+#ifdef __AVX512F__
+    if (nt == 4)
+        i4_tiles_avx512(w, tile, 4, rows, groups, group, xb, xsb, yb, prefetch);
+    else
+        for (int i = 0; i < nt; i++) i4_tiles_avx512(w, tile + i, 1, rows, groups, group, xb, xsb, yb, prefetch);
+    return;
+#endif
+    const int64_t record = LLAMA_I4_RECORD(group), tile_bytes = groups * record, pairs = group / 2;
+    (void)prefetch;
+    for (int i = 0; i < nt; i++) {
+        const uint8_t *t = w + (tile + i) * tile_bytes;
+        float acc[16] = {0};
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *r = t + g * record;
+            const uint16_t *scale = (const uint16_t *)(r + 8 * group), *offset = scale + 16;
+            const float *xg = xb + g * group;
+            for (int j = 0; j < 16; j++) {
+                float s = 0.f;
+                for (int64_t p = 0; p < pairs; p++) {
+                    uint8_t q = r[16 * p + j];
+                    s += (float)(q & 15) * xg[2 * p] + (float)(q >> 4) * xg[2 * p + 1];
                 }
-                y[b * rows + r] = total;
+                acc[j] += half_to_float(scale[j]) * s + half_to_float(offset[j]) * xsb[g];
             }
         }
+        for (int j = 0; j < 16 && (tile + i) * 16 + j < rows; j++) yb[(tile + i) * 16 + j] = acc[j];
+    }
+}
+
+static void matvec_i4(const float *x, const uint8_t *w, float *y, int64_t batch, int64_t rows, int64_t cols,
+                      int64_t group, float *work) {
+    const int64_t groups = cols / group, tiles = (rows + 15) / 16, blocks = tiles / 4;
+    float *xs = work;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += x[b * cols + k];
+            xs[b * groups + g] = s;
+        }
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t blk = 0; blk < blocks; blk++)
+            for (int64_t b = 0; b < batch; b++)
+                i4_tiles(w, 4 * blk, 4, rows, groups, group, x + b * cols, xs + b * groups, y + b * rows, b == 0);
+#pragma omp for schedule(static)
+        for (int64_t t = 4 * blocks; t < tiles; t++)
+            for (int64_t b = 0; b < batch; b++)
+                i4_tiles(w, t, 1, rows, groups, group, x + b * cols, xs + b * groups, y + b * rows, b == 0);
     }
 }
 
@@ -336,7 +385,7 @@ static void matvec_bf16(const float *x, const uint16_t *w, float *y, int64_t bat
 static void matvec(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work) {
     switch (m->kind) {
     case LLAMA_INT8: matvec_i8(x, (const int8_t *)m->w, m->scale, y, batch, m->rows, m->cols); break;
-    case LLAMA_INT4: matvec_i4(x, (const uint8_t *)m->w, m->scale, y, batch, m->rows, m->cols, m->group, work); break;
+    case LLAMA_INT4: matvec_i4(x, (const uint8_t *)m->w, y, batch, m->rows, m->cols, m->group, work); break;
     case LLAMA_BF16: matvec_bf16(x, (const uint16_t *)m->w, y, batch, m->rows, m->cols, work); break;
     default: matvec_f32(x, (const float *)m->w, y, batch, m->rows, m->cols);
     }

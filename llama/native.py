@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-ABI = 4  # LLAMA_NATIVE_ABI in native.c
+ABI = 5  # LLAMA_NATIVE_ABI in native.c
 FP32, INT8, INT4, BF16 = 0, 1, 2, 3  # llama_matrix kinds
 DTYPES = (torch.float32, torch.bfloat16)  # of a model's activations the step runs
 
@@ -138,9 +138,9 @@ def matrix(kernel, weight: Optional[torch.Tensor], keep: List) -> "_Matrix":
         keep += [q, scale]
         return _Matrix(INT8, q.shape[0], q.shape[1], 0, q.data_ptr(), scale.data_ptr())
     if isinstance(kernel, kernels.NativeInt4Linear):
-        q, sz = _checked(kernel.nibbles, torch.uint8), _checked(kernel.scale_offset, torch.float32)
-        keep += [q, sz]
-        return _Matrix(INT4, q.shape[0], 2 * q.shape[1], kernel.group_size, q.data_ptr(), sz.data_ptr())
+        packed = _checked(kernel.packed, torch.uint8)
+        keep.append(packed)
+        return _Matrix(INT4, kernel.out_features, kernel.in_features, kernel.group_size, packed.data_ptr(), None)
     if kernel is not None:
         raise RuntimeError(f"the native step cannot read a {type(kernel).__name__}")
     if weight is None:
@@ -191,22 +191,30 @@ def matmul(kernel, x: torch.Tensor) -> torch.Tensor:
     from llama import kernels
 
     if isinstance(kernel, kernels.Int8Linear):
-        return torch.ops.llama.native_matmul(x, kernel.qweight, kernel.scale, INT8, 0)
+        return torch.ops.llama.native_matmul(x, kernel.qweight, kernel.scale, INT8, 0, kernel.out_features)
     if isinstance(kernel, kernels.NativeInt4Linear):
-        return torch.ops.llama.native_matmul(x, kernel.nibbles, kernel.scale_offset, INT4, kernel.group_size)
+        return torch.ops.llama.native_matmul(x, kernel.packed, kernel.packed, INT4, kernel.group_size,
+                                             kernel.out_features)
     raise RuntimeError(f"the native product cannot read a {type(kernel).__name__}")
 
 
 @torch.library.custom_op("llama::native_matmul", mutates_args=())
-def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, kind: int, group: int) -> torch.Tensor:
-    """y (..., rows) = x (..., cols) W for an int8 (`kind` INT8: w int8 [rows, cols], scale fp32 [rows])
-    or int4 (INT4: w uint8 [rows, cols / 2], scale fp32 [2, rows, cols / group]) matrix."""
+def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, kind: int, group: int,
+                   rows: int) -> torch.Tensor:
+    """y (..., rows) = x (..., cols) W for an int8 matrix (`kind` INT8: w int8 [rows, cols], scale
+    fp32 [rows]) or an int4 one (INT4: w `NativeInt4Linear.packed`, scale unused)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the native product is not available: {unavailable_reason()}")
-    w, scale = _checked(w, torch.int8 if kind == INT8 else torch.uint8), _checked(scale, torch.float32)
-    rows, cols = w.shape[0], w.shape[1] * (2 if kind == INT4 else 1)
-    desc = _Matrix(kind, rows, cols, group, w.data_ptr(), scale.data_ptr())
+    if kind == INT8:
+        w, scale = _checked(w, torch.int8), _checked(scale, torch.float32)
+        cols, scale_ptr = w.shape[1], scale.data_ptr()
+    else:
+        w = _checked(w, torch.uint8)
+        if w.dim() != 3 or w.shape[2] != 8 * group + 64 or not 0 <= 16 * w.shape[0] - rows < 16:
+            raise ValueError(f"int4 records of shape {tuple(w.shape)} do not hold {rows} rows in groups of {group}")
+        cols, scale_ptr = w.shape[1] * group, None
+    desc = _Matrix(kind, rows, cols, group, w.data_ptr(), scale_ptr)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     if x2.shape[1] != cols:
         raise ValueError(f"input of {x2.shape[1]} features for a matrix of {cols} columns")
@@ -217,8 +225,8 @@ def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, kind: 
 
 
 @_native_matmul.register_fake
-def _(x, w, scale, kind, group):
-    return x.new_empty(*x.shape[:-1], w.shape[0])
+def _(x, w, scale, kind, group, rows):
+    return x.new_empty(*x.shape[:-1], rows)
 
 
 class DecodeStep:

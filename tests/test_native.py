@@ -125,9 +125,15 @@ def test_native_int4_product_is_the_dequantized_product(group, rows):
     zero = torch.randn(out_features, in_features // group, generator=gen) * 0.1
     nibbles = q[:, 0::2] | (q[:, 1::2] << 4)
     kernel = NativeInt4Linear(nibbles, scale, zero, group)
-    weight = ((q.float() - 8).view(out_features, -1, group) * scale[..., None] + zero[..., None]).view(out_features, -1)
+    # The kernel keeps each group's scale and offset (zero - 8 scale) in fp16: w = q scale + offset.
+    scale16, offset16 = scale.half().float(), (zero - 8 * scale).half().float()
+    weight = (q.float().view(out_features, -1, group) * scale16[..., None] + offset16[..., None]).view(out_features, -1)
     x = torch.randn(rows, 3, in_features, generator=gen)
     torch.testing.assert_close(kernel(x), torch.nn.functional.linear(x, weight), atol=2e-5, rtol=2e-5)
+    # ... which moves a weight by at most fp16's rounding of q scale and of the offset (2^-11 of each)
+    exact = ((q.float() - 8).view(out_features, -1, group) * scale[..., None] + zero[..., None]).view(out_features, -1)
+    bound = 2**-11 * (15 * scale + (zero - 8 * scale).abs()).repeat_interleave(group, dim=1)
+    assert ((weight - exact).abs() <= bound * 1.01).all()
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -198,3 +204,40 @@ def test_a_missing_library_is_named_in_the_reason(monkeypatch):
     from llama import kernels
 
     assert kernels.choose_layout(torch.device("cpu"), torch.float32) == "transposed"
+
+
+def build_portable_library(out) -> None:
+    """native.c compiled without -march=native (on x86-64, for the baseline x86-64: no AVX-512), so
+    the plain C loops that machines without AVX-512 run are checked on this one too."""
+    import platform
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "no C compiler, yet the library was compiled"
+    flags = ["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else []
+    subprocess.run([compiler, "-O2", "-std=c11", "-fopenmp", "-fPIC", "-shared", *flags,
+                    str(REPO / "llama" / "native.c"), "-o", str(out)], check=True)
+
+
+@pytest.mark.parametrize("options", [{}, {"dtype": torch.bfloat16}, {"quantize": "int8"},
+                                     {"quantize": "int4"}], ids=["fp32", "bf16", "int8", "int4"])
+def test_the_portable_loops_compute_what_the_vector_ones_do(tiny_ckpt, tmp_path, monkeypatch, options):
+    def steps():
+        generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32,
+                                max_batch_size=2, **options)
+        assert isinstance(generator._native_step, native.DecodeStep)
+        tokens = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(7))
+        with torch.inference_mode():
+            out = [generator.model.forward(tokens[:, :5], 0)[:, -1]]  # prompts: int8 and int4 in C too
+            out += [generator._native_step(tokens[:, p : p + 1], p)[:, -1] for p in range(5, 8)]
+        return torch.stack(out).float()
+
+    vector = steps()
+    portable = tmp_path / "_native_portable.so"
+    build_portable_library(portable)
+    monkeypatch.setattr(native, "library_path", lambda: portable)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_reason", None)
+    assert native._load()._name == str(portable)
+    # The same sums in another order (bf16: rounded to bf16 at the same places, within a few bf16 steps)
+    torch.testing.assert_close(steps(), vector, atol=0.1 if options.get("dtype") else 1e-4, rtol=0)
