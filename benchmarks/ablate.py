@@ -2,9 +2,11 @@
 
     python benchmarks/ablate.py main HEAD                 # the reference-style code against now
     python benchmarks/ablate.py main HEAD --shape 15M --batch 8 --rounds 7
+    python benchmarks/ablate.py 5b078ad HEAD --quantize int4     # quantized while loading, each revision's way
 
 Each revision's `llama/` package is exported (`git archive`) to a temporary
-folder; every round runs each revision once, in its own process and in turn,
+folder, with its `llama/native.c` (where it has one) compiled there as
+setup.py compiles it; every round runs each revision once, in its own process and in turn,
 so that the load of a busy machine falls on all of them alike. A run builds
 the shape from the same seeded random weights, warms up, then times greedy
 decoding through the revision's own `generate` loop. Prints the median
@@ -32,13 +34,23 @@ from llama.model import ModelArgs, Transformer
 from llama.tiny import random_weights
 from llama.tokenizer import Tokenizer
 
-shape, batch, prompt_len, gen_len, threads, tokenizer_path, options = json.loads(sys.argv[1])
+shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 args = ModelArgs(**shape, max_seq_len=prompt_len + gen_len, max_batch_size=batch)
 distributed.init_distributed(torch.device("cpu"), 1)
 with checkpoint.init_on_meta():
     model = Transformer(args)
-checkpoint.load_into(model, random_weights(args, seed=0), torch.device("cpu"), torch.float32, source="random")
+if quantize:  # as bench.py does: quantized from the fp32 values, in the revision's default dtype
+    from llama import quantization
+    config = quantization.make_config(quantize)
+    dtype = quantization.default_dtype(torch.device("cpu"))
+    state, parts = random_weights(args, seed=0), {}
+    convert = quantization.converter(config, dtype, 1)
+    for key in list(state):
+        parts.update(convert(key, state.pop(key), None))
+    quantization.install(model, parts, config, torch.device("cpu"), dtype)
+else:
+    checkpoint.load_into(model, random_weights(args, seed=0), torch.device("cpu"), torch.float32, source="random")
 tokenizer = Tokenizer(tokenizer_path)
 if hasattr(Llama, "from_model"):
     generator = Llama.from_model(model, tokenizer, **options)
@@ -66,6 +78,13 @@ def export(rev: str, into: Path) -> Path:
     folder.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "llama"], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    source = folder / "llama" / "native.c"
+    if source.is_file():  # the revision's C step, built with setup.py's flags
+        import sysconfig
+
+        target = folder / "llama" / ("_native" + sysconfig.get_config_var("EXT_SUFFIX"))
+        subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-fopenmp", "-std=c11", "-shared",
+                        "-fPIC", str(source), "-o", str(target)], check=True)
     return folder
 
 
@@ -81,6 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="build the revisions that accept it with compile=True")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="quantize the weights (revisions that have llama/quantization.py)")
     opts = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +113,8 @@ def main(argv=None) -> int:
             train_tokenizer(tokenizer)
         folders = {rev: export(rev, Path(tmp)) for rev in opts.revs}
         options = {"compile": True} if opts.compile else {}
-        job = [SHAPES[opts.shape], opts.batch, opts.prompt_len, opts.gen_len, opts.threads, str(tokenizer), options]
+        job = [SHAPES[opts.shape], opts.batch, opts.prompt_len, opts.gen_len, opts.threads, str(tokenizer), options,
+               opts.quantize]
         steps = {rev: [] for rev in opts.revs}
         for round_ in range(opts.rounds):
             for rev, folder in folders.items():
@@ -105,7 +127,8 @@ def main(argv=None) -> int:
             print(f"round {round_ + 1}: " + ", ".join(f"{r} {1e3 * s[-1]:.1f} ms" for r, s in steps.items()), flush=True)
 
     base = statistics.median(steps[opts.revs[0]])
-    print(f"\n{opts.shape}, batch {opts.batch}, {opts.threads} threads, median of {opts.rounds} rounds")
+    print(f"\n{opts.shape}{' ' + opts.quantize if opts.quantize else ''}, batch {opts.batch}, {opts.threads} threads, "
+          f"median of {opts.rounds} rounds")
     for rev in opts.revs:
         median = statistics.median(steps[rev])
         print(f"{rev:>12}: {1e3 * median:7.2f} ms/step  {opts.batch / median:7.1f} tok/s  {base / median:5.2f}x")

@@ -19,6 +19,10 @@ fp32 build on the same fixed token sequences:
 
 Free-running greedy text diverges after the first near-tie and then stays
 apart, so the teacher-forced figures are the ones that measure the error.
+
+"bf16-weights" is a diagnosis rather than a mode: the fp32 model with every
+weight rounded to bf16 (activations, norms and cache in fp32), which parts
+bf16's error into what its weights and what its activations contribute.
 """
 
 import argparse
@@ -48,7 +52,7 @@ SHAPES = {
 import os  # noqa: E402
 
 LLAMA2_TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER") or REPO.parent / "shared" / "data" / "llama2-tokenizer.model")
-ALL_MODES = ["bf16", "int8", "int8-keep-output", "int4-32", "int4-64", "int4-128", "int4-256", "int4-64-keep-output"]
+ALL_MODES = ["bf16", "bf16-weights", "int8", "int8-keep-output", "int4-32", "int4-64", "int4-128", "int4-256", "int4-64-keep-output"]
 
 
 def mode_build(mode: str, ckpt: Path, workdir: Path) -> dict:
@@ -57,6 +61,17 @@ def mode_build(mode: str, ckpt: Path, workdir: Path) -> dict:
         return dict(ckpt=ckpt, dtype=torch.float32)
     if mode == "bf16":
         return dict(ckpt=ckpt, dtype=torch.bfloat16)
+    if mode == "bf16-weights":  # fp32 weights rounded to bf16 and back, run in fp32
+        dst = workdir / mode
+        if not dst.is_dir():
+            dst.mkdir()
+            for path in ckpt.iterdir():
+                if path.suffix == ".pth":
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    torch.save({k: v.to(torch.bfloat16).float() for k, v in state.items()}, dst / path.name)
+                else:
+                    shutil.copyfile(path, dst / path.name)
+        return dict(ckpt=dst, dtype=torch.float32)
     parts = mode.split("-")
     kind, group = parts[0], int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
     if mode.endswith("keep-output"):
