@@ -34,7 +34,7 @@ from llama.model import ModelArgs, Transformer
 from llama.tiny import random_weights
 from llama.tokenizer import Tokenizer
 
-shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize = json.loads(sys.argv[1])
+shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize, group_size = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 args = ModelArgs(**shape, max_seq_len=prompt_len + gen_len, max_batch_size=batch)
 distributed.init_distributed(torch.device("cpu"), 1)
@@ -42,7 +42,7 @@ with checkpoint.init_on_meta():
     model = Transformer(args)
 if quantize:  # as bench.py does: quantized from the fp32 values, in the revision's default dtype
     from llama import quantization
-    config = quantization.make_config(quantize)
+    config = quantization.make_config(quantize, group_size)
     dtype = quantization.default_dtype(torch.device("cpu"))
     state, parts = random_weights(args, seed=0), {}
     convert = quantization.converter(config, dtype, 1)
@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="build the revisions that accept it with compile=True")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="quantize the weights (revisions that have llama/quantization.py)")
+    parser.add_argument("--group-size", type=int, default=None, help="with --quantize int4")
     opts = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         folders = {rev: export(rev, Path(tmp)) for rev in opts.revs}
         options = {"compile": True} if opts.compile else {}
         job = [SHAPES[opts.shape], opts.batch, opts.prompt_len, opts.gen_len, opts.threads, str(tokenizer), options,
-               opts.quantize]
+               opts.quantize, opts.group_size]
         steps = {rev: [] for rev in opts.revs}
         for round_ in range(opts.rounds):
             for rev, folder in folders.items():

@@ -237,8 +237,8 @@ static inline float half_to_float(uint16_t h) {
 
 #define LLAMA_I4_RECORD(group) ((group) * 8 + 64)
 
-/* Bytes of the int4 records read ahead of the group being summed (about four records at group 32). */
-#define LLAMA_I4_AHEAD 1280
+/* Records read ahead of the group being summed. */
+#define LLAMA_I4_AHEAD 4
 
 #ifdef __AVX512F__
 /* Tiles tile .. tile + nt - 1 for one row b of x (nt a constant 1 or 4 once inlined: the arrays
@@ -256,7 +256,7 @@ static inline __attribute__((always_inline)) void i4_tiles_avx512(const uint8_t 
         for (int i = 0; i < nt; i++) r[i] = w + (tile + i) * tile_bytes + g * record;
         if (prefetch)
             for (int64_t line = 0; line < record; line += 64)
-                for (int i = 0; i < nt; i++) _mm_prefetch((const char *)r[i] + LLAMA_I4_AHEAD + line, _MM_HINT_T0);
+                for (int i = 0; i < nt; i++) _mm_prefetch((const char *)r[i] + LLAMA_I4_AHEAD * record + line, _MM_HINT_T0);
         const float *xg = xb + g * group;
         __m512 even[4], odd[4];
         for (int i = 0; i < nt; i++) even[i] = odd[i] = _mm512_setzero_ps();
