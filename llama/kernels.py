@@ -19,11 +19,14 @@ Layouts:
 - "mkldnn": bf16 weights reordered once into oneDNN's blocked layout
   (q/k/v and w1/w3 fused); on this AVX-512 Xeon about 1.5x `F.linear` in
   bf16, which the transposed layout makes slower instead.
-- "int8": per-output-channel symmetric int8 (`torch._weight_int8pack_mm` on
-  CPU; on CUDA `F.linear` on weights dequantized in the step, which
-  `torch.compile` fuses into the product).
-- "int4": grouped asymmetric 4-bit (`torch._weight_int4pack_mm_for_cpu`, or
-  `torch._weight_int4pack_mm` on CUDA, which needs bf16 and sm80+).
+- "int8": per-output-channel symmetric int8 (with fp32 activations on the
+  CPU, C's product; else `torch._weight_int8pack_mm` on CPU; on CUDA
+  `F.linear` on weights dequantized in the step, which `torch.compile` fuses
+  into the product).
+- "int4": grouped asymmetric 4-bit (with fp32 activations on the CPU, C's
+  product on 16-row tiles, `NativeInt4Linear`; else
+  `torch._weight_int4pack_mm_for_cpu`, or `torch._weight_int4pack_mm` on
+  CUDA, which needs bf16 and sm80+).
 """
 
 from typing import Callable, Optional
