@@ -69,10 +69,8 @@ def candidates(shapes, device):
     """(name, bytes of weights, function running the chain) of each candidate that can be made here."""
     gen = torch.Generator(device=device).manual_seed(0)
     weights = [torch.randn(r, c, device=device, generator=gen, dtype=torch.float32) / c**0.5 for r, c in shapes]
-    x16 = torch.randn(1, shapes[0][1], device=device, dtype=torch.float16)
     xs = {c: torch.randn(1, c, device=device, dtype=torch.float16) for _, c in shapes}
     xb = {c: v.to(torch.bfloat16) for c, v in xs.items()}
-    del x16
 
     fp16 = [w.half() for w in weights]
     yield "fp16 F.linear(x, W[out, in])", sum(w.nbytes for w in fp16), lambda: [F.linear(xs[w.shape[1]], w)

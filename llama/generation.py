@@ -202,6 +202,12 @@ def _check_step_options(device: torch.device, compile: bool, cuda_graph: bool) -
         )
 
 
+def _quantized_mode(model: Transformer) -> Optional[str]:
+    """"int8" or "int4" for a model `llama.quantization.install` made, else None."""
+    config = getattr(model, "quantization", None)
+    return None if config is None else config.mode
+
+
 class Llama:
     @staticmethod
     def build(
@@ -401,13 +407,12 @@ class Llama:
             model.params, model.model_parallel_size, device, dtype, already_held=held
         )
         model.setup_caches()
-        if getattr(model, "quantization", None) is None:
+        if _quantized_mode(model) is None:
             # The decoding layout of this device and dtype (llama/kernels.py);
             # a quantized model's kernels are its layout already.
             kernels.prepare(model, kernels.choose_layout(device, dtype, fast_layout=fast_layout))
         model.eval()
-        quantized = getattr(model, "quantization", None)
-        if device.type == "cuda" and quantized is not None and quantized.mode == "int8" and not compile:
+        if device.type == "cuda" and _quantized_mode(model) == "int8" and not compile:
             # The int8 product is fused only when compiled: say so rather than run slowly unannounced.
             if distributed.is_first_rank():
                 print("llama: int8 on CUDA is fast with compile=True; without it each step converts every matrix "
@@ -459,8 +464,7 @@ class Llama:
             # weights happens in registers inside it (without it the product is
             # cuBLAS's, on a bf16 copy of each matrix written every step).
             options = {"triton.cudagraphs": True}
-            quantized = getattr(self.model, "quantization", None)
-            if quantized is not None and quantized.mode == "int8":
+            if _quantized_mode(self.model) == "int8":
                 options["coordinate_descent_tuning"] = True
             self._compiled_step = torch.compile(self.model.forward, fullgraph=True, options=options)
         else:

@@ -131,16 +131,9 @@ def _checked(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def matrix(kernel, weight: Optional[torch.Tensor], keep: List) -> "_Matrix":
     """The C description of one matrix slot: its kernel module's (int8, int4) or
     the fp32 [out, in] `weight`. Raises RuntimeError where C cannot read it."""
-    from llama import kernels
-
-    if isinstance(kernel, kernels.Int8Linear):
-        q, scale = _checked(kernel.qweight, torch.int8), _checked(kernel.scale, torch.float32)
-        keep += [q, scale]
-        return _Matrix(INT8, q.shape[0], q.shape[1], 0, q.data_ptr(), scale.data_ptr())
-    if isinstance(kernel, kernels.NativeInt4Linear):
-        packed = _checked(kernel.packed, torch.uint8)
-        keep.append(packed)
-        return _Matrix(INT4, kernel.out_features, kernel.in_features, kernel.group_size, packed.data_ptr(), None)
+    parts = _quantized_parts(kernel)
+    if parts is not None:
+        return _quantized_matrix(*parts, kernel.out_features, keep)
     if kernel is not None:
         raise RuntimeError(f"the native step cannot read a {type(kernel).__name__}")
     if weight is None:
@@ -184,40 +177,53 @@ def supports(model) -> bool:
     return kinds == {BF16} if weight.dtype == torch.bfloat16 else BF16 not in kinds
 
 
+def _quantized_parts(kernel):
+    """(w, scale or None, kind, group) of an int8 or int4 kernel module that C reads, else None."""
+    from llama import kernels
+
+    if isinstance(kernel, kernels.Int8Linear):
+        return kernel.qweight, kernel.scale, INT8, 0
+    if isinstance(kernel, kernels.NativeInt4Linear):
+        return kernel.packed, None, INT4, kernel.group_size
+    return None
+
+
+def _quantized_matrix(w: torch.Tensor, scale: Optional[torch.Tensor], kind: int, group: int, rows: int,
+                      keep: List) -> "_Matrix":
+    """The C description of an int8 matrix (w int8 [rows, cols], scale fp32 [rows]) or an int4 one
+    (w `NativeInt4Linear.packed`, no scale)."""
+    if kind == INT8:
+        w, scale = _checked(w, torch.int8), _checked(scale, torch.float32)
+        keep += [w, scale]
+        return _Matrix(INT8, rows, w.shape[1], 0, w.data_ptr(), scale.data_ptr())
+    w = _checked(w, torch.uint8)
+    if w.dim() != 3 or w.shape[2] != 8 * group + 64 or not 0 <= 16 * w.shape[0] - rows < 16:
+        raise ValueError(f"int4 records of shape {tuple(w.shape)} do not hold {rows} rows in groups of {group}")
+    keep.append(w)
+    return _Matrix(INT4, rows, w.shape[1] * group, group, w.data_ptr(), None)
+
+
 def matmul(kernel, x: torch.Tensor) -> torch.Tensor:
     """x (..., in) times an int8 or int4 kernel module's matrix, in C: the eager
     forward (prompts) of the matrices only C reads. A custom op, so that
     `torch.compile` keeps it as one opaque call."""
-    from llama import kernels
-
-    if isinstance(kernel, kernels.Int8Linear):
-        return torch.ops.llama.native_matmul(x, kernel.qweight, kernel.scale, INT8, 0, kernel.out_features)
-    if isinstance(kernel, kernels.NativeInt4Linear):
-        return torch.ops.llama.native_matmul(x, kernel.packed, kernel.packed, INT4, kernel.group_size,
-                                             kernel.out_features)
-    raise RuntimeError(f"the native product cannot read a {type(kernel).__name__}")
+    parts = _quantized_parts(kernel)
+    if parts is None:
+        raise RuntimeError(f"the native product cannot read a {type(kernel).__name__}")
+    return torch.ops.llama.native_matmul(x, *parts, kernel.out_features)
 
 
 @torch.library.custom_op("llama::native_matmul", mutates_args=())
-def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, kind: int, group: int,
+def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], kind: int, group: int,
                    rows: int) -> torch.Tensor:
-    """y (..., rows) = x (..., cols) W for an int8 matrix (`kind` INT8: w int8 [rows, cols], scale
-    fp32 [rows]) or an int4 one (INT4: w `NativeInt4Linear.packed`, scale unused)."""
+    """y (..., rows) = x (..., cols) W, W described as `_quantized_matrix` takes it."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the native product is not available: {unavailable_reason()}")
-    if kind == INT8:
-        w, scale = _checked(w, torch.int8), _checked(scale, torch.float32)
-        cols, scale_ptr = w.shape[1], scale.data_ptr()
-    else:
-        w = _checked(w, torch.uint8)
-        if w.dim() != 3 or w.shape[2] != 8 * group + 64 or not 0 <= 16 * w.shape[0] - rows < 16:
-            raise ValueError(f"int4 records of shape {tuple(w.shape)} do not hold {rows} rows in groups of {group}")
-        cols, scale_ptr = w.shape[1] * group, None
-    desc = _Matrix(kind, rows, cols, group, w.data_ptr(), scale_ptr)
+    desc = _quantized_matrix(w, scale, kind, group, rows, [])
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-    if x2.shape[1] != cols:
-        raise ValueError(f"input of {x2.shape[1]} features for a matrix of {cols} columns")
+    if x2.shape[1] != desc.cols:
+        raise ValueError(f"input of {x2.shape[1]} features for a matrix of {desc.cols} columns")
     y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
     work = torch.empty(lib.llama_matmul_scratch_floats(x2.shape[0], x2.shape[1]), dtype=torch.float32)
     lib.llama_matmul(ctypes.byref(desc), x2.data_ptr(), y.data_ptr(), x2.shape[0], work.data_ptr())
