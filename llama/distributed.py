@@ -192,9 +192,12 @@ def set_collective_timeout(seconds: Optional[float]) -> None:
         timeout = distributed_c10d.default_pg_timeout
     else:
         timeout = datetime.timedelta(seconds=seconds)
+    # torch 2.14 made it public as dist.set_timeout and deprecated the private name with a
+    # FutureWarning that every rank would print.
+    set_timeout = getattr(dist, "set_timeout", None) or distributed_c10d._set_pg_timeout
     for group in _groups():
         with contextlib.suppress(ValueError):  # a group this rank is not in
-            distributed_c10d._set_pg_timeout(timeout, group)
+            set_timeout(timeout, group)
 
 
 class PeerWatch:

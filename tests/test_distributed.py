@@ -54,3 +54,23 @@ def test_end_process_leaves_a_gloo_job_with_status_0_and_its_output_flushed(tmp_
     assert "sum 2" in proc.stdout
     assert "not reached" not in proc.stdout
     assert "logged by rank 0" in proc.stderr and "logged by rank 1" in proc.stderr
+
+
+def test_the_collective_timeout_uses_torchs_public_setter_where_it_has_one(generator, monkeypatch):
+    # torch 2.14 deprecated distributed_c10d._set_pg_timeout with a FutureWarning on every rank;
+    # its replacement is dist.set_timeout. Older torch has only the private name.
+    import datetime
+    import warnings
+
+    import torch.distributed as dist
+
+    from llama.distributed import set_collective_timeout
+
+    calls = []
+    monkeypatch.setattr(dist, "set_timeout", lambda timeout, group=None: calls.append(timeout), raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_collective_timeout(7)
+    assert calls and all(t == datetime.timedelta(seconds=7) for t in calls)
+    monkeypatch.delattr(dist, "set_timeout")
+    set_collective_timeout(None)  # torch before 2.14: the private setter
