@@ -7,6 +7,7 @@ for the tiny tokenizer trained here.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,6 +81,16 @@ def generator(tiny_ckpt):
         max_batch_size=8,
         device="cpu",
     )
+
+
+def interruptible() -> None:
+    """`preexec_fn` of a child process that a test interrupts: SIGINT back to its default.
+
+    A shell starts a background job (`nohup pytest &`) with SIGINT ignored, and children
+    inherit that; a Python started so installs no KeyboardInterrupt handler, and the
+    interrupt the test sends would do nothing while the test waits for the child to end.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:

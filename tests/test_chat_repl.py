@@ -10,7 +10,7 @@ import time
 import pexpect
 import pytest
 
-from conftest import REPO, subprocess_env, torchrun_cmd
+from conftest import REPO, interruptible, subprocess_env, torchrun_cmd
 from llama import Llama, Tokenizer
 from llama.chat_format import encode_dialog
 from llama.chat_repl import HELP, PROMPT, Conversation, MessageTooLong, Terminal, printable, run_chat
@@ -118,7 +118,8 @@ def spawn_chat(world: int, args, env=None) -> pexpect.spawn:
     chat = [str(REPO / "chat.py"), *[str(a) for a in args]]
     cmd = [sys.executable, *chat] if world == 1 else torchrun_cmd(world, chat)
     child = pexpect.spawn(
-        cmd[0], cmd[1:], cwd=str(REPO), env=subprocess_env(env), encoding="utf-8", timeout=120, dimensions=(24, 200)
+        cmd[0], cmd[1:], cwd=str(REPO), env=subprocess_env(env), encoding="utf-8", timeout=120, dimensions=(24, 200),
+        preexec_fn=interruptible,
     )
     child.logfile_read = sys.stdout  # the session's screen, shown by pytest when a test fails
     child.expect_exact(PROMPT)

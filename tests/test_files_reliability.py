@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, interruptible, subprocess_env
 from llama import Llama, checkpoint, convert_hf
 from llama.reshard import reshard
 
@@ -272,6 +272,7 @@ def test_an_interrupted_tool_leaves_nothing_and_a_rerun_works(tmp_path, tiny_ckp
     child = subprocess.Popen(
         [sys.executable, "tests/slow_save_worker.py", *argv],
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=interruptible,
     )
     try:
         line = ""
@@ -298,3 +299,16 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_the_interrupt_tests_work_when_the_suite_runs_with_sigint_ignored():
+    # `nohup pytest &` starts the suite with SIGINT ignored; a child that inherits that never
+    # sees the test's SIGINT, and the test waited 60 s for it, then failed.
+    test = "tests/test_files_reliability.py::test_an_interrupted_tool_leaves_nothing_and_a_rerun_works[tiny-2-False]"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout

@@ -9,7 +9,7 @@ import pexpect
 import psutil
 import pytest
 
-from conftest import REPO, subprocess_env, torchrun_cmd
+from conftest import REPO, interruptible, subprocess_env, torchrun_cmd
 from llama import Llama
 from llama.chat_repl import PROMPT, check_heartbeat, run_chat
 
@@ -25,7 +25,8 @@ def test_a_stopped_rank_is_named_and_every_rank_exits(tiny_ckpt_mp2):
     cmd = torchrun_cmd(
         2, ["chat.py", "--ckpt_dir", tiny_ckpt_mp2, "--collective_timeout_s", 3, "--heartbeat_s", 1]
     )
-    child = pexpect.spawn(cmd[0], cmd[1:], cwd=str(REPO), env=subprocess_env(), encoding="utf-8", timeout=120)
+    child = pexpect.spawn(cmd[0], cmd[1:], cwd=str(REPO), env=subprocess_env(), encoding="utf-8", timeout=120,
+                          preexec_fn=interruptible)
     child.logfile_read = sys.stdout
     stopped = None
     try:
