@@ -14,7 +14,7 @@ DIALOG = [
 ]
 
 
-@pytest.mark.skipif(real_llama2_tokenizer() is None, reason="the real Llama 2 tokenizer is not on this machine")
+@pytest.mark.skipif(real_llama2_tokenizer() is None, reason="the real Llama 2 tokenizer is not on this machine (LLAMA2_TOKENIZER)")
 def test_chat_encoding_with_the_real_llama2_tokenizer():
     tokenizer = Tokenizer(str(real_llama2_tokenizer()))
     expected = (

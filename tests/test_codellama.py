@@ -246,7 +246,7 @@ def code_llama_like_tokenizer(llama2_path, out_path) -> None:
 def code_llama_vocab_ckpt(tmp_path_factory):
     llama2 = real_llama2_tokenizer()
     if llama2 is None:
-        pytest.skip("needs the real Llama 2 tokenizer (../shared/data/llama2-tokenizer.model)")
+        pytest.skip("needs the real Llama 2 tokenizer: set LLAMA2_TOKENIZER to its path")
     tmp = tmp_path_factory.mktemp("codellama_vocab")
     code_llama_like_tokenizer(llama2, tmp / "codellama.model")
     return make_tiny_checkpoint(tmp / "ckpt", tokenizer=str(tmp / "codellama.model"), infill=True,
