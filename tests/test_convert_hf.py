@@ -118,8 +118,10 @@ def test_cli(tmp_path, tiny_ckpt, capsys):
     proc = run_checked([sys.executable, "-m", "llama.convert_hf", "to-hf", str(tiny_ckpt), str(tmp_path / "hf")])
     assert "wrote" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
-    # A non-empty destination is refused.
-    assert convert_hf.main(["to-hf", str(tiny_ckpt), str(tmp_path / "hf")]) == 1
+    # A non-empty destination is a command-line error (tests/test_tool_command_lines.py).
+    with pytest.raises(SystemExit) as exit:
+        convert_hf.main(["to-hf", str(tiny_ckpt), str(tmp_path / "hf")])
+    assert exit.value.code == 2
     assert "not an empty directory" in capsys.readouterr().err
     # A config this model cannot express is refused before anything is written.
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**LLAMA2_7B, "attention_bias": True}))
