@@ -56,6 +56,13 @@ _TOP_KEYS = {
     "output.weight": "lm_head.weight",
 }
 
+# The context length config.json states unless one is given: what Meta's
+# HuggingFace configs of Llama 3.1 and later (scaled rope) say, as transformers'
+# conversion script writes it, and Llama 2's. transformers warns when a llama3
+# rope_scaling's original_max_position_embeddings (8192) is not below it.
+LLAMA31_CONTEXT = 131072
+LLAMA2_CONTEXT = 4096
+
 # (multiple_of, ffn_dim_multiplier) pairs Meta's own models use, tried first
 # so that their params.json comes back as Meta wrote it: Llama 2 7B and 13B,
 # Llama 2 70B and Llama 3 70B, Llama 3 8B, Llama 3.2 1B, Llama 3.1 405B.
@@ -240,6 +247,29 @@ def _eos_token_id(tokenizer: Tokenizer):
     return stops[0] if len(stops) == 1 else stops
 
 
+def max_position_embeddings_for(args: ModelArgs, given: Optional[int] = None) -> int:
+    """config.json's `max_position_embeddings` for `args`: `given`, or else
+    LLAMA31_CONTEXT with Llama 3.1's scaled rope and LLAMA2_CONTEXT without.
+
+    Raises ValueError for a `given` below 1, and, with scaled rope, for one
+    not above the original context that rope_scaling names (transformers
+    would warn on every load).
+    """
+    from llama.model import ROPE_ORIGINAL_CONTEXT
+
+    if given is None:
+        return LLAMA31_CONTEXT if args.use_scaled_rope else LLAMA2_CONTEXT
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        raise ValueError(f"max_position_embeddings must be a positive integer, got {given!r}")
+    if args.use_scaled_rope and given <= ROPE_ORIGINAL_CONTEXT:
+        raise ValueError(
+            f"max_position_embeddings {given} must be above the original context of Llama 3.1's scaled rope, "
+            f"{ROPE_ORIGINAL_CONTEXT} (rope_scaling's original_max_position_embeddings; transformers warns "
+            f"otherwise); leave it out for {LLAMA31_CONTEXT}, as Meta's HuggingFace configs state"
+        )
+    return given
+
+
 def hf_config_from_model_args(
     args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int, tokenizer: Optional[Tokenizer] = None
 ) -> Dict:
@@ -414,13 +444,15 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
 
 
 def meta_to_hf(
-    meta_dir, out_dir, dtype: Optional[torch.dtype] = None, max_position_embeddings: int = 4096
+    meta_dir, out_dir, dtype: Optional[torch.dtype] = None, max_position_embeddings: Optional[int] = None
 ) -> Path:
     """Write a Meta checkpoint (any shard count) as a HuggingFace Llama directory:
     `config.json`, one `model.safetensors`, `tokenizer.model`.
 
-    Raises as `checkpoint.load_for_rank` does, and FileExistsError for a
-    non-empty `out_dir`.
+    `max_position_embeddings` is the context config.json states (see
+    `max_position_embeddings_for`). Raises as `checkpoint.load_for_rank`
+    does, FileExistsError for a non-empty `out_dir`, and ValueError for a
+    `max_position_embeddings` that does not fit the rope scaling.
     """
     from safetensors.torch import save_file
 
@@ -430,6 +462,7 @@ def meta_to_hf(
     shards = checkpoint.find_shards(meta_dir)
     checkpoint.require_new_dir(out_dir)
     args = checkpoint.model_args_of_checkpoint(meta_dir, shards)
+    max_position_embeddings = max_position_embeddings_for(args, max_position_embeddings)
     state = checkpoint.load_for_rank(shards, 0, 1, args, dtype=dtype)
     hf_state = {}
     for key, tensor in state.items():
@@ -487,13 +520,18 @@ def main(argv=None) -> int:
     to_hf = sub.add_parser("to-hf", help="Meta checkpoint -> HuggingFace directory")
     to_hf.add_argument("src")
     to_hf.add_argument("dst")
-    to_hf.add_argument("--max-position-embeddings", type=int, default=4096)
+    to_hf.add_argument("--max-position-embeddings", type=int, default=None, metavar="N",
+                       help=f"the context length config.json states; none: {LLAMA31_CONTEXT} for Llama 3.1's "
+                            f"scaled rope (as Meta's HuggingFace configs), else {LLAMA2_CONTEXT}. With scaled "
+                            "rope it must be above the original context, 8192")
     for p in (to_meta, to_hf):
         p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                        help="store the weights in this dtype (default: as in SRC)")
     args = parser.parse_args(argv)
     if args.direction == "to-meta" and args.mp < 1:
         parser.error("--mp must be at least 1")
+    if args.direction == "to-hf" and args.max_position_embeddings is not None and args.max_position_embeddings < 1:
+        parser.error("--max-position-embeddings must be at least 1")
     cli.refuse_used_destination(parser, args.dst)
     import torch  # after parsing: --help and a mistyped flag need not wait for it
 

@@ -141,3 +141,62 @@ def test_weights_that_do_not_match_config_are_refused(tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match=r"num_hidden_layers is 3 in the config, but .* holds layers 0 to 1"):
         convert_hf.hf_to_meta(tmp_path / "hf", tmp_path / "meta")
     assert not (tmp_path / "meta").exists()
+
+
+@pytest.fixture(scope="module")
+def llama31_ckpt(tmp_path_factory):
+    """A tiny Llama 3.1-shaped checkpoint (`python -m llama.tiny OUT --family llama3`)."""
+    from llama.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("llama31"), family_name="llama3")
+
+
+def load_hf_config_and_model(hf_dir):
+    """transformers' config and model of `hf_dir`, and the warnings it logged or raised while loading."""
+    import logging
+    import warnings
+
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[test] for transformers")
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("transformers")  # transformers' loggers do not reach the root logger
+    handler = Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = transformers.AutoConfig.from_pretrained(str(hf_dir))
+            model = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    finally:
+        logger.removeHandler(handler)
+    return config, model, records + [str(w.message) for w in caught]
+
+
+def test_llama31_to_hf_states_a_context_transformers_accepts(tmp_path, llama31_ckpt):
+    convert_hf.meta_to_hf(llama31_ckpt, tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    original = written["rope_scaling"]["original_max_position_embeddings"]
+    # What Meta's HuggingFace repositories of Llama 3.1 and later state.
+    assert (written["max_position_embeddings"], original) == (131072, 8192)
+    config, _, logged = load_hf_config_and_model(tmp_path / "hf")
+    assert config.max_position_embeddings >= original
+    assert not [line for line in logged if "max_position_embeddings" in line], logged
+
+
+def test_a_given_max_position_embeddings_is_kept_unless_below_the_original_context(tmp_path, llama31_ckpt,
+                                                                                   tiny_ckpt, capsys):
+    convert_hf.meta_to_hf(llama31_ckpt, tmp_path / "hf", max_position_embeddings=16384)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 16384
+    assert convert_hf.main(["to-hf", str(llama31_ckpt), str(tmp_path / "short"),
+                            "--max-position-embeddings", "4096"]) == 1
+    assert "max_position_embeddings 4096 must be above the original context" in capsys.readouterr().err
+    assert not (tmp_path / "short").exists()
+    # Plain rotary embeddings (Llama 2): no original context; Llama 2's 4096 unless given.
+    convert_hf.meta_to_hf(tiny_ckpt, tmp_path / "llama2")
+    assert json.loads((tmp_path / "llama2" / "config.json").read_text())["max_position_embeddings"] == 4096
+    convert_hf.meta_to_hf(tiny_ckpt, tmp_path / "llama2-short", max_position_embeddings=512)
+    assert json.loads((tmp_path / "llama2-short" / "config.json").read_text())["max_position_embeddings"] == 512
