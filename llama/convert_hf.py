@@ -512,14 +512,16 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m llama.convert_hf", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="direction", required=True)
+    sub = parser.add_subparsers(dest="direction", required=True, metavar="{to-meta,to-hf}",
+                                help="the direction to convert in (each has its own --help)")
     to_meta = sub.add_parser("to-meta", help="HuggingFace directory -> Meta checkpoint")
-    to_meta.add_argument("src")
-    to_meta.add_argument("dst")
+    to_meta.add_argument("src", help="HuggingFace directory to read (config.json, *.safetensors, tokenizer.model)")
+    to_meta.add_argument("dst", help="new or empty directory to write the Meta checkpoint to")
     to_meta.add_argument("--mp", type=int, default=1, help="number of model-parallel shards to write")
     to_hf = sub.add_parser("to-hf", help="Meta checkpoint -> HuggingFace directory")
-    to_hf.add_argument("src")
-    to_hf.add_argument("dst")
+    to_hf.add_argument("src", help="Meta checkpoint directory to read (params.json, consolidated.NN.pth, "
+                                   "tokenizer.model), not a quantized one")
+    to_hf.add_argument("dst", help="new or empty directory to write the HuggingFace model to")
     to_hf.add_argument("--max-position-embeddings", type=int, default=None, metavar="N",
                        help=f"the context length config.json states; none: {LLAMA31_CONTEXT} for Llama 3.1's "
                             f"scaled rope (as Meta's HuggingFace configs), else {LLAMA2_CONTEXT}. With scaled "
