@@ -385,8 +385,9 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     """Write a HuggingFace Llama directory as a Meta checkpoint of `model_parallel_size` shards.
 
     Weights keep their dtype unless `dtype` is given. Raises FileNotFoundError
-    for missing files, FileExistsError for a non-empty `out_dir`, ValueError
-    for a config or weights this model cannot represent.
+    for missing files (saying so when `hf_dir` is in Meta's format already),
+    FileExistsError for a non-empty `out_dir`, ValueError for a config or
+    weights this model cannot represent.
     """
     from llama import checkpoint
     from llama.tiny import write_checkpoint
@@ -394,6 +395,11 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
+        if (hf_dir / "params.json").is_file() or any(hf_dir.glob("consolidated.*.pth")):
+            raise FileNotFoundError(
+                f"{str(hf_dir)!r} is already in Meta's format (params.json, consolidated.*.pth), what to-meta "
+                "writes; `to-hf` converts the other way: python -m llama.convert_hf to-hf SRC DST"
+            )
         raise FileNotFoundError(f"config.json not found in {str(hf_dir)!r}")
     checkpoint.require_regular_file(config_path, "config.json")
     checkpoint.require_new_dir(out_dir)

@@ -143,6 +143,14 @@ def test_weights_that_do_not_match_config_are_refused(tmp_path, tiny_ckpt):
     assert not (tmp_path / "meta").exists()
 
 
+def test_to_meta_of_a_meta_checkpoint_says_it_is_in_meta_format(tmp_path, tiny_ckpt, capsys):
+    with pytest.raises(FileNotFoundError, match=r"already in Meta's format .*`to-hf` converts the other way"):
+        convert_hf.hf_to_meta(tiny_ckpt, tmp_path / "meta")
+    assert convert_hf.main(["to-meta", str(tiny_ckpt), str(tmp_path / "meta")]) == 1
+    assert "already in Meta's format" in capsys.readouterr().err
+    assert not (tmp_path / "meta").exists()
+
+
 @pytest.fixture(scope="module")
 def llama31_ckpt(tmp_path_factory):
     """A tiny Llama 3.1-shaped checkpoint (`python -m llama.tiny OUT --family llama3`)."""
