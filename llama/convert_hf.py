@@ -458,15 +458,28 @@ def meta_to_hf(
     `max_position_embeddings` is the context config.json states (see
     `max_position_embeddings_for`). Raises as `checkpoint.load_for_rank`
     does, FileExistsError for a non-empty `out_dir`, and ValueError for a
+    quantized checkpoint (`python -m llama.quantize`) or a
     `max_position_embeddings` that does not fit the rope scaling.
     """
     from safetensors.torch import save_file
 
-    from llama import checkpoint
+    from llama import checkpoint, quantization
 
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     shards = checkpoint.find_shards(meta_dir)
     checkpoint.require_new_dir(out_dir)
+    quant = quantization.config_from_params(checkpoint.read_params(meta_dir), f"{str(meta_dir)!r}/params.json")
+    if quant is not None:
+        # Its shards hold integer weights with scales (llama/quantization.py), which
+        # HuggingFace's Llama has no place for; the unquantized source converts.
+        group = f", group_size={quant.group_size}" if quant.group_size else ""
+        group_flag = f" --group_size {quant.group_size}" if quant.group_size else ""
+        raise ValueError(
+            f"{str(meta_dir)!r} is quantized ({quant.describe()}, by python -m llama.quantize), and a HuggingFace "
+            "Llama holds unquantized weights: convert the unquantized checkpoint it was made from. To run it "
+            f"quantized here, quantize at load instead: Llama.build(..., quantize={quant.mode!r}{group}) or the "
+            f"scripts' --quantize {quant.mode}{group_flag} (docs/compressed-weights.md)"
+        )
     args = checkpoint.model_args_of_checkpoint(meta_dir, shards)
     max_position_embeddings = max_position_embeddings_for(args, max_position_embeddings)
     state = checkpoint.load_for_rank(shards, 0, 1, args, dtype=dtype)

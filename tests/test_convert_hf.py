@@ -143,6 +143,22 @@ def test_weights_that_do_not_match_config_are_refused(tmp_path, tiny_ckpt):
     assert not (tmp_path / "meta").exists()
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_to_hf_of_a_quantized_checkpoint_says_it_is_quantized(tmp_path, tiny_ckpt, mode, capsys):
+    from llama import quantize
+
+    assert quantize.main([str(tiny_ckpt), str(tmp_path / "q"), "--quantize", mode]) == 0
+    with pytest.raises(ValueError) as error:
+        convert_hf.meta_to_hf(tmp_path / "q", tmp_path / "hf")
+    message = str(error.value)
+    assert f"is quantized ({mode}" in message and "unexpected" not in message
+    assert "unquantized checkpoint" in message and f"--quantize {mode}" in message
+    capsys.readouterr()
+    assert convert_hf.main(["to-hf", str(tmp_path / "q"), str(tmp_path / "hf")]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "hf").exists()
+
+
 def test_to_meta_of_a_meta_checkpoint_says_it_is_in_meta_format(tmp_path, tiny_ckpt, capsys):
     with pytest.raises(FileNotFoundError, match=r"already in Meta's format .*`to-hf` converts the other way"):
         convert_hf.hf_to_meta(tiny_ckpt, tmp_path / "meta")
