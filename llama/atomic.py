@@ -16,14 +16,26 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
+
+
+def destination_problem(path) -> Optional[str]:
+    """Why a tool may not write its output to `path`, or None when `path` is
+    absent or an empty directory. The one wording of this check: the command
+    lines say it too (`cli.refuse_used_destination`)."""
+    path = Path(path)
+    try:
+        in_use = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    except OSError as e:  # a directory we may not list
+        return f"cannot look into {str(path)!r} ({e.strerror}); choose a new destination"
+    return f"{str(path)!r} exists and is not an empty directory; choose a new one" if in_use else None
 
 
 def require_new_dir(path) -> None:
     """Raise FileExistsError unless `path` is absent or an empty directory."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{str(path)!r} exists and is not an empty directory; choose a new one")
+    problem = destination_problem(path)
+    if problem is not None:
+        raise FileExistsError(problem)
 
 
 def _umask() -> int:

@@ -49,6 +49,8 @@ import typing
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from llama import atomic  # light: no torch
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -290,6 +292,20 @@ def parser_for(main: Callable, prog: Optional[str] = None, description: Optional
         parser.add_argument(f"--{name}", type=convert, default=param.default, metavar=metavar, help=help_text,
                             **value)
     return parser
+
+
+def refuse_used_destination(parser: argparse.ArgumentParser, path) -> None:
+    """Exit with status 2, as for any command-line error, unless `path` is absent
+    or an empty directory.
+
+    The tools that write a checkpoint call it right after parsing, before
+    importing torch, so that a destination in use is named at once rather than
+    after seconds of imports; `atomic.output_dir` keeps the same check, in the
+    same words, for callers of the library.
+    """
+    problem = atomic.destination_problem(path)
+    if problem is not None:
+        parser.error(problem)
 
 
 # --- running ---

@@ -56,6 +56,13 @@ _TOP_KEYS = {
     "output.weight": "lm_head.weight",
 }
 
+# The context length config.json states unless one is given: what Meta's
+# HuggingFace configs of Llama 3.1 and later (scaled rope) say, as transformers'
+# conversion script writes it, and Llama 2's. transformers warns when a llama3
+# rope_scaling's original_max_position_embeddings (8192) is not below it.
+LLAMA31_CONTEXT = 131072
+LLAMA2_CONTEXT = 4096
+
 # (multiple_of, ffn_dim_multiplier) pairs Meta's own models use, tried first
 # so that their params.json comes back as Meta wrote it: Llama 2 7B and 13B,
 # Llama 2 70B and Llama 3 70B, Llama 3 8B, Llama 3.2 1B, Llama 3.1 405B.
@@ -240,6 +247,29 @@ def _eos_token_id(tokenizer: Tokenizer):
     return stops[0] if len(stops) == 1 else stops
 
 
+def max_position_embeddings_for(args: ModelArgs, given: Optional[int] = None) -> int:
+    """config.json's `max_position_embeddings` for `args`: `given`, or else
+    LLAMA31_CONTEXT with Llama 3.1's scaled rope and LLAMA2_CONTEXT without.
+
+    Raises ValueError for a `given` below 1, and, with scaled rope, for one
+    not above the original context that rope_scaling names (transformers
+    would warn on every load).
+    """
+    from llama.model import ROPE_ORIGINAL_CONTEXT
+
+    if given is None:
+        return LLAMA31_CONTEXT if args.use_scaled_rope else LLAMA2_CONTEXT
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        raise ValueError(f"max_position_embeddings must be a positive integer, got {given!r}")
+    if args.use_scaled_rope and given <= ROPE_ORIGINAL_CONTEXT:
+        raise ValueError(
+            f"max_position_embeddings {given} must be above the original context of Llama 3.1's scaled rope, "
+            f"{ROPE_ORIGINAL_CONTEXT} (rope_scaling's original_max_position_embeddings; transformers warns "
+            f"otherwise); leave it out for {LLAMA31_CONTEXT}, as Meta's HuggingFace configs state"
+        )
+    return given
+
+
 def hf_config_from_model_args(
     args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int, tokenizer: Optional[Tokenizer] = None
 ) -> Dict:
@@ -355,8 +385,9 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     """Write a HuggingFace Llama directory as a Meta checkpoint of `model_parallel_size` shards.
 
     Weights keep their dtype unless `dtype` is given. Raises FileNotFoundError
-    for missing files, FileExistsError for a non-empty `out_dir`, ValueError
-    for a config or weights this model cannot represent.
+    for missing files (saying so when `hf_dir` is in Meta's format already),
+    FileExistsError for a non-empty `out_dir`, ValueError for a config or
+    weights this model cannot represent.
     """
     from llama import checkpoint
     from llama.tiny import write_checkpoint
@@ -364,6 +395,11 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
+        if (hf_dir / "params.json").is_file() or any(hf_dir.glob("consolidated.*.pth")):
+            raise FileNotFoundError(
+                f"{str(hf_dir)!r} is already in Meta's format (params.json, consolidated.*.pth), what to-meta "
+                "writes; `to-hf` converts the other way: python -m llama.convert_hf to-hf SRC DST"
+            )
         raise FileNotFoundError(f"config.json not found in {str(hf_dir)!r}")
     checkpoint.require_regular_file(config_path, "config.json")
     checkpoint.require_new_dir(out_dir)
@@ -414,22 +450,38 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
 
 
 def meta_to_hf(
-    meta_dir, out_dir, dtype: Optional[torch.dtype] = None, max_position_embeddings: int = 4096
+    meta_dir, out_dir, dtype: Optional[torch.dtype] = None, max_position_embeddings: Optional[int] = None
 ) -> Path:
     """Write a Meta checkpoint (any shard count) as a HuggingFace Llama directory:
     `config.json`, one `model.safetensors`, `tokenizer.model`.
 
-    Raises as `checkpoint.load_for_rank` does, and FileExistsError for a
-    non-empty `out_dir`.
+    `max_position_embeddings` is the context config.json states (see
+    `max_position_embeddings_for`). Raises as `checkpoint.load_for_rank`
+    does, FileExistsError for a non-empty `out_dir`, and ValueError for a
+    quantized checkpoint (`python -m llama.quantize`) or a
+    `max_position_embeddings` that does not fit the rope scaling.
     """
     from safetensors.torch import save_file
 
-    from llama import checkpoint
+    from llama import checkpoint, quantization
 
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     shards = checkpoint.find_shards(meta_dir)
     checkpoint.require_new_dir(out_dir)
+    quant = quantization.config_from_params(checkpoint.read_params(meta_dir), f"{str(meta_dir)!r}/params.json")
+    if quant is not None:
+        # Its shards hold integer weights with scales (llama/quantization.py), which
+        # HuggingFace's Llama has no place for; the unquantized source converts.
+        group = f", group_size={quant.group_size}" if quant.group_size else ""
+        group_flag = f" --group_size {quant.group_size}" if quant.group_size else ""
+        raise ValueError(
+            f"{str(meta_dir)!r} is quantized ({quant.describe()}, by python -m llama.quantize), and a HuggingFace "
+            "Llama holds unquantized weights: convert the unquantized checkpoint it was made from. To run it "
+            f"quantized here, quantize at load instead: Llama.build(..., quantize={quant.mode!r}{group}) or the "
+            f"scripts' --quantize {quant.mode}{group_flag} (docs/compressed-weights.md)"
+        )
     args = checkpoint.model_args_of_checkpoint(meta_dir, shards)
+    max_position_embeddings = max_position_embeddings_for(args, max_position_embeddings)
     state = checkpoint.load_for_rank(shards, 0, 1, args, dtype=dtype)
     hf_state = {}
     for key, tensor in state.items():
@@ -479,21 +531,29 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m llama.convert_hf", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="direction", required=True)
+    sub = parser.add_subparsers(dest="direction", required=True, metavar="{to-meta,to-hf}",
+                                help="the direction to convert in (each has its own --help)")
     to_meta = sub.add_parser("to-meta", help="HuggingFace directory -> Meta checkpoint")
-    to_meta.add_argument("src")
-    to_meta.add_argument("dst")
+    to_meta.add_argument("src", help="HuggingFace directory to read (config.json, *.safetensors, tokenizer.model)")
+    to_meta.add_argument("dst", help="new or empty directory to write the Meta checkpoint to")
     to_meta.add_argument("--mp", type=int, default=1, help="number of model-parallel shards to write")
     to_hf = sub.add_parser("to-hf", help="Meta checkpoint -> HuggingFace directory")
-    to_hf.add_argument("src")
-    to_hf.add_argument("dst")
-    to_hf.add_argument("--max-position-embeddings", type=int, default=4096)
+    to_hf.add_argument("src", help="Meta checkpoint directory to read (params.json, consolidated.NN.pth, "
+                                   "tokenizer.model), not a quantized one")
+    to_hf.add_argument("dst", help="new or empty directory to write the HuggingFace model to")
+    to_hf.add_argument("--max-position-embeddings", type=int, default=None, metavar="N",
+                       help=f"the context length config.json states; none: {LLAMA31_CONTEXT} for Llama 3.1's "
+                            f"scaled rope (as Meta's HuggingFace configs), else {LLAMA2_CONTEXT}. With scaled "
+                            "rope it must be above the original context, 8192")
     for p in (to_meta, to_hf):
         p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                        help="store the weights in this dtype (default: as in SRC)")
     args = parser.parse_args(argv)
     if args.direction == "to-meta" and args.mp < 1:
         parser.error("--mp must be at least 1")
+    if args.direction == "to-hf" and args.max_position_embeddings is not None and args.max_position_embeddings < 1:
+        parser.error("--max-position-embeddings must be at least 1")
+    cli.refuse_used_destination(parser, args.dst)
     import torch  # after parsing: --help and a mistyped flag need not wait for it
 
     dtype = getattr(torch, args.dtype) if args.dtype else None

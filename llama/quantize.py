@@ -25,6 +25,7 @@ def main(argv=None) -> int:
                         help="int4 only: inputs per scale; none: 32")
     parser.add_argument("--keep-output", action="store_true", help="leave the output projection unquantized")
     opts = parser.parse_args(argv)
+    cli.refuse_used_destination(parser, opts.dst)
     from llama import quantization  # imports torch: after parsing
 
     def write() -> None:

@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.mp < 1:
         parser.error("--mp must be at least 1")
+    cli.refuse_used_destination(parser, args.dst)
     import torch  # after parsing: --help and a mistyped flag need not wait for it
 
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -364,8 +364,7 @@ def main(argv=None) -> int:
                         help="copy this tokenizer.model; none: train a small one")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        parser.error(f"{out} is not empty; choose a new directory")
+    cli.refuse_used_destination(parser, out)
     if args.rope_scaling_factor is not None and args.family != "llama3":
         parser.error("--rope-scaling-factor applies to --family llama3 (the family with scaled rope)")
     import torch  # after parsing: --help and a mistyped flag need not wait for it

@@ -209,8 +209,10 @@ def test_reshard_tool(tmp_path, tiny_ckpt, tiny_ckpt_mp2, expected, capsys):
     assert one.keys() == original.keys()
     assert all(torch.equal(one[k], original[k]) for k in original)
 
-    # A non-empty DST is refused and left as it was.
-    assert reshard_main([str(tiny_ckpt_mp2), str(tmp_path / "mp1"), "--mp", "2"]) == 1
+    # A non-empty DST is a command-line error (tests/test_tool_command_lines.py), and left as it was.
+    with pytest.raises(SystemExit) as exit:
+        reshard_main([str(tiny_ckpt_mp2), str(tmp_path / "mp1"), "--mp", "2"])
+    assert exit.value.code == 2
     assert "not an empty directory" in capsys.readouterr().err
     assert len(list((tmp_path / "mp1").iterdir())) == 3
 

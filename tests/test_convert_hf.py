@@ -118,8 +118,10 @@ def test_cli(tmp_path, tiny_ckpt, capsys):
     proc = run_checked([sys.executable, "-m", "llama.convert_hf", "to-hf", str(tiny_ckpt), str(tmp_path / "hf")])
     assert "wrote" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
-    # A non-empty destination is refused.
-    assert convert_hf.main(["to-hf", str(tiny_ckpt), str(tmp_path / "hf")]) == 1
+    # A non-empty destination is a command-line error (tests/test_tool_command_lines.py).
+    with pytest.raises(SystemExit) as exit:
+        convert_hf.main(["to-hf", str(tiny_ckpt), str(tmp_path / "hf")])
+    assert exit.value.code == 2
     assert "not an empty directory" in capsys.readouterr().err
     # A config this model cannot express is refused before anything is written.
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**LLAMA2_7B, "attention_bias": True}))
@@ -139,3 +141,86 @@ def test_weights_that_do_not_match_config_are_refused(tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match=r"num_hidden_layers is 3 in the config, but .* holds layers 0 to 1"):
         convert_hf.hf_to_meta(tmp_path / "hf", tmp_path / "meta")
     assert not (tmp_path / "meta").exists()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_to_hf_of_a_quantized_checkpoint_says_it_is_quantized(tmp_path, tiny_ckpt, mode, capsys):
+    from llama import quantize
+
+    assert quantize.main([str(tiny_ckpt), str(tmp_path / "q"), "--quantize", mode]) == 0
+    with pytest.raises(ValueError) as error:
+        convert_hf.meta_to_hf(tmp_path / "q", tmp_path / "hf")
+    message = str(error.value)
+    assert f"is quantized ({mode}" in message and "unexpected" not in message
+    assert "unquantized checkpoint" in message and f"--quantize {mode}" in message
+    capsys.readouterr()
+    assert convert_hf.main(["to-hf", str(tmp_path / "q"), str(tmp_path / "hf")]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "hf").exists()
+
+
+def test_to_meta_of_a_meta_checkpoint_says_it_is_in_meta_format(tmp_path, tiny_ckpt, capsys):
+    with pytest.raises(FileNotFoundError, match=r"already in Meta's format .*`to-hf` converts the other way"):
+        convert_hf.hf_to_meta(tiny_ckpt, tmp_path / "meta")
+    assert convert_hf.main(["to-meta", str(tiny_ckpt), str(tmp_path / "meta")]) == 1
+    assert "already in Meta's format" in capsys.readouterr().err
+    assert not (tmp_path / "meta").exists()
+
+
+@pytest.fixture(scope="module")
+def llama31_ckpt(tmp_path_factory):
+    """A tiny Llama 3.1-shaped checkpoint (`python -m llama.tiny OUT --family llama3`)."""
+    from llama.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("llama31"), family_name="llama3")
+
+
+def load_hf_config_and_model(hf_dir):
+    """transformers' config and model of `hf_dir`, and the warnings it logged or raised while loading."""
+    import logging
+    import warnings
+
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[test] for transformers")
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("transformers")  # transformers' loggers do not reach the root logger
+    handler = Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = transformers.AutoConfig.from_pretrained(str(hf_dir))
+            model = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    finally:
+        logger.removeHandler(handler)
+    return config, model, records + [str(w.message) for w in caught]
+
+
+def test_llama31_to_hf_states_a_context_transformers_accepts(tmp_path, llama31_ckpt):
+    convert_hf.meta_to_hf(llama31_ckpt, tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    original = written["rope_scaling"]["original_max_position_embeddings"]
+    # What Meta's HuggingFace repositories of Llama 3.1 and later state.
+    assert (written["max_position_embeddings"], original) == (131072, 8192)
+    config, _, logged = load_hf_config_and_model(tmp_path / "hf")
+    assert config.max_position_embeddings >= original
+    assert not [line for line in logged if "max_position_embeddings" in line], logged
+
+
+def test_a_given_max_position_embeddings_is_kept_unless_below_the_original_context(tmp_path, llama31_ckpt,
+                                                                                   tiny_ckpt, capsys):
+    convert_hf.meta_to_hf(llama31_ckpt, tmp_path / "hf", max_position_embeddings=16384)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 16384
+    assert convert_hf.main(["to-hf", str(llama31_ckpt), str(tmp_path / "short"),
+                            "--max-position-embeddings", "4096"]) == 1
+    assert "max_position_embeddings 4096 must be above the original context" in capsys.readouterr().err
+    assert not (tmp_path / "short").exists()
+    # Plain rotary embeddings (Llama 2): no original context; Llama 2's 4096 unless given.
+    convert_hf.meta_to_hf(tiny_ckpt, tmp_path / "llama2")
+    assert json.loads((tmp_path / "llama2" / "config.json").read_text())["max_position_embeddings"] == 4096
+    convert_hf.meta_to_hf(tiny_ckpt, tmp_path / "llama2-short", max_position_embeddings=512)
+    assert json.loads((tmp_path / "llama2-short" / "config.json").read_text())["max_position_embeddings"] == 512
