@@ -11,7 +11,6 @@ import ctypes
 import dataclasses
 import functools
 import json
-import math
 import mmap
 import os
 import re
@@ -25,7 +24,16 @@ from torch import nn
 
 from llama.atomic import require_new_dir  # noqa: F401  (the tools import it from here)
 from llama import quantization
-from llama.model import ModelArgs, ffn_hidden_dim
+from llama.args import (  # noqa: F401  (the tools call the fit checks from here)
+    ModelArgs,
+    check_model_parallel_fit,
+    check_shape,
+    ffn_hidden_dim,
+    is_positive_finite,
+    model_parallel_problem,
+    n_kv_heads_of,
+    valid_model_parallel_sizes,
+)
 
 # Older Meta checkpoints carry the rotary table; the model computes its own.
 IGNORED_KEYS = ("rope.freqs",)
@@ -137,10 +145,6 @@ def require_regular_file(path, what: str) -> None:
         raise ValueError(f"{what} {str(path)!r} is not a regular file (a FIFO, device or directory?)")
 
 
-def _positive_finite(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
 def check_params(params, source: str) -> Dict:
     """Raise ValueError, naming `source` and the field, unless `params` is a
     params.json object this library can build: known fields of the right
@@ -174,7 +178,7 @@ def check_params(params, source: str) -> Dict:
     # NaN, inf, 0 or a negative epsilon or base make every output NaN or
     # gibberish; json reads NaN and Infinity, so they are checked here.
     for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor"):
-        if params.get(key) is not None and not _positive_finite(params[key]):
+        if params.get(key) is not None and not is_positive_finite(params[key]):
             raise ValueError(f"{source}: {key} must be positive and finite, got {params[key]!r}")
     if "rope_scaling_factor" in params and not params.get("use_scaled_rope"):
         raise ValueError(
@@ -207,15 +211,7 @@ def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
     """`ModelArgs` from params.json fields, then `overrides` (max_seq_len, ...)."""
     fields = {k: v for k, v in params.items() if k != "quantization"}
     args = ModelArgs(**{**fields, **overrides})
-    n_kv_heads = n_kv_heads_of(args)
-    if args.tok_embeddings_split_dim not in (0, 1):
-        raise ValueError(f"tok_embeddings_split_dim must be 0 or 1, got {args.tok_embeddings_split_dim!r}")
-    if args.dim % args.n_heads != 0:
-        raise ValueError(f"dim {args.dim} is not a multiple of n_heads {args.n_heads}")
-    if (args.dim // args.n_heads) % 2 != 0:
-        raise ValueError(f"head size {args.dim // args.n_heads} must be even for rotary embeddings")
-    if n_kv_heads <= 0 or args.n_heads % n_kv_heads != 0:
-        raise ValueError(f"n_heads {args.n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+    check_shape(args)
     return args
 
 
@@ -236,58 +232,6 @@ def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
             f"vocab_size -1 and {str(shards[0])!r} has no tok_embeddings.weight"
         )
     return args
-
-
-def n_kv_heads_of(args: ModelArgs) -> int:
-    return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-
-
-def _fit_problem(args: ModelArgs, model_parallel_size: int) -> Optional[str]:
-    """Why `args` cannot be split `model_parallel_size` ways, or None if it can."""
-    n_kv_heads = n_kv_heads_of(args)
-    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
-    sizes = [("n_heads", args.n_heads), ("dim", args.dim), ("the feed-forward hidden size", hidden)]
-    if args.vocab_size > 0:
-        sizes.append(("vocab_size", args.vocab_size))
-    for name, value in sizes:
-        if value % model_parallel_size != 0:
-            return f"{name} = {value} cannot be split over a model-parallel size of {model_parallel_size}"
-    # KV heads are split when there are enough of them, and replicated (each
-    # rank keeps the one its query heads share) when there are fewer than ranks.
-    if n_kv_heads % model_parallel_size != 0 and model_parallel_size % n_kv_heads != 0:
-        return (
-            f"n_kv_heads = {n_kv_heads} can neither be split over nor replicated on a "
-            f"model-parallel size of {model_parallel_size}"
-        )
-    return None
-
-
-def valid_model_parallel_sizes(args: ModelArgs, n_shards: Optional[int] = None) -> List[int]:
-    """The model-parallel sizes `args` can run on (and, given `n_shards`, that fit them)."""
-    sizes = [m for m in range(1, args.n_heads + 1) if _fit_problem(args, m) is None]
-    if n_shards is not None:
-        sizes = [m for m in sizes if n_shards % m == 0 or m % n_shards == 0]
-    return sizes
-
-
-def check_model_parallel_fit(
-    args: ModelArgs, model_parallel_size: int, n_shards: Optional[int] = None
-) -> None:
-    """Raise ValueError, listing the sizes that would work, unless the model can
-    be split `model_parallel_size` ways (from a checkpoint of `n_shards` shards)."""
-    problem = _fit_problem(args, model_parallel_size)
-    neither_divides = n_shards is not None and n_shards % model_parallel_size and model_parallel_size % n_shards
-    if problem is None and neither_divides:
-        problem = (
-            f"a checkpoint of {n_shards} shard(s) cannot be loaded on a model-parallel size of "
-            f"{model_parallel_size}: one must divide the other"
-        )
-    if problem is not None:
-        sizes = ", ".join(map(str, valid_model_parallel_sizes(args, n_shards)))
-        hint = f"; model-parallel sizes that work: {sizes}"
-        if n_shards is not None:
-            hint += " (or write a copy for another size with `python -m llama.reshard SRC DST --mp N`)"
-        raise ValueError(problem + hint)
 
 
 def full_shapes(args: ModelArgs, quant: Optional["quantization.QuantConfig"] = None) -> Dict[str, Tuple[int, ...]]:
@@ -697,7 +641,7 @@ def _home_shards(args: ModelArgs, n_shards: int, model_parallel_size: int, rank:
     Raises ValueError first if the shard count does not fit the model or the
     model-parallel size.
     """
-    problem = _fit_problem(args, n_shards)
+    problem = model_parallel_problem(args, n_shards)
     if problem is not None:
         raise ValueError(
             f"the checkpoint's {n_shards} shard(s) do not fit the model in params.json: {problem}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from llama import chat_format
-from llama.model import ModelArgs
+from llama.args import ModelArgs
 from llama.tokenizer import SENTENCEPIECE, TIKTOKEN, Tokenizer, tokenizer_kind
 
 

@@ -23,7 +23,6 @@ logits match to float rounding). What differs, for speed and placement:
 """
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -41,36 +40,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None
-    vocab_size: int = -1  # defined later by tokenizer
-    multiple_of: int = 256  # make SwiGLU hidden layer size multiple of large power of 2
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
-
-    # Not in the Llama 2 reference; params.json may carry it (Code Llama,
-    # Llama 3, converted HuggingFace checkpoints). 10000 is the Llama 2 value.
-    rope_theta: float = 10000.0
-    # Llama 3.1 and later: Meta's long-context scaling of the rotary
-    # frequencies (`apply_scaling`). `rope_scaling_factor` is this library's
-    # params.json field for a factor other than Meta's hard-coded 8 (Llama
-    # 3.2 1B/3B were trained with 32; `convert_hf` writes it).
-    use_scaled_rope: bool = False
-    rope_scaling_factor: Optional[float] = None
-
-    # Not a params.json field: the dimension `tok_embeddings` is split on
-    # across model-parallel ranks, set from the checkpoint's family
-    # (`llama.family`): 1 in Llama 2 (ParallelEmbedding), 0 in Llama 3
-    # (VocabParallelEmbedding).
-    tok_embeddings_split_dim: int = 1
+from llama.args import ModelArgs, ffn_hidden_dim  # noqa: F401  (callers import them from here too)
 
 
 def _no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -362,14 +332,6 @@ def row_parallel(
     this rank's input columns (by `kernel` where given), summed over the ranks."""
     out = F.linear(x, weight) if kernel is None else kernel(x)
     return reduce_from_model_parallel_region(out) if model_parallel_size > 1 else out
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    """The SwiGLU hidden size the reference derives from params.json."""
-    hidden_dim = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
 
 
 class FeedForward(nn.Module):

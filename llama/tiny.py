@@ -41,6 +41,16 @@ if TYPE_CHECKING:
 # Code Llama's rotary base (Llama 2: 10000).
 CODE_LLAMA_ROPE_THETA = 1e6
 
+# The tokenizer sizes the trainers here can make from `training_text()`, found
+# by training (tests/test_tiny_cli.py trains at both ends): SentencePiece needs
+# its 3 special pieces, the 256 byte pieces and the text's 71 characters, and
+# runs out of merges past 1741 pieces (the 4 infilling pieces add 4 to both
+# ends); the tiktoken BPE needs the 256 bytes and runs out past 1354 ranks.
+SENTENCEPIECE_VOCAB_SIZES = range(330, 1741 + 1)
+TIKTOKEN_RANKS = range(256, 1354 + 1)
+# torch.Generator.manual_seed takes a signed or unsigned 64-bit seed.
+SEEDS = range(-(2**63), 2**64)
+
 _WORDS = (
     "the a an of to in and is was for on with as by at from that this it he she they we you "
     "llama model token tokens text prompt answer question reply chat user assistant system "
@@ -131,7 +141,10 @@ def train_tiktoken_bpe(path, n_ranks: int = 384) -> None:
                 pairs[pair] += n
         candidates = [(n, pair) for pair, n in pairs.items() if pair[0] + pair[1] not in ranks]
         if not candidates:
-            break  # the text has nothing left to merge
+            raise ValueError(
+                f"the training text has only {len(ranks)} BPE ranks in it, not n_ranks {n_ranks} "
+                f"(see TIKTOKEN_RANKS)"
+            )
         best = min(candidates, key=lambda c: (-c[0], c[1]))[1]  # most frequent, then by bytes
         ranks[best[0] + best[1]] = len(ranks)
         merged = {}
@@ -224,6 +237,116 @@ def write_checkpoint(
         torch.save(shard, out_dir / f"consolidated.{rank:02d}.pth")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_options(
+    *,
+    mp,
+    dim,
+    n_layers,
+    n_heads,
+    n_kv_heads,
+    multiple_of,
+    ffn_dim_multiplier,
+    vocab_size,
+    seed,
+    tokenizer,
+    family_name,
+    rope_theta,
+    use_scaled_rope,
+    rope_scaling_factor,
+    infill,
+    as_flags: bool = False,
+) -> None:
+    """Raise ValueError (FileNotFoundError for a `tokenizer` that is not there),
+    naming the option and its value, unless `make_tiny_checkpoint` can write a
+    checkpoint of these options that `Llama.build` loads. The options are
+    `make_tiny_checkpoint`'s; `as_flags` names them as `python -m llama.tiny`
+    spells them (`--n-heads`). Reads a given tokenizer; imports no torch.
+    """
+    from llama import family
+    from llama.args import ModelArgs, check_model_parallel_fit, check_shape, ffn_hidden_dim, is_positive_finite
+    from llama.tokenizer import Tokenizer, llama3_special_tokens
+
+    def name(option: str) -> str:
+        if not as_flags:
+            return option
+        return "--" + {"family_name": "family"}.get(option, option).replace("_", "-")
+
+    for option, value in [("mp", mp), ("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads),
+                          ("multiple_of", multiple_of)]:
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"{name(option)} must be a positive integer, got {value!r}")
+    if n_kv_heads is not None and (not _is_int(n_kv_heads) or n_kv_heads < 0):
+        raise ValueError(
+            f"{name('n_kv_heads')} must be a positive integer, or 0 for plain multi-head attention, got {n_kv_heads!r}"
+        )
+    for option, value in [("ffn_dim_multiplier", ffn_dim_multiplier), ("rope_theta", rope_theta),
+                          ("rope_scaling_factor", rope_scaling_factor)]:
+        if value is not None and not is_positive_finite(value):
+            raise ValueError(f"{name(option)} must be a positive, finite number, got {value!r}")
+    if not _is_int(seed) or seed not in SEEDS:
+        raise ValueError(f"{name('seed')} must be an integer from -2**63 to 2**64 - 1, got {seed!r}")
+
+    # The vocabulary: the given tokenizer's, or the one trained here.
+    if tokenizer is not None:
+        if vocab_size is not None:
+            raise ValueError(
+                f"{name('vocab_size')} sizes the tokenizer trained here; {name('tokenizer')} "
+                f"{str(tokenizer)!r} has its own size"
+            )
+        if not os.path.exists(tokenizer):
+            raise FileNotFoundError(f"{name('tokenizer')} {str(tokenizer)!r} does not exist")
+        if not os.path.isfile(tokenizer):
+            raise ValueError(f"{name('tokenizer')} {str(tokenizer)!r} is not a file (a directory?)")
+        given = Tokenizer(str(tokenizer))
+        fam, n_words = family.of_tokenizer(given), given.n_words
+    else:
+        fam = family.by_option(family_name or family.LLAMA_2.option)
+        if vocab_size is None:
+            vocab_size = fam.tiny_defaults["vocab_size"]
+        if fam is family.LLAMA_3:
+            sizes, what = TIKTOKEN_RANKS, "BPE ranks (before the 256 special tokens) for the llama3 family"
+            n_words = vocab_size + len(llama3_special_tokens())
+        else:
+            sizes, what = SENTENCEPIECE_VOCAB_SIZES, "pieces for the llama2 family"
+            if infill:  # the infilling pieces come on top
+                sizes, what = range(sizes.start + 4, sizes.stop + 4), what + " with infilling"
+            n_words = vocab_size
+        if not _is_int(vocab_size) or vocab_size not in sizes:
+            raise ValueError(
+                f"{name('vocab_size')} must be from {sizes[0]} to {sizes[-1]} {what} "
+                f"(what the tokenizer trainer can make of the built-in text), got {vocab_size!r}"
+            )
+
+    scaled = fam.tiny_defaults["use_scaled_rope"] if use_scaled_rope is None else use_scaled_rope
+    if rope_scaling_factor is not None and not scaled:
+        raise ValueError(
+            f"{name('rope_scaling_factor')} applies to the scaled rotary embedding (the llama3 family's), "
+            "which this checkpoint does not use"
+        )
+    # The loader's own rules for the shape and its model-parallel split.
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or None,
+                     vocab_size=n_words, multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier)
+    try:
+        check_shape(args)
+    except ValueError as e:
+        raise ValueError(
+            f"{name('dim')} {dim}, {name('n_heads')} {n_heads} and {name('n_kv_heads')} {n_kv_heads} "
+            f"do not make a model: {e}"
+        ) from None
+    if ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier) <= 0:
+        raise ValueError(
+            f"{name('ffn_dim_multiplier')} {ffn_dim_multiplier} leaves no feed-forward units at {name('dim')} {dim}"
+        )
+    try:
+        check_model_parallel_fit(args, mp)
+    except ValueError as e:
+        raise ValueError(f"{name('mp')} {mp} does not fit this model: {e}") from None
+
+
 def make_tiny_checkpoint(
     out_dir,
     mp: int = 1,
@@ -251,14 +374,22 @@ def make_tiny_checkpoint(
     family's `tiny_defaults` (Llama 3: Llama 3.1's scaled rope; its
     `vocab_size` counts the BPE ranks, before the 256 special tokens) and
     its rope theta. `infill` makes it Code Llama-shaped: a tokenizer with the
-    infilling pieces and `rope_theta` 1e6 unless given. Raises ValueError,
-    before writing anything, for `infill` with Llama 3 or with a given
-    `tokenizer` that lacks the pieces.
+    infilling pieces and `rope_theta` 1e6 unless given. `n_kv_heads` None
+    or 0: plain multi-head attention. Raises ValueError (FileNotFoundError
+    for a missing `tokenizer`), before writing anything, for options the
+    loader would refuse (`check_options`), for `infill` with Llama 3 or with
+    a given `tokenizer` that lacks the pieces.
     """
     from llama import family
     from llama.model import ModelArgs
     from llama.tokenizer import Tokenizer
 
+    check_options(
+        mp=mp, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, multiple_of=multiple_of,
+        ffn_dim_multiplier=ffn_dim_multiplier, vocab_size=vocab_size, seed=seed, tokenizer=tokenizer,
+        family_name=family_name, rope_theta=rope_theta, use_scaled_rope=use_scaled_rope,
+        rope_scaling_factor=rope_scaling_factor, infill=infill,
+    )
     wanted = None if family_name is None else family.by_option(family_name)
     if infill:
         from llama.infilling import check_infilling_tokenizer
@@ -275,11 +406,12 @@ def make_tiny_checkpoint(
     if tokenizer is not None:
         shutil.copyfile(tokenizer, tokenizer_path)
     elif wanted is family.LLAMA_3:
-        train_tiktoken_bpe(tokenizer_path, n_ranks=vocab_size or wanted.tiny_defaults["vocab_size"])
+        n_ranks = wanted.tiny_defaults["vocab_size"] if vocab_size is None else vocab_size
+        train_tiktoken_bpe(tokenizer_path, n_ranks=n_ranks)
     else:
-        train_tokenizer(
-            tokenizer_path, vocab_size=vocab_size or family.LLAMA_2.tiny_defaults["vocab_size"], infill=infill
-        )
+        if vocab_size is None:
+            vocab_size = family.LLAMA_2.tiny_defaults["vocab_size"]
+        train_tokenizer(tokenizer_path, vocab_size=vocab_size, infill=infill)
     tok = Tokenizer(str(tokenizer_path))
     fam = family.of_tokenizer(tok)
     if wanted is not None and fam is not wanted:
@@ -288,7 +420,7 @@ def make_tiny_checkpoint(
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
+        n_kv_heads=n_kv_heads or None,
         vocab_size=tok.n_words,
         multiple_of=multiple_of,
         ffn_dim_multiplier=ffn_dim_multiplier,
@@ -349,8 +481,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn-dim-multiplier", type=float, default=None,
                         help="scales the feed-forward size; none: Meta's 8/3 x dim (llama3: 1.3)")
     parser.add_argument("--vocab-size", type=int, default=None,
-                        help="size of the tokenizer to train (llama2, none: 512) or of its BPE ranks "
-                             "before the 256 special tokens (llama3, none: 384)")
+                        help=f"size of the tokenizer to train (llama2: {SENTENCEPIECE_VOCAB_SIZES[0]} to "
+                             f"{SENTENCEPIECE_VOCAB_SIZES[-1]}, none: 512) or of its BPE ranks before the 256 "
+                             f"special tokens (llama3: {TIKTOKEN_RANKS[0]} to {TIKTOKEN_RANKS[-1]}, none: 384)")
     parser.add_argument("--infill", action="store_true",
                         help="Code Llama-shaped (llama2 family): a tokenizer with the infilling pieces, rope theta 1e6")
     parser.add_argument("--rope-theta", type=float, default=None,
@@ -361,41 +494,44 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the stored weights")
     parser.add_argument("--tokenizer", default=None,
-                        help="copy this tokenizer.model; none: train a small one")
+                        help="copy this tokenizer.model (its size is the vocabulary); none: train a small one")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     cli.refuse_used_destination(parser, out)
     if args.rope_scaling_factor is not None and args.family != "llama3":
         parser.error("--rope-scaling-factor applies to --family llama3 (the family with scaled rope)")
-    import torch  # after parsing: --help and a mistyped flag need not wait for it
-
     from llama import family
-    from llama.atomic import output_dir
 
-    defaults = family.by_option(args.family or "llama2").tiny_defaults
+    default_multiplier = family.by_option(args.family or "llama2").tiny_defaults["ffn_dim_multiplier"]
+    options = dict(
+        mp=args.mp,
+        dim=args.dim,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        multiple_of=args.multiple_of,
+        ffn_dim_multiplier=default_multiplier if args.ffn_dim_multiplier is None else args.ffn_dim_multiplier,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        family_name=args.family,
+        rope_theta=args.rope_theta,
+        rope_scaling_factor=args.rope_scaling_factor,
+        infill=args.infill,
+    )
+    try:
+        check_options(**options, use_scaled_rope=None, as_flags=True)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    import torch  # after checking: --help and a mistyped flag or shape need not wait for it
+
+    from llama.atomic import output_dir
 
     def make_in_place_of_out() -> None:
         # Written beside OUT_DIR and renamed into place when complete: an
         # error, Ctrl-C or SIGTERM leaves OUT_DIR as it was.
         with output_dir(out) as tmp:
-            make_tiny_checkpoint(
-                tmp,
-                mp=args.mp,
-                dim=args.dim,
-                n_layers=args.n_layers,
-                n_heads=args.n_heads,
-                n_kv_heads=args.n_kv_heads or None,
-                multiple_of=args.multiple_of,
-                ffn_dim_multiplier=args.ffn_dim_multiplier or defaults["ffn_dim_multiplier"],
-                vocab_size=args.vocab_size,
-                seed=args.seed,
-                dtype=getattr(torch, args.dtype),
-                tokenizer=args.tokenizer,
-                family_name=args.family,
-                rope_theta=args.rope_theta,
-                rope_scaling_factor=args.rope_scaling_factor,
-                infill=args.infill,
-            )
+            make_tiny_checkpoint(tmp, **options, dtype=getattr(torch, args.dtype))
 
     code = cli.call(make_in_place_of_out)
     if code == 0:
