@@ -2,6 +2,7 @@
 checkpoint, or the demo one), and the checks they make before loading it."""
 
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -91,3 +92,25 @@ def check_request(
             raise ValueError(
                 f"a prompt of this example is {len(tokens)} tokens, longer than max_seq_len {max_seq_len}"
             )
+
+
+def check_device(device: Optional[str]) -> None:
+    """Raise ValueError unless `device` is None (the default choice), "cpu", "cuda" or
+    "cuda:N" for a GPU this process sees: the devices the library runs on."""
+    if device is None:
+        return
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device {device!r} is not one this library runs on: use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA GPU here; use cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ValueError(
+            f"device {device!r} was asked for, but torch sees {count} GPU{'s' if count > 1 else ''}: "
+            f"use cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}"
+        )
