@@ -319,14 +319,40 @@ def is_user_error(error: BaseException, own_files=()) -> bool:
     return ours and line.startswith("raise")
 
 
+# What requirements.txt names (each imports under its own name): what `pip install -e .`
+# installs. A script run from a checkout before that fails on importing one of them.
+REQUIRED_PACKAGES = ("torch", "fairscale", "sentencepiece", "tqdm", "safetensors", "tiktoken")
+CPU_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def missing_requirement(error: ModuleNotFoundError) -> Optional[str]:
+    """What to install, in one line, when `error` is about a package of REQUIRED_PACKAGES
+    (not about a part of one: that is a broken install); None for any other module."""
+    if error.name not in REQUIRED_PACKAGES:
+        return None
+    checkout = _PACKAGE_DIR.parent
+    where = f"in {checkout}" if (checkout / "setup.py").is_file() else "in the llama checkout"
+    message = f"the package {error.name} is not installed: run pip install -e . {where} to install what the library needs"
+    if error.name == "torch":
+        message += f" (on a machine without an NVIDIA GPU, first {CPU_TORCH}: the CPU build, a smaller download)"
+    return message
+
+
 def call(work: Callable, *args, own_files=(), **kwargs) -> int:
     """`work(*args, **kwargs)`; returns 0, or 1 after printing a user error in one
-    line (rank 0 only), or 130 after Ctrl-C. Any other exception propagates."""
+    line (rank 0 only) or what to install for a missing requirement, or 130 after
+    Ctrl-C. Any other exception propagates."""
     try:
         work(*args, **kwargs)
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130
+    except ModuleNotFoundError as error:
+        message = missing_requirement(error)
+        if os.environ.get("LLAMA_TRACEBACK") or message is None:
+            raise
+        print_error(message)
+        return 1
     except Exception as error:
         if os.environ.get("LLAMA_TRACEBACK") or not is_user_error(error, own_files):
             raise

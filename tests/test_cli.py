@@ -356,3 +356,41 @@ def test_unknown_flag_is_named_before_a_missing_argument_and_per_subcommand(caps
     with pytest.raises(SystemExit):
         convert_hf.main(["to-hf", "SRC", "DST", "--mp", "2"])  # to-meta's flag
     assert capsys.readouterr().err == "error: flag --mp does not apply to this command (its --help lists the flags)\n"
+
+
+def _run_without(script, modules, argv=()):
+    """Run `script` in a process where `modules` cannot be imported, as before `pip install -e .`."""
+    probe = (
+        "import runpy, sys\n"
+        f"for name in {list(modules)!r}:\n"
+        "    sys.modules[name] = None  # as if not installed\n"
+        f"sys.argv = [{script!r}, *{list(argv)!r}]\n"
+        f"runpy.run_path({script!r}, run_name='__main__')\n"
+    )
+    return run([sys.executable, "-c", probe], timeout=60)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_run_before_installing_says_what_to_install(script):
+    proc = _run_without(script, cli.REQUIRED_PACKAGES)
+    assert proc.returncode == 1, proc.stderr
+    assert shown_lines(proc) == [proc.stderr.strip()]
+    line = proc.stderr.strip()
+    assert line.startswith("error: ") and "torch" in line and "pip install -e ." in line
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in line
+    assert str(REPO) in line  # where to run it
+
+
+def test_a_missing_requirement_other_than_torch_is_named():
+    proc = _run_without("example_text_completion.py", ["sentencepiece"])
+    assert proc.returncode == 1, proc.stderr
+    assert shown_lines(proc) == [proc.stderr.strip()]
+    assert "sentencepiece" in proc.stderr and "pip install -e ." in proc.stderr
+    assert "download.pytorch.org" not in proc.stderr  # torch is there
+
+
+def test_the_required_packages_are_requirements_txt():
+    names = [re.match(r"[A-Za-z0-9_.-]+", line).group(0)
+             for line in (REPO / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert sorted(cli.REQUIRED_PACKAGES) == sorted(names)
