@@ -62,7 +62,7 @@ def main(
         suffix_first: lay the prompt out suffix-prefix-middle instead of prefix-suffix-middle
     """
     from llama import Llama
-    from llama.demo import check_request, resolve_checkpoint
+    from llama.demo import check_request, printable, resolve_checkpoint
 
     infills = [tuple(prompt.split(FILL, 1)) for prompt in PROMPTS]
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path, infill=True)
@@ -86,7 +86,7 @@ def main(
     for prompt, result in zip(PROMPTS, results):
         print(prompt)
         print(f"> filled in: {result['generation']!r}\n")
-        print(result["full_text"])
+        print(printable(result["full_text"]))
         print("\n==================================\n")
 
 

@@ -27,21 +27,13 @@ import torch.distributed as dist
 
 from llama import family
 from llama.chat_format import SPECIAL_TAGS, Dialog
+from llama.demo import printable
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
 PROMPT = ">>> "
 HELP = "Type a message and press Enter. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply."
 INTERRUPT = 0x03  # what Ctrl-C types
-
-# C0 controls (but newline and tab), DEL and C1 controls are shown as \xNN, so
-# that a reply cannot move the cursor or send the terminal escape sequences.
-_SHOWN_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
-
-
-def printable(text: str) -> str:
-    """`text` as the chat prints it: control characters other than newline and tab escaped."""
-    return text.translate(_SHOWN_ESCAPED)
 
 
 class TurnEnd:

@@ -1,10 +1,20 @@
-"""What the example scripts share: where they find their model (the user's
-checkpoint, or the demo one), and the checks they make before loading it."""
+"""What the example scripts and chat.py share: where they find their model (the
+user's checkpoint, or the demo one), the checks they make before loading it, and
+how they show a model's text on a terminal."""
 
 import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
+
+# C0 controls (but newline and tab), DEL and C1 controls are shown as \xNN, so
+# that a model's text cannot move the cursor or send the terminal escape sequences.
+_SHOWN_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """`text` as the scripts print it: control characters other than newline and tab escaped."""
+    return text.translate(_SHOWN_ESCAPED)
 
 
 def resolve_checkpoint(

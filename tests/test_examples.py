@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from conftest import run_checked, run_torchrun
+from conftest import REPO, run_checked, run_torchrun
 
 SEPARATOR = "=================================="
 
@@ -50,3 +50,35 @@ def test_example_reports_a_missing_checkpoint_clearly(tmp_path):
     except AssertionError as err:
         proc = str(err)
     assert proc is not None and "checkpoint directory not found" in proc
+
+
+class ControlBytesLlama:
+    """Stands in for a built Llama whose every generation holds a NUL and an ANSI colour escape."""
+
+    TEXT = "a\x00\x1b[31mred\tb\nc"
+
+    def text_completion(self, prompts, **kwargs):
+        return [{"generation": self.TEXT} for _ in prompts]
+
+    def chat_completion(self, dialogs, **kwargs):
+        return [{"generation": {"role": "assistant", "content": self.TEXT}} for _ in dialogs]
+
+    def text_infilling(self, prefixes, suffixes, **kwargs):
+        return [{"generation": self.TEXT, "full_text": p + self.TEXT + s} for p, s in zip(prefixes, suffixes)]
+
+
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py", "example_infilling.py"])
+def test_examples_escape_control_characters_as_the_chat_does(script, monkeypatch, capsys):
+    import runpy
+
+    from llama import demo, generation
+
+    monkeypatch.setattr(demo, "resolve_checkpoint", lambda ckpt_dir, tokenizer_path, infill=False: ("ckpt", "tok"))
+    monkeypatch.setattr(demo, "check_request", lambda *args, **kwargs: None)
+    monkeypatch.setattr(generation.Llama, "build", staticmethod(lambda **kwargs: ControlBytesLlama()))
+    main = runpy.run_path(str(REPO / script), run_name="not_main")["main"]
+    main(ckpt_dir="ckpt")
+    out = capsys.readouterr().out
+    assert "\x00" not in out and "\x1b" not in out
+    assert "a\\x00\\x1b[31mred" in out
+    assert "red\tb\nc" in out  # newlines and tabs stay as they are, as in chat.py
