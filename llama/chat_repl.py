@@ -274,6 +274,20 @@ def check_heartbeat(heartbeat_s, collective_timeout_s=None) -> None:
         )
 
 
+def check_room(conversation: Conversation, tokenizer: Tokenizer, max_seq_len: int) -> None:
+    """Raise ValueError when `max_seq_len` cannot hold the shortest turn of `conversation`:
+    its system prompt, if any, and a one-letter message in its chat format, and a one-token
+    reply. Needs only the tokenizer, so a chat that would refuse every message is refused
+    before the weights load."""
+    needed = len(conversation.family.encode_dialog(tokenizer, conversation.dialog("x", turns=[]))) + 1
+    if max_seq_len < needed:
+        raise ValueError(
+            f"max_seq_len must be at least {needed} for a chat: a one-letter message in the "
+            f"{conversation.family.name} chat format{' after the system prompt' if conversation.system else ''} "
+            f"and a one-token reply take {needed} tokens; got {max_seq_len}"
+        )
+
+
 def reply_length(max_gen_len: Optional[int], max_seq_len: int) -> int:
     """The longest reply: `max_gen_len`, or half of `max_seq_len` for None.
 
@@ -311,6 +325,7 @@ class ChatRepl:
         self.temperature = temperature
         self.top_p = top_p
         self.conversation = Conversation(system, llama.family)
+        check_room(self.conversation, llama.tokenizer, self.max_seq_len)
         self.ranks = _Ranks(llama.device)
         self.terminal = terminal
         self.heartbeat_s = heartbeat_s
@@ -431,7 +446,8 @@ def run_chat(
     at most `max_gen_len` tokens (default: half of `max_seq_len`); the
     oldest turns are dropped when the history and a reply would pass
     `max_seq_len`. Raises ValueError for a bad `max_gen_len`, temperature
-    or top_p or heartbeat_s, or a system prompt holding the format's tags.
+    or top_p or heartbeat_s, a system prompt holding the format's tags, or a
+    `max_seq_len` too short for any turn (see `check_room`).
     """
     terminal = Terminal(sys.stdin.fileno() if input_fd is None else input_fd, output or sys.stdout)
     repl = ChatRepl(llama, system, temperature, top_p, max_gen_len, terminal, heartbeat_s)

@@ -5,7 +5,10 @@ how they show a model's text on a terminal."""
 import os
 import re
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from llama.tokenizer import Tokenizer
 
 # C0 controls (but newline and tab), DEL and C1 controls are shown as \xNN, so
 # that a model's text cannot move the cursor or send the terminal escape sequences.
@@ -68,7 +71,7 @@ def check_request(
     dialogs: Sequence = (),
     infills: Sequence[Tuple[str, str]] = (),
     suffix_first: bool = False,
-) -> None:
+) -> "Tokenizer":
     """Raise ValueError for arguments a run would fail on after loading the weights:
     sampling parameters, `max_gen_len`, more prompts than `max_batch_size`, and a
     prompt (text, dialog in the chat format, or (prefix, suffix) infilling pair)
@@ -76,6 +79,7 @@ def check_request(
     Code Llama's infilling pieces.
 
     Needs the tokenizer only, so a mistake costs a second, not a load.
+    Returns that tokenizer, for a script's own checks.
     """
     from llama import family
     from llama.generation import _check_sampling
@@ -102,6 +106,7 @@ def check_request(
             raise ValueError(
                 f"a prompt of this example is {len(tokens)} tokens, longer than max_seq_len {max_seq_len}"
             )
+    return tokenizer
 
 
 def check_device(device: Optional[str]) -> None:

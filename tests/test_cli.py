@@ -239,6 +239,9 @@ USER_ERRORS = {
     "prompt too long": ("example_chat_completion.py --ckpt_dir {tiny} --max_seq_len 16",
                         ["longer than max_seq_len 16"]),
     "tags in system prompt": ("chat.py --ckpt_dir {tiny} --system [INST]", ["system prompt holds"]),
+    # Before, the chat started and then refused every message as too long.
+    "chat max_seq_len too short": ("chat.py --ckpt_dir {tiny} --max_seq_len 4",
+                                   ["max_seq_len must be at least", "got 4"]),
     "unknown device": ("chat.py --ckpt_dir {tiny} --device tpu", ["device 'tpu'", "cpu, cuda or cuda:N"]),
     "meta device": ("chat.py --ckpt_dir {tiny} --device meta", ["device 'meta'", "cpu, cuda or cuda:N"]),
     "no cuda": ("chat.py --ckpt_dir {tiny} --device cuda:1", ["device 'cuda:1'", "no CUDA GPU"]),
