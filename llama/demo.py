@@ -4,7 +4,6 @@ how they show a model's text on a terminal."""
 
 import os
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
@@ -47,16 +46,14 @@ def resolve_checkpoint(
             )
         return str(ckpt), tokenizer_path or str(ckpt / "tokenizer.model")
     from llama.checkpoint import find_shards
+    from llama.tokenizer import tokenizer_beside
 
     # The directory first: a wrong one is the problem to report, not its missing tokenizer.
     find_shards(ckpt_dir)
     if tokenizer_path is None:
-        for candidate in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
-            if candidate.is_file():
-                return ckpt_dir, str(candidate)
-        raise FileNotFoundError(
-            f"no tokenizer.model in {ckpt_dir!r} or its parent; pass --tokenizer_path"
-        )
+        tokenizer_path = tokenizer_beside(ckpt_dir)
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"no tokenizer.model in {ckpt_dir!r} or its parent; pass --tokenizer_path")
     return ckpt_dir, tokenizer_path
 
 

@@ -28,7 +28,7 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
 from llama.cuda_graph import GraphedDecodeStep
 from llama.infilling import check_infilling_tokenizer, infilling_pieces, infilling_prompt_tokens
 from llama.model import Transformer
-from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable
+from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable, tokenizer_beside
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -212,7 +212,7 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
+        tokenizer_path: Optional[str],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: Optional[int] = None,
@@ -229,6 +229,9 @@ class Llama:
         check_weights: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
+
+        `tokenizer_path` None takes the tokenizer.model in `ckpt_dir`, else the
+        one in its parent (Meta's Llama 2 download layout), as the scripts do.
 
         Starts the process group and model parallelism when needed (NCCL on
         CUDA, gloo on CPU; a world of one under plain `python`), loads this
@@ -300,6 +303,10 @@ class Llama:
             distributed.planned_model_parallel_size(model_parallel_size),
             n_shards=len(shards),
         )
+        if tokenizer_path is None:
+            tokenizer_path = tokenizer_beside(ckpt_dir)
+            if tokenizer_path is None:
+                raise FileNotFoundError(f"no tokenizer.model in {str(ckpt_dir)!r} or its parent; pass tokenizer_path")
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
         # The family follows from the files; one that disagrees with the
         # tokenizer's fails here, before any process group or weight.

@@ -242,6 +242,8 @@ USER_ERRORS = {
     # Before, the chat started and then refused every message as too long.
     "chat max_seq_len too short": ("chat.py --ckpt_dir {tiny} --max_seq_len 4",
                                    ["max_seq_len must be at least", "got 4"]),
+    "tokenizer is a directory": ("example_text_completion.py --ckpt_dir {tiny} --tokenizer_path {tiny}",
+                                 ["is a directory", "did you mean", "tokenizer.model"]),
     "unknown device": ("chat.py --ckpt_dir {tiny} --device tpu", ["device 'tpu'", "cpu, cuda or cuda:N"]),
     "meta device": ("chat.py --ckpt_dir {tiny} --device meta", ["device 'meta'", "cpu, cuda or cuda:N"]),
     "no cuda": ("chat.py --ckpt_dir {tiny} --device cuda:1", ["device 'cuda:1'", "no CUDA GPU"]),
