@@ -82,3 +82,30 @@ def test_examples_escape_control_characters_as_the_chat_does(script, monkeypatch
     assert "\x00" not in out and "\x1b" not in out
     assert "a\\x00\\x1b[31mred" in out
     assert "red\tb\nc" in out  # newlines and tabs stay as they are, as in chat.py
+
+
+def test_loaded_in_counts_what_the_user_waited_for(tiny_ckpt):
+    # The number printed used to time only the weights' load (0.02 s on a tiny
+    # model) while the first output came seconds after the start.
+    import re
+    import subprocess
+    import time
+
+    from conftest import subprocess_env
+
+    probe = (
+        "import runpy, sys, time\n"
+        "start = time.time()\n"
+        "import torch\n"
+        "print('IMPORTING TORCH TOOK', time.time() - start)\n"
+        f"sys.argv = ['example_text_completion.py', '--ckpt_dir', {str(tiny_ckpt)!r}, '--max_gen_len', '1']\n"
+        "runpy.run_path('example_text_completion.py', run_name='__main__')\n"
+    )
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    wall = time.time() - started
+    assert proc.returncode == 0, proc.stderr
+    importing_torch = float(re.search(r"IMPORTING TORCH TOOK (\S+)", proc.stdout).group(1))
+    loaded_in = float(re.search(r"^Loaded in (\S+) seconds$", proc.stdout, re.MULTILINE).group(1))
+    assert importing_torch <= loaded_in <= wall
