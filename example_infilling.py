@@ -8,7 +8,7 @@ Instruct models. Without --ckpt_dir it runs on a tiny random demo checkpoint
 with Code Llama's infilling pieces.
 """
 
-from typing import Optional
+from typing import Literal, Optional
 
 from llama.cli import run  # it also says so when a folder named llama beside this script hides the package
 
@@ -48,6 +48,8 @@ def main(
     max_gen_len: int = 128,
     max_batch_size: int = 4,
     suffix_first: bool = False,
+    quantize: Optional[Literal["int8", "int4"]] = None,
+    group_size: Optional[int] = None,
 ):
     """Fill in the middle of a few code snippets with Code Llama (a tiny random demo one without --ckpt_dir).
 
@@ -60,6 +62,8 @@ def main(
         max_gen_len: most tokens generated per snippet
         max_batch_size: most snippets run at once (this example has 3)
         suffix_first: lay the prompt out suffix-prefix-middle instead of prefix-suffix-middle
+        quantize: store the weight matrices as int8 or int4 (docs/compressed-weights.md); none: as loaded
+        group_size: int4 only: inputs per scale, 32, 64, 128 or 256; none: 32
     """
     from llama import Llama
     from llama.demo import check_request, printable, resolve_checkpoint
@@ -74,6 +78,8 @@ def main(
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        quantize=quantize,
+        group_size=group_size,
     )
     results = generator.text_infilling(
         prefixes=[prefix for prefix, _ in infills],

@@ -399,3 +399,16 @@ def test_the_required_packages_are_requirements_txt():
              for line in (REPO / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert sorted(cli.REQUIRED_PACKAGES) == sorted(names)
+
+
+def test_the_examples_take_the_same_model_flags():
+    # example_infilling.py had no --quantize or --group_size, which the docs promise every example.
+    import inspect
+    import runpy
+
+    shared = {"ckpt_dir", "tokenizer_path", "temperature", "top_p", "max_seq_len", "max_gen_len", "max_batch_size",
+              "quantize", "group_size"}
+    for script in SCRIPTS:
+        if script.startswith("example_"):
+            main = runpy.run_path(str(REPO / script), run_name="not_main")["main"]
+            assert shared - set(inspect.signature(main).parameters) == set(), script
