@@ -47,15 +47,17 @@ def main(
         group_size: int4 only: inputs per scale, 32, 64, 128 or 256; none: 32
     """
     from llama import Llama, family
-    from llama.chat_repl import Conversation, check_heartbeat, reply_length, run_chat
-    from llama.demo import check_request, resolve_checkpoint
+    from llama.chat_repl import Conversation, check_heartbeat, check_room, reply_length, run_chat
+    from llama.demo import check_device, check_request, resolve_checkpoint
     from llama.distributed import exit_when_a_peer_is_lost
 
+    check_device(device)
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     # Everything that needs no weights is checked before they load.
-    check_request(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)
+    tokenizer = check_request(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)
     reply_length(max_gen_len, max_seq_len)
-    Conversation(system, family.of_tokenizer_file(tokenizer_path))  # the chat format follows the tokenizer
+    conversation = Conversation(system, family.of_tokenizer(tokenizer))  # the chat format follows the tokenizer
+    check_room(conversation, tokenizer, max_seq_len)  # else every message would be refused
     check_heartbeat(heartbeat_s, collective_timeout_s)
     llama = Llama.build(
         ckpt_dir=ckpt_dir,

@@ -54,7 +54,7 @@ def main(
         group_size: int4 only: inputs per scale, 32, 64, 128 or 256; none: 32
     """
     from llama import Llama
-    from llama.demo import check_request, resolve_checkpoint
+    from llama.demo import check_request, printable, resolve_checkpoint
     from llama.distributed import exit_when_a_peer_is_lost
 
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
@@ -81,7 +81,7 @@ def main(
     for dialog, result in zip(DIALOGS, results):
         for msg in dialog:
             print(f"{msg['role'].capitalize()}: {msg['content']}\n")
-        print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
+        print(f"> {result['generation']['role'].capitalize()}: {printable(result['generation']['content'])}")
         print("\n==================================\n")
 
 

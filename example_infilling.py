@@ -8,7 +8,7 @@ Instruct models. Without --ckpt_dir it runs on a tiny random demo checkpoint
 with Code Llama's infilling pieces.
 """
 
-from typing import Optional
+from typing import Literal, Optional
 
 from llama.cli import run  # it also says so when a folder named llama beside this script hides the package
 
@@ -48,6 +48,8 @@ def main(
     max_gen_len: int = 128,
     max_batch_size: int = 4,
     suffix_first: bool = False,
+    quantize: Optional[Literal["int8", "int4"]] = None,
+    group_size: Optional[int] = None,
 ):
     """Fill in the middle of a few code snippets with Code Llama (a tiny random demo one without --ckpt_dir).
 
@@ -60,9 +62,11 @@ def main(
         max_gen_len: most tokens generated per snippet
         max_batch_size: most snippets run at once (this example has 3)
         suffix_first: lay the prompt out suffix-prefix-middle instead of prefix-suffix-middle
+        quantize: store the weight matrices as int8 or int4 (docs/compressed-weights.md); none: as loaded
+        group_size: int4 only: inputs per scale, 32, 64, 128 or 256; none: 32
     """
     from llama import Llama
-    from llama.demo import check_request, resolve_checkpoint
+    from llama.demo import check_request, printable, resolve_checkpoint
 
     infills = [tuple(prompt.split(FILL, 1)) for prompt in PROMPTS]
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path, infill=True)
@@ -74,6 +78,8 @@ def main(
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        quantize=quantize,
+        group_size=group_size,
     )
     results = generator.text_infilling(
         prefixes=[prefix for prefix, _ in infills],
@@ -86,7 +92,7 @@ def main(
     for prompt, result in zip(PROMPTS, results):
         print(prompt)
         print(f"> filled in: {result['generation']!r}\n")
-        print(result["full_text"])
+        print(printable(result["full_text"]))
         print("\n==================================\n")
 
 

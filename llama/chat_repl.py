@@ -27,21 +27,13 @@ import torch.distributed as dist
 
 from llama import family
 from llama.chat_format import SPECIAL_TAGS, Dialog
+from llama.demo import printable
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
 PROMPT = ">>> "
 HELP = "Type a message and press Enter. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply."
 INTERRUPT = 0x03  # what Ctrl-C types
-
-# C0 controls (but newline and tab), DEL and C1 controls are shown as \xNN, so
-# that a reply cannot move the cursor or send the terminal escape sequences.
-_SHOWN_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
-
-
-def printable(text: str) -> str:
-    """`text` as the chat prints it: control characters other than newline and tab escaped."""
-    return text.translate(_SHOWN_ESCAPED)
 
 
 class TurnEnd:
@@ -282,6 +274,20 @@ def check_heartbeat(heartbeat_s, collective_timeout_s=None) -> None:
         )
 
 
+def check_room(conversation: Conversation, tokenizer: Tokenizer, max_seq_len: int) -> None:
+    """Raise ValueError when `max_seq_len` cannot hold the shortest turn of `conversation`:
+    its system prompt, if any, and a one-letter message in its chat format, and a one-token
+    reply. Needs only the tokenizer, so a chat that would refuse every message is refused
+    before the weights load."""
+    needed = len(conversation.family.encode_dialog(tokenizer, conversation.dialog("x", turns=[]))) + 1
+    if max_seq_len < needed:
+        raise ValueError(
+            f"max_seq_len must be at least {needed} for a chat: a one-letter message in the "
+            f"{conversation.family.name} chat format{' after the system prompt' if conversation.system else ''} "
+            f"and a one-token reply take {needed} tokens; got {max_seq_len}"
+        )
+
+
 def reply_length(max_gen_len: Optional[int], max_seq_len: int) -> int:
     """The longest reply: `max_gen_len`, or half of `max_seq_len` for None.
 
@@ -319,6 +325,7 @@ class ChatRepl:
         self.temperature = temperature
         self.top_p = top_p
         self.conversation = Conversation(system, llama.family)
+        check_room(self.conversation, llama.tokenizer, self.max_seq_len)
         self.ranks = _Ranks(llama.device)
         self.terminal = terminal
         self.heartbeat_s = heartbeat_s
@@ -439,7 +446,8 @@ def run_chat(
     at most `max_gen_len` tokens (default: half of `max_seq_len`); the
     oldest turns are dropped when the history and a reply would pass
     `max_seq_len`. Raises ValueError for a bad `max_gen_len`, temperature
-    or top_p or heartbeat_s, or a system prompt holding the format's tags.
+    or top_p or heartbeat_s, a system prompt holding the format's tags, or a
+    `max_seq_len` too short for any turn (see `check_room`).
     """
     terminal = Terminal(sys.stdin.fileno() if input_fd is None else input_fd, output or sys.stdout)
     repl = ChatRepl(llama, system, temperature, top_p, max_gen_len, terminal, heartbeat_s)

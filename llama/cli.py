@@ -231,6 +231,7 @@ def _converter(kind, optional: bool, flag: str) -> Tuple[Callable[[str], object]
             allowed = ", ".join(map(str, choices)) + (" or none" if optional else "")
             raise argparse.ArgumentTypeError(f"expected one of {allowed}, got {text!r}")
 
+        choice.choices, choice.takes_none = choices, optional  # for flag_table
         return choice, "{" + ",".join(map(str, choices)) + "}"
     if kind is str:
         return str, "TEXT"
@@ -257,6 +258,7 @@ def _converter(kind, optional: bool, flag: str) -> Tuple[Callable[[str], object]
                     f"expected {noun}{' or none' if optional else ''}, got {text!r}"
                 ) from None
 
+        number.takes_none = optional  # for flag_table
         return number, kind.__name__.upper()
     raise TypeError(f"cli: no flag can be made for parameter {flag!r} of type {kind!r}")
 
@@ -308,6 +310,63 @@ def refuse_used_destination(parser: argparse.ArgumentParser, path) -> None:
         parser.error(problem)
 
 
+# --- documentation ---
+
+
+def flag_table(parser: argparse.ArgumentParser) -> str:
+    """`parser`'s arguments as a Markdown table (argument, value, default, meaning), as
+    --help describes them; hidden aliases, --help and subcommands are left out."""
+    rows = ["| argument | value | default | meaning |", "|---|---|---|---|"]
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        if action.option_strings:
+            name = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+            default = "required" if action.required else _default_cell(action)
+        else:
+            name = action.metavar or action.dest.upper()
+            default = "required"
+        # Expanded as --help expands it: a help text may name %(default)s, and a % is written %%.
+        params = {key: value for key, value in vars(action).items() if value is not argparse.SUPPRESS}
+        meaning = " ".join(((action.help or "") % dict(params, prog=parser.prog)).split())
+        rows.append(f"| `{name}` | {_value_text(action)} | {_cell(default)} | {_cell(meaning)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _value_text(action: argparse.Action) -> str:
+    """What an argument takes, for flag_table."""
+    if action.nargs == 0:
+        return "no value (a switch)"
+    takes_none = getattr(action.type, "takes_none", False)
+    choices = action.choices or getattr(action.type, "choices", None)
+    if choices:
+        values = [f"`{value}`" for value in choices] + (["`none`"] if takes_none else [])
+        return ", ".join(values[:-1]) + " or " + values[-1] if len(values) > 1 else values[0]
+    if action.metavar == "BOOL":
+        return "`true` or `false`; alone: true"
+    kind = {"INT": "an integer", "FLOAT": "a number", "TEXT": "text"}.get(
+        action.metavar or getattr(action.type, "__name__", "str").upper(), "text"
+    )
+    return kind + (" or `none`" if takes_none else "")
+
+
+def _default_cell(action: argparse.Action) -> str:
+    """A flag's default for flag_table: a value as typed (`float32`, not 'float32');
+    "none" (not given, as the meanings say it) or "off" (a switch) where it cannot be typed."""
+    if action.nargs == 0:
+        return "off" if action.default is False else "on"
+    if action.default is None:
+        return "`none`" if getattr(action.type, "takes_none", False) else "none"
+    if isinstance(action.default, str):
+        return f"`{action.default}`" if action.default else '`""`'
+    return f"`{_default_text(action.default)}`"
+
+
+def _cell(text: str) -> str:
+    """`text` inside a Markdown table cell: a | would end the cell."""
+    return text.replace("|", "\\|")
+
+
 # --- running ---
 
 
@@ -335,14 +394,40 @@ def is_user_error(error: BaseException, own_files=()) -> bool:
     return ours and line.startswith("raise")
 
 
+# What requirements.txt names (each imports under its own name): what `pip install -e .`
+# installs. A script run from a checkout before that fails on importing one of them.
+REQUIRED_PACKAGES = ("torch", "fairscale", "sentencepiece", "tqdm", "safetensors", "tiktoken")
+CPU_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def missing_requirement(error: ModuleNotFoundError) -> Optional[str]:
+    """What to install, in one line, when `error` is about a package of REQUIRED_PACKAGES
+    (not about a part of one: that is a broken install); None for any other module."""
+    if error.name not in REQUIRED_PACKAGES:
+        return None
+    checkout = _PACKAGE_DIR.parent
+    where = f"in {checkout}" if (checkout / "setup.py").is_file() else "in the llama checkout"
+    message = f"the package {error.name} is not installed: run pip install -e . {where} to install what the library needs"
+    if error.name == "torch":
+        message += f" (on a machine without an NVIDIA GPU, first {CPU_TORCH}: the CPU build, a smaller download)"
+    return message
+
+
 def call(work: Callable, *args, own_files=(), **kwargs) -> int:
     """`work(*args, **kwargs)`; returns 0, or 1 after printing a user error in one
-    line (rank 0 only), or 130 after Ctrl-C. Any other exception propagates."""
+    line (rank 0 only) or what to install for a missing requirement, or 130 after
+    Ctrl-C. Any other exception propagates."""
     try:
         work(*args, **kwargs)
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130
+    except ModuleNotFoundError as error:
+        message = missing_requirement(error)
+        if os.environ.get("LLAMA_TRACEBACK") or message is None:
+            raise
+        print_error(message)
+        return 1
     except Exception as error:
         if os.environ.get("LLAMA_TRACEBACK") or not is_user_error(error, own_files):
             raise

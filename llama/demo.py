@@ -1,9 +1,22 @@
-"""What the example scripts share: where they find their model (the user's
-checkpoint, or the demo one), and the checks they make before loading it."""
+"""What the example scripts and chat.py share: where they find their model (the
+user's checkpoint, or the demo one), the checks they make before loading it, and
+how they show a model's text on a terminal."""
 
 import os
-from pathlib import Path
-from typing import Optional, Sequence, Tuple
+import re
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from llama.tokenizer import Tokenizer
+
+# C0 controls (but newline and tab), DEL and C1 controls are shown as \xNN, so
+# that a model's text cannot move the cursor or send the terminal escape sequences.
+_SHOWN_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """`text` as the scripts print it: control characters other than newline and tab escaped."""
+    return text.translate(_SHOWN_ESCAPED)
 
 
 def resolve_checkpoint(
@@ -33,16 +46,14 @@ def resolve_checkpoint(
             )
         return str(ckpt), tokenizer_path or str(ckpt / "tokenizer.model")
     from llama.checkpoint import find_shards
+    from llama.tokenizer import tokenizer_beside
 
     # The directory first: a wrong one is the problem to report, not its missing tokenizer.
     find_shards(ckpt_dir)
     if tokenizer_path is None:
-        for candidate in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
-            if candidate.is_file():
-                return ckpt_dir, str(candidate)
-        raise FileNotFoundError(
-            f"no tokenizer.model in {ckpt_dir!r} or its parent; pass --tokenizer_path"
-        )
+        tokenizer_path = tokenizer_beside(ckpt_dir)
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"no tokenizer.model in {ckpt_dir!r} or its parent; pass --tokenizer_path")
     return ckpt_dir, tokenizer_path
 
 
@@ -57,7 +68,7 @@ def check_request(
     dialogs: Sequence = (),
     infills: Sequence[Tuple[str, str]] = (),
     suffix_first: bool = False,
-) -> None:
+) -> "Tokenizer":
     """Raise ValueError for arguments a run would fail on after loading the weights:
     sampling parameters, `max_gen_len`, more prompts than `max_batch_size`, and a
     prompt (text, dialog in the chat format, or (prefix, suffix) infilling pair)
@@ -65,6 +76,7 @@ def check_request(
     Code Llama's infilling pieces.
 
     Needs the tokenizer only, so a mistake costs a second, not a load.
+    Returns that tokenizer, for a script's own checks.
     """
     from llama import family
     from llama.generation import _check_sampling
@@ -91,3 +103,26 @@ def check_request(
             raise ValueError(
                 f"a prompt of this example is {len(tokens)} tokens, longer than max_seq_len {max_seq_len}"
             )
+    return tokenizer
+
+
+def check_device(device: Optional[str]) -> None:
+    """Raise ValueError unless `device` is None (the default choice), "cpu", "cuda" or
+    "cuda:N" for a GPU this process sees: the devices the library runs on."""
+    if device is None:
+        return
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device {device!r} is not one this library runs on: use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA GPU here; use cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ValueError(
+            f"device {device!r} was asked for, but torch sees {count} GPU{'s' if count > 1 else ''}: "
+            f"use cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}"
+        )

@@ -3,6 +3,7 @@
 import contextlib
 import numbers
 import operator
+import os
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
 from llama.cuda_graph import GraphedDecodeStep
 from llama.infilling import check_infilling_tokenizer, infilling_pieces, infilling_prompt_tokens
 from llama.model import Transformer
-from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable
+from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable, tokenizer_beside
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -208,11 +209,48 @@ def _quantized_mode(model: Transformer) -> Optional[str]:
     return None if config is None else config.mode
 
 
+def _process_age() -> Optional[float]:
+    """Seconds since this process started (Linux's /proc), or None where that is unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22, start time in clock ticks after boot; fields are counted after
+            # the command's name, which ends at the last ")" and may hold spaces.
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+_IMPORTED_AT = time.time()  # where the process's start is unknown: after torch and this module loaded
+
+
+class _LoadClock:
+    """When the wait that build's "Loaded in" reports began: for the first build in a
+    process, the process's start, since a command line's user waits for Python,
+    torch, the checks and the load before the first output; for later builds,
+    the call."""
+
+    def __init__(self):
+        self._built_before = False
+
+    def wait_began(self, called_at: float) -> float:
+        if self._built_before:
+            return called_at
+        self._built_before = True
+        age = _process_age()
+        return _IMPORTED_AT if age is None else called_at - age
+
+
+_LOAD_CLOCK = _LoadClock()
+
+
 class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
+        tokenizer_path: Optional[str],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: Optional[int] = None,
@@ -229,6 +267,9 @@ class Llama:
         check_weights: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer, ready to generate.
+
+        `tokenizer_path` None takes the tokenizer.model in `ckpt_dir`, else the
+        one in its parent (Meta's Llama 2 download layout), as the scripts do.
 
         Starts the process group and model parallelism when needed (NCCL on
         CUDA, gloo on CPU; a world of one under plain `python`), loads this
@@ -267,10 +308,16 @@ class Llama:
         `check_weights` also scans the ones used in place from the mapped
         file (this reads the whole checkpoint once).
 
+        Prints "Loaded in X seconds": for the first build in a process, X is
+        the time since the process started (Python, torch's import, the checks
+        and the load: what a script's user waits for before its first output);
+        for a later build, the time since it was called.
+
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit: a weight
         that is not finite, a KV cache larger than the memory available.
         """
+        wait_began = _LOAD_CLOCK.wait_began(time.time())
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -300,6 +347,10 @@ class Llama:
             distributed.planned_model_parallel_size(model_parallel_size),
             n_shards=len(shards),
         )
+        if tokenizer_path is None:
+            tokenizer_path = tokenizer_beside(ckpt_dir)
+            if tokenizer_path is None:
+                raise FileNotFoundError(f"no tokenizer.model in {str(ckpt_dir)!r} or its parent; pass tokenizer_path")
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
         # The family follows from the files; one that disagrees with the
         # tokenizer's fails here, before any process group or weight.
@@ -313,7 +364,6 @@ class Llama:
         torch.manual_seed(seed)
         distributed.silence_other_ranks()
 
-        start_time = time.time()
         model_args = model_family.model_args(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         model_args.vocab_size = tokenizer.n_words
         if quant is not None:
@@ -358,7 +408,7 @@ class Llama:
         )
         generator._mapped_files = mapped_files.keep_used_by([*model.parameters(), *model.buffers()])
         distributed.start_collective_timeout(collective_timeout_s)
-        print(f"Loaded in {time.time() - start_time:.2f} seconds")
+        print(f"Loaded in {time.time() - wait_began:.2f} seconds")
         return generator
 
     @staticmethod

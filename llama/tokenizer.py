@@ -11,6 +11,7 @@ import base64
 import binascii
 import os
 import re
+from pathlib import Path
 from typing import AbstractSet, Dict, Iterator, List, Optional, Sequence, Union
 
 from sentencepiece import SentencePieceProcessor
@@ -21,10 +22,32 @@ TIKTOKEN = "tiktoken"
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")
 
 
-def tokenizer_kind(model_path) -> str:
-    """SENTENCEPIECE or TIKTOKEN, from the file's first line (tiktoken files are text)."""
+def check_tokenizer_file(model_path) -> None:
+    """Raise unless `model_path` names a file: ValueError for None, IsADirectoryError
+    for a directory (naming the tokenizer.model in it, if there is one),
+    FileNotFoundError for a path that does not exist."""
+    if model_path is None:
+        raise ValueError("a tokenizer model path is required, got None")
+    if os.path.isdir(model_path):
+        inside = os.path.join(model_path, "tokenizer.model")
+        hint = f"; did you mean {inside!r}?" if os.path.isfile(inside) else ""
+        raise IsADirectoryError(f"{str(model_path)!r} is a directory, not a tokenizer model file{hint}")
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"tokenizer model not found: {str(model_path)!r}")
+
+
+def tokenizer_beside(ckpt_dir) -> Optional[str]:
+    """The tokenizer.model in `ckpt_dir`, else the one in its parent (where Meta's Llama 2
+    download keeps it, beside the model folders); None if neither exists."""
+    for candidate in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def tokenizer_kind(model_path) -> str:
+    """SENTENCEPIECE or TIKTOKEN, from the file's first line (tiktoken files are text)."""
+    check_tokenizer_file(model_path)
     with open(model_path, "rb") as f:
         first_line = f.readline(256).rstrip(b"\r\n")
     return TIKTOKEN if _TIKTOKEN_LINE.fullmatch(first_line) else SENTENCEPIECE
@@ -67,8 +90,7 @@ class Tokenizer:
     kind = SENTENCEPIECE
 
     def __init__(self, model_path: str):
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model not found: {model_path!r}")
+        check_tokenizer_file(model_path)
         try:
             self.sp_model = SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as e:
@@ -260,8 +282,7 @@ class Llama3Tokenizer(Tokenizer):
     def __init__(self, model_path: str):
         import tiktoken
 
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model not found: {model_path!r}")
+        check_tokenizer_file(model_path)
         mergeable_ranks = read_tiktoken_ranks(model_path)
         self.num_base_tokens = len(mergeable_ranks)
         self.special_tokens: Dict[str, int] = {

@@ -62,6 +62,18 @@ def test_conversation_drops_oldest_turns_but_keeps_the_system_prompt(tiny_tokeni
         Conversation("<<SYS>>")
 
 
+def test_a_max_seq_len_too_short_for_any_turn_is_refused_at_the_start(tiny_tokenizer):
+    from llama import chat_repl
+
+    tokenizer = Tokenizer(str(tiny_tokenizer))
+    for system in (None, SYSTEM):
+        conversation = Conversation(system)
+        shortest = len(encode_dialog(tokenizer, conversation.dialog("x"))) + 1  # and one reply token
+        chat_repl.check_room(conversation, tokenizer, shortest)
+        with pytest.raises(ValueError, match=f"max_seq_len must be at least {shortest}"):
+            chat_repl.check_room(conversation, tokenizer, shortest - 1)
+
+
 def test_terminal_reads_lines_ctrl_c_and_ctrl_d_from_a_tty():
     leader, follower = os.openpty()
     try:

@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from conftest import run_checked, run_torchrun
+from conftest import REPO, run_checked, run_torchrun
 
 SEPARATOR = "=================================="
 
@@ -50,3 +50,62 @@ def test_example_reports_a_missing_checkpoint_clearly(tmp_path):
     except AssertionError as err:
         proc = str(err)
     assert proc is not None and "checkpoint directory not found" in proc
+
+
+class ControlBytesLlama:
+    """Stands in for a built Llama whose every generation holds a NUL and an ANSI colour escape."""
+
+    TEXT = "a\x00\x1b[31mred\tb\nc"
+
+    def text_completion(self, prompts, **kwargs):
+        return [{"generation": self.TEXT} for _ in prompts]
+
+    def chat_completion(self, dialogs, **kwargs):
+        return [{"generation": {"role": "assistant", "content": self.TEXT}} for _ in dialogs]
+
+    def text_infilling(self, prefixes, suffixes, **kwargs):
+        return [{"generation": self.TEXT, "full_text": p + self.TEXT + s} for p, s in zip(prefixes, suffixes)]
+
+
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py", "example_infilling.py"])
+def test_examples_escape_control_characters_as_the_chat_does(script, monkeypatch, capsys):
+    import runpy
+
+    from llama import demo, generation
+
+    monkeypatch.setattr(demo, "resolve_checkpoint", lambda ckpt_dir, tokenizer_path, infill=False: ("ckpt", "tok"))
+    monkeypatch.setattr(demo, "check_request", lambda *args, **kwargs: None)
+    monkeypatch.setattr(generation.Llama, "build", staticmethod(lambda **kwargs: ControlBytesLlama()))
+    main = runpy.run_path(str(REPO / script), run_name="not_main")["main"]
+    main(ckpt_dir="ckpt")
+    out = capsys.readouterr().out
+    assert "\x00" not in out and "\x1b" not in out
+    assert "a\\x00\\x1b[31mred" in out
+    assert "red\tb\nc" in out  # newlines and tabs stay as they are, as in chat.py
+
+
+def test_loaded_in_counts_what_the_user_waited_for(tiny_ckpt):
+    # The number printed used to time only the weights' load (0.02 s on a tiny
+    # model) while the first output came seconds after the start.
+    import re
+    import subprocess
+    import time
+
+    from conftest import subprocess_env
+
+    probe = (
+        "import runpy, sys, time\n"
+        "start = time.time()\n"
+        "import torch\n"
+        "print('IMPORTING TORCH TOOK', time.time() - start)\n"
+        f"sys.argv = ['example_text_completion.py', '--ckpt_dir', {str(tiny_ckpt)!r}, '--max_gen_len', '1']\n"
+        "runpy.run_path('example_text_completion.py', run_name='__main__')\n"
+    )
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    wall = time.time() - started
+    assert proc.returncode == 0, proc.stderr
+    importing_torch = float(re.search(r"IMPORTING TORCH TOOK (\S+)", proc.stdout).group(1))
+    loaded_in = float(re.search(r"^Loaded in (\S+) seconds$", proc.stdout, re.MULTILINE).group(1))
+    assert importing_torch <= loaded_in <= wall
