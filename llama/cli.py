@@ -396,7 +396,7 @@ def is_user_error(error: BaseException, own_files=()) -> bool:
 
 # What requirements.txt names (each imports under its own name): what `pip install -e .`
 # installs. A script run from a checkout before that fails on importing one of them.
-REQUIRED_PACKAGES = ("torch", "fairscale", "sentencepiece", "tqdm", "safetensors", "tiktoken")
+REQUIRED_PACKAGES = ("torch", "fairscale", "sentencepiece", "tqdm", "safetensors", "tiktoken", "regex")
 CPU_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
 
@@ -434,6 +434,21 @@ def call(work: Callable, *args, own_files=(), **kwargs) -> int:
         print_error(str(error) or type(error).__name__)
         return 1
     return 0
+
+
+def run_tool(main: Callable[[], int]) -> None:
+    """`sys.exit(main())` for a `python -m llama.X` tool, whose `main` parses its own
+    flags: a required package missing (run before `pip install -e .`) is named in one
+    line with what to install, as `call` does for the scripts."""
+    try:
+        status = main()
+    except ModuleNotFoundError as error:
+        message = missing_requirement(error)
+        if os.environ.get("LLAMA_TRACEBACK") or message is None:
+            raise
+        print_error(message)
+        status = 1
+    sys.exit(status)
 
 
 def refuse_hidden_package() -> None:

@@ -236,11 +236,17 @@ class _LoadClock:
         self._built_before = False
 
     def wait_began(self, called_at: float) -> float:
-        if self._built_before:
+        if self._built_before or _interactive():
             return called_at
         self._built_before = True
         age = _process_age()
         return _IMPORTED_AT if age is None else called_at - age
+
+
+def _interactive() -> bool:
+    """A REPL or a notebook: there the process's age is how long the session has been open,
+    not a wait, so build times its own call."""
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or "IPython" in sys.modules
 
 
 _LOAD_CLOCK = _LoadClock()
@@ -308,10 +314,11 @@ class Llama:
         `check_weights` also scans the ones used in place from the mapped
         file (this reads the whole checkpoint once).
 
-        Prints "Loaded in X seconds": for the first build in a process, X is
-        the time since the process started (Python, torch's import, the checks
-        and the load: what a script's user waits for before its first output);
-        for a later build, the time since it was called.
+        Prints "Loaded in X seconds": for the first build in a script's
+        process, X is the time since the process started (Python, torch's
+        import, the checks and the load: what the user waits for before the
+        first output); for a later build, and in a REPL or notebook, the time
+        since it was called.
 
         Raises FileNotFoundError for a missing directory, shard, params.json
         or tokenizer, and ValueError for anything that does not fit: a weight

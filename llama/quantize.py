@@ -8,7 +8,6 @@ without quantizing at every start. The format and the arithmetic are in
 `--help` and a mistyped flag answer before torch is imported.
 """
 
-import sys
 
 from llama import cli
 
@@ -37,4 +36,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

@@ -10,7 +10,6 @@ is only read. `params.json` and `tokenizer.model` are copied alongside.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -101,4 +100,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

@@ -394,6 +394,24 @@ def test_a_missing_requirement_other_than_torch_is_named():
     assert "download.pytorch.org" not in proc.stderr  # torch is there
 
 
+@pytest.mark.parametrize("tool", ["tiny", "reshard", "quantize", "convert_hf"])
+def test_a_tool_run_before_installing_says_what_to_install(tool, tmp_path):
+    # The -m tools parse their own flags and import torch after; they showed its traceback.
+    argv = {"tiny": [str(tmp_path / "out")], "reshard": [str(tmp_path), str(tmp_path / "out"), "--mp", "1"],
+            "quantize": [str(tmp_path), str(tmp_path / "out"), "--quantize", "int8"],
+            "convert_hf": ["to-hf", str(tmp_path), str(tmp_path / "out")]}[tool]
+    probe = (
+        "import runpy, sys\n"
+        "sys.modules['torch'] = None  # as if not installed\n"
+        f"sys.argv = ['llama.{tool}', *{argv!r}]\n"
+        f"runpy.run_module('llama.{tool}', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = run([sys.executable, "-c", probe], timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert shown_lines(proc) == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: the package torch is not installed") and "pip install -e ." in proc.stderr
+
+
 def test_the_required_packages_are_requirements_txt():
     names = [re.match(r"[A-Za-z0-9_.-]+", line).group(0)
              for line in (REPO / "requirements.txt").read_text().splitlines()

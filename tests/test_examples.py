@@ -109,3 +109,16 @@ def test_loaded_in_counts_what_the_user_waited_for(tiny_ckpt):
     importing_torch = float(re.search(r"IMPORTING TORCH TOOK (\S+)", proc.stdout).group(1))
     loaded_in = float(re.search(r"^Loaded in (\S+) seconds$", proc.stdout, re.MULTILINE).group(1))
     assert importing_torch <= loaded_in <= wall
+
+
+def test_loaded_in_times_the_call_in_a_repl_or_notebook(monkeypatch):
+    # There the process may have been open for hours: its age is no wait.
+    from llama import generation
+
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    assert generation._LoadClock().wait_began(1234.5) == 1234.5
+    monkeypatch.delattr(sys, "ps1")
+    monkeypatch.setattr(generation, "_process_age", lambda: 10.0)
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    if not sys.flags.interactive:  # as in a script: the first build counts from the process's start
+        assert generation._LoadClock().wait_began(1234.5) == 1224.5
