@@ -21,9 +21,21 @@ from typing import Iterator, Optional
 
 def destination_problem(path) -> Optional[str]:
     """Why a tool may not write its output to `path`, or None when `path` is
-    absent or an empty directory. The one wording of this check: the command
-    lines say it too (`cli.refuse_used_destination`)."""
+    absent or an empty directory (not a symbolic link to one). The one
+    wording of this check: the command lines say it too
+    (`cli.refuse_used_destination`)."""
     path = Path(path)
+    if path.is_symlink():
+        # The output directory is renamed into place at the end, and a
+        # directory cannot replace a link: refused before any work is done.
+        try:
+            target = os.readlink(path)
+        except OSError as e:
+            target = f"unreadable: {e.strerror}"
+        return (
+            f"{str(path)!r} is a symbolic link (to {target!r}); the output is a directory renamed into place, "
+            "which cannot replace a link: give the directory it points to, or a new path"
+        )
     try:
         in_use = path.exists() and (not path.is_dir() or any(path.iterdir()))
     except OSError as e:  # a directory we may not list
@@ -92,9 +104,9 @@ def output_dir(dst) -> Iterator[Path]:
     directory gets (or those of the empty `dst` it replaces).
 
     Raises FileExistsError before anything is written unless `dst` is absent
-    or an empty directory. When the block raises, or SIGINT or SIGTERM
-    arrive while it runs (SIGTERM exits with status 143), the temporary
-    directory is removed and `dst` and its parents are left as they were:
+    or an empty directory (not a symbolic link). When the block raises, or
+    SIGINT or SIGTERM arrive while it runs (SIGTERM exits with status 143),
+    the temporary directory is removed and `dst` and its parents are left as they were:
     parents created for it are removed again.
     """
     dst = Path(dst).absolute()

