@@ -7,9 +7,13 @@ place, an interrupted run would leave a truncated `.pth` next to a complete
 rerun. `output_dir` writes into a temporary directory beside the
 destination and renames it into place only once everything is written; on an
 error, SIGINT or SIGTERM the temporary directory is removed instead.
+Before the rename every file and the directory itself are flushed to disk
+(fsync), and the parent after it, so that a power loss cannot leave a
+complete-looking destination with empty files.
 """
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -100,8 +104,9 @@ def _signals_raise(cleaning: threading.Event) -> Iterator[None]:
 @contextlib.contextmanager
 def output_dir(dst) -> Iterator[Path]:
     """Yield a new temporary directory beside `dst`; when the block ends
-    normally, move it to `dst` (one rename) with the permissions a new
-    directory gets (or those of the empty `dst` it replaces).
+    normally, flush every file in it and the directory to disk (fsync), move
+    it to `dst` (one rename) with the permissions a new directory gets (or
+    those of the empty `dst` it replaces), and flush the parent directory.
 
     Raises FileExistsError before anything is written unless `dst` is absent
     or an empty directory (not a symbolic link). When the block raises, or
@@ -120,12 +125,14 @@ def output_dir(dst) -> Iterator[Path]:
             tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
             yield tmp
             os.chmod(tmp, dst.stat().st_mode & 0o7777 if dst.is_dir() else _default_dir_mode())
+            sync_tree(tmp)  # else a power loss after the rename could leave empty files in place
             try:
                 os.rename(tmp, dst)  # POSIX replaces an empty directory in one step
             except OSError:
                 require_new_dir(dst)  # filled meanwhile: refuse rather than merge
                 dst.rmdir()
                 os.rename(tmp, dst)
+            sync_directory(dst.parent)  # the rename itself
         except BaseException:
             cleaning.set()
             if tmp is not None:
@@ -134,3 +141,32 @@ def output_dir(dst) -> Iterator[Path]:
                 with contextlib.suppress(OSError):
                     parent.rmdir()
             raise
+
+
+# Some file systems and platforms refuse fsync on a directory: then there is nothing more to do.
+_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
+
+
+def _fsync(path, directory: bool) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (directory and e.errno in _FSYNC_UNSUPPORTED):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_directory(path) -> None:
+    """fsync the directory `path`, so that its entries (a rename into it) survive a power loss."""
+    _fsync(path, directory=True)
+
+
+def sync_tree(path) -> None:
+    """fsync every file under `path`, then every directory, `path` itself last."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(os.path.join(root, name), directory=False)
+        _fsync(root, directory=True)

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
 
-from llama import cli
+from llama import atomic, cli  # both light: no torch
 
 # torch, and the modules that import it, are imported where the work needs
 # them, so that `python -m llama.tiny --help` answers at once.
@@ -455,11 +455,13 @@ def demo_checkpoint(mp: int = 1, infill: bool = False) -> Path:
     try:
         make_tiny_checkpoint(tmp, mp=mp, infill=infill)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not
+        atomic.sync_tree(tmp)  # else a power loss could leave params.json beside empty shards
         try:
             os.rename(tmp, target)
         except OSError:
             if not (target / "params.json").is_file():
                 raise
+        atomic.sync_directory(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

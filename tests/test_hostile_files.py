@@ -58,6 +58,62 @@ def last_error_line(capsys) -> str:
     return lines[-1] if lines else ""
 
 
+# -- 4. fsync before the rename, and of the parent after it -------------------------------------
+
+
+def record_syncs(monkeypatch):
+    """Every fsync (by path) and rename, in order."""
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst, *args, **kwargs):
+        events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    return events
+
+
+@pytest.mark.parametrize("tool", ["reshard", "quantize", "to-meta", "to-hf", "tiny"])
+def test_tool_output_is_synced_before_and_after_the_rename(tmp_path, tiny_ckpt, hf_dir, monkeypatch, tool):
+    dst = Path(os.path.realpath(tmp_path)) / "parent" / "out"
+    argv = {
+        "reshard": (reshard_cli, [str(tiny_ckpt), str(dst), "--mp", "2"]),
+        "quantize": (quantize_cli, [str(tiny_ckpt), str(dst), "--quantize", "int8"]),
+        "to-meta": (convert_hf, ["to-meta", str(hf_dir), str(dst)]),
+        "to-hf": (convert_hf, ["to-hf", str(tiny_ckpt), str(dst)]),
+        "tiny": (tiny_cli, [str(dst), "--tokenizer", str(tiny_ckpt / "tokenizer.model")]),
+    }
+    module, args = argv[tool]
+    events = record_syncs(monkeypatch)
+    assert module.main(args) == 0
+    renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dst)]
+    assert len(renames) == 1, events
+    at = renames[0]
+    tmp = events[at][1]
+    synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
+    written = sorted(p.name for p in dst.iterdir())
+    assert written and all(f"{tmp}/{name}" in synced_before for name in written), (written, events)
+    assert tmp in synced_before, events
+    assert ("fsync", str(dst.parent)) in events[at + 1 :], events
+
+
+def test_the_demo_checkpoint_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_CACHE", str(Path(os.path.realpath(tmp_path)) / "cache"))
+    events = record_syncs(monkeypatch)
+    target = tiny_cli.demo_checkpoint()
+    at = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(target))
+    synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
+    tmp = events[at][1]
+    assert all(f"{tmp}/{p.name}" in synced_before for p in target.iterdir()) and tmp in synced_before, events
+    assert ("fsync", str(target.parent)) in events[at + 1 :], events
+
+
 # -- 7. a symlink destination --------------------------------------------------------------------
 
 
