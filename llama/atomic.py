@@ -9,7 +9,8 @@ destination and renames it into place only once everything is written; on an
 error, SIGINT or SIGTERM the temporary directory is removed instead.
 Before the rename every file and the directory itself are flushed to disk
 (fsync), and the parent after it, so that a power loss cannot leave a
-complete-looking destination with empty files.
+complete-looking destination with empty files. A write that fails because
+the disk is full is reported as such, with the space needed and free.
 """
 
 import contextlib
@@ -19,6 +20,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -101,6 +103,101 @@ def _signals_raise(cleaning: threading.Event) -> Iterator[None]:
             signal.signal(signum, old if old is not None else signal.SIG_DFL)
 
 
+# torch.save reports a failed write in these words, without the OS's reason
+# (caffe2/serialize/inline_container.cc, and the C++ stream it writes through).
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed", "iostream error")
+
+
+def _says_disk_full(error: BaseException) -> Optional[bool]:
+    """True when `error` says the disk is full; None when it is a failed write
+    that does not say why (torch's); False for anything else."""
+    if isinstance(error, WriteFailed):
+        return error.full
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    text = str(error)
+    # safetensors' SafetensorError carries Rust's io::Error text.
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    if isinstance(error, RuntimeError) and any(words in text for words in _TORCH_WRITE_FAILURES):
+        return None
+    return False
+
+
+class WriteFailed(OSError):
+    """A write of a tool's output failed (`writing`): `needed_bytes` is what the
+    whole output takes, `full` whether the disk said it is full (None: torch
+    does not say why a write failed)."""
+
+    def __init__(self, cause: BaseException, needed_bytes: Optional[int] = None):
+        self.full = _says_disk_full(cause)
+        self.needed_bytes, self.cause = needed_bytes, cause
+        need = "" if needed_bytes is None else f"; the output needs about {needed_bytes:,} bytes"
+        super().__init__(f"{'no space left on device' if self.full else 'a write failed'} ({cause}){need}")
+        self.errno = errno.ENOSPC if self.full else errno.EIO
+
+
+@contextlib.contextmanager
+def writing(needed_bytes: int) -> Iterator[None]:
+    """Around the writes of a tool's output: a write that fails (a full disk:
+    torch's, safetensors' or the OS's words for it) becomes `WriteFailed`,
+    which `output_dir` turns into an error naming the destination, the
+    `needed_bytes` (the tensors' bytes in all the output's files) and the
+    space free. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        if _says_disk_full(error) is False:
+            raise
+        raise WriteFailed(error, needed_bytes) from error
+
+
+def _release_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames of `error`'s tracebacks,
+    so that the file a failed `torch.save` still holds open is closed and its
+    space freed when the temporary directory is removed (an unlinked file
+    that is still open keeps its blocks)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def _size(n: int) -> str:
+    if n >= 2**30:
+        return f"{n:,} bytes ({n / 2**30:.2f} GiB)"
+    return f"{n:,} bytes ({n / 2**20:.1f} MiB)" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _write_failure_error(error: BaseException, dst: Path) -> Optional[OSError]:
+    """The error to raise for `error`, raised while writing the output for `dst` and
+    after its temporary directory is removed; None when it is not a failed write."""
+    if _says_disk_full(error) is False:
+        return None
+    failure = error if isinstance(error, WriteFailed) else WriteFailed(error)
+    free = shutil.disk_usage(dst.parent).free
+    needed = failure.needed_bytes
+    full = failure.full or (failure.full is None and needed is not None and free < needed)
+    if full:
+        need = f"needs about {_size(needed)}, and " if needed is not None else "failed, and "
+        message = (
+            f"no space left on device: writing {str(dst)!r} {need}{_size(free)} are free on its file system "
+            "(with the partial output removed); free some space or choose a destination on another disk"
+        )
+        code = errno.ENOSPC
+    else:
+        enough = f", enough for the {_size(needed)} needed, so the disk is not full" if needed is not None else ""
+        message = (
+            f"could not write {str(dst)!r}: {failure.cause}; {_size(free)} are free on its file system{enough} "
+            "(a disk quota? a failing disk?)"
+        )
+        code = errno.EIO
+    result = OSError(message)  # one argument: str() is the message alone
+    result.errno = code
+    return result
+
+
 @contextlib.contextmanager
 def output_dir(dst) -> Iterator[Path]:
     """Yield a new temporary directory beside `dst`; when the block ends
@@ -112,7 +209,10 @@ def output_dir(dst) -> Iterator[Path]:
     or an empty directory (not a symbolic link). When the block raises, or
     SIGINT or SIGTERM arrive while it runs (SIGTERM exits with status 143),
     the temporary directory is removed and `dst` and its parents are left as they were:
-    parents created for it are removed again.
+    parents created for it are removed again. A write that failed for want
+    of space (see `writing`) is re-raised as an OSError (errno ENOSPC) that
+    names `dst`, the bytes needed and the bytes free once the partial
+    output is gone.
     """
     dst = Path(dst).absolute()
     require_new_dir(dst)
@@ -133,13 +233,19 @@ def output_dir(dst) -> Iterator[Path]:
                 dst.rmdir()
                 os.rename(tmp, dst)
             sync_directory(dst.parent)  # the rename itself
-        except BaseException:
+        except BaseException as error:
             cleaning.set()
+            failed_write = isinstance(error, Exception) and _says_disk_full(error) is not False
+            if failed_write:
+                _release_frames(error)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             for parent in reversed(created_parents):
                 with contextlib.suppress(OSError):
                     parent.rmdir()
+            explained = _write_failure_error(error, dst) if failed_write else None
+            if explained is not None:
+                raise explained from error
             raise
 
 

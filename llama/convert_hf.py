@@ -497,7 +497,8 @@ def meta_to_hf(
     config = hf_config_from_model_args(args, state["norm.weight"].dtype, max_position_embeddings, tokenizer)
     # Written beside OUT_DIR and renamed into place when complete.
     with atomic.output_dir(out_dir) as out:
-        save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        with atomic.writing(sum(t.nbytes for t in hf_state.values())):
+            save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
         # safetensors creates its file private (0600); give it the mode of the other files.
         os.chmod(out / "model.safetensors", atomic.default_file_mode())
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -302,8 +302,10 @@ def quantize_checkpoint(src, dst, config: QuantConfig, progress: bool = True) ->
             part = checkpoint.load_for_rank(
                 shards, rank, n, args, progress=progress and rank == 0, convert=converter(config, None, n)
             )
-            torch.save({k: v.clone() for k, v in part.items()}, out / f"consolidated.{rank:02d}.pth")
-            del part
+            shard = {k: v.clone() for k, v in part.items()}
+            with atomic.writing(n * sum(t.nbytes for t in shard.values())):  # shards are alike in size
+                torch.save(shard, out / f"consolidated.{rank:02d}.pth")
+            del part, shard
         params["quantization"] = config.to_params()
         (out / "params.json").write_text(json.dumps(params) + "\n")
         if (src / "tokenizer.model").is_file():

@@ -66,7 +66,9 @@ def reshard(
                 )
                 # clone(): a slice saved as it is would drag its whole source storage along.
                 shard = {key: tensor.clone() for key, tensor in part.items()}
-                torch.save(shard, out / f"consolidated.{rank:02d}.pth")
+                # Every rank's shard holds the same shapes: the output is this one N times over.
+                with atomic.writing(model_parallel_size * sum(t.nbytes for t in shard.values())):
+                    torch.save(shard, out / f"consolidated.{rank:02d}.pth")
                 del part, shard
                 if bar is not None:
                     bar.update(n_tensors)

@@ -233,7 +233,9 @@ def write_checkpoint(
     (out_dir / "params.json").write_text(json.dumps(params_dict(args), indent=2) + "\n")
     for rank in range(mp):
         shard = {k: v.to(dtype) for k, v in shard_state_dict(state, mp, rank, args).items()}
-        torch.save(shard, out_dir / f"consolidated.{rank:02d}.pth")
+        # Every rank's shard holds the same shapes: the output is this one mp times over.
+        with atomic.writing(mp * sum(t.nbytes for t in shard.values())):
+            torch.save(shard, out_dir / f"consolidated.{rank:02d}.pth")
 
 
 def _is_int(value) -> bool:

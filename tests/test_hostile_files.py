@@ -114,6 +114,98 @@ def test_the_demo_checkpoint_is_synced_before_and_after_its_rename(tmp_path, mon
     assert ("fsync", str(target.parent)) in events[at + 1 :], events
 
 
+# -- 6. a full disk ------------------------------------------------------------------------------
+
+TORCH_ENOSPC = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+SAFETENSORS_ENOSPC = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+class Usage:
+    def __init__(self, free):
+        self.total, self.used, self.free = 10 * free, 9 * free, free
+
+
+def fill_disk(monkeypatch, free=1000):
+    """torch.save and safetensors' save_file fail as they do on a full disk, after writing a little."""
+    from safetensors import SafetensorError
+    import safetensors.torch
+
+    def torch_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK" * 100)
+        raise RuntimeError(TORCH_ENOSPC)
+
+    def safetensors_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"{}" * 100)
+        raise SafetensorError(SAFETENSORS_ENOSPC)
+
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", safetensors_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(free))
+
+
+def tool_call(tool, tiny_ckpt, hf_dir, dst):
+    return {
+        "reshard": (reshard_cli, [str(tiny_ckpt), str(dst), "--mp", "2"]),
+        "quantize": (quantize_cli, [str(tiny_ckpt), str(dst), "--quantize", "int4"]),
+        "to-meta": (convert_hf, ["to-meta", str(hf_dir), str(dst), "--dtype", "bfloat16"]),
+        "to-hf": (convert_hf, ["to-hf", str(tiny_ckpt), str(dst)]),
+        "tiny": (tiny_cli, [str(dst), "--tokenizer", str(tiny_ckpt / "tokenizer.model")]),
+    }[tool]
+
+
+@pytest.mark.parametrize("tool", ["reshard", "quantize", "to-meta", "to-hf", "tiny"])
+def test_a_full_disk_is_named_with_what_was_needed_and_free(tmp_path, tiny_ckpt, hf_dir, monkeypatch, capsys, tool):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "mine.txt").write_text("the user's")
+    dst = parent / "out"
+    module, argv = tool_call(tool, tiny_ckpt, hf_dir, dst)
+    fill_disk(monkeypatch)
+    assert module.main(argv) == 1
+    line = last_error_line(capsys)
+    assert line.startswith(f"error: no space left on device: writing '{dst}' needs "), line
+    assert "bytes" in line and "1,000 bytes are free" in line, line
+    assert sorted(p.name for p in parent.iterdir()) == ["mine.txt"]
+
+
+def test_a_torch_write_error_with_room_to_spare_is_not_called_a_full_disk(tmp_path, tiny_ckpt, monkeypatch):
+    fill_disk(monkeypatch, free=10**12)
+    with pytest.raises(OSError, match=r"could not write .*unexpected pos.*the disk is not full") as caught:
+        reshard(tiny_ckpt, tmp_path / "out", 1, progress=False)
+    assert caught.value.errno == errno.EIO
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs, smaller than any tiny checkpoint; skipped where mounting is not permitted."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], check=True)
+            pytest.fail("a file on the full tmpfs was still open after the tool failed")
+
+
+@pytest.mark.parametrize("tool", ["reshard", "to-hf", "tiny"])
+def test_a_really_full_disk_is_named(tmp_path, tiny_ckpt, hf_dir, small_tmpfs, capsys, tool):
+    dst = small_tmpfs / "out"
+    module, argv = tool_call(tool, tiny_ckpt, hf_dir, dst)
+    assert module.main(argv) == 1
+    line = last_error_line(capsys)
+    assert line.startswith(f"error: no space left on device: writing '{dst}' needs "), line
+    assert "bytes are free" in line, line
+    assert list(small_tmpfs.iterdir()) == []
+
+
 # -- 7. a symlink destination --------------------------------------------------------------------
 
 
