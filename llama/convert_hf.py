@@ -322,7 +322,8 @@ def _safetensors_files(hf_dir: Path) -> Dict[str, Path]:
     """HuggingFace key -> the file holding it, from the index file or every *.safetensors.
 
     Raises ValueError naming the file for an index without a `weight_map`
-    object and for a file that is not a readable `.safetensors`.
+    object or with an entry outside `hf_dir`, and for a file that is not a
+    readable `.safetensors`.
     """
     from llama import checkpoint
 
@@ -335,6 +336,16 @@ def _safetensors_files(hf_dir: Path) -> Dict[str, Path]:
             raise ValueError(
                 f"{str(index)!r}: weight_map must be an object of weight name -> file name, got {weight_map!r:.80}"
             )
+        for key, name in weight_map.items():
+            # Names are relative to the folder and stay in it: an index must not make
+            # the conversion read (and copy into its output) files from elsewhere.
+            # Checked by name, not by resolving links: HuggingFace's cache links each
+            # file to a blob outside the snapshot folder.
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(
+                    f"{str(index)!r}: weight_map entry {key!r} -> {name!r} is outside {str(hf_dir)!r}; "
+                    "an index names files in its own folder"
+                )
         located = {key: hf_dir / name for key, name in weight_map.items()}
         for path in set(located.values()):
             checkpoint.require_regular_file(path, f"safetensors file named in {str(index)!r}")

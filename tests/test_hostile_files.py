@@ -58,6 +58,23 @@ def last_error_line(capsys) -> str:
     return lines[-1] if lines else ""
 
 
+# -- 3. index entries outside the folder ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "nested_parent"])
+def test_index_entries_outside_the_folder_are_refused(tmp_path, hf_dir, where):
+    hf = copy_ckpt(hf_dir, tmp_path / "hf")
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(hf / "model.safetensors", outside)
+    name = {"parent": "../elsewhere.safetensors", "absolute": str(outside),
+            "nested_parent": "sub/../../elsewhere.safetensors"}[where]
+    keys = list(load_file(outside))
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+    with pytest.raises(ValueError, match=r"weight_map entry '.+' -> '.*elsewhere\.safetensors' is outside"):
+        convert_hf.hf_to_meta(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # -- 4. fsync before the rename, and of the parent after it -------------------------------------
 
 
