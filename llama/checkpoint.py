@@ -318,6 +318,12 @@ def load_shard(path) -> Dict[str, torch.Tensor]:
     regular file or not a checkpoint, and for a value that is not a dense tensor.
     """
     require_regular_file(path, "checkpoint shard")
+    return _open_shard(path)
+
+
+def _open_shard(path) -> Dict[str, torch.Tensor]:
+    """A shard's state dict, memory-mapped (no tensor's bytes are read), checked
+    to be weight names and dense tensors before anything looks into it."""
     try:
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
@@ -325,6 +331,10 @@ def load_shard(path) -> Dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict):
         raise ValueError(f"checkpoint shard {str(path)!r} does not hold a state dict")
     for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise ValueError(
+                f"checkpoint shard {str(path)!r}: holds a key {key!r} ({type(key).__name__}), not a weight name"
+            )
         if not isinstance(value, torch.Tensor):
             raise ValueError(
                 f"checkpoint shard {str(path)!r}: {key!r} holds a {type(value).__name__}, not a tensor "
@@ -357,13 +367,10 @@ def shard_tensor_shape(path, key: str) -> Optional[Tuple[int, ...]]:
 
     The file is memory-mapped and the tensor's bytes are never touched, so
     this reads a few kilobytes of a shard of any size. Used to tell a
-    checkpoint's family before loading; `load_shard` is for loading.
+    checkpoint's family before loading; `load_shard` is for loading. Raises
+    ValueError as `load_shard` does for contents that are not weights.
     """
-    try:
-        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        raise ValueError(f"cannot read checkpoint shard {str(path)!r}: {e}") from e
-    tensor = state_dict.get(key) if isinstance(state_dict, dict) else None
+    tensor = _open_shard(path).get(key)
     return None if tensor is None else tuple(tensor.shape)
 
 

@@ -131,6 +131,31 @@ def test_the_demo_checkpoint_is_synced_before_and_after_its_rename(tmp_path, mon
     assert ("fsync", str(target.parent)) in events[at + 1 :], events
 
 
+# -- 5. shards of the wrong types, before family detection --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.update({"tok_embeddings.weight": 5}), r"'tok_embeddings\.weight' holds a int, not a tensor"),
+        (lambda s: s.update({"tok_embeddings.weight": [1.0, 2.0]}), r"'tok_embeddings\.weight' holds a list"),
+        (lambda s: s.update({7: torch.zeros(2)}), r"holds a key 7 \(int\), not a weight name"),
+    ],
+    ids=["int_embedding", "list_embedding", "int_key"],
+)
+def test_shard_types_are_checked_before_anything_reads_them(tmp_path, tiny_ckpt, change, message):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "ckpt")
+    path = rewrite_shard(ckpt, change)
+    for call in (
+        lambda: build(ckpt),
+        lambda: reshard(ckpt, tmp_path / "out", 1, progress=False),
+        lambda: convert_hf.meta_to_hf(ckpt, tmp_path / "hf"),
+    ):
+        with pytest.raises(ValueError, match=rf"checkpoint shard '{path}': {message}"):
+            call()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()
+
+
 # -- 6. a full disk ------------------------------------------------------------------------------
 
 TORCH_ENOSPC = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
