@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import functools
 import json
+import math
 import mmap
 import os
 import re
@@ -536,7 +537,8 @@ def assemble_rank(
         # Integer weights and fp32 scales of a quantized checkpoint stay as
         # stored; so does everything that `convert` will see.
         keep = convert is not None or (quant is not None and quantization.stored_dtype(key, quant) is not None)
-        joined = _join([piece(index, key, part) for index, part in parts], want, device, None if keep else dtype)
+        stored = [piece(index, key, part) for index, part in parts]
+        joined = _join(stored, want, device, None if keep else dtype)
         if quant is not None and quantization.stored_dtype(key, quant) not in (None, joined.dtype):
             raise ValueError(f"{key} is {joined.dtype} in the checkpoint; its quantization needs "
                              f"{quantization.stored_dtype(key, quant)}")
@@ -548,7 +550,7 @@ def assemble_rank(
             if opened[index][0][key].untyped_storage().data_ptr() != joined.untyped_storage().data_ptr()
         ]
         if (copied_from or check_all_weights) and joined.is_floating_point():
-            require_finite(joined, key, " and ".join(opened[index][1] for index, _ in parts))
+            require_finite(joined, key, " and ".join(opened[index][1] for index, _ in parts), stored)
         if convert is None:
             state_dict[key] = joined
         else:
@@ -688,22 +690,52 @@ def _join(pieces: List[torch.Tensor], want, device, dtype) -> torch.Tensor:
     return pieces[0].contiguous()
 
 
-def require_finite(tensor: torch.Tensor, key: str, source: str) -> None:
+def require_finite(tensor: torch.Tensor, key: str, source: str, stored: Sequence[torch.Tensor] = ()) -> None:
     """Raise ValueError if the floating-point `tensor` holds NaN or inf.
 
     One read of the tensor in its own dtype and nothing allocated: min and
-    max are NaN if any element is, and +-inf if any element is.
+    max are NaN if any element is, and +-inf if any element is. `stored`
+    are the tensors `tensor` was converted (and joined) from, read only when
+    it is not finite: finite there, the weight is healthy and only too large
+    for the new dtype (a bf16 weight above 65504 in float16), which the
+    error says rather than calling the checkpoint damaged.
     """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
     low, high = torch.aminmax(tensor)
     if bool(torch.isfinite(low) & torch.isfinite(high)):
         return
+    largest = _largest_if_finite(stored, tensor.dtype)
+    if largest is not None:
+        name = str(tensor.dtype).removeprefix("torch.")
+        wider = "bfloat16 or float32" if tensor.dtype == torch.float16 else "float32"
+        raise ValueError(
+            f"{key} in {source} has values up to {largest:g} in magnitude, beyond {name}'s range "
+            f"({torch.finfo(tensor.dtype).max:g}): in {name} they would be infinite. The weight is fine as "
+            f"stored ({str(stored[0].dtype).removeprefix('torch.')}); load or convert it in {wider} instead "
+            "(Llama.build(dtype=...), the tools' --dtype)"
+        )
     n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
     raise ValueError(
         f"{key} in {source} holds {n_nan} NaN and {n_inf} infinite value(s) of {tensor.numel()}: "
         "the checkpoint is damaged (or was saved from a diverged model)"
     )
+
+
+def _largest_if_finite(stored: Sequence[torch.Tensor], converted_to: torch.dtype) -> Optional[float]:
+    """The largest magnitude in `stored` when they are all finite, of another
+    floating dtype than `converted_to`; else None."""
+    if not stored or not all(t.is_floating_point() and t.dtype != converted_to for t in stored):
+        return None
+    largest = 0.0
+    for t in stored:
+        if t.numel() == 0:
+            continue
+        low, high = (float(v) for v in torch.aminmax(t))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return None
+        largest = max(largest, -low, high)
+    return largest
 
 
 _MADV_DONTNEED = 4  # Linux
@@ -862,7 +894,7 @@ def load_into(
             continue
         converted[key] = tensor.to(device=device, dtype=dtype)
         if converted[key] is not tensor:
-            require_finite(converted[key], key, source)
+            require_finite(converted[key], key, source, [tensor])
     model.load_state_dict(converted, strict=True, assign=True)
 
 

@@ -455,7 +455,9 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
 
     # Written beside OUT_DIR and renamed into place when complete.
     with atomic.output_dir(out_dir) as out:
-        write_checkpoint(out, state, args, mp=model_parallel_size, dtype=dtype or state["norm.weight"].dtype)
+        write_checkpoint(
+            out, state, args, mp=model_parallel_size, dtype=dtype or state["norm.weight"].dtype, source=repr(str(hf_dir))
+        )
         _copy_tokenizer(hf_dir, out)
     return out_dir
 

@@ -204,14 +204,26 @@ def random_weights(args: ModelArgs, seed: int = 0, device=None, dtype=None) -> D
 
 
 def shard_state_dict(
-    state: Dict[str, torch.Tensor], mp: int, rank: int, args: ModelArgs
+    state: Dict[str, torch.Tensor],
+    mp: int,
+    rank: int,
+    args: ModelArgs,
+    dtype: Optional[torch.dtype] = None,
+    source: str = "the full state dict",
 ) -> Dict[str, torch.Tensor]:
     """Rank `rank`'s part of a full state dict under Meta's MP layout (KV heads
-    replicated when `mp` exceeds them), as tensors of their own."""
+    replicated when `mp` exceeds them), in `dtype` (None: as they are), as
+    tensors of their own. Raises ValueError, naming the weight and `source`,
+    for one that is not finite once converted or cut (`checkpoint.require_finite`)."""
     from llama.checkpoint import assemble_rank
 
-    part = assemble_rank(lambda index: (state, "the full state dict"), 1, rank, mp, args)
-    return {key: tensor.clone() for key, tensor in part.items()}
+    part = assemble_rank(lambda index: (state, source), 1, rank, mp, args, dtype=dtype)
+    # Copies where assemble_rank handed back the given tensor (or a view of it).
+    return {
+        key: tensor.clone() if tensor.untyped_storage().data_ptr() == state[key].untyped_storage().data_ptr()
+        else tensor
+        for key, tensor in part.items()
+    }
 
 
 def write_checkpoint(
@@ -220,9 +232,11 @@ def write_checkpoint(
     args: ModelArgs,
     mp: int = 1,
     dtype: Optional[torch.dtype] = None,
+    source: str = "the full state dict",
 ) -> None:
     """Write `params.json` and `consolidated.NN.pth` for `mp` shards into `out_dir`,
-    the weights in `dtype` (default float32)."""
+    the weights in `dtype` (default float32). Raises ValueError as
+    `shard_state_dict` does, naming `source`."""
     import torch
 
     from llama.checkpoint import params_dict
@@ -232,7 +246,7 @@ def write_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params_dict(args), indent=2) + "\n")
     for rank in range(mp):
-        shard = {k: v.to(dtype) for k, v in shard_state_dict(state, mp, rank, args).items()}
+        shard = shard_state_dict(state, mp, rank, args, dtype, source)
         # Every rank's shard holds the same shapes: the output is this one mp times over.
         with atomic.writing(mp * sum(t.nbytes for t in shard.values())):
             torch.save(shard, out_dir / f"consolidated.{rank:02d}.pth")

@@ -269,3 +269,46 @@ def test_a_symlink_destination_is_refused_up_front(tmp_path, tiny_ckpt, capsys, 
     assert link.is_symlink() and os.readlink(link) == str(pointed)
     assert (pointed.is_dir() and list(pointed.iterdir()) == []) if target == "empty_dir" else not pointed.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["link", "real"] if target == "empty_dir" else ["link"])
+
+
+# -- 9. float16 overflow is not damage -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_with_a_large_weight(tmp_path_factory, tiny_ckpt) -> Path:
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path_factory.mktemp("big") / "ckpt")
+
+    def change(state):
+        for key in state:
+            state[key] = state[key].to(torch.bfloat16)
+        state["layers.0.feed_forward.w2.weight"].view(-1)[5] = -69632.0  # a bf16 value
+
+    rewrite_shard(ckpt, change)
+    return ckpt
+
+
+def check_overflow_message(message: str) -> None:
+    assert "layers.0.feed_forward.w2.weight" in message and "has values up to 69632 in magnitude" in message, message
+    assert "beyond float16's range (65504)" in message and "bfloat16 or float32" in message, message
+    assert "damaged" not in message and "diverged" not in message, message
+
+
+def test_a_float16_overflow_is_not_called_damage(tmp_path, bf16_with_a_large_weight, capsys):
+    assert reshard_cli.main([str(bf16_with_a_large_weight), str(tmp_path / "out"), "--mp", "1",
+                             "--dtype", "float16"]) == 1
+    check_overflow_message(last_error_line(capsys))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError) as caught:
+        build(bf16_with_a_large_weight, dtype=torch.float16)
+    check_overflow_message(str(caught.value))
+    # bfloat16 has the range: the same checkpoint loads.
+    build(bf16_with_a_large_weight, dtype=torch.bfloat16)
+
+
+def test_to_meta_to_float16_names_the_overflow(tmp_path, bf16_with_a_large_weight, capsys):
+    hf = tmp_path / "hf"
+    convert_hf.meta_to_hf(bf16_with_a_large_weight, hf)
+    assert convert_hf.main(["to-meta", str(hf), str(tmp_path / "out"), "--dtype", "float16"]) == 1
+    line = last_error_line(capsys)
+    assert "has values up to 69632 in magnitude" in line and "beyond float16's range (65504)" in line, line
+    assert not (tmp_path / "out").exists()
