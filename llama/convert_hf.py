@@ -380,6 +380,11 @@ def _open_safetensors(path: Path):
 
 
 def _read_hf_tensors(located: Dict[str, Path]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HuggingFace key, tensor) for every key, each checked to be finite
+    (ValueError naming the key and its file): whatever the shard count or
+    dtype written, nothing non-finite reaches the output."""
+    from llama import checkpoint
+
     by_file: Dict[Path, list] = {}
     for key, path in located.items():
         by_file.setdefault(path, []).append(key)
@@ -389,7 +394,9 @@ def _read_hf_tensors(located: Dict[str, Path]) -> Iterator[Tuple[str, torch.Tens
             if missing:
                 raise ValueError(f"{str(path)!r} lacks {missing[0]!r}, which the index places there")
             for key in keys:
-                yield key, f.get_tensor(key)
+                tensor = f.get_tensor(key)
+                checkpoint.require_finite(tensor, key, repr(str(path)))
+                yield key, tensor
 
 
 def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[torch.dtype] = None) -> Path:

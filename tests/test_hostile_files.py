@@ -58,6 +58,26 @@ def last_error_line(capsys) -> str:
     return lines[-1] if lines else ""
 
 
+# -- 1. convert_hf to-meta: non-finite weights in every mode ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mp, dtype, value",
+    [(1, None, float("nan")), (1, "bfloat16", float("inf")), (2, None, float("nan")), (2, "bfloat16", float("-inf"))],
+)
+def test_to_meta_refuses_non_finite_weights_in_every_mode(tmp_path, hf_dir, capsys, mp, dtype, value):
+    hf = copy_ckpt(hf_dir, tmp_path / "hf")
+    tensors = load_file(hf / "model.safetensors")
+    set_value(tensors["model.layers.1.mlp.down_proj.weight"], value)
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    argv = ["to-meta", str(hf), str(tmp_path / "out"), "--mp", str(mp)] + (["--dtype", dtype] if dtype else [])
+    assert convert_hf.main(argv) == 1
+    line = last_error_line(capsys)
+    assert "model.layers.1.mlp.down_proj.weight" in line and "model.safetensors" in line, line
+    assert "infinite value(s)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 # -- 3. index entries outside the folder ---------------------------------------------------------
 
 
