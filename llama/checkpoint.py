@@ -549,8 +549,11 @@ def assemble_rank(
             for index, _ in parts
             if opened[index][0][key].untyped_storage().data_ptr() != joined.untyped_storage().data_ptr()
         ]
-        if (copied_from or check_all_weights) and joined.is_floating_point():
-            require_finite(joined, key, " and ".join(opened[index][1] for index, _ in parts), stored)
+        names = " and ".join(opened[index][1] for index, _ in parts)
+        # What `convert` reads whole anyway is checked whether copied or not: a NaN
+        # would become a NaN scale, seen only at the first decoding step.
+        if (copied_from or check_all_weights or convert is not None) and joined.is_floating_point():
+            require_finite(joined, key, names, stored)
         if convert is None:
             state_dict[key] = joined
         else:
@@ -561,7 +564,12 @@ def assemble_rank(
                 pieces = _pieces(key, everything, shape, args, n_shards, list(range(n_shards)))
                 return _join([piece(i, key, part) for i, part in pieces], everything, device, None), want
 
-            state_dict.update(convert(key, joined, whole))
+            converted = convert(key, joined, whole)
+            for name, tensor in converted.items():
+                # A float weight `convert` put in another dtype may overflow it.
+                if tensor.is_floating_point() and tensor.dtype != joined.dtype and name == key:
+                    require_finite(tensor, name, names, [joined])
+            state_dict.update(converted)
         if release_copied:
             for index, _ in parts:
                 source = opened[index][0][key]

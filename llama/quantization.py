@@ -285,6 +285,8 @@ def quantize_checkpoint(src, dst, config: QuantConfig, progress: bool = True) ->
 
     The files are written beside `dst` and renamed into place when complete
     (`llama.atomic.output_dir`): an error, Ctrl-C or SIGTERM leaves `dst` as it was.
+    Raises ValueError naming a weight of `src` that is not finite (it would
+    make NaN scales), as `checkpoint.load_for_rank` does.
     """
     from llama import atomic, checkpoint
 

@@ -78,6 +78,42 @@ def test_to_meta_refuses_non_finite_weights_in_every_mode(tmp_path, hf_dir, caps
     assert not (tmp_path / "out").exists()
 
 
+# -- 2. quantize: non-finite source weights ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, key, value",
+    [
+        ("int8", "layers.0.attention.wq.weight", float("nan")),
+        ("int4", "layers.1.feed_forward.w2.weight", float("inf")),
+        ("int8", "tok_embeddings.weight", float("nan")),  # not quantized: would be copied as it is
+    ],
+)
+def test_quantize_refuses_non_finite_source_weights(tmp_path, tiny_ckpt, capsys, mode, key, value):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "ckpt")
+    rewrite_shard(ckpt, lambda s: set_value(s[key], value))
+    dst = tmp_path / "q"
+    assert quantize_cli.main([str(ckpt), str(dst), "--quantize", mode]) == 1
+    line = last_error_line(capsys)
+    assert key in line and "consolidated.00.pth" in line and "infinite value(s)" in line, line
+    assert not dst.exists()
+
+
+def test_quantizing_at_load_to_float16_names_an_overflow(tmp_path, tiny_ckpt):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "ckpt")
+    rewrite_shard(ckpt, lambda s: set_value(s["tok_embeddings.weight"], 69632.0))  # not quantized: converted
+    with pytest.raises(ValueError, match=r"tok_embeddings\.weight in .* has values up to 69632 in magnitude, "
+                                         r"beyond float16's range \(65504\)"):
+        build(ckpt, quantize="int8", dtype=torch.float16)
+
+
+def test_quantizing_at_load_refuses_a_non_finite_weight(tmp_path, tiny_ckpt):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "ckpt")
+    rewrite_shard(ckpt, lambda s: set_value(s["layers.0.attention.wq.weight"], float("nan")))
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.weight in '.*consolidated\.00\.pth' holds 1 NaN"):
+        build(ckpt, quantize="int8")
+
+
 # -- 3. index entries outside the folder ---------------------------------------------------------
 
 
