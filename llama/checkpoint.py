@@ -550,9 +550,11 @@ def assemble_rank(
             if opened[index][0][key].untyped_storage().data_ptr() != joined.untyped_storage().data_ptr()
         ]
         names = " and ".join(opened[index][1] for index, _ in parts)
-        # What `convert` reads whole anyway is checked whether copied or not: a NaN
-        # would become a NaN scale, seen only at the first decoding step.
-        if (copied_from or check_all_weights or convert is not None) and joined.is_floating_point():
+        # What `convert` reads whole anyway, and a quantized checkpoint's scales and
+        # zeros (small, and NaN there would only show at the first decoding step),
+        # are checked whether copied or not.
+        is_scale = quant is not None and quantization.is_quantization_part(key)
+        if (copied_from or check_all_weights or convert is not None or is_scale) and joined.is_floating_point():
             require_finite(joined, key, names, stored)
         if convert is None:
             state_dict[key] = joined
@@ -724,10 +726,16 @@ def require_finite(tensor: torch.Tensor, key: str, source: str, stored: Sequence
             "(Llama.build(dtype=...), the tools' --dtype)"
         )
     n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
-    raise ValueError(
-        f"{key} in {source} holds {n_nan} NaN and {n_inf} infinite value(s) of {tensor.numel()}: "
-        "the checkpoint is damaged (or was saved from a diverged model)"
-    )
+    if quantization.is_quantization_part(key):
+        # Quantizing finite weights gives finite scales and zeros: not a model that diverged.
+        weight, kind = key.rsplit("_", 1)
+        why = (
+            f"{weight}'s {kind}s are not finite, as quantizing never makes them, so the quantized checkpoint "
+            "is damaged; quantize it again from the unquantized checkpoint (python -m llama.quantize)"
+        )
+    else:
+        why = "the checkpoint is damaged (or was saved from a diverged model)"
+    raise ValueError(f"{key} in {source} holds {n_nan} NaN and {n_inf} infinite value(s) of {tensor.numel()}: {why}")
 
 
 def _largest_if_finite(stored: Sequence[torch.Tensor], converted_to: torch.dtype) -> Optional[float]:

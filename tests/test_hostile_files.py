@@ -327,6 +327,22 @@ def test_a_symlink_destination_is_refused_up_front(tmp_path, tiny_ckpt, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == (["link", "real"] if target == "empty_dir" else ["link"])
 
 
+# -- 8. an int4 (or int8) checkpoint with a NaN scale -------------------------------------------
+
+
+@pytest.mark.parametrize("mode, part", [("int4", "weight_scale"), ("int4", "weight_zero"), ("int8", "weight_scale")])
+def test_a_non_finite_scale_is_named_as_damage(tmp_path, tiny_ckpt, mode, part):
+    dst = tmp_path / "q"
+    quantization.quantize_checkpoint(tiny_ckpt, dst, quantization.make_config(mode), progress=False)
+    key = f"layers.1.feed_forward.w1.{part}"
+    rewrite_shard(dst, lambda s: set_value(s[key], float("nan")))
+    with pytest.raises(ValueError) as caught:
+        build(dst)
+    message = str(caught.value)
+    assert f"{key} in '{dst}/consolidated.00.pth' holds 1 NaN and 0 infinite value(s)" in message, message
+    assert "quantize it again from the unquantized checkpoint" in message and "int8'" not in message, message
+
+
 # -- 9. float16 overflow is not damage -----------------------------------------------------------
 
 
