@@ -187,11 +187,12 @@ def _write_failure_error(error: BaseException, dst: Path) -> Optional[OSError]:
         )
         code = errno.ENOSPC
     else:
-        enough = f", enough for the {_size(needed)} needed, so the disk is not full" if needed is not None else ""
-        message = (
-            f"could not write {str(dst)!r}: {failure.cause}; {_size(free)} are free on its file system{enough} "
-            "(a disk quota? a failing disk?)"
+        # torch's words, and room enough (or no size to compare with): not known to be a full disk.
+        why = (
+            f", enough for the {_size(needed)} needed, so the disk is not full (a disk quota? a failing disk?)"
+            if needed is not None else " (a full disk?)"
         )
+        message = f"could not write {str(dst)!r}: {failure.cause}; {_size(free)} are free on its file system{why}"
         code = errno.EIO
     result = OSError(message)  # one argument: str() is the message alone
     result.errno = code
@@ -208,11 +209,11 @@ def output_dir(dst) -> Iterator[Path]:
     Raises FileExistsError before anything is written unless `dst` is absent
     or an empty directory (not a symbolic link). When the block raises, or
     SIGINT or SIGTERM arrive while it runs (SIGTERM exits with status 143),
-    the temporary directory is removed and `dst` and its parents are left as they were:
-    parents created for it are removed again. A write that failed for want
-    of space (see `writing`) is re-raised as an OSError (errno ENOSPC) that
-    names `dst`, the bytes needed and the bytes free once the partial
-    output is gone.
+    the temporary directory is removed and `dst` and its parents are left as
+    they were: parents created for it are removed again. A write that failed
+    for want of space (see `writing`) is re-raised as an OSError (errno
+    ENOSPC) that names `dst`, the bytes needed and the bytes free once the
+    partial output is gone.
     """
     dst = Path(dst).absolute()
     require_new_dir(dst)

@@ -274,6 +274,21 @@ def test_a_torch_write_error_with_room_to_spare_is_not_called_a_full_disk(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_full_disk_outside_the_tensor_writes_is_named_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(5 * 2**20))
+    dst = tmp_path / "out"
+    with pytest.raises(OSError) as caught:
+        with atomic.output_dir(dst) as out:
+            (out / "params.json").write_text("{}")
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "tokenizer.model"))
+    assert caught.value.errno == errno.ENOSPC
+    assert str(caught.value) == (
+        f"no space left on device: writing '{dst}' failed, and 5,242,880 bytes (5.0 MiB) are free on its file "
+        "system (with the partial output removed); free some space or choose a destination on another disk"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 256 KiB tmpfs, smaller than any tiny checkpoint; skipped where mounting is not permitted."""
