@@ -97,18 +97,21 @@ def encode_header_llama3(tokenizer, role: str) -> List[int]:
     )
 
 
-def encode_dialog_llama3(tokenizer, dialog: Sequence[Message]) -> List[int]:
+def encode_dialog_llama3(tokenizer, dialog: Sequence[Message], *, strip_content: bool) -> List[int]:
     """Prompt tokens for `dialog` in Meta's Llama 3 chat format.
 
-    <|begin_of_text|>, then each message as its header, its stripped content
-    and <|eot_id|>, then an open assistant header for the answer. Special-token
-    text inside a message is encoded as plain text. The dialog is checked as
-    for Llama 2 (`check_dialog`).
+    <|begin_of_text|>, then each message as its header, its content and
+    <|eot_id|>, then an open assistant header for the answer. The content is
+    stripped of surrounding whitespace with `strip_content` (Meta's Llama 3.0
+    code does; its llama-models, the reference for 3.1 and later, encodes it
+    as given). Special-token text inside a message is encoded as plain text.
+    The dialog is checked as for Llama 2 (`check_dialog`).
     """
     check_dialog(dialog)
     tokens = [tokenizer.bos_id]
     for message in dialog:
+        content = message["content"].strip() if strip_content else message["content"]
         tokens += encode_header_llama3(tokenizer, message["role"])
-        tokens += tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+        tokens += tokenizer.encode(content, bos=False, eos=False)
         tokens.append(tokenizer.special_tokens["<|eot_id|>"])
     return tokens + encode_header_llama3(tokenizer, "assistant")

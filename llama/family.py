@@ -7,6 +7,11 @@
 Code Llama is a Llama 2-family checkpoint (SentencePiece, [INST] chat,
 columns split) with its own `rope_theta` in params.json.
 
+Llama 3.0 and 3.1+ differ in one thing besides the rope: Meta's Llama 3.0
+code strips each chat message's content, its llama-models (3.1, 3.2, 3.3)
+encodes it as given. `LLAMA_3` is 3.1+; `for_model` gives `LLAMA_3_0` for
+a checkpoint without `use_scaled_rope`, as 3.0's params.json has none.
+
 Nobody names the family: it follows from the files. The tokenizer file
 says which tokenizer (and so which chat format and stop tokens); the
 checkpoint says which family it was made for, by its embedding's split axis
@@ -49,6 +54,11 @@ class Family:
         """The token ids that end a generation."""
         return [tokenizer.eos_id]
 
+    def for_model(self, args: ModelArgs) -> "Family":
+        """The version of this family that a model of `args` belongs to, where
+        versions encode prompts differently (Llama 3.0 and 3.1+); else self."""
+        return self
+
     def model_args(self, params: Mapping, **overrides) -> ModelArgs:
         """`ModelArgs` of a checkpoint of this family (checked; see `checkpoint.model_args_from_params`)."""
         from llama import checkpoint
@@ -88,16 +98,31 @@ class Llama3Family(Family):
     option = "llama3"
     # vocab_size: BPE ranks, before the 256 special tokens. Llama 3.1's rope.
     tiny_defaults = {"vocab_size": 384, "ffn_dim_multiplier": 1.3, "use_scaled_rope": True}
+    # llama-models' ChatFormat (3.1+) encodes a message's content as given.
+    strips_content = False
 
     def encode_dialog(self, tokenizer, dialog):
-        return chat_format.encode_dialog_llama3(tokenizer, dialog)
+        return chat_format.encode_dialog_llama3(tokenizer, dialog, strip_content=self.strips_content)
 
     def stop_tokens(self, tokenizer):
         return list(tokenizer.stop_tokens)
 
+    def for_model(self, args):
+        # Every 3.1+ params.json sets use_scaled_rope; 3.0's have no such field.
+        return self if args.use_scaled_rope else LLAMA_3_0
+
+
+class Llama30Family(Llama3Family):
+    """Llama 3.0: as 3.1+, but Meta's meta-llama/llama3 strips each message's content."""
+
+    name = "Llama 3.0"
+    strips_content = True
+
 
 LLAMA_2 = Llama2Family()
 LLAMA_3 = Llama3Family()
+LLAMA_3_0 = Llama30Family()
+# The families files are told apart by; LLAMA_3_0 is a version of LLAMA_3 (`Family.for_model`).
 FAMILIES = (LLAMA_2, LLAMA_3)
 
 
@@ -132,6 +157,11 @@ def of_tokenizer(tokenizer: Tokenizer) -> Family:
         if family.tokenizer_kind == tokenizer.kind:
             return family
     raise ValueError(f"no Llama family uses a {tokenizer.kind} tokenizer")
+
+
+def of_model(tokenizer: Tokenizer, args: ModelArgs) -> Family:
+    """The family, and its version (Llama 3.0 or 3.1+), of a model of `args` with `tokenizer`."""
+    return of_tokenizer(tokenizer).for_model(args)
 
 
 def _embedding_shape(shards: Sequence[Path]) -> Optional[Tuple[int, ...]]:

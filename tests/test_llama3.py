@@ -223,7 +223,7 @@ def test_real_tokenizer_equals_tiktoken_with_metas_pattern_and_specials():
 @needs_real_tokenizer
 def test_real_chat_format_token_ids():
     tok = Tokenizer(str(real_llama3_tokenizer()))
-    dialog = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hello world"}]
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
     ids = family.LLAMA_3.encode_dialog(tok, dialog)
     # <|begin_of_text|> <|start_header_id|>system<|end_header_id|>\n\n Be brief.<|eot_id|>
     # <|start_header_id|>user<|end_header_id|>\n\n Hello world<|eot_id|> <|start_header_id|>assistant<|end_header_id|>\n\n
@@ -235,13 +235,80 @@ def test_real_chat_format_token_ids():
     )
 
 
+def metas_llama3_prompt(tok, dialog, strip_content):
+    """The prompt ids Meta's code builds for `dialog`, written out from its format:
+    <|begin_of_text|>, then per message <|start_header_id|>role<|end_header_id|> "\n\n"
+    content <|eot_id|>, then the assistant's header. Meta's meta-llama/llama3
+    (Llama 3.0) strips the content (`ChatFormat.encode_message`); llama-models
+    (3.1+) encodes it as given (`ChatFormat.encode_message` / `_encode_content`)."""
+    if tok.n_words == 128256:  # the real tokenizer: the ids themselves
+        bos, start, end, blank_line, eot = 128000, 128006, 128007, [271], 128009
+        role_ids = {"system": [9125], "user": [882], "assistant": [78191]}
+    else:
+        sp = tok.special_tokens
+        bos, start, end, eot = sp["<|begin_of_text|>"], sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
+        blank_line = tok.encode("\n\n", bos=False, eos=False)
+        role_ids = {role: tok.encode(role, bos=False, eos=False) for role in ("system", "user", "assistant")}
+    ids = [bos]
+    for message in dialog:
+        content = message["content"].strip() if strip_content else message["content"]
+        ids += [start] + role_ids[message["role"]] + [end] + blank_line
+        ids += tok.encode(content, bos=False, eos=False) + [eot]
+    return ids + [start] + role_ids["assistant"] + [end] + blank_line
+
+
+@pytest.fixture(scope="module")
+def chat3_tokenizer(tok3):
+    """The real Llama 3 tokenizer where present, else the tiny one (a fresh clone)."""
+    real = real_llama3_tokenizer()
+    return Tokenizer(str(real)) if real else tok3
+
+
+def test_llama31_keeps_message_whitespace_and_llama30_strips_it(chat3_tokenizer):
+    tok = chat3_tokenizer
+    dialog = [
+        {"role": "system", "content": " Be brief.\n"},
+        {"role": "user", "content": "\n  Hello world  "},
+        {"role": "assistant", "content": " Hi. "},
+        {"role": "user", "content": "the llama\n\n"},
+    ]
+    as_given = family.LLAMA_3.encode_dialog(tok, dialog)
+    assert as_given == metas_llama3_prompt(tok, dialog, strip_content=False)
+    stripped = family.LLAMA_3_0.encode_dialog(tok, dialog)
+    assert stripped == metas_llama3_prompt(tok, dialog, strip_content=True)
+    assert as_given != stripped
+    # Without surrounding whitespace the two versions agree.
+    plain = [{"role": m["role"], "content": m["content"].strip()} for m in dialog]
+    assert family.LLAMA_3.encode_dialog(tok, plain) == family.LLAMA_3_0.encode_dialog(tok, plain) == stripped
+
+
+def test_llama3_version_follows_use_scaled_rope(tok3):
+    # Llama 3.0's params.json has no use_scaled_rope; every 3.1+ one sets it true.
+    llama30 = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 640, "multiple_of": 32,
+               "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}
+    llama31 = {**llama30, "use_scaled_rope": True}
+    assert family.of_model(tok3, family.LLAMA_3.model_args(llama30)) is family.LLAMA_3_0
+    assert family.of_model(tok3, family.LLAMA_3.model_args(llama31)) is family.LLAMA_3
+    assert not family.LLAMA_3.strips_content and family.LLAMA_3_0.strips_content
+    # The 3.0 version is Llama 3 in everything else.
+    assert family.LLAMA_3_0.stop_tokens(tok3) == family.LLAMA_3.stop_tokens(tok3)
+    assert family.LLAMA_3_0.tok_embeddings_split_dim == family.LLAMA_3.tok_embeddings_split_dim == 0
+    assert family.LLAMA_3_0 not in family.FAMILIES  # files never say "3.0"; the params do
+
+
+def test_llama2_has_one_version(tiny_tokenizer):
+    tok = Tokenizer(str(tiny_tokenizer))
+    assert family.of_model(tok, ModelArgs()) is family.LLAMA_2
+    assert family.of_model(tok, ModelArgs(use_scaled_rope=True)) is family.LLAMA_2
+
+
 # --- the chat format and the stop tokens, with the tiny tokenizer ---
 
 
 def test_chat_format_layout(tok3):
     sp = tok3.special_tokens
-    dialog = [{"role": "user", "content": "  [INST] <<SYS>> <|eot_id|> hi \n"}]
-    ids = encode_dialog_llama3(tok3, dialog)
+    dialog = [{"role": "user", "content": "[INST] <<SYS>> <|eot_id|> hi"}]
+    ids = encode_dialog_llama3(tok3, dialog, strip_content=False)
     content = tok3.encode("[INST] <<SYS>> <|eot_id|> hi", bos=False, eos=False)
     header = lambda role: [sp["<|start_header_id|>"]] + tok3.encode(role, False, False) + [sp["<|end_header_id|>"]]
     nl = tok3.encode("\n\n", False, False)
