@@ -43,9 +43,11 @@ CODE_LLAMA_ROPE_THETA = 1e6
 # The tokenizer sizes the trainers here can make from `training_text()`, found
 # by training (tests/test_tiny_cli.py trains at both ends): SentencePiece needs
 # its 3 special pieces, the 256 byte pieces and the text's 71 characters, and
-# runs out of merges past 1741 pieces (the 4 infilling pieces add 4 to both
-# ends); the tiktoken BPE needs the 256 bytes and runs out past 1354 ranks.
+# runs out of merges past 1741 pieces (infilling's 4 pieces and "☺" add
+# INFILL_EXTRA_PIECES to both ends); the tiktoken BPE needs the 256 bytes and
+# runs out past 1354 ranks.
 SENTENCEPIECE_VOCAB_SIZES = range(330, 1741 + 1)
+INFILL_EXTRA_PIECES = 5
 TIKTOKEN_RANKS = range(256, 1354 + 1)
 # torch.Generator.manual_seed takes a signed or unsigned 64-bit seed.
 SEEDS = range(-(2**63), 2**64)
@@ -84,7 +86,10 @@ def train_tokenizer(path, vocab_size: int = 512, infill: bool = False) -> None:
 
     With `infill`, Code Llama's infilling pieces are in it too, as
     user-defined pieces (ids 3 to 6 here; 32007 to 32010 in Code Llama's:
-    code finds them by piece).
+    code finds them by piece), and the character piece "☺", which Meta's
+    `encode_infilling` puts in front of a suffix and drops with the "▁"
+    before it: "☺" must encode as ["▁", "☺"], as in Code Llama's vocabulary,
+    for the infilling prompts here to be laid out as with the real one.
     """
     import sentencepiece as spm
 
@@ -107,6 +112,7 @@ def train_tokenizer(path, vocab_size: int = 512, infill: bool = False) -> None:
         eos_id=2,
         pad_id=-1,
         user_defined_symbols=[PREFIX_PIECE, SUFFIX_PIECE, MIDDLE_PIECE, EOT_PIECE] if infill else [],
+        required_chars="☺" if infill else "",  # a character piece, as in Code Llama's vocabulary
         num_threads=1,
         minloglevel=2,
     )
@@ -328,7 +334,8 @@ def check_options(
         else:
             sizes, what = SENTENCEPIECE_VOCAB_SIZES, "pieces for the llama2 family"
             if infill:  # the infilling pieces come on top
-                sizes, what = range(sizes.start + 4, sizes.stop + 4), what + " with infilling"
+                extra = INFILL_EXTRA_PIECES
+                sizes, what = range(sizes.start + extra, sizes.stop + extra), what + " with infilling"
             n_words = vocab_size
         if not _is_int(vocab_size) or vocab_size not in sizes:
             raise ValueError(

@@ -61,6 +61,43 @@ def test_encode_infilling_drops_only_the_implicit_leading_space(infiller, text):
         assert tokenizer.encode(text, bos=False, eos=False) == tokenizer.encode_infilling(" " + text)
 
 
+def test_tiny_infill_tokenizer_has_code_llamas_marker(infiller, tiny_tokenizer):
+    # Meta's encode_infilling encodes "☺" + text and drops 2 ids: "▁" and "☺",
+    # as Code Llama's vocabulary splits "☺". The tiny one must split it so too.
+    sp = infiller.tokenizer.sp_model
+    assert sp.encode("☺", out_type=str) == ["▁", "☺"]
+    assert sp.encode("☺is red.", out_type=str)[:2] == ["▁", "☺"]
+    assert Tokenizer(str(tiny_tokenizer)).sp_model.piece_to_id("☺") == 0  # unknown without --infill
+
+
+def metas_encode_infilling(sp, text):
+    """Meta's Code Llama `Tokenizer.encode_infilling`: "☺" + text, the first 2 ids dropped."""
+    return sp.encode("☺" + text)[2:]
+
+
+@pytest.mark.parametrize("suffix_first", [False, True])
+@pytest.mark.parametrize("prefix, suffix", [
+    ("the cat", "is red."),
+    ("def f(x):\n    ", "\n    return y\n"),
+    ("a", " b"),
+    ("", ""),
+    ("café", "naïve 42"),
+])
+def test_infilling_prompt_is_metas_layout(infiller, prefix, suffix, suffix_first):
+    # Meta's infilling_prompt_tokens (codellama llama/generation.py), written out:
+    #   PSM: [BOS, <PRE>] + encode(prefix) + [<SUF>] + encode_infilling(suffix) + [<MID>]
+    #   SPM: [BOS, <PRE>, <SUF>] + encode_infilling(suffix) + [<MID>] + encode(prefix)
+    tok = infiller.tokenizer
+    sp = tok.sp_model
+    bos, pre, suf, mid = sp.bos_id(), *(sp.piece_to_id(p) for p in INFILL_PIECES[:3])
+    prefix_ids, suffix_ids = sp.encode(prefix), metas_encode_infilling(sp, suffix)
+    if suffix_first:
+        expected = [bos, pre, suf] + suffix_ids + [mid] + prefix_ids
+    else:
+        expected = [bos, pre] + prefix_ids + [suf] + suffix_ids + [mid]
+    assert infilling_prompt_tokens(tok, prefix, suffix, suffix_first=suffix_first) == expected
+
+
 # --- the prompt layout ----------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO, subprocess_env
 from llama.tiny import (
+    INFILL_EXTRA_PIECES,
     SENTENCEPIECE_VOCAB_SIZES,
     TIKTOKEN_RANKS,
     make_tiny_checkpoint,
@@ -51,7 +52,7 @@ BAD_FLAGS = {
     "vocab too small": (["--vocab-size", "10"], ["--vocab-size must be from 330 to 1741", "got 10"]),
     "vocab 0": (["--vocab-size", "0"], ["--vocab-size must be from 330", "got 0"]),
     "vocab too large": (["--vocab-size", "1742"], ["--vocab-size", "got 1742"]),
-    "vocab too small for infilling": (["--infill", "--vocab-size", "333"], ["--vocab-size must be from 334 to 1745"]),
+    "vocab too small for infilling": (["--infill", "--vocab-size", "333"], ["--vocab-size must be from 335 to 1746"]),
     "llama3 vocab too small": (["--family", "llama3", "--vocab-size", "255"],
                                ["--vocab-size must be from 256 to 1354"]),
     "llama3 vocab too large": (["--family", "llama3", "--vocab-size", "1355"], ["--vocab-size", "got 1355"]),
@@ -119,7 +120,7 @@ def test_an_odd_but_valid_shape_still_loads(tmp_path):
 
 @pytest.mark.parametrize("infill", [False, True])
 def test_sentencepiece_vocab_range_is_what_the_trainer_makes(tmp_path, infill):
-    extra = 4 if infill else 0  # the infilling pieces
+    extra = INFILL_EXTRA_PIECES if infill else 0  # the infilling pieces and "☺"
     low, high = SENTENCEPIECE_VOCAB_SIZES[0] + extra, SENTENCEPIECE_VOCAB_SIZES[-1] + extra
     for size in (low, high):
         train_tokenizer(tmp_path / f"{size}.model", vocab_size=size, infill=infill)
