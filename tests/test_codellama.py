@@ -148,6 +148,23 @@ def test_text_infilling_runs_the_documented_prompt(infiller, suffix_first):
         assert set(result) == {"generation", "full_text"}
 
 
+def test_infilling_logprobs_are_the_middles_not_codellamas_zeros(infiller):
+    # Meta's Code Llama reports 0.0 for each generated token (its loss is taken
+    # before the token is written); here, as in Meta's Llama 2 and 3 code, each is
+    # log p(token | what precedes it) (README, "Differences from the reference").
+    tok = infiller.tokenizer
+    (result,) = infiller.text_infilling([PREFIX], [SUFFIX], temperature=0, max_gen_len=6, logprobs=True)
+    prompt = infilling_prompt_tokens(tok, PREFIX, SUFFIX)
+    (middle,), _ = infiller.generate([prompt], max_gen_len=6, temperature=0)
+    middle = middle[: middle.index(tok.eot_id)] if tok.eot_id in middle else middle
+    tokens = prompt + middle
+    with torch.inference_mode():
+        logits = infiller.model.forward(torch.tensor([tokens]), 0)[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.tensor(middle)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(result["logprobs"]), expected, atol=1e-4, rtol=1e-4)
+    assert all(logprob < 0 for logprob in result["logprobs"])
+
+
 # --- stopping at <EOT> ----------------------------------------------------------
 
 
