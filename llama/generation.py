@@ -486,8 +486,9 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        # Chat format and stop tokens follow the tokenizer's family.
-        self.family = family.of_tokenizer(tokenizer)
+        # Chat format and stop tokens follow the tokenizer's family, and its version the
+        # model's params (Llama 3.0 strips message content, 3.1+ keeps it, as Meta's code does).
+        self.family = family.of_model(tokenizer, model.params)
         self.stop_tokens: List[int] = self.family.stop_tokens(tokenizer)
         # The generation that owns the KV cache: generations from several
         # threads take turns, and a stream left open while its own thread

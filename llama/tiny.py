@@ -470,7 +470,8 @@ def demo_checkpoint(mp: int = 1, infill: bool = False) -> Path:
     Safe to call from every rank at once: each writes a private temporary
     copy and moves it into place; the copies are identical, the first wins.
     """
-    target = demo_cache_dir() / (f"demo-infill-mp{mp}" if infill else f"demo-mp{mp}")
+    # "infill2": the tokenizer gained Code Llama's ☺ piece; a folder made before is not reused.
+    target = demo_cache_dir() / (f"demo-infill2-mp{mp}" if infill else f"demo-mp{mp}")
     if (target / "params.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

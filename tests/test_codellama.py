@@ -379,7 +379,7 @@ def test_code_llama_rope_theta_matches_transformers(tmp_path, tiny_infill_ckpt):
 def test_infilling_example_on_the_demo_checkpoint(tmp_path):
     out = run_torchrun(1, ["example_infilling.py", "--max_gen_len", "4"],
                        env={"LLAMA_CACHE": str(tmp_path)}).stdout
-    assert "using the demo checkpoint" in out and "demo-infill-mp1" in out
+    assert "using the demo checkpoint" in out and "demo-infill2-mp1" in out
     assert out.count("> filled in: ") == 3
     assert "def mean(values):" in out and "    return total / len(values)\n" in out
 

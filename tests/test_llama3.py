@@ -296,6 +296,23 @@ def test_llama3_version_follows_use_scaled_rope(tok3):
     assert family.LLAMA_3_0 not in family.FAMILIES  # files never say "3.0"; the params do
 
 
+def test_a_built_llama_takes_its_version_from_the_checkpoint(ckpt3, tmp_path):
+    # The tiny llama3 checkpoint is 3.1-shaped (use_scaled_rope); the same without it is 3.0.
+    assert build(ckpt3).family is family.LLAMA_3
+    llama30 = tmp_path / "l30"
+    shutil.copytree(ckpt3, llama30)
+    params = json.loads((llama30 / "params.json").read_text())
+    params.pop("use_scaled_rope")
+    params.pop("rope_scaling_factor", None)
+    (llama30 / "params.json").write_text(json.dumps(params))
+    generator = build(llama30)
+    assert generator.family is family.LLAMA_3_0
+    dialog = [{"role": "user", "content": "  the river  "}]
+    stripped = [{"role": "user", "content": "the river"}]
+    assert generator.family.encode_dialog(generator.tokenizer, dialog) == \
+        family.LLAMA_3.encode_dialog(generator.tokenizer, stripped)
+
+
 def test_llama2_has_one_version(tiny_tokenizer):
     tok = Tokenizer(str(tiny_tokenizer))
     assert family.of_model(tok, ModelArgs()) is family.LLAMA_2
