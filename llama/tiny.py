@@ -300,7 +300,10 @@ def check_options(
             raise FileNotFoundError(f"{name('tokenizer')} {str(tokenizer)!r} does not exist")
         if not os.path.isfile(tokenizer):
             raise ValueError(f"{name('tokenizer')} {str(tokenizer)!r} is not a file (a directory?)")
-        given = Tokenizer(str(tokenizer))
+        try:
+            given = Tokenizer(str(tokenizer))
+        except ValueError as e:
+            raise ValueError(f"{name('tokenizer')} {str(tokenizer)!r}: {e}") from None
         fam, n_words = family.of_tokenizer(given), given.n_words
     else:
         fam = family.by_option(family_name or family.LLAMA_2.option)

@@ -135,3 +135,26 @@ def test_tiktoken_ranks_range_is_what_the_trainer_makes(tmp_path):
     with pytest.raises(ValueError, match=f"has only {TIKTOKEN_RANKS[-1]} BPE ranks"):
         train_tiktoken_bpe(tmp_path / "high", n_ranks=TIKTOKEN_RANKS[-1] + 1)
     assert not (tmp_path / "high").exists()
+
+
+# --- tokenizers the loader could not use (issue 19) ---
+
+
+def test_a_bpe_file_missing_single_bytes_is_refused_in_one_line(tmp_path):
+    import base64
+
+    full = tmp_path / "full.model"
+    train_tiktoken_bpe(full, n_ranks=300)
+    lines = full.read_text().splitlines()
+    # Drop the ranks of bytes 0 and 1, renumbering the rest.
+    kept = [line.split()[0] for line in lines if base64.b64decode(line.split()[0]) not in (b"\x00", b"\x01")]
+    bad = tmp_path / "bad.model"
+    bad.write_text("".join(f"{token} {rank}\n" for rank, token in enumerate(kept)))
+    out = tmp_path / "out"
+    proc = run_tiny(out, "--tokenizer", bad)
+    lines = shown_lines(proc)
+    assert proc.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: --tokenizer"), lines
+    assert "lack 2 of the 256 single bytes" in lines[0]
+    assert not out.exists()
+
