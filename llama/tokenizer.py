@@ -73,6 +73,18 @@ def check_encodable(text, what: str) -> None:
         ) from None
 
 
+def check_special_ids(tokenizer) -> None:
+    """Raise ValueError unless `tokenizer` has BOS and EOS tokens within its vocabulary:
+    generation starts each prompt with BOS and ends at EOS."""
+    for name in ("bos_id", "eos_id"):
+        value = getattr(tokenizer, name)
+        if not 0 <= value < tokenizer.n_words:
+            raise ValueError(
+                f"the tokenizer has no {name[:3].upper()} token ({name} = {value}); "
+                "Llama needs a tokenizer with both BOS and EOS"
+            )
+
+
 class Tokenizer:
     """Encodes text to token ids and back with a SentencePiece model.
 

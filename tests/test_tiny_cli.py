@@ -158,3 +158,23 @@ def test_a_bpe_file_missing_single_bytes_is_refused_in_one_line(tmp_path):
     assert "lack 2 of the 256 single bytes" in lines[0]
     assert not out.exists()
 
+
+def test_a_tokenizer_without_bos_is_refused_in_one_line(tmp_path):
+    import sentencepiece as spm
+
+    from llama.tiny import training_text
+
+    path = tmp_path / "no_bos.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_text(), model_prefix=str(path.with_suffix("")), model_type="bpe",
+        vocab_size=400, byte_fallback=True, unk_id=0, bos_id=-1, eos_id=1, pad_id=-1,
+        num_threads=1, minloglevel=2,
+    )
+    out = tmp_path / "out"
+    proc = run_tiny(out, "--tokenizer", path)
+    lines = shown_lines(proc)
+    assert proc.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: --tokenizer"), lines
+    assert "has no BOS token (bos_id = -1)" in lines[0]
+    assert "torch" not in imported_modules(proc)
+    assert not out.exists()
