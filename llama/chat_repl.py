@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from llama import family
 from llama.chat_format import SPECIAL_TAGS, Dialog
+from llama.cli import one_line
 from llama.demo import printable
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
@@ -417,6 +418,12 @@ class ChatRepl:
                 if self.ranks.share_flag(stop or turn_end.cut):
                     stopped = not turn_end.cut
                     break
+        except FloatingPointError as e:
+            # Non-finite logits: the step returned nothing and the Llama still works
+            # (docs/reliability.md). The logits are gathered, so every rank raised at this
+            # same step and all go on to the next command together.
+            self.say(f"\n[error: {one_line(str(e))}; this turn is not kept]\n")
+            return
         finally:
             stream.close()
         # Text held back as a possible tag is not one: show it, stopped or not.

@@ -370,6 +370,16 @@ def _cell(text: str) -> str:
 # --- running ---
 
 
+# The library's own errors of other types, each documented in docs/reliability.md with what
+# to do, by the module that raises them. An exception of another type, or from elsewhere, is
+# not on this list: native.py's RuntimeErrors, for one, guard the library's own invariants.
+DOCUMENTED_ERRORS = {
+    "generation.py": (FloatingPointError, RuntimeError),  # logits not finite; a stream overtaken
+    "checkpoint.py": (RuntimeError,),  # a memory-mapped shard changed on disk
+    "kernels.py": (RuntimeError,),  # no int8, int4 or bf16 kernel on this device or torch build
+}
+
+
 def is_user_error(error: BaseException, own_files=()) -> bool:
     """True for errors about the user's input or machine, shown in one line:
 
@@ -379,19 +389,25 @@ def is_user_error(error: BaseException, own_files=()) -> bool:
       script (`own_files`): its innermost frame is a `raise` statement in
       one of those files. The same exception types raised elsewhere ("too
       many values to unpack", a ValueError inside torch) are bugs and keep
-      their traceback.
+      their traceback;
+    - an error of a type in DOCUMENTED_ERRORS raised on purpose (a `raise`
+      statement) by the module it is listed for: non-finite logits, a
+      checkpoint shard changed on disk.
     """
     if isinstance(error, OSError):
         return True
-    if not isinstance(error, (ValueError, TypeError)) or error.__traceback__ is None:
+    if error.__traceback__ is None:
         return False
     tb = error.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
     filename = Path(tb.tb_frame.f_code.co_filename).resolve()
-    ours = _PACKAGE_DIR in filename.parents or filename in {Path(f).resolve() for f in own_files}
-    line = linecache.getline(str(filename), tb.tb_lineno).strip()
-    return ours and line.startswith("raise")
+    if not linecache.getline(str(filename), tb.tb_lineno).strip().startswith("raise"):
+        return False
+    in_library = _PACKAGE_DIR in filename.parents
+    if isinstance(error, (ValueError, TypeError)):
+        return in_library or filename in {Path(f).resolve() for f in own_files}
+    return filename.parent == _PACKAGE_DIR and type(error) in DOCUMENTED_ERRORS.get(filename.name, ())
 
 
 # What requirements.txt names (each imports under its own name): what `pip install -e .`
