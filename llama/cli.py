@@ -55,8 +55,11 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def is_first_rank() -> bool:
-    """True unless this process is a torchrun worker other than global rank 0."""
-    return os.environ.get("RANK", "0") == "0"
+    """True unless this process is a torchrun worker other than global rank 0.
+
+    A RANK that is not a number counts as rank 0, so that the error naming it is shown."""
+    rank = os.environ.get("RANK", "0").strip()
+    return not rank.isdigit() or int(rank) == 0
 
 
 def print_error(message: str) -> None:

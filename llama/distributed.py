@@ -27,6 +27,35 @@ def _launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+# The variables torchrun sets for each process that the library reads, with their least value.
+LAUNCH_VARIABLES = {"WORLD_SIZE": 1, "RANK": 0, "LOCAL_RANK": 0}
+
+
+def launch_variable(name: str, default: int) -> int:
+    """The whole number in the environment variable `name` (one of LAUNCH_VARIABLES), or
+    `default` when it is unset. Raises ValueError naming the variable and its value
+    when that is not a whole number of at least the variable's least value."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < LAUNCH_VARIABLES[name]:
+        raise ValueError(
+            f"the environment variable {name} must be a whole number >= {LAUNCH_VARIABLES[name]}, "
+            f"got {text!r} (torchrun sets it for each process; unset it for a plain python run)"
+        )
+    return value
+
+
+def check_launch_variables() -> None:
+    """Raise ValueError, naming it, for a set WORLD_SIZE, RANK or LOCAL_RANK that is not a usable number."""
+    for name in LAUNCH_VARIABLES:
+        launch_variable(name, 0)
+
+
 def choose_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
     """The given device, or this process's GPU (`LOCAL_RANK`) when CUDA exists, else the CPU."""
     if device is not None:
@@ -34,10 +63,10 @@ def choose_device(device: Optional[Union[str, torch.device]] = None) -> torch.de
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available")
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            device = torch.device("cuda", launch_variable("LOCAL_RANK", 0))
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", launch_variable("LOCAL_RANK", 0))
     return torch.device("cpu")
 
 
@@ -60,7 +89,7 @@ def planned_model_parallel_size(model_parallel_size: Optional[int] = None) -> in
     the one given, else the world size. Raises ValueError unless a positive int."""
     if model_parallel_size is None:
         default = dist.get_world_size() if dist.is_initialized() else 1
-        model_parallel_size = int(os.environ.get("WORLD_SIZE", default))
+        model_parallel_size = launch_variable("WORLD_SIZE", default)
     if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise ValueError(f"model_parallel_size must be a positive int, got {model_parallel_size!r}")
     return model_parallel_size

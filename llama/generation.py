@@ -328,6 +328,8 @@ class Llama:
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_seed(seed)
+        distributed.check_launch_variables()
         device = distributed.choose_device(device)
         requested = quantization.make_config(quantize, group_size)
         _check_step_options(device, compile, cuda_graph)
@@ -958,6 +960,16 @@ class Llama:
             "tokens": self.tokenizer.decode_pieces(tokens),
             "logprobs": logprobs[i],
         }
+
+
+# torch.manual_seed takes a signed or unsigned 64-bit seed.
+TORCH_SEEDS = range(-(2**63), 2**64)
+
+
+def check_seed(seed) -> None:
+    """Raise ValueError unless `seed` is an integer torch.manual_seed takes."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or int(seed) not in TORCH_SEEDS:
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1 (torch's 64-bit seeds), got {seed!r}")
 
 
 def _token_id(token, prompt_index: int) -> int:

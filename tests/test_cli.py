@@ -298,6 +298,17 @@ USER_ERRORS = {
     "no cuda": ("chat.py --ckpt_dir {tiny} --device cuda:1", ["device 'cuda:1'", "no CUDA GPU"]),
     "reshard does not fit": ("-m llama.reshard {tiny} {tmp}/mp3 --mp 3",
                              ["cannot be split over a model-parallel size of 3"]),
+    # Each of these ended in a traceback (issue 19). A leading NAME=value sets the environment.
+    "seed past 64 bits": ("chat.py --ckpt_dir {tiny} --seed 99999999999999999999",
+                          ["seed must be an integer from -2**63 to 2**64 - 1", "99999999999999999999"]),
+    "collective timeout 0": ("chat.py --ckpt_dir {tiny} --collective_timeout_s 0",
+                             ["collective_timeout_s must be a finite number of seconds > 0, got 0"]),
+    "WORLD_SIZE not a number": ("WORLD_SIZE=abc example_text_completion.py --ckpt_dir {tiny}",
+                                ["environment variable WORLD_SIZE", "'abc'"]),
+    "WORLD_SIZE not a number, demo": ("LLAMA_CACHE={tmp}/cache WORLD_SIZE=two example_text_completion.py",
+                                      ["environment variable WORLD_SIZE", "'two'"]),
+    "RANK not a number": ("RANK=1x example_chat_completion.py --ckpt_dir {tiny}", ["environment variable RANK", "'1x'"]),
+    "LOCAL_RANK negative": ("LOCAL_RANK=-1 chat.py --ckpt_dir {tiny}", ["environment variable LOCAL_RANK", "'-1'"]),
 }
 
 
@@ -313,7 +324,8 @@ def user_error_runs(tmp_path_factory, tiny_ckpt, download_root):
 
     def one(name):
         args = [part.format(**paths) for part in USER_ERRORS[name][0].split()]
-        return run([sys.executable, *args], timeout=180)
+        env = dict(arg.split("=", 1) for arg in args if re.fullmatch(r"[A-Z_]+=.*", arg))
+        return run([sys.executable, *args[len(env):]], timeout=180, env=env)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(USER_ERRORS, pool.map(one, USER_ERRORS)))
@@ -322,6 +334,11 @@ def user_error_runs(tmp_path_factory, tiny_ckpt, download_root):
 @pytest.mark.parametrize("name", list(USER_ERRORS))
 def test_user_errors_print_one_line(name, user_error_runs):
     _assert_one_line_error(user_error_runs[name], *USER_ERRORS[name][1])
+
+
+def test_a_bad_collective_timeout_is_named_not_the_heartbeat_derived_from_it(user_error_runs):
+    # chat.py blamed --heartbeat_s, which the user had not set, for --collective_timeout_s 0.
+    assert "heartbeat" not in shown_lines(user_error_runs["collective timeout 0"])[-1]
 
 
 def test_non_finite_logits_end_a_script_in_one_line(nan_embedding_ckpt):
