@@ -270,7 +270,7 @@ class PeerWatch:
                 self._last_seen[rank] = now
         lost = self.lost_ranks(self.timeout_s)
         if lost and _exit_on_lost_peer.is_set():
-            _exit(_lost_peer_line(lost, self.timeout_s))
+            _exit(None if a_peer_showed_an_error() else _lost_peer_line(lost, self.timeout_s))
 
     def lost_ranks(self, quiet_s: Optional[float] = None) -> List[int]:
         """Ranks (seen from rank 0) that have not counted for `quiet_s` seconds (default: 3 intervals)."""
@@ -338,6 +338,70 @@ def _is_collective_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(sign in text for sign in signs)
 
 
+# -- which rank shows an error -----------------------------------------------------------------
+#
+# Rank 0 speaks for the job. But an error that only another rank meets (its own shard
+# damaged) would then never be seen: that rank exits, and torchrun ends rank 0 before it
+# has anything to say. So, once the process group exists, a rank other than 0 first gives
+# rank 0 a moment to report an error from the same place (the same check failing on every
+# rank: a KV cache too large everywhere); if rank 0 does not, it shows its own error itself,
+# after its rank. Each place is shown once, through the process group's store.
+
+ERROR_GRACE_S = 2.0
+_RANK_0_ERROR = "llama/error/rank0"  # where rank 0's error was raised
+_SHOWN = "llama/error/shown"  # set once any rank has shown an error
+
+
+def in_a_group_of_several() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def claim_error(site: str) -> Optional[str]:
+    """Under a process group of several ranks, for an error of this process raised at
+    `site` (its type and where it was raised): the text to put before its message when
+    this rank is to show it ('' on rank 0, 'rank N: ' on another), or None when another
+    rank shows an error from the same place."""
+    from torch.distributed import distributed_c10d
+
+    rank = dist.get_rank()
+    prefix = "" if rank == 0 else f"rank {rank}: "
+    try:
+        store = distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=10))  # the process ends next: never wait long
+        if rank == 0:
+            store.set(_RANK_0_ERROR, site)
+        else:
+            deadline = time.monotonic() + ERROR_GRACE_S
+            while not store.check([_RANK_0_ERROR]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if store.check([_RANK_0_ERROR]) and store.get(_RANK_0_ERROR).decode() == site:
+                return None
+        if store.add(f"llama/error/at/{site}", 1) > 1:
+            return None  # another rank has shown it
+        store.set(_SHOWN, "1")
+    except Exception:  # no store to agree through: better shown twice than not at all
+        pass
+    return prefix
+
+
+def a_peer_showed_an_error() -> bool:
+    """True when another rank of the process group has shown an error of its own: this
+    rank's collective failures then follow from it, and need no line of their own."""
+    if not in_a_group_of_several():
+        return False
+    from torch.distributed import distributed_c10d
+
+    try:
+        return distributed_c10d._get_default_store().check([_SHOWN])
+    except Exception:
+        return False
+
+
+def is_explained_by_a_peer(error: BaseException) -> bool:
+    """True for a collective that failed because a peer that has shown its own error left."""
+    return _is_collective_failure(error) and a_peer_showed_an_error()
+
+
 _exit_on_lost_peer = threading.Event()
 
 
@@ -356,8 +420,8 @@ def exit_when_a_peer_is_lost() -> Iterator[None]:
         watch = _peer_watch
         if watch is None or not _is_collective_failure(error):
             raise
-        if watch.rank != 0:
-            _exit(None)  # rank 0 speaks for the job; its stdout is the one shown
+        if watch.rank != 0 or a_peer_showed_an_error():
+            _exit(None)  # rank 0 speaks for the job (its stdout is the one shown), or a peer has
         lost = watch.lost_ranks()
         _exit(_lost_peer_line(lost, watch.timeout_s) if lost else f"error: a collective failed: {error}")
     finally:

@@ -1,9 +1,12 @@
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
 
-from conftest import run_torchrun
+from conftest import REPO, run_torchrun, subprocess_env, torchrun_cmd
 from llama import Llama
 from mp_worker import results
 
@@ -76,3 +79,36 @@ def test_the_collective_timeout_uses_torchs_public_setter_where_it_has_one(gener
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # with dist.set_timeout taken away, torch 2.14's warns
         set_collective_timeout(None)  # torch before 2.14: the private setter
+
+
+# --- which rank shows an error (issue 19, item 7) ---
+
+
+def run_failing_torchrun(args, timeout=240) -> str:
+    """Run torchrun with 2 ranks, expecting it to fail; returns stdout and stderr together."""
+    proc = subprocess.run(torchrun_cmd(2, args), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_an_error_only_rank_1_meets_is_shown_once_by_rank_1(tiny_ckpt_mp2, tmp_path):
+    # Rank 1's own shard is truncated; rank 0's is fine. Before, only rank 0 printed errors,
+    # torchrun ended rank 0 once rank 1 failed, and the user saw torchrun's report alone.
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt_mp2, damaged)
+    shard = damaged / "consolidated.01.pth"
+    os.truncate(shard, shard.stat().st_size // 2)
+    out = run_failing_torchrun(["example_text_completion.py", "--ckpt_dir", damaged, "--max_gen_len", "2"])
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert errors[0].startswith("error: rank 1: ") and "consolidated.01.pth" in errors[0], errors
+    assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out  # the workers' (torchrun has its own)
+
+
+def test_an_error_every_rank_meets_after_the_group_starts_is_shown_once_by_rank_0(tiny_ckpt_mp2):
+    # The KV cache is checked on each rank once the process group exists: every rank fails alike.
+    out = run_failing_torchrun(["example_text_completion.py", "--ckpt_dir", tiny_ckpt_mp2,
+                                "--max_seq_len", str(2**40)])
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: the KV cache for max_batch_size=4"), out
