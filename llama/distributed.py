@@ -9,6 +9,7 @@ on CUDA (as the reference's `torch.cuda.HalfTensor`) and fp32 elsewhere.
 import atexit
 import contextlib
 import datetime
+import gc
 import math
 import os
 import sys
@@ -104,13 +105,17 @@ def init_distributed(device: torch.device, model_parallel_size: Optional[int] = 
     """
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # Imported before the group exists: its functions' `group=group.WORLD` defaults,
+        # evaluated at import, would otherwise hold the default group (and, for gloo, its
+        # threads) until the interpreter is torn down; see _end_process_group_at_exit.
+        import torch.distributed.nn  # noqa: F401
+
         if _launched_by_torchrun():
             dist.init_process_group(backend)
         else:
             # A plain `python` run: a world of one that needs no port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        if backend == "gloo":
-            atexit.register(_destroy_gloo_group_at_exit)
+        atexit.register(_end_process_group_at_exit)
 
     world_size = dist.get_world_size()
     model_parallel_size = planned_model_parallel_size(model_parallel_size)
@@ -127,31 +132,50 @@ def init_distributed(device: torch.device, model_parallel_size: Optional[int] = 
     return model_parallel_size
 
 
-def _destroy_gloo_group_at_exit() -> None:
-    """Stop the peer watch and destroy the process group before the interpreter
-    exits. Left to the C++ static destructors, a gloo group's threads were now
-    and then torn down while joinable ("terminate called without an active
-    exception"), so a run that had finished exited with SIGABRT (seen under
-    load, at 2 and 4 ranks). Not for NCCL: there a group's shutdown can wait
-    on the device, and it was not seen to fail."""
+def _end_process_group_at_exit() -> None:
+    """Leave no thread of ours or of gloo's running when the interpreter is torn down.
+
+    A thread that is inside a C++ call with the GIL released when the interpreter
+    finalizes is ended by CPython as it takes the GIL back, and that unwinding through
+    C++ aborts the process: "terminate called without an active exception" (SIGABRT),
+    after the script's work was done. Two such threads were left: the peer watch, in
+    a store operation (stopped, but not waited for), and gloo's work threads, which
+    `destroy_process_group` does not end: they end when their group is freed, and
+    fairscale's module globals (and, before, torch.distributed.nn's defaults) kept
+    the groups until the teardown itself. So the watch is stopped and waited for,
+    fairscale lets go of its groups, and the groups are destroyed and freed here,
+    while the interpreter is whole (torch releases the GIL while freeing a group,
+    so its threads can finish). Not for NCCL: there a group's shutdown can wait on
+    the device, and it was not seen to fail.
+    """
+    _stop_peer_watch()
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    with contextlib.suppress(Exception):
+        fs_init.destroy_model_parallel()
+        dist.destroy_process_group()
+    gc.collect()  # a group held in a reference cycle is freed now, not at the teardown
+
+
+def _stop_peer_watch() -> None:
+    global _peer_watch
     if _peer_watch is not None:
         _peer_watch.stop()
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+        _peer_watch = None
 
 
 def end_process(status: int = 0) -> None:
     """End this process with `status`; under torchrun with gloo, without the C++ teardown.
 
     A finished multi-rank gloo job now and then ended with SIGABRT in the
-    group's teardown ("terminate called without an active exception", about
-    one run in a hundred under load, at 2 and 4 ranks, with the group already
-    destroyed at exit). Where that applies (gloo, more than one rank, status
-    0), each rank waits at a barrier, so that none leaves while a peer still
-    needs it, flushes its output and logging, and ends with `os._exit`. The
-    scripts end this way; a script of your own may too, as its last line.
-    Otherwise (one process, NCCL, a failure) this is `sys.exit(status)`.
+    teardown ("terminate called without an active exception"); the exit
+    handler (`_end_process_group_at_exit`) now ends the threads that caused
+    it, and this goes further: where it applies (gloo, more than one rank,
+    status 0), each rank waits at a barrier, so that none leaves while a peer
+    still needs it, flushes its output and logging, and ends with `os._exit`,
+    past any C++ teardown. The scripts end this way; a script of your own may
+    too, as its last line. Otherwise (one process, NCCL, a failure) this is
+    `sys.exit(status)`.
     """
     if status != 0 or not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() != "gloo":
         sys.exit(status)
@@ -161,8 +185,7 @@ def end_process(status: int = 0) -> None:
         if not _is_collective_failure(error):
             raise
         _exit(f"error: a collective failed at exit: {error}")
-    if _peer_watch is not None:
-        _peer_watch.stop()
+    _stop_peer_watch()
     import logging
 
     logging.shutdown()
@@ -279,7 +302,11 @@ class PeerWatch:
         return [rank for rank, seen in sorted(self._last_seen.items()) if rank != 0 and now - seen > quiet_s]
 
     def stop(self) -> None:
+        """Stop counting, and wait (a few seconds at most) for the thread to end: one left
+        inside a store operation when the interpreter exits aborts the process."""
         self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, 2 * self.interval))
 
 
 _peer_watch: Optional[PeerWatch] = None
@@ -287,10 +314,8 @@ _peer_watch: Optional[PeerWatch] = None
 
 def relax_collective_timeout() -> None:
     """Before loading again (a second `build`): torch's long default timeout, no watch."""
-    global _peer_watch
     if _peer_watch is not None:
-        _peer_watch.stop()
-        _peer_watch = None
+        _stop_peer_watch()
         set_collective_timeout(None)
 
 
