@@ -310,6 +310,9 @@ class PeerWatch:
 
 
 _peer_watch: Optional[PeerWatch] = None
+# Also where the caller, not init_distributed, made the process group (and no exit handler of
+# ours ends it): a watch thread left running into the interpreter's teardown aborts the process.
+atexit.register(_stop_peer_watch)
 
 
 def relax_collective_timeout() -> None:
@@ -329,8 +332,7 @@ def start_collective_timeout(seconds: Optional[float]) -> None:
     # Ranks finish loading at different times; the short timeout starts after this.
     dist.barrier()
     set_collective_timeout(seconds)
-    if _peer_watch is not None:
-        _peer_watch.stop()
+    _stop_peer_watch()
     _peer_watch = PeerWatch(seconds)
 
 
