@@ -10,7 +10,7 @@ import time
 import pexpect
 import pytest
 
-from conftest import REPO, interruptible, subprocess_env, torchrun_cmd
+from conftest import REPO, chat_on_input, interruptible, subprocess_env, torchrun_cmd
 from llama import Llama, Tokenizer
 from llama.chat_format import encode_dialog
 from llama.chat_repl import HELP, PROMPT, Conversation, MessageTooLong, Terminal, printable, run_chat
@@ -301,15 +301,7 @@ def llama_with_a_nan_word(tiny_ckpt, tmp_path_factory):
 def test_a_reply_that_fails_on_non_finite_logits_is_one_line_and_the_chat_goes_on(llama_with_a_nan_word):
     llama, bad_token = llama_with_a_nan_word
     assert bad_token not in encode_dialog(llama.tokenizer, [_user("one two three")])
-    read_end, write_end = os.pipe()
-    os.write(write_end, b"the river\none two three\n")
-    os.close(write_end)
-    output = io.StringIO()
-    try:
-        run_chat(llama, temperature=0, max_gen_len=6, input_fd=read_end, output=output)
-    finally:
-        os.close(read_end)
-    shown = output.getvalue()
+    shown = chat_on_input(llama, b"the river\none two three\n", temperature=0, max_gen_len=6)
     errors = [line for line in shown.splitlines() if "error:" in line]
     assert len(errors) == 1 and "decoding step 0" in errors[0] and "the logits are not finite" in errors[0], shown
     # The chat went on, and the failed turn is not in the history the next reply sees.

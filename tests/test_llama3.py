@@ -1,7 +1,6 @@
 """Llama 3.x: the tiktoken tokenizer, the chat format, stop tokens, scaled RoPE,
 the vocabulary-split embedding, the family checks, and parity with transformers."""
 
-import base64
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import logits_worker
-from conftest import REPO, TINY, run_checked, run_torchrun
+from conftest import REPO, TINY, bpe_file_without_bytes, run_checked, run_torchrun
 from llama import Llama, checkpoint, convert_hf, family
 from llama.chat_format import encode_dialog_llama3
 from llama.model import ModelArgs, apply_scaling, ffn_hidden_dim, precompute_freqs_cis
@@ -673,20 +672,10 @@ def test_tokenizer_copies_keep_their_kind(tok3):
 # --- hostile tokenizer files and text (issue 19) ---
 
 
-def _without_single_bytes(source: Path, dest: Path, missing: bytes) -> Path:
-    """A copy of the BPE file `source` without the single-byte ranks of `missing`, renumbered."""
-    from llama.tokenizer import read_tiktoken_ranks
-
-    kept = [token for token, _ in sorted(read_tiktoken_ranks(source).items(), key=lambda item: item[1])
-            if not (len(token) == 1 and token in missing)]
-    dest.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(kept)))
-    return dest
-
-
 def test_a_bpe_file_missing_single_bytes_is_refused_at_load(tmp_path, tiktoken_file):
     # Accepted, such a file made tiktoken panic (pyo3_runtime.PanicException, a BaseException
     # that `except Exception` lets through) on the first text holding a missing byte.
-    path = _without_single_bytes(tiktoken_file, tmp_path / "tokenizer.model", bytes([0x00, 0xFE, 0xFF]))
+    path = bpe_file_without_bytes(tiktoken_file, tmp_path / "tokenizer.model", bytes([0x00, 0xFE, 0xFF]))
     with pytest.raises(ValueError, match=r"lack 3 of the 256 single bytes \(b'\\x00', b'\\xfe', b'\\xff'\)"):
         Tokenizer(str(path))
     with pytest.raises(ValueError, match="lack 3 of the 256 single bytes"):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, bpe_file_without_bytes, subprocess_env
 from llama.tiny import (
     SENTENCEPIECE_VOCAB_SIZES,
     TIKTOKEN_RANKS,
@@ -140,23 +140,22 @@ def test_tiktoken_ranks_range_is_what_the_trainer_makes(tmp_path):
 # --- tokenizers the loader could not use (issue 19) ---
 
 
-def test_a_bpe_file_missing_single_bytes_is_refused_in_one_line(tmp_path):
-    import base64
-
-    full = tmp_path / "full.model"
-    train_tiktoken_bpe(full, n_ranks=300)
-    lines = full.read_text().splitlines()
-    # Drop the ranks of bytes 0 and 1, renumbering the rest.
-    kept = [line.split()[0] for line in lines if base64.b64decode(line.split()[0]) not in (b"\x00", b"\x01")]
-    bad = tmp_path / "bad.model"
-    bad.write_text("".join(f"{token} {rank}\n" for rank, token in enumerate(kept)))
-    out = tmp_path / "out"
-    proc = run_tiny(out, "--tokenizer", bad)
+def assert_refused_in_one_line(proc: subprocess.CompletedProcess, out, *needles) -> None:
     lines = shown_lines(proc)
     assert proc.returncode == 2, lines
     assert len(lines) == 1 and lines[0].startswith("error: --tokenizer"), lines
-    assert "lack 2 of the 256 single bytes" in lines[0]
+    for needle in needles:
+        assert needle in lines[0]
+    assert "torch" not in imported_modules(proc)
     assert not out.exists()
+
+
+def test_a_bpe_file_missing_single_bytes_is_refused_in_one_line(tmp_path):
+    full = tmp_path / "full.model"
+    train_tiktoken_bpe(full, n_ranks=300)
+    bad = bpe_file_without_bytes(full, tmp_path / "bad.model", b"\x00\x01")
+    out = tmp_path / "out"
+    assert_refused_in_one_line(run_tiny(out, "--tokenizer", bad), out, "lack 2 of the 256 single bytes")
 
 
 def test_a_tokenizer_without_bos_is_refused_in_one_line(tmp_path):
@@ -171,10 +170,4 @@ def test_a_tokenizer_without_bos_is_refused_in_one_line(tmp_path):
         num_threads=1, minloglevel=2,
     )
     out = tmp_path / "out"
-    proc = run_tiny(out, "--tokenizer", path)
-    lines = shown_lines(proc)
-    assert proc.returncode == 2, lines
-    assert len(lines) == 1 and lines[0].startswith("error: --tokenizer"), lines
-    assert "has no BOS token (bos_id = -1)" in lines[0]
-    assert "torch" not in imported_modules(proc)
-    assert not out.exists()
+    assert_refused_in_one_line(run_tiny(out, "--tokenizer", path), out, "has no BOS token (bos_id = -1)")
