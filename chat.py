@@ -50,8 +50,10 @@ def main(
     from llama.chat_repl import Conversation, check_heartbeat, check_room, reply_length, run_chat
     from llama.demo import check_device, check_request, resolve_checkpoint
     from llama.distributed import exit_when_a_peer_is_lost
+    from llama.generation import check_seed
 
     check_device(device)
+    check_seed(seed)
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     # Everything that needs no weights is checked before they load.
     tokenizer = check_request(tokenizer_path, max_seq_len, 1, temperature, top_p, max_gen_len)

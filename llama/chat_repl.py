@@ -27,7 +27,9 @@ import torch.distributed as dist
 
 from llama import family
 from llama.chat_format import SPECIAL_TAGS, Dialog
+from llama.cli import one_line
 from llama.demo import printable
+from llama.distributed import check_collective_timeout
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
@@ -264,7 +266,10 @@ class _Ranks:
 def check_heartbeat(heartbeat_s, collective_timeout_s=None) -> None:
     """Raise ValueError unless `heartbeat_s` is a usable keep-alive period:
     positive and finite (0 would send keep-alives without pause, every rank
-    spinning), and shorter than the collective timeout it keeps the others within."""
+    spinning), and shorter than the collective timeout it keeps the others within.
+    A `collective_timeout_s` that is no timeout at all is named first: the
+    heartbeat is only measured against it."""
+    check_collective_timeout(collective_timeout_s)
     if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or not math.isfinite(heartbeat_s) or heartbeat_s <= 0:
         raise ValueError(f"heartbeat_s must be a finite number of seconds > 0, got {heartbeat_s!r}")
     if collective_timeout_s is not None and heartbeat_s >= collective_timeout_s:
@@ -417,6 +422,12 @@ class ChatRepl:
                 if self.ranks.share_flag(stop or turn_end.cut):
                     stopped = not turn_end.cut
                     break
+        except FloatingPointError as e:
+            # Non-finite logits: the step returned nothing and the Llama still works
+            # (docs/reliability.md). The logits are gathered, so every rank raised at this
+            # same step and all go on to the next command together.
+            self.say(f"\n[error: {one_line(str(e))}; this turn is not kept]\n")
+            return
         finally:
             stream.close()
         # Text held back as a possible tag is not one: show it, stopped or not.

@@ -25,9 +25,11 @@ A script describes its flags once, as the keyword parameters of a typed
   `[INST]` reach a `str` parameter as typed. An `Optional[int]` or
   `Optional[float]` flag takes `none` for None; a `bool` flag is `--flag`
   or `--flag false`; a `Literal[...]` flag takes one of its values;
-- a user error (see `is_user_error`) prints one line, `error: ...`, from
-  rank 0 only, and exits with status 1 (2 for a bad command line); a real
-  bug still shows its traceback. `LLAMA_TRACEBACK=1` shows it for every error.
+- a user error (see `is_user_error`) prints one line, `error: ...`, once
+  however many ranks meet it (rank 0's; `error: rank N: ...` for one that only
+  rank N met, see `report_error`), and exits with status 1 (2 for a bad command
+  line); a real bug still shows its traceback. `LLAMA_TRACEBACK=1` shows it for
+  every error.
 
 This module imports nothing heavy, so `--help` and a misspelled flag are
 answered in a fraction of a second; `main` imports torch when it runs.
@@ -55,14 +57,52 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def is_first_rank() -> bool:
-    """True unless this process is a torchrun worker other than global rank 0."""
-    return os.environ.get("RANK", "0") == "0"
+    """True unless this process is a torchrun worker other than global rank 0.
+
+    A RANK that is not a number counts as rank 0, so that the error naming it is shown."""
+    rank = os.environ.get("RANK", "0").strip()
+    return not rank.isdigit() or int(rank) == 0
 
 
 def print_error(message: str) -> None:
     """`error: message` in one line on stderr, from rank 0 only."""
     if is_first_rank():
         print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def report_error(error: BaseException) -> None:
+    """`error: ...` in one line for `error`, which ends this process, shown once however
+    many ranks meet it.
+
+    Before a process group exists every rank has the same command line and files, so
+    rank 0 shows the error for all (`print_error`). Once a group of several ranks
+    exists, an error may be one rank's own (its shard damaged): that rank shows it as
+    `error: rank N: ...` unless rank 0 shows an error from the same place
+    (`llama.distributed.claim_error`).
+    """
+    message = str(error) or type(error).__name__
+    distributed = sys.modules.get("llama.distributed")  # imported by anything that starts a group
+    if distributed is None or not distributed.in_a_group_of_several():
+        print_error(message)
+        return
+    prefix = distributed.claim_error(_raise_site(error))
+    if prefix is not None:
+        print(f"error: {prefix}{one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _innermost_frame(error: BaseException):
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
+def _raise_site(error: BaseException) -> str:
+    """`error`'s type and the file and line that raised it: what the same check failing
+    on several ranks has in common, whatever each message names."""
+    tb = _innermost_frame(error)
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+    return f"{type(error).__name__}@{where}"
 
 
 def one_line(message: str) -> str:
@@ -370,6 +410,16 @@ def _cell(text: str) -> str:
 # --- running ---
 
 
+# The library's own errors of other types, each documented in docs/reliability.md with what
+# to do, by the module that raises them. An exception of another type, or from elsewhere, is
+# not on this list: native.py's RuntimeErrors, for one, guard the library's own invariants.
+DOCUMENTED_ERRORS = {
+    "generation.py": (FloatingPointError, RuntimeError),  # logits not finite; a stream overtaken
+    "checkpoint.py": (RuntimeError,),  # a memory-mapped shard changed on disk
+    "kernels.py": (RuntimeError,),  # no int8, int4 or bf16 kernel on this device or torch build
+}
+
+
 def is_user_error(error: BaseException, own_files=()) -> bool:
     """True for errors about the user's input or machine, shown in one line:
 
@@ -379,19 +429,23 @@ def is_user_error(error: BaseException, own_files=()) -> bool:
       script (`own_files`): its innermost frame is a `raise` statement in
       one of those files. The same exception types raised elsewhere ("too
       many values to unpack", a ValueError inside torch) are bugs and keep
-      their traceback.
+      their traceback;
+    - an error of a type in DOCUMENTED_ERRORS raised on purpose (a `raise`
+      statement) by the module it is listed for: non-finite logits, a
+      checkpoint shard changed on disk.
     """
     if isinstance(error, OSError):
         return True
-    if not isinstance(error, (ValueError, TypeError)) or error.__traceback__ is None:
+    tb = _innermost_frame(error)
+    if tb is None:
         return False
-    tb = error.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
     filename = Path(tb.tb_frame.f_code.co_filename).resolve()
-    ours = _PACKAGE_DIR in filename.parents or filename in {Path(f).resolve() for f in own_files}
-    line = linecache.getline(str(filename), tb.tb_lineno).strip()
-    return ours and line.startswith("raise")
+    if not linecache.getline(str(filename), tb.tb_lineno).strip().startswith("raise"):
+        return False
+    in_library = _PACKAGE_DIR in filename.parents
+    if isinstance(error, (ValueError, TypeError)):
+        return in_library or filename in {Path(f).resolve() for f in own_files}
+    return filename.parent == _PACKAGE_DIR and type(error) in DOCUMENTED_ERRORS.get(filename.name, ())
 
 
 # What requirements.txt names (each imports under its own name): what `pip install -e .`
@@ -415,8 +469,9 @@ def missing_requirement(error: ModuleNotFoundError) -> Optional[str]:
 
 def call(work: Callable, *args, own_files=(), **kwargs) -> int:
     """`work(*args, **kwargs)`; returns 0, or 1 after printing a user error in one
-    line (rank 0 only) or what to install for a missing requirement, or 130 after
-    Ctrl-C. Any other exception propagates."""
+    line (once, see `report_error`) or what to install for a missing requirement, or
+    130 after Ctrl-C; 1 also, silently, when a collective failed because a peer that
+    showed its own error has gone. Any other exception propagates."""
     try:
         work(*args, **kwargs)
     except KeyboardInterrupt:
@@ -429,10 +484,15 @@ def call(work: Callable, *args, own_files=(), **kwargs) -> int:
         print_error(message)
         return 1
     except Exception as error:
-        if os.environ.get("LLAMA_TRACEBACK") or not is_user_error(error, own_files):
+        if os.environ.get("LLAMA_TRACEBACK"):
             raise
-        print_error(str(error) or type(error).__name__)
-        return 1
+        if is_user_error(error, own_files):
+            report_error(error)
+            return 1
+        distributed = sys.modules.get("llama.distributed")
+        if distributed is not None and distributed.is_explained_by_a_peer(error):
+            return 1  # a peer showed its error and left: this rank's collective failed for it
+        raise
     return 0
 
 

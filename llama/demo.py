@@ -2,7 +2,6 @@
 user's checkpoint, or the demo one), the checks they make before loading it, and
 how they show a model's text on a terminal."""
 
-import os
 import re
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
@@ -32,14 +31,17 @@ def resolve_checkpoint(
     layout) is used.
 
     Raises FileNotFoundError when `ckpt_dir` is not a checkpoint directory
-    (saying what it is instead) or no tokenizer is found.
+    (saying what it is instead) or no tokenizer is found, ValueError for a
+    torchrun variable (WORLD_SIZE, RANK, LOCAL_RANK) that is not a number.
     """
+    from llama.distributed import check_launch_variables, launch_variable
+
+    check_launch_variables()
     if ckpt_dir is None:
         from llama.tiny import demo_checkpoint
 
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        ckpt = demo_checkpoint(mp=world_size, infill=infill)
-        if int(os.environ.get("RANK", 0)) == 0:
+        ckpt = demo_checkpoint(mp=launch_variable("WORLD_SIZE", 1), infill=infill)
+        if launch_variable("RANK", 0) == 0:
             print(
                 f"No --ckpt_dir given: using the demo checkpoint in {ckpt} "
                 f"(tiny random weights: expect gibberish, not {'Code Llama' if infill else 'Llama 2'}'s text).\n"

@@ -9,6 +9,7 @@ on CUDA (as the reference's `torch.cuda.HalfTensor`) and fp32 elsewhere.
 import atexit
 import contextlib
 import datetime
+import gc
 import math
 import os
 import sys
@@ -27,6 +28,35 @@ def _launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+# The variables torchrun sets for each process that the library reads, with their least value.
+LAUNCH_VARIABLES = {"WORLD_SIZE": 1, "RANK": 0, "LOCAL_RANK": 0}
+
+
+def launch_variable(name: str, default: int) -> int:
+    """The whole number in the environment variable `name` (one of LAUNCH_VARIABLES), or
+    `default` when it is unset. Raises ValueError naming the variable and its value
+    when that is not a whole number of at least the variable's least value."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < LAUNCH_VARIABLES[name]:
+        raise ValueError(
+            f"the environment variable {name} must be a whole number >= {LAUNCH_VARIABLES[name]}, "
+            f"got {text!r} (torchrun sets it for each process; unset it for a plain python run)"
+        )
+    return value
+
+
+def check_launch_variables() -> None:
+    """Raise ValueError, naming it, for a set WORLD_SIZE, RANK or LOCAL_RANK that is not a usable number."""
+    for name in LAUNCH_VARIABLES:
+        launch_variable(name, 0)
+
+
 def choose_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
     """The given device, or this process's GPU (`LOCAL_RANK`) when CUDA exists, else the CPU."""
     if device is not None:
@@ -34,10 +64,10 @@ def choose_device(device: Optional[Union[str, torch.device]] = None) -> torch.de
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available")
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            device = torch.device("cuda", launch_variable("LOCAL_RANK", 0))
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", launch_variable("LOCAL_RANK", 0))
     return torch.device("cpu")
 
 
@@ -60,7 +90,7 @@ def planned_model_parallel_size(model_parallel_size: Optional[int] = None) -> in
     the one given, else the world size. Raises ValueError unless a positive int."""
     if model_parallel_size is None:
         default = dist.get_world_size() if dist.is_initialized() else 1
-        model_parallel_size = int(os.environ.get("WORLD_SIZE", default))
+        model_parallel_size = launch_variable("WORLD_SIZE", default)
     if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise ValueError(f"model_parallel_size must be a positive int, got {model_parallel_size!r}")
     return model_parallel_size
@@ -75,13 +105,17 @@ def init_distributed(device: torch.device, model_parallel_size: Optional[int] = 
     """
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # Imported before the group exists: its functions' `group=group.WORLD` defaults,
+        # evaluated at import, would otherwise hold the default group (and, for gloo, its
+        # threads) until the interpreter is torn down; see _end_process_group_at_exit.
+        import torch.distributed.nn  # noqa: F401
+
         if _launched_by_torchrun():
             dist.init_process_group(backend)
         else:
             # A plain `python` run: a world of one that needs no port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        if backend == "gloo":
-            atexit.register(_destroy_gloo_group_at_exit)
+        atexit.register(_end_process_group_at_exit)
 
     world_size = dist.get_world_size()
     model_parallel_size = planned_model_parallel_size(model_parallel_size)
@@ -98,31 +132,50 @@ def init_distributed(device: torch.device, model_parallel_size: Optional[int] = 
     return model_parallel_size
 
 
-def _destroy_gloo_group_at_exit() -> None:
-    """Stop the peer watch and destroy the process group before the interpreter
-    exits. Left to the C++ static destructors, a gloo group's threads were now
-    and then torn down while joinable ("terminate called without an active
-    exception"), so a run that had finished exited with SIGABRT (seen under
-    load, at 2 and 4 ranks). Not for NCCL: there a group's shutdown can wait
-    on the device, and it was not seen to fail."""
+def _end_process_group_at_exit() -> None:
+    """Leave no thread of ours or of gloo's running when the interpreter is torn down.
+
+    A thread that is inside a C++ call with the GIL released when the interpreter
+    finalizes is ended by CPython as it takes the GIL back, and that unwinding through
+    C++ aborts the process: "terminate called without an active exception" (SIGABRT),
+    after the script's work was done. Two such threads were left: the peer watch, in
+    a store operation (stopped, but not waited for), and gloo's work threads, which
+    `destroy_process_group` does not end: they end when their group is freed, and
+    fairscale's module globals (and, before, torch.distributed.nn's defaults) kept
+    the groups until the teardown itself. So the watch is stopped and waited for,
+    fairscale lets go of its groups, and the groups are destroyed and freed here,
+    while the interpreter is whole (torch releases the GIL while freeing a group,
+    so its threads can finish). Not for NCCL: there a group's shutdown can wait on
+    the device, and it was not seen to fail.
+    """
+    _stop_peer_watch()
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    with contextlib.suppress(Exception):
+        fs_init.destroy_model_parallel()
+        dist.destroy_process_group()
+    gc.collect()  # a group held in a reference cycle is freed now, not at the teardown
+
+
+def _stop_peer_watch() -> None:
+    global _peer_watch
     if _peer_watch is not None:
         _peer_watch.stop()
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+        _peer_watch = None
 
 
 def end_process(status: int = 0) -> None:
     """End this process with `status`; under torchrun with gloo, without the C++ teardown.
 
     A finished multi-rank gloo job now and then ended with SIGABRT in the
-    group's teardown ("terminate called without an active exception", about
-    one run in a hundred under load, at 2 and 4 ranks, with the group already
-    destroyed at exit). Where that applies (gloo, more than one rank, status
-    0), each rank waits at a barrier, so that none leaves while a peer still
-    needs it, flushes its output and logging, and ends with `os._exit`. The
-    scripts end this way; a script of your own may too, as its last line.
-    Otherwise (one process, NCCL, a failure) this is `sys.exit(status)`.
+    teardown ("terminate called without an active exception"); the exit
+    handler (`_end_process_group_at_exit`) now ends the threads that caused
+    it, and this goes further: where it applies (gloo, more than one rank,
+    status 0), each rank waits at a barrier, so that none leaves while a peer
+    still needs it, flushes its output and logging, and ends with `os._exit`,
+    past any C++ teardown. The scripts end this way; a script of your own may
+    too, as its last line. Otherwise (one process, NCCL, a failure) this is
+    `sys.exit(status)`.
     """
     if status != 0 or not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() != "gloo":
         sys.exit(status)
@@ -132,8 +185,7 @@ def end_process(status: int = 0) -> None:
         if not _is_collective_failure(error):
             raise
         _exit(f"error: a collective failed at exit: {error}")
-    if _peer_watch is not None:
-        _peer_watch.stop()
+    _stop_peer_watch()
     import logging
 
     logging.shutdown()
@@ -241,7 +293,7 @@ class PeerWatch:
                 self._last_seen[rank] = now
         lost = self.lost_ranks(self.timeout_s)
         if lost and _exit_on_lost_peer.is_set():
-            _exit(_lost_peer_line(lost, self.timeout_s))
+            _exit(None if a_peer_showed_an_error() else _lost_peer_line(lost, self.timeout_s))
 
     def lost_ranks(self, quiet_s: Optional[float] = None) -> List[int]:
         """Ranks (seen from rank 0) that have not counted for `quiet_s` seconds (default: 3 intervals)."""
@@ -250,18 +302,23 @@ class PeerWatch:
         return [rank for rank, seen in sorted(self._last_seen.items()) if rank != 0 and now - seen > quiet_s]
 
     def stop(self) -> None:
+        """Stop counting, and wait (a few seconds at most) for the thread to end: one left
+        inside a store operation when the interpreter exits aborts the process."""
         self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, 2 * self.interval))
 
 
 _peer_watch: Optional[PeerWatch] = None
+# Also where the caller, not init_distributed, made the process group (and no exit handler of
+# ours ends it): a watch thread left running into the interpreter's teardown aborts the process.
+atexit.register(_stop_peer_watch)
 
 
 def relax_collective_timeout() -> None:
     """Before loading again (a second `build`): torch's long default timeout, no watch."""
-    global _peer_watch
     if _peer_watch is not None:
-        _peer_watch.stop()
-        _peer_watch = None
+        _stop_peer_watch()
         set_collective_timeout(None)
 
 
@@ -275,8 +332,7 @@ def start_collective_timeout(seconds: Optional[float]) -> None:
     # Ranks finish loading at different times; the short timeout starts after this.
     dist.barrier()
     set_collective_timeout(seconds)
-    if _peer_watch is not None:
-        _peer_watch.stop()
+    _stop_peer_watch()
     _peer_watch = PeerWatch(seconds)
 
 
@@ -309,6 +365,70 @@ def _is_collective_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(sign in text for sign in signs)
 
 
+# -- which rank shows an error -----------------------------------------------------------------
+#
+# Rank 0 speaks for the job. But an error that only another rank meets (its own shard
+# damaged) would then never be seen: that rank exits, and torchrun ends rank 0 before it
+# has anything to say. So, once the process group exists, a rank other than 0 first gives
+# rank 0 a moment to report an error from the same place (the same check failing on every
+# rank: a KV cache too large everywhere); if rank 0 does not, it shows its own error itself,
+# after its rank. Each place is shown once, through the process group's store.
+
+ERROR_GRACE_S = 2.0
+_RANK_0_ERROR = "llama/error/rank0"  # where rank 0's error was raised
+_SHOWN = "llama/error/shown"  # set once any rank has shown an error
+
+
+def in_a_group_of_several() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def claim_error(site: str) -> Optional[str]:
+    """Under a process group of several ranks, for an error of this process raised at
+    `site` (its type and where it was raised): the text to put before its message when
+    this rank is to show it ('' on rank 0, 'rank N: ' on another), or None when another
+    rank shows an error from the same place."""
+    from torch.distributed import distributed_c10d
+
+    rank = dist.get_rank()
+    prefix = "" if rank == 0 else f"rank {rank}: "
+    try:
+        store = distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=10))  # the process ends next: never wait long
+        if rank == 0:
+            store.set(_RANK_0_ERROR, site)
+        else:
+            deadline = time.monotonic() + ERROR_GRACE_S
+            while not store.check([_RANK_0_ERROR]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if store.check([_RANK_0_ERROR]) and store.get(_RANK_0_ERROR).decode() == site:
+                return None
+        if store.add(f"llama/error/at/{site}", 1) > 1:
+            return None  # another rank has shown it
+        store.set(_SHOWN, "1")
+    except Exception:  # no store to agree through: better shown twice than not at all
+        pass
+    return prefix
+
+
+def a_peer_showed_an_error() -> bool:
+    """True when another rank of the process group has shown an error of its own: this
+    rank's collective failures then follow from it, and need no line of their own."""
+    if not in_a_group_of_several():
+        return False
+    from torch.distributed import distributed_c10d
+
+    try:
+        return distributed_c10d._get_default_store().check([_SHOWN])
+    except Exception:
+        return False
+
+
+def is_explained_by_a_peer(error: BaseException) -> bool:
+    """True for a collective that failed because a peer that has shown its own error left."""
+    return _is_collective_failure(error) and a_peer_showed_an_error()
+
+
 _exit_on_lost_peer = threading.Event()
 
 
@@ -327,8 +447,8 @@ def exit_when_a_peer_is_lost() -> Iterator[None]:
         watch = _peer_watch
         if watch is None or not _is_collective_failure(error):
             raise
-        if watch.rank != 0:
-            _exit(None)  # rank 0 speaks for the job; its stdout is the one shown
+        if watch.rank != 0 or a_peer_showed_an_error():
+            _exit(None)  # rank 0 speaks for the job (its stdout is the one shown), or a peer has
         lost = watch.lost_ranks()
         _exit(_lost_peer_line(lost, watch.timeout_s) if lost else f"error: a collective failed: {error}")
     finally:

@@ -29,7 +29,7 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
 from llama.cuda_graph import GraphedDecodeStep
 from llama.infilling import check_infilling_tokenizer, infilling_pieces, infilling_prompt_tokens
 from llama.model import Transformer
-from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable, tokenizer_beside
+from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable, check_special_ids, tokenizer_beside
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -328,6 +328,8 @@ class Llama:
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_seed(seed)
+        distributed.check_launch_variables()
         device = distributed.choose_device(device)
         requested = quantization.make_config(quantize, group_size)
         _check_step_options(device, compile, cuda_graph)
@@ -458,7 +460,7 @@ class Llama:
         """
         device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
         _check_step_options(device, compile, cuda_graph)
-        _check_special_ids(tokenizer)
+        check_special_ids(tokenizer)
         held = sum(b.nbytes for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v", "rope")))
         memory.check_cache_fits(
             model.params, model.model_parallel_size, device, dtype, already_held=held
@@ -961,6 +963,16 @@ class Llama:
         }
 
 
+# torch.manual_seed takes a signed or unsigned 64-bit seed.
+TORCH_SEEDS = range(-(2**63), 2**64)
+
+
+def check_seed(seed) -> None:
+    """Raise ValueError unless `seed` is an integer torch.manual_seed takes."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or int(seed) not in TORCH_SEEDS:
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1 (torch's 64-bit seeds), got {seed!r}")
+
+
 def _token_id(token, prompt_index: int) -> int:
     """`token` as a Python int: ints, numpy and torch integers are accepted."""
     if isinstance(token, bool) or (isinstance(token, torch.Tensor) and token.dtype == torch.bool):
@@ -971,17 +983,6 @@ def _token_id(token, prompt_index: int) -> int:
         raise TypeError(
             f"prompt {prompt_index} holds {token!r} ({type(token).__name__}): token ids must be integers"
         ) from None
-
-
-def _check_special_ids(tokenizer: Tokenizer) -> None:
-    """Generation needs BOS to start a prompt and EOS to end one."""
-    for name in ("bos_id", "eos_id"):
-        value = getattr(tokenizer, name)
-        if not 0 <= value < tokenizer.n_words:
-            raise ValueError(
-                f"the tokenizer has no {name[:3].upper()} token ({name} = {value}); "
-                "Llama needs a tokenizer with both BOS and EOS"
-            )
 
 
 def _raise_nonfinite(logits, nonfinite, step: int, position: int, state: _Decoding) -> None:

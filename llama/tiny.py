@@ -289,7 +289,7 @@ def check_options(
     """
     from llama import family
     from llama.args import ModelArgs, check_model_parallel_fit, check_shape, ffn_hidden_dim, is_positive_finite
-    from llama.tokenizer import Tokenizer, llama3_special_tokens
+    from llama.tokenizer import Tokenizer, check_special_ids, llama3_special_tokens
 
     def name(option: str) -> str:
         if not as_flags:
@@ -322,7 +322,11 @@ def check_options(
             raise FileNotFoundError(f"{name('tokenizer')} {str(tokenizer)!r} does not exist")
         if not os.path.isfile(tokenizer):
             raise ValueError(f"{name('tokenizer')} {str(tokenizer)!r} is not a file (a directory?)")
-        given = Tokenizer(str(tokenizer))
+        try:
+            given = Tokenizer(str(tokenizer))
+            check_special_ids(given)  # the loader's rule: a checkpoint it would refuse is not written
+        except ValueError as e:
+            raise ValueError(f"{name('tokenizer')} {str(tokenizer)!r}: {e}") from None
         fam, n_words = family.of_tokenizer(given), given.n_words
     else:
         fam = family.by_option(family_name or family.LLAMA_2.option)

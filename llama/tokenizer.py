@@ -73,6 +73,18 @@ def check_encodable(text, what: str) -> None:
         ) from None
 
 
+def check_special_ids(tokenizer) -> None:
+    """Raise ValueError unless `tokenizer` has BOS and EOS tokens within its vocabulary:
+    generation starts each prompt with BOS and ends at EOS."""
+    for name in ("bos_id", "eos_id"):
+        value = getattr(tokenizer, name)
+        if not 0 <= value < tokenizer.n_words:
+            raise ValueError(
+                f"the tokenizer has no {name[:3].upper()} token ({name} = {value}); "
+                "Llama needs a tokenizer with both BOS and EOS"
+            )
+
+
 class Tokenizer:
     """Encodes text to token ids and back with a SentencePiece model.
 
@@ -253,6 +265,15 @@ def read_tiktoken_ranks(model_path) -> Dict[bytes, int]:
                 ) from e
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{str(model_path)!r}: the BPE ranks are not 0 .. {len(ranks) - 1}, each once")
+    # Byte-level BPE starts from the single bytes. Without one, tiktoken panics (a Rust panic,
+    # a BaseException that `except Exception` lets through) on the first text that holds it.
+    missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        shown = ", ".join(map(repr, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"{str(model_path)!r}: the BPE ranks lack {len(missing)} of the 256 single bytes ({shown}); "
+            "a byte-level BPE needs a rank for every byte, or text holding a missing one cannot be encoded"
+        )
     return ranks
 
 
@@ -320,8 +341,7 @@ class Llama3Tokenizer(Tokenizer):
         Special-token text in `s` is encoded as plain text unless named in
         `allowed_special` (or "all").
         """
-        if not isinstance(s, str):
-            raise TypeError(f"can only encode a str, got {type(s).__name__}")
+        check_encodable(s, "the text to encode")  # tiktoken would encode a lone surrogate as U+FFFD
         t: List[int] = []
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in split_long_runs(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS]):

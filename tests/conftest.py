@@ -83,6 +83,35 @@ def generator(tiny_ckpt):
     )
 
 
+def bpe_file_without_bytes(source: Path, dest: Path, missing: bytes) -> Path:
+    """A copy of the tiktoken BPE file `source` without the single-byte ranks of `missing`, renumbered."""
+    import base64
+
+    from llama.tokenizer import read_tiktoken_ranks
+
+    kept = [token for token, _ in sorted(read_tiktoken_ranks(source).items(), key=lambda item: item[1])
+            if not (len(token) == 1 and token in missing)]
+    dest.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(kept)))
+    return dest
+
+
+def chat_on_input(llama, typed: bytes, **options) -> str:
+    """What `run_chat` shows for the lines `typed` (read from a pipe, then the end of the input)."""
+    import io
+
+    from llama.chat_repl import run_chat
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, typed)
+    os.close(write_end)
+    output = io.StringIO()
+    try:
+        run_chat(llama, input_fd=read_end, output=output, **options)
+    finally:
+        os.close(read_end)
+    return output.getvalue()
+
+
 def interruptible() -> None:
     """`preexec_fn` of a child process that a test interrupts: SIGINT back to its default.
 

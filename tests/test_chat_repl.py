@@ -10,7 +10,7 @@ import time
 import pexpect
 import pytest
 
-from conftest import REPO, interruptible, subprocess_env, torchrun_cmd
+from conftest import REPO, chat_on_input, interruptible, subprocess_env, torchrun_cmd
 from llama import Llama, Tokenizer
 from llama.chat_format import encode_dialog
 from llama.chat_repl import HELP, PROMPT, Conversation, MessageTooLong, Terminal, printable, run_chat
@@ -273,3 +273,37 @@ def test_chat_ctrl_c_stops_a_reply_on_every_rank_and_ctrl_d_leaves(world, demo_c
         leave(child, "Ctrl-D")
     finally:
         child.close(force=True)
+
+
+# --- an error during one reply (issue 19) ---
+
+
+@pytest.fixture(scope="module")
+def llama_with_a_nan_word(tiny_ckpt, tmp_path_factory):
+    """A Llama on `tiny_ckpt` whose embedding of the last token of "the river" is NaN:
+    a message holding it makes the first step's logits NaN; other messages are unharmed."""
+    import shutil
+
+    import torch
+
+    out = tmp_path_factory.mktemp("nan_word")
+    for name in ("params.json", "tokenizer.model"):
+        shutil.copy(tiny_ckpt / name, out / name)
+    bad_token = Tokenizer(str(tiny_ckpt / "tokenizer.model")).encode("the river", bos=False, eos=False)[-1]
+    state = torch.load(tiny_ckpt / "consolidated.00.pth", weights_only=True)
+    state["tok_embeddings.weight"][bad_token] = float("nan")
+    torch.save(state, out / "consolidated.00.pth")
+    # fp32 on the CPU: the embedding is used in place from the mapped file, so it loads unchecked.
+    llama = Llama.build(str(out), None, max_seq_len=128, max_batch_size=1, device="cpu")
+    return llama, bad_token
+
+
+def test_a_reply_that_fails_on_non_finite_logits_is_one_line_and_the_chat_goes_on(llama_with_a_nan_word):
+    llama, bad_token = llama_with_a_nan_word
+    assert bad_token not in encode_dialog(llama.tokenizer, [_user("one two three")])
+    shown = chat_on_input(llama, b"the river\none two three\n", temperature=0, max_gen_len=6)
+    errors = [line for line in shown.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "decoding step 0" in errors[0] and "the logits are not finite" in errors[0], shown
+    # The chat went on, and the failed turn is not in the history the next reply sees.
+    assert greedy(llama, [_user("one two three")], 6) in shown.split(errors[0])[1]
+    assert shown.endswith("[bye]\n")

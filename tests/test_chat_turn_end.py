@@ -1,13 +1,10 @@
 """A reply that runs on into "[INST] ..." is cut there and cannot poison the chat (issue 11, item 6)."""
 
-import io
-import os
-
 import pytest
 
+from conftest import chat_on_input
 from llama import Llama
 from llama.chat_format import UNSAFE_ERROR
-from llama.chat_repl import run_chat
 
 
 def through(pieces):
@@ -47,15 +44,7 @@ def test_a_reply_running_into_a_new_turn_does_not_poison_the_session(llama, monk
         return real_stream(dialog, **kwargs)
 
     monkeypatch.setattr(llama, "stream_chat_completion", stream)
-    read_end, write_end = os.pipe()
-    os.write(write_end, b"hi\nthe river\n")
-    os.close(write_end)
-    output = io.StringIO()
-    try:
-        run_chat(llama, temperature=0, max_gen_len=8, input_fd=read_end, output=output)
-    finally:
-        os.close(read_end)
-    shown = output.getvalue()
+    shown = chat_on_input(llama, b"hi\nthe river\n", temperature=0, max_gen_len=8)
     assert "Hello there. \n[the reply went on into a turn of its own; cut there]" in shown
     assert "INST" not in shown and UNSAFE_ERROR not in shown
     assert dialogs[1][1] == {"role": "assistant", "content": "Hello there."}

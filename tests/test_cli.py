@@ -145,6 +145,55 @@ def test_user_errors_are_one_line_bugs_keep_their_traceback(capsys, monkeypatch,
         cli.call(_raise_on_purpose)
 
 
+@pytest.fixture(scope="module")
+def nan_embedding_ckpt(tiny_ckpt, tmp_path_factory):
+    """`tiny_ckpt` with NaN in every embedding: used in place from the mapped file (fp32, CPU),
+    so it loads unchecked, and the first decoding step's logits are not finite."""
+    import torch
+
+    out = tmp_path_factory.mktemp("nan_embedding")
+    for name in ("params.json", "tokenizer.model"):
+        shutil.copy(tiny_ckpt / name, out / name)
+    state = torch.load(tiny_ckpt / "consolidated.00.pth", weights_only=True)
+    state["tok_embeddings.weight"].fill_(float("nan"))
+    torch.save(state, out / "consolidated.00.pth")
+    return out
+
+
+def test_the_librarys_documented_runtime_errors_are_one_line(nan_embedding_ckpt, tiny_ckpt, tmp_path, capsys):
+    # FloatingPointError (logits not finite) and RuntimeError (a mapped shard changed on disk) are
+    # raised on purpose and documented (docs/reliability.md): no traceback, as for a ValueError.
+    from llama import Llama
+
+    generator = Llama.build(str(nan_embedding_ckpt), None, max_seq_len=32, max_batch_size=1, device="cpu")
+    assert cli.call(generator.text_completion, ["the river"], max_gen_len=4) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: decoding step 0 (position ") and "the logits are not finite" in err
+    assert err.count("\n") == 1
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    generator = Llama.build(str(ckpt), None, max_seq_len=32, max_batch_size=1, device="cpu", fast_layout=False)
+    with open(ckpt / "consolidated.00.pth", "ab") as shard:
+        shard.write(b"\0" * 16)  # grown, not truncated: the map's pages stay readable
+    assert cli.call(generator.text_completion, ["the river"], max_gen_len=4) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint shard") and "changed on disk" in err and err.count("\n") == 1
+
+
+def test_runtime_errors_from_elsewhere_keep_their_traceback():
+    import torch
+
+    with pytest.raises(RuntimeError):  # a bug, wherever it is: raised inside torch
+        cli.call(lambda: torch.zeros(2, 3) @ torch.zeros(2, 3))
+    with pytest.raises(FloatingPointError):  # not raised by the library
+        cli.call(_raise_floating_point_error)
+
+
+def _raise_floating_point_error():
+    raise FloatingPointError("from a script of the user's")
+
+
 def test_only_rank_0_prints(capsys, monkeypatch, as_library):
     monkeypatch.setenv("RANK", "1")
     assert cli.call(_raise_on_purpose) == 1
@@ -249,6 +298,17 @@ USER_ERRORS = {
     "no cuda": ("chat.py --ckpt_dir {tiny} --device cuda:1", ["device 'cuda:1'", "no CUDA GPU"]),
     "reshard does not fit": ("-m llama.reshard {tiny} {tmp}/mp3 --mp 3",
                              ["cannot be split over a model-parallel size of 3"]),
+    # Each of these ended in a traceback (issue 19). A leading NAME=value sets the environment.
+    "seed past 64 bits": ("chat.py --ckpt_dir {tiny} --seed 99999999999999999999",
+                          ["seed must be an integer from -2**63 to 2**64 - 1", "99999999999999999999"]),
+    "collective timeout 0": ("chat.py --ckpt_dir {tiny} --collective_timeout_s 0",
+                             ["collective_timeout_s must be a finite number of seconds > 0, got 0"]),
+    "WORLD_SIZE not a number": ("WORLD_SIZE=abc example_text_completion.py --ckpt_dir {tiny}",
+                                ["environment variable WORLD_SIZE", "'abc'"]),
+    "WORLD_SIZE not a number, demo": ("LLAMA_CACHE={tmp}/cache WORLD_SIZE=two example_text_completion.py",
+                                      ["environment variable WORLD_SIZE", "'two'"]),
+    "RANK not a number": ("RANK=1x example_chat_completion.py --ckpt_dir {tiny}", ["environment variable RANK", "'1x'"]),
+    "LOCAL_RANK negative": ("LOCAL_RANK=-1 chat.py --ckpt_dir {tiny}", ["environment variable LOCAL_RANK", "'-1'"]),
 }
 
 
@@ -264,7 +324,8 @@ def user_error_runs(tmp_path_factory, tiny_ckpt, download_root):
 
     def one(name):
         args = [part.format(**paths) for part in USER_ERRORS[name][0].split()]
-        return run([sys.executable, *args], timeout=180)
+        env = dict(arg.split("=", 1) for arg in args if re.fullmatch(r"[A-Z_]+=.*", arg))
+        return run([sys.executable, *args[len(env):]], timeout=180, env=env)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(USER_ERRORS, pool.map(one, USER_ERRORS)))
@@ -273,6 +334,21 @@ def user_error_runs(tmp_path_factory, tiny_ckpt, download_root):
 @pytest.mark.parametrize("name", list(USER_ERRORS))
 def test_user_errors_print_one_line(name, user_error_runs):
     _assert_one_line_error(user_error_runs[name], *USER_ERRORS[name][1])
+
+
+def test_a_bad_collective_timeout_is_named_not_the_heartbeat_derived_from_it(user_error_runs):
+    # chat.py blamed --heartbeat_s, which the user had not set, for --collective_timeout_s 0.
+    assert "heartbeat" not in shown_lines(user_error_runs["collective timeout 0"])[-1]
+
+
+def test_non_finite_logits_end_a_script_in_one_line(nan_embedding_ckpt):
+    # A FloatingPointError the library raises on purpose (docs/reliability.md): it ended in a traceback.
+    proc = run([sys.executable, "example_text_completion.py", "--ckpt_dir", str(nan_embedding_ckpt),
+                "--max_gen_len", "2"], timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in shown_lines(proc) if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: decoding step 0 (position "), errors
+    assert shown_lines(proc)[-1] == errors[0]
 
 
 def test_bad_flag_value_fails_before_anything(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import logits_worker
-from conftest import REPO, TINY, run_checked, run_torchrun
+from conftest import REPO, TINY, bpe_file_without_bytes, run_checked, run_torchrun
 from llama import Llama, checkpoint, convert_hf, family
 from llama.chat_format import encode_dialog_llama3
 from llama.model import ModelArgs, apply_scaling, ffn_hidden_dim, precompute_freqs_cis
@@ -751,3 +751,26 @@ def test_tokenizer_copies_keep_their_kind(tok3):
 
     twin = copy.copy(tok3)
     assert isinstance(twin, Llama3Tokenizer) and twin.encode("the llama", True, False) == tok3.encode("the llama", True, False)
+
+
+# --- hostile tokenizer files and text (issue 19) ---
+
+
+def test_a_bpe_file_missing_single_bytes_is_refused_at_load(tmp_path, tiktoken_file):
+    # Accepted, such a file made tiktoken panic (pyo3_runtime.PanicException, a BaseException
+    # that `except Exception` lets through) on the first text holding a missing byte.
+    path = bpe_file_without_bytes(tiktoken_file, tmp_path / "tokenizer.model", bytes([0x00, 0xFE, 0xFF]))
+    with pytest.raises(ValueError, match=r"lack 3 of the 256 single bytes \(b'\\x00', b'\\xfe', b'\\xff'\)"):
+        Tokenizer(str(path))
+    with pytest.raises(ValueError, match="lack 3 of the 256 single bytes"):
+        Llama3Tokenizer(str(path))
+
+
+def test_llama3_encode_refuses_a_lone_surrogate_as_the_sentencepiece_tokenizer_does(tok3, tiny_tokenizer):
+    message = r"the text to encode holds a lone surrogate '\\ud800' at position 2"
+    with pytest.raises(ValueError, match=message):
+        tok3.encode("ab\ud800", bos=True, eos=False)  # it was replaced with U+FFFD
+    with pytest.raises(ValueError, match=message):
+        Tokenizer(str(tiny_tokenizer)).encode("ab\ud800", bos=True, eos=False)
+    with pytest.raises(TypeError, match="the text to encode must be a str, got bytes"):
+        tok3.encode(b"ab", bos=True, eos=False)

@@ -284,3 +284,19 @@ def test_the_computed_cache_size_is_what_is_allocated(generator):
     assert held == memory.cache_bytes(model.params, 1, torch.float32)
     assert memory.cache_bytes(model.params, 1, torch.float16) < held
     assert memory.available_bytes(torch.device("cpu")) > 0
+
+
+# ---- issue 19: a seed or a torchrun variable that cannot work ----------------------------------
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 99999999999999999999])
+def test_a_seed_outside_torchs_64_bits_is_refused_before_loading(tiny_ckpt, seed):
+    with pytest.raises(ValueError, match=rf"seed must be an integer from -2\*\*63 to 2\*\*64 - 1 .*got {seed}"):
+        build(tiny_ckpt, seed=seed)
+
+
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "abc"), ("RANK", "1.5"), ("LOCAL_RANK", "-1"), ("WORLD_SIZE", "0")])
+def test_a_torchrun_variable_that_is_not_a_number_is_named(tiny_ckpt, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"the environment variable {name} must be a whole number >= .*got '{value}'"):
+        build(tiny_ckpt)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, bpe_file_without_bytes, subprocess_env
 from llama.tiny import (
     INFILL_EXTRA_PIECES,
     SENTENCEPIECE_VOCAB_SIZES,
@@ -136,3 +136,39 @@ def test_tiktoken_ranks_range_is_what_the_trainer_makes(tmp_path):
     with pytest.raises(ValueError, match=f"has only {TIKTOKEN_RANKS[-1]} BPE ranks"):
         train_tiktoken_bpe(tmp_path / "high", n_ranks=TIKTOKEN_RANKS[-1] + 1)
     assert not (tmp_path / "high").exists()
+
+
+# --- tokenizers the loader could not use (issue 19) ---
+
+
+def assert_refused_in_one_line(proc: subprocess.CompletedProcess, out, *needles) -> None:
+    lines = shown_lines(proc)
+    assert proc.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: --tokenizer"), lines
+    for needle in needles:
+        assert needle in lines[0]
+    assert "torch" not in imported_modules(proc)
+    assert not out.exists()
+
+
+def test_a_bpe_file_missing_single_bytes_is_refused_in_one_line(tmp_path):
+    full = tmp_path / "full.model"
+    train_tiktoken_bpe(full, n_ranks=300)
+    bad = bpe_file_without_bytes(full, tmp_path / "bad.model", b"\x00\x01")
+    out = tmp_path / "out"
+    assert_refused_in_one_line(run_tiny(out, "--tokenizer", bad), out, "lack 2 of the 256 single bytes")
+
+
+def test_a_tokenizer_without_bos_is_refused_in_one_line(tmp_path):
+    import sentencepiece as spm
+
+    from llama.tiny import training_text
+
+    path = tmp_path / "no_bos.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_text(), model_prefix=str(path.with_suffix("")), model_type="bpe",
+        vocab_size=400, byte_fallback=True, unk_id=0, bos_id=-1, eos_id=1, pad_id=-1,
+        num_threads=1, minloglevel=2,
+    )
+    out = tmp_path / "out"
+    assert_refused_in_one_line(run_tiny(out, "--tokenizer", path), out, "has no BOS token (bos_id = -1)")
