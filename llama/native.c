@@ -167,6 +167,10 @@ static inline float half_to_float(uint16_t h) {
 #define LLAMA_LANES 0
 #define LLAMA_I4_TILES 4
 #include "native_kernels.h"
+#undef LLAMA_ISA
+#undef LLAMA_TARGET
+#undef LLAMA_LANES
+#undef LLAMA_I4_TILES
 
 #ifdef LLAMA_X86
 /* AVX2 with FMA and F16C: 8 floats a vector. */
@@ -176,6 +180,17 @@ static inline LLAMA_AVX2 float sum_avx2(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* acc + the products of the even and of the odd bf16 of each lane of w and x (a bf16 is the high
+   half of its float: the even one, in the low half of the lane, is the lane shifted left 16; the
+   odd one is the lane with its low half cleared). */
+static inline LLAMA_AVX2 __m256 dot_pairs_avx2(__m256 acc, __m256i w, __m256i x) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)),
+                          acc);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w, high)),
+                           _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc);
 }
 
 /* The first n (1 to 8) lanes of v to p. */
@@ -192,6 +207,7 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #define LLAMA_LANES 8
 #define LLAMA_I4_TILES 4
 #define vec __m256
+#define veci __m256i
 #define vec_zero() _mm256_setzero_ps()
 #define vec_set1(f) _mm256_set1_ps(f)
 #define vec_load(p) _mm256_loadu_ps(p)
@@ -204,25 +220,60 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #define vec_load_bf16(p) /* a bf16 is the high half of its float */                                   \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define vec_load_f16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+/* bf16 products: 16 bf16 as 8 lanes of two */
+#define vec_load_pairs(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vec_dot_pairs(acc, w, x) dot_pairs_avx2(acc, w, x)
 /* int4: 8 bytes, one a lane, each holding two 4-bit values; their floats */
-#define vec_bytes __m256i
 #define vec_load_u8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
 #define vec_i4_constants() const __m256i low4 = _mm256_set1_epi32(15)
 #define vec_low_nibbles(q) _mm256_cvtepi32_ps(_mm256_and_si256(q, low4))
 #define vec_high_nibbles(q) _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4))
 #include "native_kernels.h"
+#undef LLAMA_ISA
+#undef LLAMA_TARGET
+#undef LLAMA_LANES
+#undef LLAMA_I4_TILES
+#undef vec
+#undef veci
+#undef vec_zero
+#undef vec_set1
+#undef vec_load
+#undef vec_store
+#undef vec_store_first
+#undef vec_fmadd
+#undef vec_add
+#undef vec_sum
+#undef vec_load_i8
+#undef vec_load_bf16
+#undef vec_load_f16
+#undef vec_load_pairs
+#undef vec_dot_pairs
+#undef vec_load_u8
+#undef vec_i4_constants
+#undef vec_low_nibbles
+#undef vec_high_nibbles
 
 /* AVX-512 (F, BW, DQ, VL: every AVX-512 CPU since Skylake-SP): 16 floats a vector. Scheduled for
    Sapphire Rapids, as -march=native built them there before: that tuning breaks vpermps's false
    dependency on its destination (a zeroing vxorps) on Golden Cove cores, which the int4 loop
-   needs; on other cores a zeroing idiom costs nothing. */
+   needs; on other cores a zeroing idiom costs nothing. Compiled twice: avx512bf16 differs in its
+   bf16 products only, which take _mm512_dpbf16_ps (AVX512-BF16) on the same pairs. */
 #define LLAMA_AVX512_ISA "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,tune=sapphirerapids"
 #define LLAMA_AVX512 __attribute__((target(LLAMA_AVX512_ISA)))
-#define LLAMA_ISA avx512
-#define LLAMA_TARGET LLAMA_AVX512
+
+/* As dot_pairs_avx2. */
+static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512i x) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)),
+                          acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, high)),
+                           _mm512_castsi512_ps(_mm512_and_si512(x, high)), acc);
+}
+
 #define LLAMA_LANES 16
 #define LLAMA_I4_TILES 4
 #define vec __m512
+#define veci __m512i
 #define vec_zero() _mm512_setzero_ps()
 #define vec_set1(f) _mm512_set1_ps(f)
 #define vec_load(p) _mm512_loadu_ps(p)
@@ -235,65 +286,26 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #define vec_load_bf16(p)                                                                                \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define vec_load_f16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define vec_load_pairs(p) _mm512_loadu_si512(p)
 /* int4: 16 bytes; a nibble becomes its float by a table lookup (vpermps reads the low four bits
    of its index, so the low nibble needs no mask) */
-#define vec_bytes __m512i
 #define vec_load_u8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
 #define vec_i4_constants() const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 #define vec_low_nibbles(q) _mm512_permutexvar_ps(q, table)
 #define vec_high_nibbles(q) _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table)
+
+#define LLAMA_ISA avx512
+#define LLAMA_TARGET LLAMA_AVX512
+#define vec_dot_pairs(acc, w, x) dot_pairs_avx512(acc, w, x)
 #include "native_kernels.h"
+#undef LLAMA_ISA
+#undef LLAMA_TARGET
+#undef vec_dot_pairs
 
-/* AVX-512 with AVX512-BF16: as avx512, but the bf16 product by _mm512_dpbf16_ps (pairs of bf16
-   products summed in fp32) on x rounded to bf16. */
-#define LLAMA_AVX512_BF16 __attribute__((target(LLAMA_AVX512_ISA ",avx512bf16")))
-
-static LLAMA_AVX512_BF16 void matvec_bf16_avx512bf16(const float *x, const uint16_t *w, float *y, int64_t batch,
-                                                     int64_t rows, int64_t cols, float *work) {
-    uint16_t *xb16 = (uint16_t *)work;
-    for (int64_t i = 0; i < batch * cols; i++) xb16[i] = float_to_bf16(x[i]);
-    int64_t blocks = (rows + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        int64_t n = 4 * blk;
-        for (int64_t b = 0; b < batch; b++) {
-            const uint16_t *xb = xb16 + b * cols;
-            float *yb = y + b * rows;
-            if (n + 4 <= rows && cols % 32 == 0) {
-                const uint16_t *r0 = w + n * cols, *r1 = r0 + cols, *r2 = r1 + cols, *r3 = r2 + cols;
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t k = 0; k < cols; k += 32) {
-                    if (b == 0) LLAMA_PREFETCH_ROWS(r3 + cols + k, cols * 2, 4);
-                    __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
-                    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r0 + k), xv);
-                    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r1 + k), xv);
-                    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r2 + k), xv);
-                    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r3 + k), xv);
-                }
-                yb[n] = _mm512_reduce_add_ps(a0);
-                yb[n + 1] = _mm512_reduce_add_ps(a1);
-                yb[n + 2] = _mm512_reduce_add_ps(a2);
-                yb[n + 3] = _mm512_reduce_add_ps(a3);
-                continue;
-            }
-            for (int64_t r = n; r < n + 4 && r < rows; r++) {
-                const uint16_t *row = w + r * cols;
-                float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t k = 0; k < cols; k++) s += bf16_to_float(row[k]) * bf16_to_float(xb[k]);
-                yb[r] = s;
-            }
-        }
-    }
-}
-
-static LLAMA_AVX512_BF16 void matvec_avx512bf16(const llama_matrix *m, const float *x, float *y, int64_t batch,
-                                                float *work) {
-    if (m->kind == LLAMA_BF16)
-        matvec_bf16_avx512bf16(x, (const uint16_t *)m->w, y, batch, m->rows, m->cols, work);
-    else
-        matvec_avx512(m, x, y, batch, work);
-}
+#define LLAMA_ISA avx512bf16
+#define LLAMA_TARGET __attribute__((target(LLAMA_AVX512_ISA ",avx512bf16")))
+#define vec_dot_pairs(acc, w, x) _mm512_dpbf16_ps(acc, (__m512bh)(w), (__m512bh)(x))
+#include "native_kernels.h"
 
 /* What this CPU (and its operating system, which must save the wider registers) can run. */
 static int cpu_runs_avx2(void) {
@@ -324,7 +336,7 @@ typedef struct {
 /* Fastest first. */
 static const llama_kernels variants[] = {
 #ifdef LLAMA_X86
-    {"avx512bf16", cpu_runs_avx512bf16, matvec_avx512bf16, attend_avx512},
+    {"avx512bf16", cpu_runs_avx512bf16, matvec_avx512bf16, attend_avx512bf16},
     {"avx512", cpu_runs_avx512, matvec_avx512, attend_avx512},
     {"avx2", cpu_runs_avx2, matvec_avx2, attend_avx2},
 #endif

@@ -11,40 +11,45 @@
    reached through its llama_kernels entry in native.c. */
 
 #if LLAMA_LANES
-/* LLAMA_LANES weights of a row from column k on, as floats. */
-static inline __attribute__((always_inline)) LLAMA_TARGET vec KERNEL(weights_at)(int kind, const void *row, int64_t k) {
+/* One step of a row's sum: acc += w[k ..] x[k ..] lane by lane, over LLAMA_LANES columns (fp32,
+   int8: the weights made floats), or for bf16 over 2 LLAMA_LANES (a lane holds two columns of
+   the row and of x, an even one and an odd one, and gets both products). */
+static inline __attribute__((always_inline)) LLAMA_TARGET vec KERNEL(step)(int kind, vec acc, const void *row,
+                                                                           const void *x, int64_t k) {
     switch (kind) {
-    case LLAMA_INT8: return vec_load_i8((const int8_t *)row + k);
-    case LLAMA_BF16: return vec_load_bf16((const uint16_t *)row + k);
-    default: return vec_load((const float *)row + k);
+    case LLAMA_INT8: return vec_fmadd(vec_load_i8((const int8_t *)row + k), vec_load((const float *)x + k), acc);
+    case LLAMA_BF16:
+        return vec_dot_pairs(acc, vec_load_pairs((const uint16_t *)row + k), vec_load_pairs((const uint16_t *)x + k));
+    default: return vec_fmadd(vec_load((const float *)row + k), vec_load((const float *)x + k), acc);
     }
 }
 #endif
 
 /* y[b, r] = sum_k x[b, k] w[r, k] (times scale[r] for int8) for the four rows r = n .. n + 3
-   below `rows` and every b < batch; w [rows, cols] of `kind` (a constant once inlined). Each
-   weight row is read once for all b; while b = 0 sums these rows, the next four are asked for
-   (a cache line of each, every line of the block). */
+   below `rows` and every b < batch; w [rows, cols] of `kind` (a constant once inlined), x fp32
+   or, for bf16, bf16. Each weight row is read once for all b; while b = 0 sums these rows, the
+   next four are asked for (a cache line of each, every line of the block). */
 static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4)(int kind, const void *w,
-                                                                             const float *scale, const float *x,
+                                                                             const float *scale, const void *x,
                                                                              float *y, int64_t batch, int64_t rows,
                                                                              int64_t cols, int64_t n) {
     const int64_t size = kind == LLAMA_FP32 ? 4 : kind == LLAMA_BF16 ? 2 : 1, row_bytes = cols * size;
+    const int bf16 = kind == LLAMA_BF16;
     const char *r0 = (const char *)w + n * row_bytes;
     for (int64_t b = 0; b < batch; b++) {
-        const float *xb = x + b * cols;
+        const void *xb = (const char *)x + b * cols * (bf16 ? 2 : 4);
         float *yb = y + b * rows;
 #if LLAMA_LANES
-        if (n + 4 <= rows && cols % LLAMA_LANES == 0) {
+        const int64_t step = bf16 ? 2 * LLAMA_LANES : LLAMA_LANES;
+        if (n + 4 <= rows && cols % step == 0) {
             const char *r1 = r0 + row_bytes, *r2 = r1 + row_bytes, *r3 = r2 + row_bytes;
             vec a0 = vec_zero(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k = 0; k < cols; k += LLAMA_LANES) {
+            for (int64_t k = 0; k < cols; k += step) {
                 if (b == 0 && k % (64 / size) == 0) LLAMA_PREFETCH_ROWS(r3 + row_bytes + k * size, row_bytes, 4);
-                vec xv = vec_load(xb + k);
-                a0 = vec_fmadd(KERNEL(weights_at)(kind, r0, k), xv, a0);
-                a1 = vec_fmadd(KERNEL(weights_at)(kind, r1, k), xv, a1);
-                a2 = vec_fmadd(KERNEL(weights_at)(kind, r2, k), xv, a2);
-                a3 = vec_fmadd(KERNEL(weights_at)(kind, r3, k), xv, a3);
+                a0 = KERNEL(step)(kind, a0, r0, xb, k);
+                a1 = KERNEL(step)(kind, a1, r1, xb, k);
+                a2 = KERNEL(step)(kind, a2, r2, xb, k);
+                a3 = KERNEL(step)(kind, a3, r3, xb, k);
             }
             if (kind == LLAMA_INT8) {
                 yb[n] = vec_sum(a0) * scale[n];
@@ -64,7 +69,7 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4)(int
             const char *row = r0 + (r - n) * row_bytes;
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t k = 0; k < cols; k++) s += weight_at(kind, row, k) * xb[k];
+            for (int64_t k = 0; k < cols; k++) s += weight_at(kind, row, k) * load_at(bf16, xb, k);
             yb[r] = kind == LLAMA_INT8 ? s * scale[r] : s;
         }
     }
@@ -86,13 +91,15 @@ static LLAMA_TARGET void KERNEL(matvec_i8)(const float *x, const int8_t *w, cons
         KERNEL(rows4)(LLAMA_INT8, w, scale, x, y, batch, rows, cols, 4 * blk);
 }
 
-/* bf16 weights, inputs rounded to bf16 (`work` takes them), fp32 sums, as F.linear in bf16. */
+/* bf16 weights and inputs (x holds values already rounded to bf16; `work` takes them as bf16),
+   fp32 sums, as F.linear in bf16. */
 static LLAMA_TARGET void KERNEL(matvec_bf16)(const float *x, const uint16_t *w, float *y, int64_t batch, int64_t rows,
                                             int64_t cols, float *work) {
-    for (int64_t i = 0; i < batch * cols; i++) work[i] = keep(1, x[i]);
+    uint16_t *xb16 = (uint16_t *)work;
+    for (int64_t i = 0; i < batch * cols; i++) xb16[i] = float_to_bf16(x[i]);
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < (rows + 3) / 4; blk++)
-        KERNEL(rows4)(LLAMA_BF16, w, NULL, work, y, batch, rows, cols, 4 * blk);
+        KERNEL(rows4)(LLAMA_BF16, w, NULL, xb16, y, batch, rows, cols, 4 * blk);
 }
 
 /* int4 in tiles of 16 rows (the layout is described at LLAMA_INT4). Per group:
@@ -128,7 +135,7 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_tiles)(
             const vec xe = vec_set1(xg[2 * p]), xo = vec_set1(xg[2 * p + 1]);
             for (int i = 0; i < nt; i++)
                 for (int h = 0; h < per_tile; h++) {
-                    vec_bytes q = vec_load_u8(r[i] + 16 * p + h * LLAMA_LANES);
+                    veci q = vec_load_u8(r[i] + 16 * p + h * LLAMA_LANES);
                     even[i][h] = vec_fmadd(vec_low_nibbles(q), xe, even[i][h]);
                     odd[i][h] = vec_fmadd(vec_high_nibbles(q), xo, odd[i][h]);
                 }
@@ -271,26 +278,3 @@ static LLAMA_TARGET void KERNEL(attend)(const float *q, const void *keys, const 
     for (int64_t t = 0; t < n; t++)
         KERNEL(add_scaled)(out, s[t] / total, (const char *)values + t * row_bytes, hd, bf16);
 }
-
-/* The next variant defines its own. */
-#undef LLAMA_ISA
-#undef LLAMA_TARGET
-#undef LLAMA_LANES
-#undef LLAMA_I4_TILES
-#undef vec
-#undef vec_bytes
-#undef vec_zero
-#undef vec_set1
-#undef vec_load
-#undef vec_load_i8
-#undef vec_load_bf16
-#undef vec_load_f16
-#undef vec_load_u8
-#undef vec_low_nibbles
-#undef vec_high_nibbles
-#undef vec_i4_constants
-#undef vec_fmadd
-#undef vec_add
-#undef vec_sum
-#undef vec_store
-#undef vec_store_first
