@@ -12,7 +12,10 @@ flags of the revision's own setup.py; every round runs each revision once, in it
 so that the load of a busy machine falls on all of them alike. A run builds
 the shape from the same seeded random weights, warms up, then times greedy
 decoding through the revision's own `generate` loop. Prints the median
-milliseconds per decode step and each revision's speed relative to the first.
+milliseconds per decode step and each revision's speed relative to the first,
+and each one's fastest round (on a busy machine a round can be many times
+slower than the others: two OpenMP threads on two shared cores wait for each
+other at every product).
 """
 
 import argparse
@@ -158,7 +161,8 @@ def main(argv=None) -> int:
     for rev in opts.revs:
         median = statistics.median(steps[rev])
         named = f"  (C kernels: {kernels[rev]})" if kernels.get(rev) else ""
-        print(f"{rev:>12}: {1e3 * median:7.2f} ms/step  {opts.batch / median:7.1f} tok/s  {base / median:5.2f}x{named}")
+        print(f"{rev:>12}: {1e3 * median:7.2f} ms/step  {opts.batch / median:7.1f} tok/s  {base / median:5.2f}x"
+              f"  (fastest round {1e3 * min(steps[rev]):.2f} ms){named}")
     return 0
 
 

@@ -352,17 +352,18 @@ static const llama_kernels *best_variant(void) {
 
 /* The variant that runs: the fastest this CPU can, until llama_native_use picks another. */
 static const llama_kernels *kernels;
+static char variant_names[64];
 
-__attribute__((constructor)) static void choose_kernels(void) { kernels = best_variant(); }
+__attribute__((constructor)) static void choose_kernels(void) {
+    kernels = best_variant();
+    for (int i = 0; i < n_variants; i++) {
+        if (i) strcat(variant_names, ",");
+        strcat(variant_names, variants[i].name);
+    }
+}
 
 /* The names of the variants compiled in, fastest first, comma-separated. */
-const char *llama_native_variants(void) {
-#ifdef LLAMA_X86
-    return "avx512bf16,avx512,avx2,portable";
-#else
-    return "portable";
-#endif
-}
+const char *llama_native_variants(void) { return variant_names; }
 
 const char *llama_native_variant(void) { return kernels->name; }
 
