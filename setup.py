@@ -18,12 +18,14 @@ def requirements():
 # The one-token decoding step in C for fp32 on the CPU (llama/native.py loads it
 # with ctypes; it is no Python module). Optional: without a C compiler the
 # install still succeeds and fp32 decodes with torch's kernels, saying so once.
-# -march=native: built for, and on, the machine that runs it. -fopenmp: it
-# shares torch's OpenMP runtime (libgomp.so.1), loaded first.
+# One build for every CPU of its architecture: no -march, the kernels of each
+# x86-64 instruction set are compiled in and chosen when it loads (native.c).
+# -fopenmp: it shares torch's OpenMP runtime (libgomp.so.1), loaded first.
 native = Extension(
     "llama._native",
     sources=["llama/native.c"],
-    extra_compile_args=["-O3", "-march=native", "-fopenmp", "-std=c11"],
+    depends=["llama/native_kernels.h"],
+    extra_compile_args=["-O3", "-fopenmp", "-std=c11"],
     extra_link_args=["-fopenmp"],
     optional=True,
 )

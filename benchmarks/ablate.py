@@ -3,14 +3,19 @@
     python benchmarks/ablate.py main HEAD                 # the reference-style code against now
     python benchmarks/ablate.py main HEAD --shape 15M --batch 8 --rounds 7
     python benchmarks/ablate.py 5b078ad HEAD --quantize int4     # quantized while loading, each revision's way
+    python benchmarks/ablate.py HEAD~1 HEAD --dtype bf16         # a bf16 model
+    LLAMA_NATIVE_ISA=portable python benchmarks/ablate.py HEAD  # the revisions' C step on other kernels
 
 Each revision's `llama/` package is exported (`git archive`) to a temporary
-folder, with its `llama/native.c` (where it has one) compiled there as
-setup.py compiles it; every round runs each revision once, in its own process and in turn,
+folder, with its `llama/native.c` (where it has one) compiled there with the
+flags of the revision's own setup.py; every round runs each revision once, in its own process and in turn,
 so that the load of a busy machine falls on all of them alike. A run builds
 the shape from the same seeded random weights, warms up, then times greedy
 decoding through the revision's own `generate` loop. Prints the median
-milliseconds per decode step and each revision's speed relative to the first.
+milliseconds per decode step and each revision's speed relative to the first,
+and each one's fastest round (on a busy machine a round can be many times
+slower than the others: two OpenMP threads on two shared cores wait for each
+other at every product).
 """
 
 import argparse
@@ -34,7 +39,8 @@ from llama.model import ModelArgs, Transformer
 from llama.tiny import random_weights
 from llama.tokenizer import Tokenizer
 
-shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize, group_size = json.loads(sys.argv[1])
+shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize, group_size, dtype = json.loads(sys.argv[1])
+dtype = getattr(torch, dtype)
 torch.set_num_threads(threads)
 args = ModelArgs(**shape, max_seq_len=prompt_len + gen_len, max_batch_size=batch)
 distributed.init_distributed(torch.device("cpu"), 1)
@@ -50,12 +56,12 @@ if quantize:  # as bench.py does: quantized from the fp32 values, in the revisio
         parts.update(convert(key, state.pop(key), None))
     quantization.install(model, parts, config, torch.device("cpu"), dtype)
 else:
-    checkpoint.load_into(model, random_weights(args, seed=0), torch.device("cpu"), torch.float32, source="random")
+    checkpoint.load_into(model, random_weights(args, seed=0), torch.device("cpu"), dtype, source="random")
 tokenizer = Tokenizer(tokenizer_path)
 if hasattr(Llama, "from_model"):
     generator = Llama.from_model(model, tokenizer, **options)
 else:  # the revisions before from_model: build's own tail
-    model.setup_caches(device=torch.device("cpu"), dtype=torch.float32)
+    model.setup_caches(device=torch.device("cpu"), dtype=dtype)
     model.eval()
     generator = Llama(model, tokenizer)
 prompts = torch.randint(3, args.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
@@ -69,23 +75,39 @@ def run():
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 run()
-print(json.dumps({"step_s": min(run() for _ in range(2))}))
+try:  # the C step's kernels, where the revision names them
+    from llama.native import variant
+    kernels = variant()
+except ImportError:
+    kernels = None
+print(json.dumps({"step_s": min(run() for _ in range(2)), "kernels": kernels}))
 """
 
 
 def export(rev: str, into: Path) -> Path:
     folder = into / rev.replace("/", "_")
     folder.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "llama"], check=True, capture_output=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "llama", "setup.py"], check=True,
+                             capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     source = folder / "llama" / "native.c"
-    if source.is_file():  # the revision's C step, built with setup.py's flags
+    if source.is_file():  # the revision's C step, built with its setup.py's flags
         import sysconfig
 
         target = folder / "llama" / ("_native" + sysconfig.get_config_var("EXT_SUFFIX"))
-        subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-fopenmp", "-std=c11", "-shared",
-                        "-fPIC", str(source), "-o", str(target)], check=True)
+        subprocess.run([os.environ.get("CC", "cc"), *compile_flags(folder / "setup.py"), "-shared", "-fPIC",
+                        str(source), "-o", str(target)], check=True)
     return folder
+
+
+def compile_flags(setup_py: Path) -> list:
+    """The `extra_compile_args` of the native Extension in a revision's setup.py, read as a literal."""
+    import ast
+
+    for node in ast.walk(ast.parse(setup_py.read_text())):
+        if isinstance(node, ast.keyword) and node.arg == "extra_compile_args":
+            return ast.literal_eval(node.value)
+    raise ValueError(f"{setup_py} has no extra_compile_args")
 
 
 def main(argv=None) -> int:
@@ -103,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="quantize the weights (revisions that have llama/quantization.py)")
     parser.add_argument("--group-size", type=int, default=None, help="with --quantize int4")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the model's dtype (without --quantize)")
     opts = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,8 +139,9 @@ def main(argv=None) -> int:
         folders = {rev: export(rev, Path(tmp)) for rev in opts.revs}
         options = {"compile": True} if opts.compile else {}
         job = [SHAPES[opts.shape], opts.batch, opts.prompt_len, opts.gen_len, opts.threads, str(tokenizer), options,
-               opts.quantize, opts.group_size]
+               opts.quantize, opts.group_size, opts.dtype]
         steps = {rev: [] for rev in opts.revs}
+        kernels = {}
         for round_ in range(opts.rounds):
             for rev, folder in folders.items():
                 env = {**os.environ, "PYTHONPATH": str(folder)}
@@ -124,15 +149,20 @@ def main(argv=None) -> int:
                                       capture_output=True, text=True, cwd=tmp)
                 if proc.returncode != 0:
                     sys.exit(f"{rev} failed:\n{proc.stderr[-3000:]}")
-                steps[rev].append(json.loads(proc.stdout.strip().splitlines()[-1])["step_s"])
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                steps[rev].append(result["step_s"])
+                kernels[rev] = result.get("kernels")
             print(f"round {round_ + 1}: " + ", ".join(f"{r} {1e3 * s[-1]:.1f} ms" for r, s in steps.items()), flush=True)
 
     base = statistics.median(steps[opts.revs[0]])
-    print(f"\n{opts.shape}{' ' + opts.quantize if opts.quantize else ''}, batch {opts.batch}, {opts.threads} threads, "
+    mode = opts.quantize or opts.dtype
+    print(f"\n{opts.shape} {mode}, batch {opts.batch}, {opts.threads} threads, "
           f"median of {opts.rounds} rounds")
     for rev in opts.revs:
         median = statistics.median(steps[rev])
-        print(f"{rev:>12}: {1e3 * median:7.2f} ms/step  {opts.batch / median:7.1f} tok/s  {base / median:5.2f}x")
+        named = f"  (C kernels: {kernels[rev]})" if kernels.get(rev) else ""
+        print(f"{rev:>12}: {1e3 * median:7.2f} ms/step  {opts.batch / median:7.1f} tok/s  {base / median:5.2f}x"
+              f"  (fastest round {1e3 * min(steps[rev]):.2f} ms){named}")
     return 0
 
 

@@ -10,29 +10,35 @@
    Built by `pip install -e .` (setup.py, optional); loaded with ctypes after
    torch, so it shares torch's OpenMP runtime (libgomp.so.1) and thread count.
    The layout it reads is Meta's: each matrix [out, in], row-major, q|k|v and
-   w1|w3 stacked by rows (Transformer.prepare_for_inference(rows=True)). */
+   w1|w3 stacked by rows (Transformer.prepare_for_inference(rows=True)).
+
+   One build runs on every x86-64 CPU: the products and the attention (llama/native_kernels.h)
+   are compiled once per instruction set, each with the target attribute of its own, and
+   the fastest set the CPU can run is chosen when the library is loaded (llama_native_use
+   picks another). The rest of the step is plain C for the baseline instruction set. */
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#ifdef __AVX512F__
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LLAMA_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 5
+#define LLAMA_NATIVE_ABI 6
 
 /* Ask for the next block of rows while this one is summed: without it the compressed products
    waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
    int8 and bf16 read about twice as fast, fp32 at the 15M shape ~1.08x (benchmarks/NOTES.md). A hint: never faults, even past
    the end of the matrix. `next` is the first row after this block, `rows_ahead` rows of `stride`. */
-#ifdef __AVX512F__
+#define LLAMA_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3) /* prefetcht0 on x86 */
 #define LLAMA_PREFETCH_ROWS(next, stride, rows_ahead)                                                   \
     do {                                                                                             \
         for (int64_t ahead_ = 0; ahead_ < (rows_ahead); ahead_++)                                    \
-            _mm_prefetch((const char *)(next) + ahead_ * (stride), _MM_HINT_T0);                     \
+            LLAMA_PREFETCH((const char *)(next) + ahead_ * (stride));                                \
     } while (0)
-#endif
 
 /* One weight matrix [rows, cols] (Meta's [out, in]) as stored. Mirrored by llama/native.py's _Matrix.
    FP32: w float [rows, cols].
@@ -114,106 +120,15 @@ int64_t llama_scratch_floats(const llama_model *m, int64_t batch) {
            llama_matmul_scratch_floats(batch, widest);
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
-    float s = 0.f;
-    int64_t k = 0;
-#ifdef __AVX512F__
-    __m512 acc = _mm512_setzero_ps();
-    for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
-    s = _mm512_reduce_add_ps(acc);
-#endif
-    for (; k < n; k++) s += a[k] * b[k];
-    return s;
-}
-
-/* y[b, n] = sum_k x[b, k] w[n, k] for b < batch; w row-major [rows, cols].
-   Rows are split across threads; each thread reads its weight rows once for
-   every b (four rows at a time, which fit in the first-level cache). */
-static void matvec_f32(const float *x, const float *w, float *y, int64_t batch, int64_t rows, int64_t cols) {
-    int64_t blocks = (rows + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        int64_t n = 4 * blk;
-        for (int64_t b = 0; b < batch; b++) {
-            const float *xb = x + b * cols;
-            float *yb = y + b * rows;
-#ifdef __AVX512F__
-            if (n + 4 <= rows && cols % 16 == 0) {
-                const float *r0 = w + n * cols, *r1 = r0 + cols, *r2 = r1 + cols, *r3 = r2 + cols;
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t k = 0; k < cols; k += 16) {
-                    if (b == 0) LLAMA_PREFETCH_ROWS(r3 + cols + k, cols * 4, 4);
-                    __m512 xv = _mm512_loadu_ps(xb + k);
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + k), xv, a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + k), xv, a1);
-                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + k), xv, a2);
-                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + k), xv, a3);
-                }
-                yb[n] = _mm512_reduce_add_ps(a0);
-                yb[n + 1] = _mm512_reduce_add_ps(a1);
-                yb[n + 2] = _mm512_reduce_add_ps(a2);
-                yb[n + 3] = _mm512_reduce_add_ps(a3);
-                continue;
-            }
-#endif
-            for (int64_t r = n; r < n + 4 && r < rows; r++) {
-                const float *row = w + r * cols;
-                float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t k = 0; k < cols; k++) s += row[k] * xb[k];
-                yb[r] = s;
-            }
-        }
+/* w[n, k] of a matrix of `kind` (fp32, int8 or bf16) as a float; `row` = &w[n, 0]. */
+static inline float weight_at(int kind, const void *row, int64_t k) {
+    switch (kind) {
+    case LLAMA_INT8: return (float)((const int8_t *)row)[k];
+    case LLAMA_BF16: return bf16_to_float(((const uint16_t *)row)[k]);
+    default: return ((const float *)row)[k];
     }
 }
 
-static void matvec_i8(const float *x, const int8_t *w, const float *scale, float *y, int64_t batch, int64_t rows,
-                      int64_t cols) {
-    int64_t blocks = (rows + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        int64_t n = 4 * blk;
-        for (int64_t b = 0; b < batch; b++) {
-            const float *xb = x + b * cols;
-            float *yb = y + b * rows;
-#ifdef __AVX512F__
-            if (n + 4 <= rows && cols % 16 == 0) {
-                const int8_t *r0 = w + n * cols, *r1 = r0 + cols, *r2 = r1 + cols, *r3 = r2 + cols;
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#define LLAMA_I8(r) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((r) + k))))
-                for (int64_t k = 0; k < cols; k += 16) {
-                    if (b == 0 && (k & 63) == 0) LLAMA_PREFETCH_ROWS(r3 + cols + k, cols, 4);
-                    __m512 xv = _mm512_loadu_ps(xb + k);
-                    a0 = _mm512_fmadd_ps(LLAMA_I8(r0), xv, a0);
-                    a1 = _mm512_fmadd_ps(LLAMA_I8(r1), xv, a1);
-                    a2 = _mm512_fmadd_ps(LLAMA_I8(r2), xv, a2);
-                    a3 = _mm512_fmadd_ps(LLAMA_I8(r3), xv, a3);
-                }
-#undef LLAMA_I8
-                yb[n] = _mm512_reduce_add_ps(a0) * scale[n];
-                yb[n + 1] = _mm512_reduce_add_ps(a1) * scale[n + 1];
-                yb[n + 2] = _mm512_reduce_add_ps(a2) * scale[n + 2];
-                yb[n + 3] = _mm512_reduce_add_ps(a3) * scale[n + 3];
-                continue;
-            }
-#endif
-            for (int64_t r = n; r < n + 4 && r < rows; r++) {
-                const int8_t *row = w + r * cols;
-                float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t k = 0; k < cols; k++) s += (float)row[k] * xb[k];
-                yb[r] = s * scale[r];
-            }
-        }
-    }
-}
-
-/* int4 in tiles of 16 rows (the layout is described at LLAMA_INT4). Each output lane of a vector
-   is one row of the tile, so a group's scale and offset apply to 16 rows with one multiply-add and
-   no horizontal sums; each input is broadcast once for four tiles (64 rows), which keeps the reads
-   of x low where x is long (w2); a nibble becomes a float by a table lookup (vpermps reads the low
-   four bits of its index, so the low nibble needs no mask). Per group:
-   y += scale * sum_k q_k x_k + offset * sum_k x_k, the sums of x taken once per group (xs). */
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, u;
     if (exp == 0x1f) {
@@ -240,155 +155,238 @@ static inline float half_to_float(uint16_t h) {
 /* Records read ahead of the group being summed. */
 #define LLAMA_I4_AHEAD 4
 
-#ifdef __AVX512F__
-/* Tiles tile .. tile + nt - 1 for one row b of x (nt a constant 1 or 4 once inlined: the arrays
-   below are then registers). */
-static inline __attribute__((always_inline)) void i4_tiles_avx512(const uint8_t *w, int64_t tile, const int nt,
-                                                                  int64_t rows, int64_t groups, int64_t group,
-                                                                  const float *xb, const float *xsb, float *yb,
-                                                                  int prefetch) {
-    const int64_t record = LLAMA_I4_RECORD(group), tile_bytes = groups * record, pairs = group / 2;
-    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 acc[4];
-    for (int i = 0; i < nt; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *r[4];
-        for (int i = 0; i < nt; i++) r[i] = w + (tile + i) * tile_bytes + g * record;
-        if (prefetch)
-            for (int64_t line = 0; line < record; line += 64)
-                for (int i = 0; i < nt; i++) _mm_prefetch((const char *)r[i] + LLAMA_I4_AHEAD * record + line, _MM_HINT_T0);
-        const float *xg = xb + g * group;
-        __m512 even[4], odd[4];
-        for (int i = 0; i < nt; i++) even[i] = odd[i] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < pairs; p++) {
-            const __m512 xe = _mm512_set1_ps(xg[2 * p]), xo = _mm512_set1_ps(xg[2 * p + 1]);
-            for (int i = 0; i < nt; i++) {
-                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r[i] + 16 * p)));
-                even[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, table), xe, even[i]);
-                odd[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), xo, odd[i]);
-            }
-        }
-        const __m512 sum = _mm512_set1_ps(xsb[g]);
-        for (int i = 0; i < nt; i++) {
-            const __m256i *scale_offset = (const __m256i *)(r[i] + 8 * group);
-            acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), _mm512_cvtph_ps(_mm256_loadu_si256(scale_offset)),
-                                     acc[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(scale_offset + 1)), sum, acc[i]);
-        }
-    }
-    for (int i = 0; i < nt; i++) {
-        int64_t first = (tile + i) * 16, valid = rows - first < 16 ? rows - first : 16;
-        _mm512_mask_storeu_ps(yb + first, (__mmask16)((1u << valid) - 1u), acc[i]);
-    }
-}
-#endif
+/* The kernel variants. Each is llama/native_kernels.h compiled with its own instructions
+   (KERNEL(matvec) is matvec_portable, matvec_avx2, ...). */
+#define KERNEL(name) LLAMA_JOIN(name, LLAMA_ISA)
+#define LLAMA_JOIN(name, isa) LLAMA_JOIN_(name, isa)
+#define LLAMA_JOIN_(name, isa) name##_##isa
 
-/* Tiles tile .. tile + nt - 1 (nt 1 or 4) for one row b of x: y[n] for their rows below `rows`. */
-static void i4_tiles(const uint8_t *w, int64_t tile, int nt, int64_t rows, int64_t groups, int64_t group,
-                     const float *xb, const float *xsb, float *yb, int prefetch) {
-#ifdef __AVX512F__
-    if (nt == 4)
-        i4_tiles_avx512(w, tile, 4, rows, groups, group, xb, xsb, yb, prefetch);
+/* Plain C: what the compiler makes of the loops for the baseline instruction set. */
+#define LLAMA_ISA portable
+#define LLAMA_TARGET
+#define LLAMA_LANES 0
+#define LLAMA_I4_TILES 4
+#include "native_kernels.h"
+#undef LLAMA_ISA
+#undef LLAMA_TARGET
+#undef LLAMA_LANES
+#undef LLAMA_I4_TILES
+
+#ifdef LLAMA_X86
+/* AVX2 with FMA and F16C: 8 floats a vector. */
+#define LLAMA_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+static inline LLAMA_AVX2 float sum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* acc + the products of the even and of the odd bf16 of each lane of w and x (a bf16 is the high
+   half of its float: the even one, in the low half of the lane, is the lane shifted left 16; the
+   odd one is the lane with its low half cleared). */
+static inline LLAMA_AVX2 __m256 dot_pairs_avx2(__m256 acc, __m256i w, __m256i x) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)),
+                          acc);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w, high)),
+                           _mm256_castsi256_ps(_mm256_and_si256(x, high)), acc);
+}
+
+/* The first n (1 to 8) lanes of v to p. */
+static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
+    if (n == 8)
+        _mm256_storeu_ps(p, v);
     else
-        for (int i = 0; i < nt; i++) i4_tiles_avx512(w, tile + i, 1, rows, groups, group, xb, xsb, yb, prefetch);
-    return;
+        _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                            v);
+}
+
+#define LLAMA_ISA avx2
+#define LLAMA_TARGET LLAMA_AVX2
+#define LLAMA_LANES 8
+#define LLAMA_I4_TILES 4
+#define vec __m256
+#define veci __m256i
+#define vec_zero() _mm256_setzero_ps()
+#define vec_set1(f) _mm256_set1_ps(f)
+#define vec_load(p) _mm256_loadu_ps(p)
+#define vec_store(p, v) _mm256_storeu_ps(p, v)
+#define vec_store_first(p, v, n) store_first_avx2(p, v, n)
+#define vec_fmadd(a, b, c) _mm256_fmadd_ps(a, b, c) /* a b + c */
+#define vec_add(a, b) _mm256_add_ps(a, b)
+#define vec_sum(v) sum_avx2(v) /* of the lanes */
+#define vec_load_i8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define vec_load_bf16(p) /* a bf16 is the high half of its float */                                   \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define vec_load_f16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+/* bf16 products: 16 bf16 as 8 lanes of two */
+#define vec_load_pairs(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vec_dot_pairs(acc, w, x) dot_pairs_avx2(acc, w, x)
+/* int4: 8 bytes, one a lane, each holding two 4-bit values; their floats */
+#define vec_load_u8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define vec_i4_constants() const __m256i low4 = _mm256_set1_epi32(15)
+#define vec_low_nibbles(q) _mm256_cvtepi32_ps(_mm256_and_si256(q, low4))
+#define vec_high_nibbles(q) _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4))
+#include "native_kernels.h"
+#undef LLAMA_ISA
+#undef LLAMA_TARGET
+#undef LLAMA_LANES
+#undef LLAMA_I4_TILES
+#undef vec
+#undef veci
+#undef vec_zero
+#undef vec_set1
+#undef vec_load
+#undef vec_store
+#undef vec_store_first
+#undef vec_fmadd
+#undef vec_add
+#undef vec_sum
+#undef vec_load_i8
+#undef vec_load_bf16
+#undef vec_load_f16
+#undef vec_load_pairs
+#undef vec_dot_pairs
+#undef vec_load_u8
+#undef vec_i4_constants
+#undef vec_low_nibbles
+#undef vec_high_nibbles
+
+/* AVX-512 (F, BW, DQ, VL: every AVX-512 CPU since Skylake-SP): 16 floats a vector. Scheduled for
+   Sapphire Rapids, as -march=native built them there before: that tuning breaks vpermps's false
+   dependency on its destination (a zeroing vxorps) on Golden Cove cores, which the int4 loop
+   needs; on other cores a zeroing idiom costs nothing. Compiled twice: avx512bf16 differs in its
+   bf16 products only, which take _mm512_dpbf16_ps (AVX512-BF16) on the same pairs. */
+#define LLAMA_AVX512_ISA "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,tune=sapphirerapids"
+#define LLAMA_AVX512 __attribute__((target(LLAMA_AVX512_ISA)))
+
+/* As dot_pairs_avx2. */
+static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512i x) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)),
+                          acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, high)),
+                           _mm512_castsi512_ps(_mm512_and_si512(x, high)), acc);
+}
+
+#define LLAMA_LANES 16
+#define LLAMA_I4_TILES 4
+#define vec __m512
+#define veci __m512i
+#define vec_zero() _mm512_setzero_ps()
+#define vec_set1(f) _mm512_set1_ps(f)
+#define vec_load(p) _mm512_loadu_ps(p)
+#define vec_store(p, v) _mm512_storeu_ps(p, v)
+#define vec_store_first(p, v, n) _mm512_mask_storeu_ps(p, (__mmask16)((1u << (n)) - 1u), v)
+#define vec_fmadd(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vec_add(a, b) _mm512_add_ps(a, b)
+#define vec_sum(v) _mm512_reduce_add_ps(v)
+#define vec_load_i8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define vec_load_bf16(p)                                                                                \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define vec_load_f16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define vec_load_pairs(p) _mm512_loadu_si512(p)
+/* int4: 16 bytes; a nibble becomes its float by a table lookup (vpermps reads the low four bits
+   of its index, so the low nibble needs no mask) */
+#define vec_load_u8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define vec_i4_constants() const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#define vec_low_nibbles(q) _mm512_permutexvar_ps(q, table)
+#define vec_high_nibbles(q) _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table)
+
+#define LLAMA_ISA avx512
+#define LLAMA_TARGET LLAMA_AVX512
+#define vec_dot_pairs(acc, w, x) dot_pairs_avx512(acc, w, x)
+#include "native_kernels.h"
+#undef LLAMA_ISA
+#undef LLAMA_TARGET
+#undef vec_dot_pairs
+
+#define LLAMA_ISA avx512bf16
+#define LLAMA_TARGET __attribute__((target(LLAMA_AVX512_ISA ",avx512bf16")))
+#define vec_dot_pairs(acc, w, x) _mm512_dpbf16_ps(acc, (__m512bh)(w), (__m512bh)(x))
+#include "native_kernels.h"
+
+/* What this CPU (and its operating system, which must save the wider registers) can run. */
+static int cpu_runs_avx2(void) {
+    unsigned a, b, c, d;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __get_cpuid(1, &a, &b, &c, &d) &&
+           (c & bit_F16C);
+}
+
+static int cpu_runs_avx512(void) {
+    return cpu_runs_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+static int cpu_runs_avx512bf16(void) { return cpu_runs_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #endif
-    const int64_t record = LLAMA_I4_RECORD(group), tile_bytes = groups * record, pairs = group / 2;
-    (void)prefetch;
-    for (int i = 0; i < nt; i++) {
-        const uint8_t *t = w + (tile + i) * tile_bytes;
-        float acc[16] = {0};
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *r = t + g * record;
-            const uint16_t *scale = (const uint16_t *)(r + 8 * group), *offset = scale + 16;
-            const float *xg = xb + g * group;
-            for (int j = 0; j < 16; j++) {
-                float s = 0.f;
-                for (int64_t p = 0; p < pairs; p++) {
-                    uint8_t q = r[16 * p + j];
-                    s += (float)(q & 15) * xg[2 * p] + (float)(q >> 4) * xg[2 * p + 1];
-                }
-                acc[j] += half_to_float(scale[j]) * s + half_to_float(offset[j]) * xsb[g];
-            }
-        }
-        for (int j = 0; j < 16 && (tile + i) * 16 + j < rows; j++) yb[(tile + i) * 16 + j] = acc[j];
-    }
-}
 
-static void matvec_i4(const float *x, const uint8_t *w, float *y, int64_t batch, int64_t rows, int64_t cols,
-                      int64_t group, float *work) {
-    const int64_t groups = cols / group, tiles = (rows + 15) / 16, blocks = tiles / 4;
-    float *xs = work;
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) s += x[b * cols + k];
-            xs[b * groups + g] = s;
-        }
-#pragma omp parallel
-    {
-#pragma omp for schedule(static) nowait
-        for (int64_t blk = 0; blk < blocks; blk++)
-            for (int64_t b = 0; b < batch; b++)
-                i4_tiles(w, 4 * blk, 4, rows, groups, group, x + b * cols, xs + b * groups, y + b * rows, b == 0);
-#pragma omp for schedule(static)
-        for (int64_t t = 4 * blocks; t < tiles; t++)
-            for (int64_t b = 0; b < batch; b++)
-                i4_tiles(w, t, 1, rows, groups, group, x + b * cols, xs + b * groups, y + b * rows, b == 0);
-    }
-}
+static int cpu_runs_anything(void) { return 1; }
 
-/* bf16 weights and inputs (x holds values already rounded to bf16), fp32 sums, as F.linear in bf16.
-   `work` takes x as bf16. */
-static void matvec_bf16(const float *x, const uint16_t *w, float *y, int64_t batch, int64_t rows, int64_t cols,
-                        float *work) {
-    uint16_t *xb16 = (uint16_t *)work;
-    for (int64_t i = 0; i < batch * cols; i++) xb16[i] = float_to_bf16(x[i]);
-    int64_t blocks = (rows + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        int64_t n = 4 * blk;
-        for (int64_t b = 0; b < batch; b++) {
-            const uint16_t *xb = xb16 + b * cols;
-            float *yb = y + b * rows;
-#if defined(__AVX512BF16__)
-            if (n + 4 <= rows && cols % 32 == 0) {
-                const uint16_t *r0 = w + n * cols, *r1 = r0 + cols, *r2 = r1 + cols, *r3 = r2 + cols;
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t k = 0; k < cols; k += 32) {
-                    if (b == 0) LLAMA_PREFETCH_ROWS(r3 + cols + k, cols * 2, 4);
-                    __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
-                    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r0 + k), xv);
-                    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r1 + k), xv);
-                    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r2 + k), xv);
-                    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r3 + k), xv);
-                }
-                yb[n] = _mm512_reduce_add_ps(a0);
-                yb[n + 1] = _mm512_reduce_add_ps(a1);
-                yb[n + 2] = _mm512_reduce_add_ps(a2);
-                yb[n + 3] = _mm512_reduce_add_ps(a3);
-                continue;
-            }
+typedef struct {
+    const char *name;
+    int (*runs_here)(void);
+    void (*matvec)(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work);
+    void (*attend)(const float *q, const void *keys, const void *values, int64_t n, int64_t hd, float scale,
+                   int64_t bf16, float *s, float *out);
+} llama_kernels;
+
+/* Fastest first. */
+static const llama_kernels variants[] = {
+#ifdef LLAMA_X86
+    {"avx512bf16", cpu_runs_avx512bf16, matvec_avx512bf16, attend_avx512bf16},
+    {"avx512", cpu_runs_avx512, matvec_avx512, attend_avx512},
+    {"avx2", cpu_runs_avx2, matvec_avx2, attend_avx2},
 #endif
-            for (int64_t r = n; r < n + 4 && r < rows; r++) {
-                const uint16_t *row = w + r * cols;
-                float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t k = 0; k < cols; k++) s += bf16_to_float(row[k]) * bf16_to_float(xb[k]);
-                yb[r] = s;
-            }
-        }
+    {"portable", cpu_runs_anything, matvec_portable, attend_portable},
+};
+enum { n_variants = sizeof(variants) / sizeof(variants[0]) };
+
+static const llama_kernels *best_variant(void) {
+    for (int i = 0; i < n_variants; i++)
+        if (variants[i].runs_here()) return &variants[i];
+    return &variants[n_variants - 1];
+}
+
+/* The variant that runs: the fastest this CPU can, until llama_native_use picks another. */
+static const llama_kernels *kernels;
+static char variant_names[64];
+
+__attribute__((constructor)) static void choose_kernels(void) {
+    kernels = best_variant();
+    for (int i = 0; i < n_variants; i++) {
+        if (i) strcat(variant_names, ",");
+        strcat(variant_names, variants[i].name);
     }
 }
 
-/* y[b, :] = W x[b, :] for each of `batch` rows; `work`: llama_matmul_scratch_floats(batch, cols). */
+/* The names of the variants compiled in, fastest first, comma-separated. */
+const char *llama_native_variants(void) { return variant_names; }
+
+const char *llama_native_variant(void) { return kernels->name; }
+
+const char *llama_native_best_variant(void) { return best_variant()->name; }
+
+/* 1 where this CPU can run the variant `name`, 0 where it cannot, -1 for a name not compiled in. */
+int64_t llama_native_can_run(const char *name) {
+    for (int i = 0; i < n_variants; i++)
+        if (strcmp(variants[i].name, name) == 0) return variants[i].runs_here();
+    return -1;
+}
+
+/* Runs the variant `name` from now on where this CPU can run it; returns llama_native_can_run(name)
+   (nothing changes unless it is 1). Not while a step runs. */
+int64_t llama_native_use(const char *name) {
+    int64_t can = llama_native_can_run(name);
+    for (int i = 0; i < n_variants && can == 1; i++)
+        if (strcmp(variants[i].name, name) == 0) kernels = &variants[i];
+    return can;
+}
+
 static void matvec(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work) {
-    switch (m->kind) {
-    case LLAMA_INT8: matvec_i8(x, (const int8_t *)m->w, m->scale, y, batch, m->rows, m->cols); break;
-    case LLAMA_INT4: matvec_i4(x, (const uint8_t *)m->w, y, batch, m->rows, m->cols, m->group, work); break;
-    case LLAMA_BF16: matvec_bf16(x, (const uint16_t *)m->w, y, batch, m->rows, m->cols, work); break;
-    default: matvec_f32(x, (const float *)m->w, y, batch, m->rows, m->cols);
-    }
+    kernels->matvec(m, x, y, batch, work);
 }
 
 /* For the eager forward (prompts) of a matrix the C step reads: y [batch, rows] = x [batch, cols] W^T. */
@@ -438,7 +436,7 @@ int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t b
     float *work = scores + batch * nh * seq;
     const float *cos = m->rope + pos * hd, *signed_sin = m->rope + (m->rope_rows + pos) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    const int64_t n_rep = nh / nkv;
+    const int64_t n_rep = nh / nkv, esize = bf16 ? 2 : 4; /* bytes of a cached value */
 
     for (int64_t b = 0; b < batch; b++)
         for (int64_t i = 0; i < dim; i++) x[b * dim + i] = load_at(bf16, m->tok_embeddings, tokens[b] * dim + i);
@@ -469,37 +467,9 @@ int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t b
             const float *q = qkv + b * qkvw + h * hd;
             const int64_t base = (b * nkv + kvh) * seq * hd;
             float *s = scores + bh * seq, *out = att + b * qw + h * hd;
-            float top = -INFINITY;
-            for (int64_t t = 0; t <= pos; t++) {
-                if (bf16) {
-                    const uint16_t *kt = (const uint16_t *)m->cache_k[l] + base + t * hd;
-                    float d = 0.f;
-#pragma omp simd reduction(+ : d)
-                    for (int64_t i = 0; i < hd; i++) d += q[i] * bf16_to_float(kt[i]);
-                    s[t] = d * scale;
-                } else {
-                    s[t] = dot(q, (const float *)m->cache_k[l] + base + t * hd, hd) * scale;
-                }
-                if (s[t] > top) top = s[t];
-            }
-            float total = 0.f;
-            for (int64_t t = 0; t <= pos; t++) {
-                s[t] = expf(s[t] - top);
-                total += s[t];
-            }
-            for (int64_t i = 0; i < hd; i++) out[i] = 0.f;
-            for (int64_t t = 0; t <= pos; t++) {
-                const float p = s[t] / total;
-                if (bf16) {
-                    const uint16_t *vt = (const uint16_t *)m->cache_v[l] + base + t * hd;
-#pragma omp simd
-                    for (int64_t i = 0; i < hd; i++) out[i] += p * bf16_to_float(vt[i]);
-                } else {
-                    const float *vt = (const float *)m->cache_v[l] + base + t * hd;
-#pragma omp simd
-                    for (int64_t i = 0; i < hd; i++) out[i] += p * vt[i];
-                }
-            }
+            const char *keys = (const char *)m->cache_k[l] + base * esize;
+            const char *values = (const char *)m->cache_v[l] + base * esize;
+            kernels->attend(q, keys, values, pos + 1, hd, scale, bf16, s, out);
             round_all(bf16, out, hd);
         }
         matvec(&m->wo[l], att, tmp, batch, work);

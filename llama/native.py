@@ -8,6 +8,12 @@ there, `Llama.build` on the CPU in fp32 lays the weights out for it (Meta's
 rank through `llama_decode_step`; prompts and everything else run the
 eager forward on the same weights. Where it is not, fp32 runs torch's kernels
 ("transposed" layout) and one line says why. `LLAMA_NATIVE=0` turns it off.
+
+The library holds the products for several instruction sets (on x86-64:
+avx512bf16, avx512, avx2, portable) and runs the fastest the CPU can;
+`LLAMA_NATIVE_ISA=<name>` picks another (`variant()` names the one that runs).
+A name the CPU cannot run, or an unknown one, is refused with one line on
+stderr, and the fastest runs instead.
 """
 
 import ctypes
@@ -19,13 +25,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-ABI = 5  # LLAMA_NATIVE_ABI in native.c
+ABI = 6  # LLAMA_NATIVE_ABI in native.c
+ISA_VARIABLE = "LLAMA_NATIVE_ISA"
 FP32, INT8, INT4, BF16 = 0, 1, 2, 3  # llama_matrix kinds
 DTYPES = (torch.float32, torch.bfloat16)  # of a model's activations the step runs
 
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None  # why the library is not used, once known
 _noticed = False
+_variant_notice: Optional[str] = None  # said once where the kernels that run are not the CPU's fastest
 
 
 class _Matrix(ctypes.Structure):
@@ -93,8 +101,62 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.llama_decode_step.argtypes = [
         ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
     ]
+    for name in ("llama_native_variants", "llama_native_variant", "llama_native_best_variant"):
+        getattr(lib, name).restype = ctypes.c_char_p
+    for name in ("llama_native_can_run", "llama_native_use"):
+        getattr(lib, name).restype = ctypes.c_int64
+        getattr(lib, name).argtypes = [ctypes.c_char_p]
+    _choose_variant(lib)
     _lib = lib
     return lib
+
+
+def _choose_variant(lib: ctypes.CDLL) -> None:
+    """Run the variant LLAMA_NATIVE_ISA names where the CPU can, else the fastest; keep the line
+    to say (`notice_variant`) where that is not the CPU's fastest, or the name was refused."""
+    global _variant_notice
+    best = lib.llama_native_best_variant().decode()
+    wanted = os.environ.get(ISA_VARIABLE, "")
+    can = lib.llama_native_use((wanted or best).encode())
+    if not wanted or wanted == best:
+        _variant_notice = None
+    elif can == 1:
+        _variant_notice = (f"llama: the C step runs its {wanted} kernels ({ISA_VARIABLE}={wanted}); "
+                           f"this CPU's fastest are {best}")
+    else:
+        lib.llama_native_use(best.encode())
+        why = ("this CPU cannot run them" if can == 0 else
+               f"there are none of that name (there are {lib.llama_native_variants().decode()})")
+        _variant_notice = f"llama: {ISA_VARIABLE}={wanted} is refused: {why}; the C step runs its {best} kernels"
+
+
+def variant() -> Optional[str]:
+    """The name of the kernels the C step runs (None where it is not available)."""
+    lib = _load()
+    return lib.llama_native_variant().decode() if lib is not None else None
+
+
+def variants() -> List[str]:
+    """The kernel variants this CPU can run, fastest first (empty where the C step is not available)."""
+    lib = _load()
+    if lib is None:
+        return []
+    names = lib.llama_native_variants().decode().split(",")
+    return [name for name in names if lib.llama_native_can_run(name.encode()) == 1]
+
+
+def notice_variant() -> None:
+    """One line on stderr, once per process (first rank only), where the kernels that run are not the
+    CPU's fastest (LLAMA_NATIVE_ISA) or the variable named kernels that cannot run."""
+    global _variant_notice
+    _load()
+    if _variant_notice is None:
+        return
+    from llama import distributed
+
+    if distributed.is_first_rank():
+        print(_variant_notice, file=sys.stderr)
+    _variant_notice = None
 
 
 def available() -> bool:
@@ -210,6 +272,7 @@ def matmul(kernel, x: torch.Tensor) -> torch.Tensor:
     parts = _quantized_parts(kernel)
     if parts is None:
         raise RuntimeError(f"the native product cannot read a {type(kernel).__name__}")
+    notice_variant()
     return torch.ops.llama.native_matmul(x, *parts, kernel.out_features)
 
 
@@ -252,6 +315,7 @@ class DecodeStep:
                              "layout or quantized int8 / int4, or bf16 in the native layout")
         self.model = model
         self._lib = _load()
+        notice_variant()
         self._bound_to = None
         self._scratch: Dict[int, torch.Tensor] = {}
 

@@ -1,6 +1,9 @@
 """The one-token decoding step in C (llama/native.c): the eager forward's
-numbers, the same KV cache, and a fallback that says why."""
+numbers, the same KV cache, and a fallback that says why; each kernel variant
+this CPU can run (avx512bf16, avx512, avx2, portable), chosen as
+LLAMA_NATIVE_ISA chooses it."""
 
+import json
 import subprocess
 import sys
 
@@ -10,11 +13,29 @@ import torch
 from conftest import REPO, subprocess_env
 from llama import Llama, checkpoint, kernels, native
 from llama.model import ModelArgs, Transformer
-from llama.tiny import random_weights
+from llama.tiny import make_tiny_checkpoint, random_weights
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
 # (test_fast_layout.py fails, naming the reason, where the library is missing:
 # this file only checks the library that is there.)
+
+VARIANTS = native.variants()  # the kernels this CPU can run, fastest first
+
+
+@pytest.fixture
+def use_kernels(monkeypatch):
+    """use_kernels(name): the C step runs variant `name` from then on, as LLAMA_NATIVE_ISA=name
+    chooses it when the library loads; the choice of the environment comes back afterwards."""
+
+    def use(name: str) -> None:
+        monkeypatch.setenv(native.ISA_VARIABLE, name)
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setattr(native, "_reason", None)
+        assert native.variant() == name
+
+    yield use
+    monkeypatch.undo()
+    native._choose_variant(native._load())  # one library a process: its choice is global
 
 
 def native_model(**shape) -> Transformer:
@@ -38,9 +59,11 @@ SHAPES = {
 }
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bsz", [1, 3])
-def test_native_step_gives_the_eager_logits_and_cache(shape, bsz):
+def test_native_step_gives_the_eager_logits_and_cache(shape, bsz, variant, use_kernels):
+    use_kernels(variant)
     model = native_model(**SHAPES[shape], max_seq_len=16, max_batch_size=4)
     step = native.DecodeStep(model)
     tokens = torch.randint(0, SHAPES[shape]["vocab_size"], (bsz, 9), generator=torch.Generator().manual_seed(1))
@@ -113,13 +136,15 @@ def test_without_the_library_fp32_falls_back_to_torch_and_says_so_once(tiny_ckpt
     assert str(generator.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0]) in proc.stdout
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_native_int4_product_is_the_dequantized_product(group, rows):
+def test_native_int4_product_is_the_dequantized_product(group, rows, variant, use_kernels):
     from llama.kernels import NativeInt4Linear
 
+    use_kernels(variant)
     gen = torch.Generator().manual_seed(group + rows)
-    out_features, in_features = 24, 128
+    out_features, in_features = 24, 128  # a tile and a half: the last one's rows 24 .. 31 are padding
     q = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
     scale = torch.rand(out_features, in_features // group, generator=gen) * 0.1 + 0.01
     zero = torch.randn(out_features, in_features // group, generator=gen) * 0.1
@@ -136,8 +161,10 @@ def test_native_int4_product_is_the_dequantized_product(group, rows):
     assert ((weight - exact).abs() <= bound * 1.01).all()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_models_run_the_native_step_in_fp32(tiny_ckpt, mode):
+def test_quantized_models_run_the_native_step_in_fp32(tiny_ckpt, mode, variant, use_kernels):
+    use_kernels(variant)
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3,
                             quantize=mode)
     model = generator.model
@@ -155,9 +182,11 @@ def test_quantized_models_run_the_native_step_in_fp32(tiny_ckpt, mode):
     assert generator.generate([[1, 100, 200], [1, 5]], max_gen_len=12, temperature=0)[0] == ours
 
 
-def test_int8_prompts_run_the_c_product_with_fp32_activations(monkeypatch):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_prompts_run_the_c_product_with_fp32_activations(monkeypatch, variant, use_kernels):
     from llama.kernels import Int8Linear
 
+    use_kernels(variant)
     gen = torch.Generator().manual_seed(4)
     q = torch.randint(-127, 128, (20, 48), generator=gen, dtype=torch.int8)
     scale = torch.rand(20, generator=gen) * 0.01
@@ -172,7 +201,9 @@ def test_int8_prompts_run_the_c_product_with_fp32_activations(monkeypatch):
     assert len(calls) == 1  # not torch._weight_int8pack_mm, ~6x slower with fp32 inputs
 
 
-def test_bf16_model_runs_the_native_step_within_bf16_rounding(tiny_ckpt):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_model_runs_the_native_step_within_bf16_rounding(tiny_ckpt, variant, use_kernels):
+    use_kernels(variant)
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3,
                             dtype=torch.bfloat16)
     model = generator.model
@@ -206,38 +237,103 @@ def test_a_missing_library_is_named_in_the_reason(monkeypatch):
     assert kernels.choose_layout(torch.device("cpu"), torch.float32) == "transposed"
 
 
-def build_portable_library(out) -> None:
-    """native.c compiled without -march=native (on x86-64, for the baseline x86-64: no AVX-512), so
-    the plain C loops that machines without AVX-512 run are checked on this one too."""
+MODES = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"}}
+
+
+def decode(ckpt, options):
+    """Logits of a two-row prompt (eager; int8 and int4 products in C) and of three C steps after it."""
+    generator = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=2, **options)
+    assert isinstance(generator._native_step, native.DecodeStep)
+    tokens = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        out = [generator.model.forward(tokens[:, :5], 0)[:, -1]]
+        out += [generator._native_step(tokens[:, p : p + 1], p)[:, -1] for p in range(5, 8)]
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_variant_computes_what_the_fastest_does(tiny_ckpt, use_kernels, mode):
+    # The same sums in another order (bf16: rounded to bf16 at the same places, within a few bf16 steps).
+    if len(VARIANTS) < 2:
+        pytest.skip(f"this CPU runs one variant of the kernels only ({VARIANTS})")
+    fastest = decode(tiny_ckpt, MODES[mode])
+    for variant in VARIANTS[1:]:
+        use_kernels(variant)
+        torch.testing.assert_close(decode(tiny_ckpt, MODES[mode]), fastest, atol=0.1 if mode == "bf16" else 1e-4,
+                                   rtol=0, msg=lambda text: f"{variant} against {VARIANTS[0]}: {text}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_decodes_the_golden_tokens(tiny_tokenizer, tiny_ckpt, tmp_path, use_kernels, variant):
+    # tests/golden: the reference code's greedy tokens (and logprobs within 1e-5) on two shapes, and
+    # test_generation.py's greedy tokens of the tiny checkpoint.
+    from test_decoding_golden import SHAPES as GOLDEN_SHAPES
+    from test_decoding_golden import assert_matches_golden, build, run_cases
+    from test_generation import GOLDEN, GOLDEN_GEN_LEN, GOLDEN_PROMPTS
+
+    use_kernels(variant)
+    for shape, kwargs in GOLDEN_SHAPES.items():
+        generator = build(make_tiny_checkpoint(tmp_path / shape, tokenizer=tiny_tokenizer, **kwargs))
+        assert generator._native_step is not None
+        assert_matches_golden(shape, run_cases(generator))
+    generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=8)
+    tokens, _ = generator.generate(GOLDEN_PROMPTS, max_gen_len=GOLDEN_GEN_LEN, temperature=0)
+    assert tokens == json.loads(GOLDEN.read_text())["tokens"]
+
+
+def run_with_kernels(ckpt, name: str):
+    """A process that builds the tiny model twice with LLAMA_NATIVE_ISA=name and decodes: (its lines
+    on stderr that start with "llama:", the variant that ran, the greedy tokens)."""
+    probe = (
+        "import json\n"
+        "from llama import Llama, native\n"
+        f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
+        f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
+        "tokens = g.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0]\n"
+        "print(json.dumps([native.variant(), tokens]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env({native.ISA_VARIABLE: name}),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ran, tokens = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [line for line in proc.stderr.splitlines() if line.startswith("llama:")], ran, tokens
+
+
+def test_kernels_other_than_the_fastest_are_said_once(tiny_ckpt):
+    if len(VARIANTS) < 2:
+        pytest.skip(f"this CPU runs one variant of the kernels only ({VARIANTS})")
+    lines, ran, tokens = run_with_kernels(tiny_ckpt, VARIANTS[-1])
+    assert lines == [f"llama: the C step runs its {VARIANTS[-1]} kernels (LLAMA_NATIVE_ISA={VARIANTS[-1]}); "
+                     f"this CPU's fastest are {VARIANTS[0]}"]
+    assert ran == VARIANTS[-1]
+    assert run_with_kernels(tiny_ckpt, VARIANTS[0]) == ([], VARIANTS[0], tokens)  # the fastest: nothing said
+
+
+def test_kernels_the_cpu_cannot_run_are_refused_and_the_fastest_run(tiny_ckpt):
+    compiled = native._load().llama_native_variants().decode().split(",")
+    beyond = [name for name in compiled if name not in VARIANTS]
+    if not beyond:
+        pytest.skip(f"this CPU runs every variant compiled in ({compiled})")
+    lines, ran, _ = run_with_kernels(tiny_ckpt, beyond[0])
+    assert lines == [f"llama: LLAMA_NATIVE_ISA={beyond[0]} is refused: this CPU cannot run them; "
+                     f"the C step runs its {VARIANTS[0]} kernels"]
+    assert ran == VARIANTS[0]
+    lines, ran, _ = run_with_kernels(tiny_ckpt, "sse9")
+    assert lines == [f"llama: LLAMA_NATIVE_ISA=sse9 is refused: there are none of that name (there are "
+                     f"{','.join(compiled)}); the C step runs its {VARIANTS[0]} kernels"]
+    assert ran == VARIANTS[0]
+
+
+def test_one_build_holds_every_variant_and_no_march_flag():
+    # setup.py compiles for the architecture's baseline: the instructions of each variant come from
+    # its functions' target attributes, so that the library runs on every CPU of the architecture.
+    import ast
     import platform
-    import shutil
 
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert compiler, "no C compiler, yet the library was compiled"
-    flags = ["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else []
-    subprocess.run([compiler, "-O2", "-std=c11", "-fopenmp", "-fPIC", "-shared", *flags,
-                    str(REPO / "llama" / "native.c"), "-o", str(out)], check=True)
-
-
-@pytest.mark.parametrize("options", [{}, {"dtype": torch.bfloat16}, {"quantize": "int8"},
-                                     {"quantize": "int4"}], ids=["fp32", "bf16", "int8", "int4"])
-def test_the_portable_loops_compute_what_the_vector_ones_do(tiny_ckpt, tmp_path, monkeypatch, options):
-    def steps():
-        generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32,
-                                max_batch_size=2, **options)
-        assert isinstance(generator._native_step, native.DecodeStep)
-        tokens = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(7))
-        with torch.inference_mode():
-            out = [generator.model.forward(tokens[:, :5], 0)[:, -1]]  # prompts: int8 and int4 in C too
-            out += [generator._native_step(tokens[:, p : p + 1], p)[:, -1] for p in range(5, 8)]
-        return torch.stack(out).float()
-
-    vector = steps()
-    portable = tmp_path / "_native_portable.so"
-    build_portable_library(portable)
-    monkeypatch.setattr(native, "library_path", lambda: portable)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_reason", None)
-    assert native._load()._name == str(portable)
-    # The same sums in another order (bf16: rounded to bf16 at the same places, within a few bf16 steps)
-    torch.testing.assert_close(steps(), vector, atol=0.1 if options.get("dtype") else 1e-4, rtol=0)
+    flags = [ast.literal_eval(node.value) for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+             if isinstance(node, ast.keyword) and node.arg == "extra_compile_args"]
+    assert flags and not any(flag.startswith(("-march", "-mavx", "-mtune")) for flag in flags[0])
+    compiled = native._load().llama_native_variants().decode().split(",")
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    assert compiled == (["avx512bf16", "avx512", "avx2", "portable"] if x86 else ["portable"])
+    assert VARIANTS == [name for name in compiled if name in VARIANTS] and VARIANTS[-1] == "portable"

@@ -1,0 +1,280 @@
+/* The products and the attention of the C step (llama/native.c), written once and compiled once
+   per instruction set: native.c includes this file once for each variant, having defined
+
+     LLAMA_ISA     the variant's name, which KERNEL() appends to every function here
+     LLAMA_TARGET  the function attribute that lets the compiler use the variant's instructions
+     LLAMA_LANES   floats in a vector; 0: no vectors, only the plain C loops
+
+   and, where LLAMA_LANES is not 0, the vector operations named vec_* below (what each does is
+   written where native.c defines them). The plain C loops state the arithmetic; the vector
+   loops compute the same sums in another order. Every function here is static: a variant is
+   reached through its llama_kernels entry in native.c. */
+
+#if LLAMA_LANES
+/* One step of a row's sum: acc += w[k ..] x[k ..] lane by lane, over LLAMA_LANES columns (fp32,
+   int8: the weights made floats), or for bf16 over 2 LLAMA_LANES (a lane holds two columns of
+   the row and of x, an even one and an odd one, and gets both products). */
+static inline __attribute__((always_inline)) LLAMA_TARGET vec KERNEL(step)(int kind, vec acc, const void *row,
+                                                                           const void *x, int64_t k) {
+    switch (kind) {
+    case LLAMA_INT8: return vec_fmadd(vec_load_i8((const int8_t *)row + k), vec_load((const float *)x + k), acc);
+    case LLAMA_BF16:
+        return vec_dot_pairs(acc, vec_load_pairs((const uint16_t *)row + k), vec_load_pairs((const uint16_t *)x + k));
+    default: return vec_fmadd(vec_load((const float *)row + k), vec_load((const float *)x + k), acc);
+    }
+}
+#endif
+
+/* y[b, r] = sum_k x[b, k] w[r, k] (times scale[r] for int8) for the four rows r = n .. n + 3
+   below `rows` and every b < batch; w [rows, cols] of `kind` (a constant once inlined), x fp32
+   or, for bf16, bf16. Each weight row is read once for all b; while b = 0 sums these rows, the
+   next four are asked for (a cache line of each, every line of the block). */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4)(int kind, const void *w,
+                                                                             const float *scale, const void *x,
+                                                                             float *y, int64_t batch, int64_t rows,
+                                                                             int64_t cols, int64_t n) {
+    const int64_t size = kind == LLAMA_FP32 ? 4 : kind == LLAMA_BF16 ? 2 : 1, row_bytes = cols * size;
+    const int bf16 = kind == LLAMA_BF16;
+    const char *r0 = (const char *)w + n * row_bytes;
+    for (int64_t b = 0; b < batch; b++) {
+        const void *xb = (const char *)x + b * cols * (bf16 ? 2 : 4);
+        float *yb = y + b * rows;
+#if LLAMA_LANES
+        const int64_t step = bf16 ? 2 * LLAMA_LANES : LLAMA_LANES;
+        if (n + 4 <= rows && cols % step == 0) {
+            const char *r1 = r0 + row_bytes, *r2 = r1 + row_bytes, *r3 = r2 + row_bytes;
+            vec a0 = vec_zero(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k = 0; k < cols; k += step) {
+                if (b == 0 && k % (64 / size) == 0) LLAMA_PREFETCH_ROWS(r3 + row_bytes + k * size, row_bytes, 4);
+                a0 = KERNEL(step)(kind, a0, r0, xb, k);
+                a1 = KERNEL(step)(kind, a1, r1, xb, k);
+                a2 = KERNEL(step)(kind, a2, r2, xb, k);
+                a3 = KERNEL(step)(kind, a3, r3, xb, k);
+            }
+            if (kind == LLAMA_INT8) {
+                yb[n] = vec_sum(a0) * scale[n];
+                yb[n + 1] = vec_sum(a1) * scale[n + 1];
+                yb[n + 2] = vec_sum(a2) * scale[n + 2];
+                yb[n + 3] = vec_sum(a3) * scale[n + 3];
+            } else {
+                yb[n] = vec_sum(a0);
+                yb[n + 1] = vec_sum(a1);
+                yb[n + 2] = vec_sum(a2);
+                yb[n + 3] = vec_sum(a3);
+            }
+            continue;
+        }
+#endif
+        for (int64_t r = n; r < n + 4 && r < rows; r++) {
+            const char *row = r0 + (r - n) * row_bytes;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t k = 0; k < cols; k++) s += weight_at(kind, row, k) * load_at(bf16, xb, k);
+            yb[r] = kind == LLAMA_INT8 ? s * scale[r] : s;
+        }
+    }
+}
+
+/* The rows split across threads by blocks of four (one function a kind, so that each loop is
+   compiled for its kind). */
+static LLAMA_TARGET void KERNEL(matvec_f32)(const float *x, const float *w, float *y, int64_t batch, int64_t rows,
+                                           int64_t cols) {
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < (rows + 3) / 4; blk++)
+        KERNEL(rows4)(LLAMA_FP32, w, NULL, x, y, batch, rows, cols, 4 * blk);
+}
+
+static LLAMA_TARGET void KERNEL(matvec_i8)(const float *x, const int8_t *w, const float *scale, float *y,
+                                          int64_t batch, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < (rows + 3) / 4; blk++)
+        KERNEL(rows4)(LLAMA_INT8, w, scale, x, y, batch, rows, cols, 4 * blk);
+}
+
+/* bf16 weights and inputs (x holds values already rounded to bf16; `work` takes them as bf16),
+   fp32 sums, as F.linear in bf16. */
+static LLAMA_TARGET void KERNEL(matvec_bf16)(const float *x, const uint16_t *w, float *y, int64_t batch, int64_t rows,
+                                            int64_t cols, float *work) {
+    uint16_t *xb16 = (uint16_t *)work;
+    for (int64_t i = 0; i < batch * cols; i++) xb16[i] = float_to_bf16(x[i]);
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < (rows + 3) / 4; blk++)
+        KERNEL(rows4)(LLAMA_BF16, w, NULL, xb16, y, batch, rows, cols, 4 * blk);
+}
+
+/* int4 in tiles of 16 rows (the layout is described at LLAMA_INT4). Per group:
+   y += scale * sum_k q_k x_k + offset * sum_k x_k, the sums of x taken once per group (xs).
+   The vector loops give each row of a tile its own lane (16 / LLAMA_LANES vectors a tile), so a
+   group's scales and offsets apply to the tile with a multiply-add a vector and no horizontal
+   sums; each input is broadcast once for LLAMA_I4_TILES tiles, which keeps the reads of x low
+   where x is long (w2). Tiles tile .. tile + nt - 1 (nt a constant once inlined: the arrays are
+   then registers) for one row b of x: y[n] for their rows below `rows`. */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_tiles)(const uint8_t *w, int64_t tile,
+                                                                                const int nt, int64_t rows,
+                                                                                int64_t groups, int64_t group,
+                                                                                const float *xb, const float *xsb,
+                                                                                float *yb, int prefetch) {
+    const int64_t record = LLAMA_I4_RECORD(group), tile_bytes = groups * record, pairs = group / 2;
+#if LLAMA_LANES
+    enum { per_tile = 16 / LLAMA_LANES };  /* vectors a tile */
+    vec_i4_constants();
+    vec acc[LLAMA_I4_TILES][per_tile];
+    for (int i = 0; i < nt; i++)
+        for (int h = 0; h < per_tile; h++) acc[i][h] = vec_zero();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *r[LLAMA_I4_TILES];
+        for (int i = 0; i < nt; i++) r[i] = w + (tile + i) * tile_bytes + g * record;
+        if (prefetch)
+            for (int64_t line = 0; line < record; line += 64)
+                for (int i = 0; i < nt; i++) LLAMA_PREFETCH(r[i] + LLAMA_I4_AHEAD * record + line);
+        const float *xg = xb + g * group;
+        vec even[LLAMA_I4_TILES][per_tile], odd[LLAMA_I4_TILES][per_tile];
+        for (int i = 0; i < nt; i++)
+            for (int h = 0; h < per_tile; h++) even[i][h] = odd[i][h] = vec_zero();
+        for (int64_t p = 0; p < pairs; p++) {
+            const vec xe = vec_set1(xg[2 * p]), xo = vec_set1(xg[2 * p + 1]);
+            for (int i = 0; i < nt; i++)
+                for (int h = 0; h < per_tile; h++) {
+                    veci q = vec_load_u8(r[i] + 16 * p + h * LLAMA_LANES);
+                    even[i][h] = vec_fmadd(vec_low_nibbles(q), xe, even[i][h]);
+                    odd[i][h] = vec_fmadd(vec_high_nibbles(q), xo, odd[i][h]);
+                }
+        }
+        const vec sum = vec_set1(xsb[g]);
+        for (int i = 0; i < nt; i++)
+            for (int h = 0; h < per_tile; h++) {
+                const uint16_t *scale = (const uint16_t *)(r[i] + 8 * group) + h * LLAMA_LANES, *offset = scale + 16;
+                acc[i][h] = vec_fmadd(vec_add(even[i][h], odd[i][h]), vec_load_f16(scale), acc[i][h]);
+                acc[i][h] = vec_fmadd(vec_load_f16(offset), sum, acc[i][h]);
+            }
+    }
+    for (int i = 0; i < nt; i++)
+        for (int h = 0; h < per_tile; h++) {
+            int64_t first = (tile + i) * 16 + h * LLAMA_LANES, valid = rows - first;
+            if (h == 0 || valid > 0) vec_store_first(yb + first, acc[i][h], valid < LLAMA_LANES ? valid : LLAMA_LANES);
+        }
+#else
+    (void)prefetch;
+    for (int i = 0; i < nt; i++) {
+        const uint8_t *t = w + (tile + i) * tile_bytes;
+        float acc[16] = {0};
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *r = t + g * record;
+            const uint16_t *scale = (const uint16_t *)(r + 8 * group), *offset = scale + 16;
+            const float *xg = xb + g * group;
+            for (int j = 0; j < 16; j++) {
+                float s = 0.f;
+                for (int64_t p = 0; p < pairs; p++) {
+                    uint8_t q = r[16 * p + j];
+                    s += (float)(q & 15) * xg[2 * p] + (float)(q >> 4) * xg[2 * p + 1];
+                }
+                acc[j] += half_to_float(scale[j]) * s + half_to_float(offset[j]) * xsb[g];
+            }
+        }
+        for (int j = 0; j < 16 && (tile + i) * 16 + j < rows; j++) yb[(tile + i) * 16 + j] = acc[j];
+    }
+#endif
+}
+
+static LLAMA_TARGET void KERNEL(matvec_i4)(const float *x, const uint8_t *w, float *y, int64_t batch, int64_t rows,
+                                          int64_t cols, int64_t group, float *work) {
+    const int64_t groups = cols / group, tiles = (rows + 15) / 16, blocks = tiles / LLAMA_I4_TILES;
+    float *xs = work;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += x[b * cols + k];
+            xs[b * groups + g] = s;
+        }
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t blk = 0; blk < blocks; blk++)
+            for (int64_t b = 0; b < batch; b++)
+                KERNEL(i4_tiles)(w, LLAMA_I4_TILES * blk, LLAMA_I4_TILES, rows, groups, group, x + b * cols,
+                                 xs + b * groups, y + b * rows, b == 0);
+#pragma omp for schedule(static)
+        for (int64_t t = LLAMA_I4_TILES * blocks; t < tiles; t++)
+            for (int64_t b = 0; b < batch; b++)
+                KERNEL(i4_tiles)(w, t, 1, rows, groups, group, x + b * cols, xs + b * groups, y + b * rows, b == 0);
+    }
+}
+
+/* y[b, :] = W x[b, :] for each of `batch` rows; `work`: llama_matmul_scratch_floats(batch, cols). */
+static LLAMA_TARGET void KERNEL(matvec)(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work) {
+    switch (m->kind) {
+    case LLAMA_INT8: KERNEL(matvec_i8)(x, (const int8_t *)m->w, m->scale, y, batch, m->rows, m->cols); break;
+    case LLAMA_INT4: KERNEL(matvec_i4)(x, (const uint8_t *)m->w, y, batch, m->rows, m->cols, m->group, work); break;
+    case LLAMA_BF16: KERNEL(matvec_bf16)(x, (const uint16_t *)m->w, y, batch, m->rows, m->cols, work); break;
+    default: KERNEL(matvec_f32)(x, (const float *)m->w, y, batch, m->rows, m->cols);
+    }
+}
+
+/* q . row over n values, the row fp32 or (bf16) bf16. */
+static inline __attribute__((always_inline)) LLAMA_TARGET float KERNEL(dot)(const float *q, const void *row, int64_t n,
+                                                                            int64_t bf16) {
+    float s = 0.f;
+    int64_t k = 0;
+    const float *f = (const float *)row;
+    const uint16_t *h = (const uint16_t *)row;
+#if LLAMA_LANES
+    vec acc = vec_zero();
+    if (bf16)
+        for (; k + LLAMA_LANES <= n; k += LLAMA_LANES) acc = vec_fmadd(vec_load(q + k), vec_load_bf16(h + k), acc);
+    else
+        for (; k + LLAMA_LANES <= n; k += LLAMA_LANES) acc = vec_fmadd(vec_load(q + k), vec_load(f + k), acc);
+    s = vec_sum(acc);
+#endif
+    if (bf16) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = k; i < n; i++) s += q[i] * bf16_to_float(h[i]);
+    } else {
+        for (; k < n; k++) s += q[k] * f[k];
+    }
+    return s;
+}
+
+/* out += p row over n values, the row fp32 or (bf16) bf16. */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(add_scaled)(float *out, float p, const void *row,
+                                                                                  int64_t n, int64_t bf16) {
+    int64_t i = 0;
+    const float *f = (const float *)row;
+    const uint16_t *h = (const uint16_t *)row;
+#if LLAMA_LANES
+    const vec pv = vec_set1(p);
+    if (bf16)
+        for (; i + LLAMA_LANES <= n; i += LLAMA_LANES)
+            vec_store(out + i, vec_fmadd(pv, vec_load_bf16(h + i), vec_load(out + i)));
+    else
+        for (; i + LLAMA_LANES <= n; i += LLAMA_LANES)
+            vec_store(out + i, vec_fmadd(pv, vec_load(f + i), vec_load(out + i)));
+#endif
+    if (bf16) {
+#pragma omp simd
+        for (int64_t j = i; j < n; j++) out[j] += p * bf16_to_float(h[j]);
+    } else {
+#pragma omp simd
+        for (int64_t j = i; j < n; j++) out[j] += p * f[j];
+    }
+}
+
+/* One head's attention at one position: s[t] = scale q . k_t for the n positions t cached so
+   far, softmax, out = sum_t p_t v_t. keys and values: the head's cache rows [n, head_dim] (from
+   the first position on), fp32 or (bf16) bf16; s: n floats of scratch. */
+static LLAMA_TARGET void KERNEL(attend)(const float *q, const void *keys, const void *values, int64_t n, int64_t hd,
+                                       float scale, int64_t bf16, float *s, float *out) {
+    const int64_t row_bytes = hd * (bf16 ? 2 : 4);
+    float top = -INFINITY;
+    for (int64_t t = 0; t < n; t++) {
+        s[t] = KERNEL(dot)(q, (const char *)keys + t * row_bytes, hd, bf16) * scale;
+        if (s[t] > top) top = s[t];
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t < n; t++) {
+        s[t] = expf(s[t] - top);
+        total += s[t];
+    }
+    for (int64_t i = 0; i < hd; i++) out[i] = 0.f;
+    for (int64_t t = 0; t < n; t++)
+        KERNEL(add_scaled)(out, s[t] / total, (const char *)values + t * row_bytes, hd, bf16);
+}
