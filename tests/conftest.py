@@ -122,6 +122,15 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def rewrite_shard(ckpt: Path, change) -> Path:
+    """Apply `change` to the state dict of `ckpt`'s first shard, in place; returns the shard's path."""
+    path = ckpt / "consolidated.00.pth"
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, interruptible, subprocess_env
+from conftest import REPO, interruptible, rewrite_shard, subprocess_env
 from llama import Llama, checkpoint, convert_hf
 from llama.reshard import reshard
 
@@ -75,14 +75,6 @@ def test_deeply_nested_params_json_is_a_value_error(tmp_path, tiny_ckpt):
 
 
 # -- shard contents (item 9) --------------------------------------------------------------------
-
-
-def rewrite_shard(ckpt: Path, change) -> Path:
-    path = ckpt / "consolidated.00.pth"
-    state = torch.load(path, weights_only=True)
-    change(state)
-    torch.save(state, path)
-    return path
 
 
 @pytest.mark.parametrize(

@@ -22,19 +22,12 @@ from llama import quantize as quantize_cli
 from llama import reshard as reshard_cli
 from llama import tiny as tiny_cli
 from llama.reshard import reshard
+from conftest import rewrite_shard
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def rewrite_shard(ckpt: Path, change) -> Path:
-    path = ckpt / "consolidated.00.pth"
-    state = torch.load(path, weights_only=True)
-    change(state)
-    torch.save(state, path)
-    return path
 
 
 def build(ckpt: Path, **kwargs) -> Llama:
