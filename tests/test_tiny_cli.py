@@ -69,19 +69,23 @@ BAD_FLAGS = {
 }
 
 
+def assert_refused_in_one_line(proc: subprocess.CompletedProcess, out, *needles, start="error: --tokenizer") -> None:
+    """Status 2, one line starting with `start` and holding each needle, no torch imported, nothing written."""
+    lines = shown_lines(proc)
+    assert proc.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(start), lines
+    for needle in needles:
+        assert needle in lines[0]
+    assert "torch" not in imported_modules(proc)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
 def test_bad_shape_is_refused_in_one_line_before_torch(case, tmp_path, tiny_tokenizer):
     flags, wanted = BAD_FLAGS[case]
     flags = [flag.format(tmp=tmp_path, tok=tiny_tokenizer) for flag in flags]
     out = tmp_path / "out"
-    proc = run_tiny(out, *flags)
-    lines = shown_lines(proc)
-    assert proc.returncode == 2, lines
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for text in wanted:
-        assert text in lines[0]
-    assert "torch" not in imported_modules(proc)
-    assert not out.exists()
+    assert_refused_in_one_line(run_tiny(out, *flags), out, *wanted, start="error: ")
 
 
 @pytest.mark.parametrize(
@@ -139,16 +143,6 @@ def test_tiktoken_ranks_range_is_what_the_trainer_makes(tmp_path):
 
 
 # --- tokenizers the loader could not use (issue 19) ---
-
-
-def assert_refused_in_one_line(proc: subprocess.CompletedProcess, out, *needles) -> None:
-    lines = shown_lines(proc)
-    assert proc.returncode == 2, lines
-    assert len(lines) == 1 and lines[0].startswith("error: --tokenizer"), lines
-    for needle in needles:
-        assert needle in lines[0]
-    assert "torch" not in imported_modules(proc)
-    assert not out.exists()
 
 
 def test_a_bpe_file_missing_single_bytes_is_refused_in_one_line(tmp_path):
