@@ -21,13 +21,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <omp.h>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LLAMA_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 6
+#define LLAMA_NATIVE_ABI 7
 
 /* Ask for the next block of rows while this one is summed: without it the compressed products
    waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
@@ -420,11 +422,24 @@ static void rotate(float *v, int64_t heads, int64_t head_dim, const float *cos, 
     }
 }
 
-/* tokens: [batch], one per row, all at position pos. logits: [batch, vocab].
-   Returns 0, or -1 for a token outside the vocabulary, -2 for a batch or
+static int64_t decode_step(const llama_model *m, const int64_t *tokens, int64_t batch, int64_t pos, float *logits,
+                           float *scratch);
+
+/* tokens: [batch], one per row, all at position pos. logits: [batch, vocab]. threads: how many
+   OpenMP threads each product runs on (the calling thread's setting is restored after, so torch's
+   own count is untouched). Returns 0, or -1 for a token outside the vocabulary, -2 for a batch or
    position outside the cache (nothing is computed then). */
 int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t batch, int64_t pos, float *logits,
-                          float *scratch) {
+                          float *scratch, int64_t threads) {
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(threads > 0 ? (int)threads : before);
+    const int64_t status = decode_step(m, tokens, batch, pos, logits, scratch);
+    omp_set_num_threads(before);
+    return status;
+}
+
+static int64_t decode_step(const llama_model *m, const int64_t *tokens, int64_t batch, int64_t pos, float *logits,
+                           float *scratch) {
     const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, hidden = m->hidden;
     const int64_t qw = nh * hd, kvw = nkv * hd, qkvw = qkv_width(m), seq = m->max_seq, bf16 = m->bf16;
     if (batch < 1 || batch > m->max_batch || pos < 0 || pos >= seq || pos >= m->rope_rows) return -2;

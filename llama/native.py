@@ -14,19 +14,28 @@ avx512bf16, avx512, avx2, portable) and runs the fastest the CPU can;
 `LLAMA_NATIVE_ISA=<name>` picks another (`variant()` names the one that runs).
 A name the CPU cannot run, or an unknown one, is refused with one line on
 stderr, and the fastest runs instead.
+
+Each step runs on as many OpenMP threads as torch uses, or fewer while fewer
+measure faster (`ThreadCount`: on a machine whose cores other jobs hold, a
+product's threads wait for a descheduled peer at every barrier).
+`LLAMA_NATIVE_THREADS=<n>` fixes the count.
 """
 
 import ctypes
 import importlib.machinery
 import os
+import statistics
 import sys
+import time
+from collections import deque
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-ABI = 6  # LLAMA_NATIVE_ABI in native.c
+ABI = 7  # LLAMA_NATIVE_ABI in native.c
 ISA_VARIABLE = "LLAMA_NATIVE_ISA"
+THREADS_VARIABLE = "LLAMA_NATIVE_THREADS"
 FP32, INT8, INT4, BF16 = 0, 1, 2, 3  # llama_matrix kinds
 DTYPES = (torch.float32, torch.bfloat16)  # of a model's activations the step runs
 
@@ -100,6 +109,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.llama_decode_step.restype = ctypes.c_int64
     lib.llama_decode_step.argtypes = [
         ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64,
     ]
     for name in ("llama_native_variants", "llama_native_variant", "llama_native_best_variant"):
         getattr(lib, name).restype = ctypes.c_char_p
@@ -298,6 +308,79 @@ def _(x, w, scale, kind, group, rows):
     return x.new_empty(*x.shape[:-1], rows)
 
 
+def fixed_threads() -> Optional[int]:
+    """The thread count LLAMA_NATIVE_THREADS fixes, or None where it is unset (the count adapts)."""
+    text = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not text:
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{THREADS_VARIABLE}={text!r}: expected a whole number of threads, 1 or more")
+    return count
+
+
+class ThreadCount:
+    """How many threads the C step runs on: the most (torch's count) unless fewer measure faster.
+
+    On an idle machine every thread has a core, and more threads are faster (or, for a tiny
+    model, barely slower). When other jobs hold the cores, each product's threads wait at its
+    barrier for a peer the kernel has descheduled, and a step can take a hundred times longer
+    on two threads than on one. So the count is re-chosen from the step times themselves: now
+    and then one step runs on the neighbouring count (half, or double up to the most), and the
+    count moves there when that step was clearly faster than the recent steps at this one.
+
+    A count is first tried after four steps, and again only after the steps since it last ran have taken `patience` times
+    its last step (at most `longest_wait` seconds), so trying a slower count costs at most about
+    1/`patience` of the time; the cost of noticing that the machine has changed is a wait
+    of up to `longest_wait` seconds.
+    """
+
+    def __init__(self, most: int, patience: float = 50.0, longest_wait: float = 5.0, faster: float = 0.8):
+        self.most, self.patience, self.longest_wait, self.faster = most, patience, longest_wait, faster
+        self.current = most
+        self._recent: deque = deque(maxlen=8)  # seconds of the latest steps at `current`
+        self._last: Dict[int, float] = {}  # count -> seconds of its latest step
+        self._since: Dict[int, float] = {}  # count -> seconds of steps run since it last ran
+        self._trying: Optional[int] = None
+
+    def _neighbours(self) -> List[int]:
+        return sorted({max(1, self.current // 2), min(self.most, self.current * 2)} - {self.current})
+
+    def choose(self) -> int:
+        """The count to run the next step on."""
+        if len(self._recent) >= 4:
+            for count in self._neighbours():
+                last = self._last.get(count)  # None: never run, so tried at once
+                if last is None or self._since.get(count, 0.0) >= min(self.patience * last, self.longest_wait):
+                    self._trying = count
+                    return count
+        self._trying = None
+        return self.current
+
+    def record(self, count: int, seconds: float) -> None:
+        """The step that `choose` gave `count` took `seconds`."""
+        for other in self._since:
+            self._since[other] += seconds
+        self._since.setdefault(count, 0.0)
+        self._since[count] = 0.0
+        self._last[count] = seconds
+        if count != self._trying:
+            for other in self._neighbours():
+                self._since.setdefault(other, 0.0)
+            self._recent.append(seconds)
+            return
+        self._trying = None
+        typical = statistics.median(self._recent)
+        if seconds < self.faster * typical:
+            self._last[self.current], self._since[self.current] = typical, 0.0
+            self.current = count
+            self._recent.clear()
+            self._recent.append(seconds)
+
+
 class DecodeStep:
     """`model.forward(tokens, start_pos)` for one token per row (tokens (bsz, 1)), in C.
 
@@ -318,6 +401,8 @@ class DecodeStep:
         notice_variant()
         self._bound_to = None
         self._scratch: Dict[int, torch.Tensor] = {}
+        self._fixed_threads = fixed_threads()
+        self._threads: Optional[ThreadCount] = None
 
     def _bind(self) -> None:
         """Point the C struct at the model's current tensors (again after a reload or a new cache)."""
@@ -375,9 +460,15 @@ class DecodeStep:
             scratch = torch.empty(self._lib.llama_scratch_floats(ctypes.byref(self._model), bsz), dtype=torch.float32)
             self._scratch[bsz] = scratch
         logits = torch.empty(bsz, 1, self._model.vocab, dtype=torch.float32)
+        threads = self._thread_count()
+        count = threads.choose() if threads is not None else self._fixed_threads
+        start = time.perf_counter()
         status = self._lib.llama_decode_step(
-            ctypes.byref(self._model), ids.data_ptr(), bsz, int(start_pos), logits.data_ptr(), scratch.data_ptr()
+            ctypes.byref(self._model), ids.data_ptr(), bsz, int(start_pos), logits.data_ptr(), scratch.data_ptr(),
+            count,
         )
+        if threads is not None:
+            threads.record(count, time.perf_counter() - start)
         if status == -1:
             raise IndexError(f"a token id is outside the vocabulary of {self._model.vocab}: {ids.tolist()}")
         if status != 0:
@@ -386,3 +477,13 @@ class DecodeStep:
                 f"({self._model.max_batch} rows, {self._model.max_seq} positions)"
             )
         return logits
+
+    def _thread_count(self) -> Optional[ThreadCount]:
+        """The chooser of this step's threads; None where LLAMA_NATIVE_THREADS fixes them. A new one
+        when torch's count changes (torch.set_num_threads)."""
+        if self._fixed_threads is not None:
+            return None
+        most = torch.get_num_threads()
+        if self._threads is None or self._threads.most != most:
+            self._threads = ThreadCount(most)
+        return self._threads

@@ -337,3 +337,37 @@ def test_one_build_holds_every_variant_and_no_march_flag():
     x86 = platform.machine() in ("x86_64", "AMD64")
     assert compiled == (["avx512bf16", "avx512", "avx2", "portable"] if x86 else ["portable"])
     assert VARIANTS == [name for name in compiled if name in VARIANTS] and VARIANTS[-1] == "portable"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_step_gives_the_same_logits_on_any_thread_count(shape, monkeypatch):
+    """Each product's rows and each head's attention are split across threads, never a sum:
+    so the count the step runs on (LLAMA_NATIVE_THREADS, or ThreadCount's choice) changes no bit."""
+    model = native_model(**SHAPES[shape], max_seq_len=16, max_batch_size=4)
+    tokens = torch.randint(0, SHAPES[shape]["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv(native.THREADS_VARIABLE, threads)
+        step = native.DecodeStep(model)
+        with torch.inference_mode():
+            model.forward(tokens[:, :5], 0)
+            logits[threads] = step(tokens[:, 5:6], 5)
+    assert torch.equal(logits["1"], logits["2"]) and torch.equal(logits["1"], logits["3"])
+    assert torch.get_num_threads() >= 1  # the step restores the count torch set
+
+
+def test_a_bad_thread_count_in_the_environment_is_named(monkeypatch):
+    model = native_model(**SHAPES["gqa"], max_seq_len=8, max_batch_size=1)
+    for text in ("0", "two", "-1"):
+        monkeypatch.setenv(native.THREADS_VARIABLE, text)
+        with pytest.raises(ValueError, match=f"LLAMA_NATIVE_THREADS={text!r}: expected a whole number"):
+            native.DecodeStep(model)
+
+
+def test_the_step_leaves_torchs_thread_count_as_it_was(monkeypatch):
+    model = native_model(**SHAPES["gqa"], max_seq_len=8, max_batch_size=1)
+    before = torch.get_num_threads()
+    monkeypatch.setenv(native.THREADS_VARIABLE, "1")
+    with torch.inference_mode():
+        native.DecodeStep(model)(torch.tensor([[5]]), 0)
+    assert torch.get_num_threads() == before

@@ -1,0 +1,67 @@
+"""llama.native.ThreadCount: the C step's thread count, chosen from its own step times.
+
+Driven here by step times made up for each count (a machine whose cores are free, then
+taken, then free again), so that what it chooses is exact and fast to check."""
+
+from llama.native import ThreadCount
+
+
+def run(chooser: ThreadCount, seconds_at, steps: int):
+    """`steps` steps whose time on n threads is seconds_at(n); the counts chosen, in order."""
+    counts = []
+    for _ in range(steps):
+        count = chooser.choose()
+        counts.append(count)
+        chooser.record(count, seconds_at(count))
+    return counts
+
+
+IDLE = {1: 0.030, 2: 0.018}.get  # a 100M model: two threads are faster while both cores are free
+BUSY = {1: 0.060, 2: 0.400}.get  # the cores taken: two threads wait for each other at every product
+
+
+def test_on_a_free_machine_it_keeps_every_thread_and_tries_fewer_rarely():
+    chooser = ThreadCount(2)
+    counts = run(chooser, IDLE, 2000)
+    assert chooser.current == 2
+    tried = counts.count(1)
+    # Tried once after four steps, then each time the steps since have taken 50 x its 30 ms.
+    assert 1 <= tried <= 2000 * 0.018 / (50 * 0.030) + 2
+    slower = sum(IDLE(c) for c in counts) / (2000 * IDLE(2))
+    assert slower < 1.02  # what trying costs
+
+
+def test_when_the_cores_are_taken_it_moves_to_one_thread_within_a_few_steps():
+    chooser = ThreadCount(2)
+    run(chooser, IDLE, 100)
+    counts = run(chooser, BUSY, 200)
+    first_one = counts.index(1)
+    assert first_one <= 10 and chooser.current == 1
+    # After the move, two threads are tried again only after 5 s (the longest wait) of steps.
+    assert counts[first_one:].count(2) <= 1 + int(sum(BUSY(c) for c in counts) / 5.0)
+
+
+def test_when_the_cores_are_free_again_it_returns_to_every_thread():
+    chooser = ThreadCount(2)
+    run(chooser, BUSY, 100)
+    assert chooser.current == 1
+    run(chooser, IDLE, int(5.0 / IDLE(1)) + 10)  # the longest wait, and a little more
+    assert chooser.current == 2
+
+
+def test_noise_of_less_than_the_margin_does_not_move_it():
+    chooser = ThreadCount(2)
+    run(chooser, {1: 0.019, 2: 0.020}.get, 5000)  # 5% apart: under the 20% it asks for
+    assert chooser.current == 2
+
+
+def test_more_threads_step_by_halves():
+    chooser = ThreadCount(8)
+    busy = {8: 1.0, 4: 0.05, 2: 0.03, 1: 0.04}.get
+    run(chooser, busy, 400)
+    assert chooser.current == 2  # 8 -> 4 -> 2; one is slower again
+
+
+def test_one_thread_has_nothing_to_try():
+    chooser = ThreadCount(1)
+    assert set(run(chooser, {1: 0.01}.get, 100)) == {1}
