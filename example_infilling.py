@@ -45,7 +45,7 @@ def main(
     temperature: float = 0.0,
     top_p: float = 0.9,
     max_seq_len: int = 192,
-    max_gen_len: int = 128,
+    max_gen_len: Optional[int] = 128,
     max_batch_size: int = 4,
     suffix_first: bool = False,
     quantize: Optional[Literal["int8", "int4"]] = None,
@@ -59,7 +59,7 @@ def main(
         temperature: sampling temperature; 0 is greedy
         top_p: nucleus sampling: sample from the tokens that make up this much probability
         max_seq_len: longest prompt plus generation, in tokens
-        max_gen_len: most tokens generated per snippet
+        max_gen_len: most tokens generated per snippet; none: up to max_seq_len
         max_batch_size: most snippets run at once (this example has 3)
         suffix_first: lay the prompt out suffix-prefix-middle instead of prefix-suffix-middle
         quantize: store the weight matrices as int8 or int4 (docs/compressed-weights.md); none: as loaded

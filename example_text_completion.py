@@ -35,7 +35,7 @@ def main(
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 128,
-    max_gen_len: int = 64,
+    max_gen_len: Optional[int] = 64,
     max_batch_size: int = 4,
     collective_timeout_s: float = 120.0,
     quantize: Optional[Literal["int8", "int4"]] = None,
@@ -49,7 +49,7 @@ def main(
         temperature: sampling temperature; 0 is greedy
         top_p: nucleus sampling: sample from the tokens that make up this much probability
         max_seq_len: longest prompt plus generation, in tokens
-        max_gen_len: most tokens generated per prompt
+        max_gen_len: most tokens generated per prompt; none: up to max_seq_len
         max_batch_size: most prompts run at once (this example has 3)
         collective_timeout_s: under torchrun, how long a rank waits for another before all stop, naming it
         quantize: store the weight matrices as int8 or int4 (docs/compressed-weights.md); none: as loaded

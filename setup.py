@@ -40,7 +40,7 @@ setup(
     python_requires=">=3.9",
     install_requires=requirements(),
     extras_require={
-        "test": ["pytest>=7", "pexpect>=4.8", "transformers>=4.40", "hypothesis>=6", "psutil", "numpy"],
+        "test": ["pytest>=7", "pexpect>=4.8", "transformers>=4.40", "hypothesis>=6", "psutil", "numpy", "fire"],
         # benchmarks/bench.py: the transformers comparison, memory sampling, --plot
         "bench": ["transformers>=4.45", "psutil", "matplotlib"],
     },

@@ -14,17 +14,29 @@ A script describes its flags once, as the keyword parameters of a typed
     if __name__ == "__main__":
         run(main)
 
-`run` builds an argparse parser from the signature (`--ckpt_dir` and
-`--ckpt-dir` both work), parses the whole command line before calling
-`main`, and then calls it. So:
+`run` builds an argparse parser from the signature, parses the whole
+command line before calling `main`, and then calls it. It takes the command
+lines of Meta's `fire.Fire(main)` scripts too:
+
+- values in the order of the parameters, without flags (Meta's
+  `example_text_completion.py llama-2-7b/ tokenizer.model`), mixed with
+  flags as fire allows; the Nth value is always the Nth parameter, so one
+  also given by its flag is refused, naming it;
+- `--name value`, `--name=value`, `-name`, with `-` or `_` in the name
+  (`--max-seq-len`); a `bool` flag alone means true, `--noflag` false.
+
+So:
 
 - an unknown flag fails at once, naming it and the closest known flag;
+  one-letter flags (fire's `-t` for the one parameter starting with t) are
+  refused, as are abbreviations: a parameter added later would change them;
 - `-h`/`--help` lists each flag with its meaning (from the docstring's
   `Args:`), its type and its default;
 - text stays text: `--system None` is the string "None", and `1e3` or
-  `[INST]` reach a `str` parameter as typed. An `Optional[int]` or
-  `Optional[float]` flag takes `none` for None; a `bool` flag is `--flag`
-  or `--flag false`; a `Literal[...]` flag takes one of its values;
+  `[INST]` reach a `str` parameter as typed (fire reads values as Python
+  literals). An `Optional[int]` or `Optional[float]` flag takes `none`
+  (or fire's `None`) for None; a `bool` flag is `--flag`, `--noflag`, or
+  `--flag true|false`; a `Literal[...]` flag takes one of its values;
 - a user error (see `is_user_error`) prints one line, `error: ...`, once
   however many ranks meet it (rank 0's; `error: rank N: ...` for one that only
   rank N met, see `report_error`), and exits with status 1 (2 for a bad command
@@ -33,11 +45,12 @@ A script describes its flags once, as the keyword parameters of a typed
 
 This module imports nothing heavy, so `--help` and a misspelled flag are
 answered in a fraction of a second; `main` imports torch when it runs.
-This is why the scripts do not use `fire`, as Meta's reference does: fire
-reports an unknown flag only after `main` has returned (after loading the
-weights and generating), parses values as Python literals (`--system 1e3`
-becomes a float, `None` becomes None), and takes `-h` for any flag starting
-with h (`--heartbeat_s` in chat.py).
+This is why the scripts do not run `fire` itself, as Meta's reference does:
+fire reports an unknown flag only after `main` has returned (after loading
+the weights and generating), turns `--temperature` alone into True and
+`--flag false` into the (true) string "false", and takes `-h` for any flag
+starting with h (`--heartbeat_s` in chat.py). tests/test_fire_command_lines.py
+runs the same command lines through fire and through this parser.
 """
 
 import argparse
@@ -183,6 +196,10 @@ class ArgumentParser(argparse.ArgumentParser):
         flag = flags[0].split("=", 1)[0]
         if flag in {option for option, _ in self._all_flags()}:  # another subcommand's
             return f"flag {flag} does not apply to this command (its --help lists the flags)"
+        if re.fullmatch(r"-[A-Za-z]", flag):  # fire's shortcut for the one parameter with that initial
+            full = sorted({shown for _, shown in self._all_flags() if shown[2:3].lower() == flag[1].lower()})
+            named = ": " + ", ".join(full) if full else ""
+            return f"unknown flag {flag}; flags are written in full{named} (--help lists the flags)"
         # Compared with - and _ alike; the flag suggested is spelled as --help shows it.
         known = {alias.replace("-", "_"): shown for alias, shown in self._all_flags()}
         close = difflib.get_close_matches(flag.replace("-", "_"), list(known), n=1, cutoff=0.6)
@@ -311,28 +328,118 @@ def _default_text(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def parser_for(main: Callable, prog: Optional[str] = None, description: Optional[str] = None) -> ArgumentParser:
-    """An `ArgumentParser` with one flag per keyword parameter of `main` (positional
-    ones for parameters without a default), described by `main`'s docstring."""
+class SignatureParser(ArgumentParser):
+    """The parser `parser_for` builds: one flag per parameter of a `main`, which also
+    takes the command lines of Meta's `fire.Fire(main)` scripts (the module's docstring).
+
+    Before argparse reads them, fire's spellings of a flag become `--name`, and the
+    values given without a flag become `--name=value` for the parameter in their place.
+    """
+
+    def __init__(self, parameters: List[str], switches: List[str], **kwargs):
+        super().__init__(**kwargs)
+        self.parameters = parameters  # in the signature's order: the order of positional values
+        self.switches = switches  # the bool ones, which also take --noNAME
+
+    def parse_known_args(self, args=None, namespace=None):
+        given = list(sys.argv[1:] if args is None else args)
+        # What follows a "--" is values, even where it starts with - (as for argparse).
+        cut = given.index("--") if "--" in given else len(given)
+        flags, values = self._split([self._canonical(token) for token in given[:cut]])
+        values += given[cut + 1 :]
+        flagged = {self._option_string_actions[token.split("=", 1)[0]].dest
+                   for token in flags if not self._is_value(token)}
+        for position, value in enumerate(values):
+            if position >= len(self.parameters):
+                self.error(f"unexpected argument {value!r} ({self._order()})")
+            name = self.parameters[position]
+            if name in flagged:
+                self.error(f"{name} is given twice: as --{name} and as the value {value!r} in position "
+                           f"{position + 1} ({self._order()})")
+            flags.append(f"--{name}={value}")
+        return super().parse_known_args(flags, namespace)
+
+    def _canonical(self, token: str) -> str:
+        """`token` as argparse knows it, where fire would read it as a parameter's flag:
+        `-name`, `--name` or `--noname` (a bool's), `-` or `_` anywhere in the name."""
+        spelled = re.fullmatch(r"--?([A-Za-z][\w-]*)(=.*)?", token, re.DOTALL)
+        if spelled is None:
+            return token
+        name, value = spelled.group(1).replace("-", "_"), spelled.group(2) or ""
+        if name in self.parameters:
+            return f"--{name}{value}"
+        if not value and name.startswith("no") and name[2:] in self.switches:
+            return f"--{name}"
+        return token
+
+    def _is_value(self, token: str) -> bool:
+        """True where argparse reads `token` as a value, not as a flag: as for argparse,
+        text, a negative number, a `-` with a space (`-x y`)."""
+        return self._parse_optional(token) is None
+
+    def _split(self, tokens: List[str]) -> Tuple[List[str], List[str]]:
+        """(the flags with their values, the values without a flag), as argparse splits
+        them; an unknown flag is an error here, before any value is placed."""
+        flags, values = [], []
+        index = 0
+        while index < len(tokens):
+            token = tokens[index]
+            if self._is_value(token):
+                values.append(token)
+                index += 1
+                continue
+            if token.split("=", 1)[0] not in self._option_string_actions:
+                self.error(self._unknown_message([token]))
+            flags.append(token)
+            action = self._option_string_actions.get(token)  # None for --name=value
+            if action is not None and action.nargs != 0:
+                following = tokens[index + 1] if index + 1 < len(tokens) else None
+                if following is not None and self._is_value(following):
+                    flags.append(following)
+                    index += 1
+                elif action.nargs is None:  # a value is required (a bool's is not)
+                    hint = ""
+                    if following is not None and following.split("=", 1)[0] not in self._option_string_actions:
+                        hint = f" (a value that starts with - is written {token}={following})"
+                    self.error(f"argument {token}: expected one argument{hint}")
+            index += 1
+        return flags, values
+
+    def _order(self) -> str:
+        shown = ", ".join(self.parameters[:3]) + (", ..." if len(self.parameters) > 3 else "")
+        return f"values without a flag are, in order, {shown}"
+
+
+def parser_for(main: Callable, prog: Optional[str] = None, description: Optional[str] = None) -> SignatureParser:
+    """A `SignatureParser` with one flag per parameter of `main` (a required one for a
+    parameter without a default), described by `main`'s docstring."""
     summary, described = _docstring_parts(main.__doc__ or "")
     if description is None:
         description = summary or (sys.modules.get(main.__module__).__doc__ or "").strip()
-    parser = ArgumentParser(prog=prog, description=description)
     hints = typing.get_type_hints(main)
+    flags = []
     for name, param in inspect.signature(main).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"cli: main may not take *{name} or **{name}")
         annotation = hints.get(name, type(param.default) if param.default not in (param.empty, None) else str)
         optional, kind = _is_optional(annotation)
-        convert, metavar = _converter(kind, optional, name)
+        flags.append((name, param.default, kind, *_converter(kind, optional, name)))
+    switches = [name for name, _, kind, _, _ in flags if kind is bool]
+    names = [name for name, *_ in flags]
+    in_order = " ".join(name.upper() for name in names[:2]) + (" ..." if len(names) > 2 else "")
+    epilog = f"Values given without a flag are taken in the order above, as by Meta's scripts:\n  %(prog)s {in_order}"
+    parser = SignatureParser(names, switches, prog=prog, description=description, epilog=epilog if names else None)
+    for name, default, kind, convert, metavar in flags:
         help_text = described.get(name, "").replace("%", "%%")
-        if param.default is param.empty:
-            parser.add_argument(name, type=convert, metavar=name.upper(), help=help_text)
+        if default is inspect.Parameter.empty:
+            parser.add_argument(f"--{name}", type=convert, metavar=metavar, required=True, help=help_text)
             continue
-        # `--compile` alone means true; `--compile false` is also accepted.
+        # `--compile` alone means true; `--compile false` and `--nocompile` are also accepted.
         value = dict(nargs="?", const=True) if kind is bool else {}
-        parser.add_argument(f"--{name}", type=convert, default=param.default, metavar=metavar, help=help_text,
-                            **value)
+        parser.add_argument(f"--{name}", type=convert, default=default, metavar=metavar, help=help_text, **value)
+        if kind is bool:
+            parser.add_argument(f"--no{name}", dest=name, action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -85,16 +85,33 @@ def test_typed_flags_and_defaults():
     assert parse("--compile", "false")["compile"] is False
 
 
+def test_fires_command_lines():
+    # Values without a flag are the parameters in order, as for Meta's fire.Fire(main) scripts;
+    # tests/test_fire_command_lines.py runs the same command lines through fire itself.
+    assert parse("llama-2-7b/", "[INST]", "--seed", "3", "0")["temperature"] == 0.0
+    assert parse("llama-2-7b/", "--seed=3")["ckpt_dir"] == "llama-2-7b/"
+    assert parse("--system", "s", "llama-2-7b/")["ckpt_dir"] == "llama-2-7b/"  # the flag names the second
+    assert parse("--", "-dir-")["ckpt_dir"] == "-dir-"
+    assert parse("-seed", "3", "--max-gen_len=4") == parse("--seed", "3", "--max_gen_len", "4")  # fire's spellings
+    assert parse("--compile", "--nocompile")["compile"] is False
+    assert parse("--compile=True", "--max_gen_len", "None")["compile"] is True
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--temprature", "0"], "unknown flag --temprature; did you mean --temperature?"),
-        (["--max-gen_len", "3"], "unknown flag --max-gen_len; did you mean --max_gen_len?"),
+        (["--max-gen_lenn", "3"], "unknown flag --max-gen_lenn; did you mean --max_gen_len?"),
         (["--temp", "0"], "unknown flag --temp"),  # no abbreviations
+        (["-t", "0"], "unknown flag -t; flags are written in full: --temperature"),  # nor fire's one-letter flags
+        (["--temperature"], "argument --temperature: expected one argument"),  # fire: True
+        (["--notemperature"], "unknown flag --notemperature"),  # fire: False; --noNAME is for a bool
+        (["--system", "-x"], "expected one argument (a value that starts with - is written --system=-x)"),
         (["--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
         (["--max_gen_len", "x"], "expected an integer or none, got 'x'"),
         (["--quantize", "int3"], "expected one of int8, int4 or none, got 'int3'"),
-        (["extra"], "unexpected argument 'extra'"),
+        (["a", "b", "0", "none", "1", "true", "int8", "extra"], "unexpected argument 'extra' (values without a flag"),
+        (["dir", "--ckpt_dir", "other"], "ckpt_dir is given twice: as --ckpt_dir and as the value 'dir' in position 1"),
     ],
 )
 def test_bad_command_lines_fail_in_one_line(argv, message, capsys):

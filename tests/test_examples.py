@@ -42,6 +42,14 @@ def test_text_example_under_torchrun_on_the_demo_checkpoint(cache_env):
     assert answers(out) == 3
 
 
+def test_text_example_takes_metas_command_line_with_the_paths_by_place(tiny_ckpt, tiny_tokenizer):
+    # As Meta's README types it for its fire.Fire(main) script: checkpoint, then tokenizer, without flags.
+    out = run_checked([sys.executable, "example_text_completion.py", tiny_ckpt, tiny_tokenizer,
+                       "--max_seq_len", "128", "--max_gen_len=4", "--temperature=0"]).stdout
+    assert answers(out) == 3
+    assert "demo checkpoint" not in out
+
+
 def test_example_reports_a_missing_checkpoint_clearly(tmp_path):
     proc = None
     try:
