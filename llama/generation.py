@@ -682,6 +682,12 @@ class Llama:
             # The step's one wait for the device answers both questions.
             all_done, any_nonfinite = torch.stack((state.eos_reached.all(), nonfinite.any())).tolist()
             if any_nonfinite:
+                # The keys and values this generation cached may hold NaN. The
+                # compiled and graphed steps attend over the whole cache under a
+                # mask, and a masked NaN value still makes their output NaN
+                # (0 x NaN): every later generation shorter than this one would
+                # fail too. Clearing here costs the healthy steps nothing.
+                self.model.clear_cache(tokens.shape[0], cur_pos)
                 _raise_nonfinite(logits[:, -1], nonfinite, cur_pos - state.min_prompt_len, cur_pos, state)
             prev_pos = cur_pos
             yield cur_pos

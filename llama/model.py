@@ -458,6 +458,13 @@ class Transformer(nn.Module):
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
         self._layout_version += 1
 
+    def clear_cache(self, bsz: int, end: int) -> None:
+        """Zero the cached keys and values of rows :bsz at positions :end, in place
+        (the C step and captured CUDA graphs keep the buffers' addresses)."""
+        for layer in self.layers:
+            layer.attention.cache_k[:bsz, :, :end].zero_()
+            layer.attention.cache_v[:bsz, :, :end].zero_()
+
     @property
     def freqs_cis(self) -> Optional[torch.Tensor]:
         """The reference's rotary table: complex64, (2 * max_seq_len, head_dim // 2),

@@ -25,6 +25,7 @@ import ctypes
 import importlib.machinery
 import os
 import statistics
+import struct
 import sys
 import time
 from collections import deque
@@ -88,6 +89,18 @@ def _load() -> Optional[ctypes.CDLL]:
     if path is None:
         _reason = "llama/native.c was not compiled (pip install -e . compiles it where a C compiler is found)"
         return None
+    # A file cut short (an interrupted copy or install) passes the loader's
+    # checks and then kills the process with SIGBUS when a missing page is
+    # touched: its size is checked against what its headers say it holds.
+    try:
+        size, needed = path.stat().st_size, _elf_extent(path)
+    except OSError as error:
+        _reason = f"{path.name} did not load ({error})"
+        return None
+    if needed is not None and size < needed:
+        _reason = (f"{path.name} is cut short ({size} bytes of the {needed} its ELF headers describe): "
+                   "run pip install -e . again")
+        return None
     torch.get_num_threads()  # torch's OpenMP runtime is loaded first: the library then uses the same one
     try:
         lib = ctypes.CDLL(str(path))
@@ -119,6 +132,54 @@ def _load() -> Optional[ctypes.CDLL]:
     _choose_variant(lib)
     _lib = lib
     return lib
+
+
+def _elf_extent(path: Path) -> Optional[int]:
+    """The bytes an ELF file must hold for its section header table and its
+    segments to be whole (at least its size where they are not: the loader
+    would read past its end). None for a file that is no ELF or is shorter
+    than the ELF header: the loader refuses those itself, naming why."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        ident = f.read(16)
+        if len(ident) < 16 or ident[:4] != b"\x7fELF" or ident[4] not in (1, 2) or ident[5] not in (1, 2):
+            return None
+        wide = ident[4] == 2  # ELFCLASS64, else 32-bit
+        order = "<" if ident[5] == 1 else ">"
+        word = order + ("Q" if wide else "I")
+        # The rest of the header: e_type e_machine e_version e_entry e_phoff e_shoff e_flags
+        # e_ehsize e_phentsize e_phnum e_shentsize e_shnum e_shstrndx.
+        header = struct.Struct(order + ("HHIQQQIHHHHHH" if wide else "HHIIIIIHHHHHH"))
+        fields = f.read(header.size)
+        if len(fields) < header.size:
+            return None
+        _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _ = header.unpack(fields)
+        needed = 16 + header.size
+        if shoff:
+            # A count of 0 sections (0xffff segments) means: the real one is in section 0.
+            if (shnum == 0 or phnum == 0xFFFF) and shoff + shentsize <= size:
+                first = _read_at(f, shoff, shentsize)
+                if shnum == 0 and len(first) >= (40 if wide else 24):
+                    shnum = struct.unpack_from(word, first, 32 if wide else 20)[0]  # sh_size
+                if phnum == 0xFFFF and len(first) >= (48 if wide else 32):
+                    phnum = struct.unpack_from(order + "I", first, 44 if wide else 28)[0]  # sh_info
+            needed = max(needed, shoff + max(shnum, 1) * shentsize)
+        needed = max(needed, phoff + phnum * phentsize)
+        if needed > size or phentsize < (56 if wide else 32):
+            return needed
+        table = _read_at(f, phoff, phnum * phentsize)
+        # p_offset and p_filesz of each program header.
+        offset_at, filesz_at = (8, 32) if wide else (4, 16)
+        for start in range(0, len(table), phentsize):
+            offset = struct.unpack_from(word, table, start + offset_at)[0]
+            filesz = struct.unpack_from(word, table, start + filesz_at)[0]
+            needed = max(needed, offset + filesz)
+        return needed
+
+
+def _read_at(f, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    return f.read(size)
 
 
 def _choose_variant(lib: ctypes.CDLL) -> None:

@@ -4,8 +4,13 @@ this CPU can run (avx512bf16, avx512, avx2, portable), chosen as
 LLAMA_NATIVE_ISA chooses it."""
 
 import json
+import re
+import shutil
+import signal
+import struct
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -117,23 +122,93 @@ def test_greedy_tokens_and_logprobs_match_the_eager_step(tiny_ckpt):
         assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_without_the_library_fp32_falls_back_to_torch_and_says_so_once(tiny_ckpt):
+def decode_in_a_process(ckpt, env=None, library=None):
+    """A process that builds the tiny model twice and decodes greedily, with `env` set and the library
+    read from `library` (default: the installed one): (its lines on stderr that start with "llama:",
+    what it reports: the layout, whether the C step ran, its kernels and the tokens)."""
     probe = (
-        "from llama import Llama\n"
-        f"g = Llama.build({str(tiny_ckpt)!r}, {str(tiny_ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
-        f"g = Llama.build({str(tiny_ckpt)!r}, {str(tiny_ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
-        "print(g.model._prepared, g._native_step)\n"
-        "print(g.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0])\n"
+        "import json\n"
+        "from pathlib import Path\n"
+        "from llama import Llama, native\n"
+        + ("" if library is None else f"native.library_path = lambda: Path({str(library)!r})\n")
+        + f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
+        f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
+        "tokens = g.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0][0]\n"
+        "print(json.dumps(dict(layout=g.model._prepared, native=g._native_step is not None,\n"
+        "                      variant=native.variant(), tokens=tokens)))\n"
     )
-    env = subprocess_env({"LLAMA_NATIVE": "0"})
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env(env), capture_output=True,
+                          text=True, timeout=120)
+    for name in ("SIGBUS", "SIGILL"):  # a library cut short; kernels this CPU cannot run
+        assert proc.returncode != -getattr(signal, name), f"the process died of {name}"
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("llama:")]
+    return lines, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tokens_here(ckpt):
+    """The greedy tokens of `decode_in_a_process`, decoded in this process."""
+    generator = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1)
+    return generator.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0][0]
+
+
+def test_without_the_library_fp32_falls_back_to_torch_and_says_so_once(tiny_ckpt):
+    lines, ran = decode_in_a_process(tiny_ckpt, env={"LLAMA_NATIVE": "0"})
     assert lines == ["llama: fp32 on the CPU decodes with torch's kernels, slower at batch 1: LLAMA_NATIVE=0 is set"]
-    assert "transposed None" in proc.stdout
-    generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1)
-    assert str(generator.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0]) in proc.stdout
+    assert (ran["layout"], ran["native"], ran["tokens"]) == ("transposed", False, tokens_here(tiny_ckpt))
+
+
+def end_of_program_headers(library: bytes) -> int:
+    """Where the program header table of a 64-bit little-endian ELF file ends."""
+    assert library[:6] == b"\x7fELF\x02\x01", "the test reads 64-bit little-endian ELF headers"
+    (phoff,) = struct.unpack_from("<Q", library, 32)
+    phentsize, phnum = struct.unpack_from("<HH", library, 54)
+    return phoff + phentsize * phnum
+
+
+def stub_library(tmp_path, source: str) -> bytes:
+    """The bytes of a shared library compiled from the C `source`."""
+    compiler = shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler to build a stub library with")
+    (tmp_path / "stub.c").write_text(source)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "stub.so"), str(tmp_path / "stub.c")],
+                   check=True, capture_output=True)
+    return (tmp_path / "stub.so").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["cut past the program headers", "cut to 20%", "cut to 60%", "one byte short", "empty", "garbage",
+     "without the entry points", "of an older ABI"],
+)
+def test_a_bad_library_file_falls_back_to_torch_with_one_line(tiny_ckpt, tmp_path, damage):
+    # A copy or install cut short passes the loader's own checks, and touching a missing page
+    # then killed the process with SIGBUS: the file's size is checked against its ELF headers.
+    installed = native.library_path()
+    whole = installed.read_bytes()
+    cuts = {"cut past the program headers": end_of_program_headers(whole) + 64, "cut to 20%": len(whole) // 5,
+            "cut to 60%": len(whole) * 3 // 5, "one byte short": len(whole) - 1}
+    reinstall = re.escape(": run pip install -e . again")
+    if damage in cuts:
+        content = whole[: cuts[damage]]
+        reason = rf"is cut short \({len(content)} bytes of the \d+ its ELF headers describe\){reinstall}"
+    elif damage == "empty":
+        content, reason = b"", r"did not load \(.*file too short\)"
+    elif damage == "garbage":
+        content, reason = bytes(range(256)) * 40, r"did not load \(.*invalid ELF header\)"
+    elif damage == "without the entry points":
+        content = stub_library(tmp_path, "int unrelated(void) { return 0; }\n")
+        reason = r"did not load \(.*undefined symbol: llama_native_abi\)"
+    else:
+        content = stub_library(tmp_path, "long long llama_native_abi(void) { return 5; }\n")
+        reason = rf"is from another version of llama \(ABI 5, not {native.ABI}\){reinstall}"
+    library = tmp_path / installed.name
+    library.write_bytes(content)
+    lines, ran = decode_in_a_process(tiny_ckpt, library=library)
+    prefix = "llama: fp32 on the CPU decodes with torch's kernels, slower at batch 1: "
+    assert len(lines) == 1 and re.fullmatch(re.escape(prefix + installed.name + " ") + reason, lines[0]), lines
+    assert (ran["layout"], ran["native"], ran["tokens"]) == ("transposed", False, tokens_here(tiny_ckpt))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -282,21 +357,10 @@ def test_every_variant_decodes_the_golden_tokens(tiny_tokenizer, tiny_ckpt, tmp_
 
 
 def run_with_kernels(ckpt, name: str):
-    """A process that builds the tiny model twice with LLAMA_NATIVE_ISA=name and decodes: (its lines
-    on stderr that start with "llama:", the variant that ran, the greedy tokens)."""
-    probe = (
-        "import json\n"
-        "from llama import Llama, native\n"
-        f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
-        f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
-        "tokens = g.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0]\n"
-        "print(json.dumps([native.variant(), tokens]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env({native.ISA_VARIABLE: name}),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    ran, tokens = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [line for line in proc.stderr.splitlines() if line.startswith("llama:")], ran, tokens
+    """`decode_in_a_process` with LLAMA_NATIVE_ISA=name: (its "llama:" lines, the variant that ran, the tokens)."""
+    lines, ran = decode_in_a_process(ckpt, env={native.ISA_VARIABLE: name})
+    assert ran["native"]
+    return lines, ran["variant"], ran["tokens"]
 
 
 def test_kernels_other_than_the_fastest_are_said_once(tiny_ckpt):
@@ -310,14 +374,18 @@ def test_kernels_other_than_the_fastest_are_said_once(tiny_ckpt):
 
 
 def test_kernels_the_cpu_cannot_run_are_refused_and_the_fastest_run(tiny_ckpt):
+    # A library holds kernels for CPUs beyond this one (AVX-512 on an AVX2 CPU): naming them must not
+    # end in an illegal instruction at the first step, but in the fastest this CPU has, said once.
     compiled = native._load().llama_native_variants().decode().split(",")
     beyond = [name for name in compiled if name not in VARIANTS]
     if not beyond:
         pytest.skip(f"this CPU runs every variant compiled in ({compiled})")
-    lines, ran, _ = run_with_kernels(tiny_ckpt, beyond[0])
-    assert lines == [f"llama: LLAMA_NATIVE_ISA={beyond[0]} is refused: this CPU cannot run them; "
-                     f"the C step runs its {VARIANTS[0]} kernels"]
-    assert ran == VARIANTS[0]
+    expected = tokens_here(tiny_ckpt)
+    for name in beyond:
+        lines, ran, tokens = run_with_kernels(tiny_ckpt, name)
+        assert lines == [f"llama: LLAMA_NATIVE_ISA={name} is refused: this CPU cannot run them; "
+                         f"the C step runs its {VARIANTS[0]} kernels"]
+        assert (ran, tokens) == (VARIANTS[0], expected), name
     lines, ran, _ = run_with_kernels(tiny_ckpt, "sse9")
     assert lines == [f"llama: LLAMA_NATIVE_ISA=sse9 is refused: there are none of that name (there are "
                      f"{','.join(compiled)}); the C step runs its {VARIANTS[0]} kernels"]

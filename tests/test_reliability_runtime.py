@@ -1,6 +1,7 @@
 """Reliability at run time: threads sharing a Llama, non-finite numbers,
 awkward input values, a KV cache too large for the memory."""
 
+import contextlib
 import copy
 import shutil
 import threading
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cuda_only
 from llama import Llama
 from llama.generation import sample_next_token
 
@@ -169,6 +171,52 @@ def test_non_finite_logits_raise_naming_the_step_and_row(nan_ckpt, temperature):
     # The Llama keeps working for prompts that never meet the bad row.
     good = generator.generate([[1, 5, 6]], max_gen_len=4, temperature=0)
     assert len(good[0][0]) == 4
+
+
+@contextlib.contextmanager
+def nan_in_embedding(generator, token):
+    """Token `token`'s embedding row holds a NaN inside the block, its own values after."""
+    row = generator.model.tok_embeddings.weight.data[token]
+    saved = row.clone()
+    row[5] = float("nan")
+    try:
+        yield
+    finally:
+        row.copy_(saved)
+
+
+@pytest.mark.parametrize(
+    "device, step",
+    [
+        ("cpu", "eager"),
+        ("cpu", "C"),
+        ("cpu", "compile"),
+        pytest.param("cuda", "compile", marks=cuda_only),
+        pytest.param("cuda", "cuda_graph", marks=cuda_only),
+    ],
+)
+def test_a_non_finite_generation_leaves_the_llama_working_for_later_shorter_ones(tiny_ckpt, device, step):
+    # The compiled and graphed steps attend over the whole cache under a mask:
+    # a NaN the failed generation cached beyond a later one's positions would
+    # still reach that one's output (0 x NaN) unless the failure clears it.
+    generator = build(tiny_ckpt, max_batch_size=1, device=device, compile=step == "compile",
+                      cuda_graph=step == "cuda_graph")
+    if step == "eager":
+        generator._native_step = None
+    assert (generator._native_step is not None) == (step == "C")
+    healthy = [[1, 5, 6]]
+    fresh = generator.generate(healthy, max_gen_len=4, temperature=0)  # what a fresh Llama gives
+    assert len(fresh[0][0]) == 4
+    # Position 7 (token 300) caches NaN keys and values, past the 7 positions of `healthy`.
+    failing = [1, 5, 6, 7, 8, 9, 10, 300]
+    with nan_in_embedding(generator, 300):
+        with pytest.raises(FloatingPointError, match=r"step 0 \(position 8\), row 0 "):
+            generator.generate([failing], max_gen_len=4, temperature=0)
+    assert generator.generate(healthy, max_gen_len=4, temperature=0) == fresh
+    with nan_in_embedding(generator, 300):
+        with pytest.raises(FloatingPointError, match=r"step 0 \(position 8\), row 0 "):
+            list(generator.stream_generate(failing, max_gen_len=4, temperature=0))
+    assert generator.generate(healthy, max_gen_len=4, temperature=0) == fresh
 
 
 def test_sampling_never_hands_torch_a_nan_probability():
