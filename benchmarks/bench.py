@@ -35,6 +35,18 @@ them, fp32 on the CPU at batch 1, with OMP_NUM_THREADS set to our thread
 count, alternating with the other rows. Its figure is the rate it reports
 itself ("achieved tok/s": every position after the first, prompt positions
 included, one token at a time).
+
+With `--llamacpp SRC` (SRC: a llama.cpp source tree, e.g. the `vendor/llama.cpp`
+folder of llama-cpp-python's source package; needs `llama_cpp` and `gguf`
+installed, see benchmarks/README.md; neither is a dependency of this project),
+the same fp32 weights are written as a Meta checkpoint, converted by our
+`python -m llama.convert_hf to-hf` and then by SRC's `convert_hf_to_gguf.py`
+to an F32 GGUF, which llama.cpp's own quantizer (`llama_model_quantize`) turns
+into Q8_0 and Q4_0. Each runs in this process through llama-cpp-python at
+batch 1 on our thread count, in turn with our rows: the prompt in one
+`eval`, then one token at a time, greedy, timed as ours are. Each llama.cpp
+row is compared with ours of the same width (F32 with our first fp32 row,
+Q8_0 with int8, Q4_0 with int4), run by run.
 """
 
 import argparse
@@ -362,6 +374,7 @@ def summarize(step_times: List[List[float]], batch: int, prompt_len: int) -> Dic
         "ttft_ms": 1e3 * statistics.median(ttft),
         "prefill_tokens_per_s": batch * prompt_len / statistics.median(ttft),
         "decode_runs": decode,
+        "prefill_runs": [batch * prompt_len / t for t in ttft],
     }
 
 
@@ -412,6 +425,84 @@ class Llama2cRunner:
             if line.startswith("achieved tok/s:"):
                 return float(line.split(":")[1])
         raise RuntimeError(f"{self.binary} reported no tokens/s (exit {done.returncode}): {done.stderr[-500:]}")
+
+
+LLAMACPP_TYPES = {"F32": None, "Q8_0": "int8", "Q4_0": "int4"}  # GGUF type -> our mode of the same width
+
+
+def write_llamacpp_models(src: Path, state: Dict[str, torch.Tensor], args: ModelArgs, tokenizer_path: Path,
+                          folder: Path, threads: int) -> Dict[str, Path]:
+    """`state` as GGUF files, F32 (through our to-hf and llama.cpp's converter) and Q8_0 and Q4_0
+    (quantized by llama.cpp's own quantizer): {type: path}."""
+    import llama_cpp
+
+    meta, hf = folder / "meta", folder / "hf"
+    meta.mkdir()
+    torch.save({k: v.to(torch.float32) for k, v in state.items()}, meta / "consolidated.00.pth")
+    (meta / "params.json").write_text(json.dumps(checkpoint.params_dict(args)) + "\n")
+    (meta / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+    subprocess.run([sys.executable, "-m", "llama.convert_hf", "to-hf", str(meta), str(hf)], check=True, cwd=REPO)
+    paths = {"F32": folder / "model-F32.gguf"}
+    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
+                    "--outfile", str(paths["F32"])], check=True, capture_output=True)
+    for name in ("Q8_0", "Q4_0"):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+        params.nthread = threads
+        paths[name] = folder / f"model-{name}.gguf"
+        if llama_cpp.llama_model_quantize(str(paths["F32"]).encode(), str(paths[name]).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp's quantizer failed to write {name}")
+    return paths
+
+
+class LlamaCppRunner(Runner):
+    """llama.cpp (llama-cpp-python) on a GGUF of the same weights, batch 1, greedy, in this process."""
+
+    max_batch = 1
+
+    def __init__(self, kind: str, path: Path, args: ModelArgs, threads: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=args.max_seq_len, n_batch=args.max_seq_len,
+                                   n_ubatch=args.max_seq_len, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)
+        self.name = f"llama.cpp {kind}"
+        self.kind = kind
+        self.mode = LLAMACPP_TYPES[kind]
+        self.group = str(torch.float32) if kind == "F32" else kind  # F32 joins the check of greedy tokens
+        self.model_bytes = self.bytes_per_token = path.stat().st_size
+        self.eos = self.llm.token_eos()
+
+    def _next(self) -> int:
+        return int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+
+    def steps(self, prompts, gen_len):
+        if prompts.shape[0] != 1:
+            raise ValueError("llama.cpp's rows run at batch 1 only")
+        llm, times = self.llm, []
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompts[0].tolist())
+        token = self._next()
+        times.append(time.perf_counter() - start)
+        for _ in range(gen_len - 1):  # as ours: no early stop (EOS is one token among 32000)
+            llm.eval([token])
+            token = self._next()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def greedy(self, prompt: List[int], gen_len: int) -> List[int]:
+        """The greedy continuation, up to EOS (for the check that the conversion kept the numbers)."""
+        llm, out = self.llm, []
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(gen_len):
+            token = self._next()
+            if token == self.eos:
+                break
+            out.append(token)
+            llm.eval([token])
+        return out
 
 
 def our_variants(opts) -> List:
@@ -479,6 +570,12 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
             runners.append(OurRunner(name, weights, args, tokenizer, device, variant_dtype, **options))
             del weights
         runners += theirs
+        if opts.llamacpp:
+            folder = Path(opts.tmp) / f"llamacpp-{shape}"
+            folder.mkdir()
+            paths = write_llamacpp_models(Path(opts.llamacpp), state, args, opts.tokenizer_path, folder,
+                                          torch.get_num_threads())
+            runners += [LlamaCppRunner(kind, path, args, torch.get_num_threads()) for kind, path in paths.items()]
         del state
 
     gen = torch.Generator().manual_seed(1)
@@ -491,6 +588,8 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
     for runner in runners:
         start = time.perf_counter()
         for batch in opts.batch_sizes:
+            if batch > getattr(runner, "max_batch", batch):
+                continue
             for _ in range(opts.warmup):
                 runner.steps(prompts[:batch], opts.gen_len)
         print(f"  [{shape}] warm-up of {runner.name}: {time.perf_counter() - start:.1f} s", flush=True)
@@ -517,7 +616,8 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
         rates = []
         for _ in range(opts.runs):
             for runner in runners:  # alternate, so drift in the machine hits all alike
-                times[runner.name].append(runner.steps(prompts[:batch], opts.gen_len))
+                if batch <= getattr(runner, "max_batch", batch):
+                    times[runner.name].append(runner.steps(prompts[:batch], opts.gen_len))
             if llama2c is not None and batch == 1:  # llama2.c decodes one sequence at a time
                 rates.append(llama2c.rate(opts.prompt_len + opts.gen_len))
         if rates:
@@ -528,6 +628,8 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
             print(f"  [{shape}] {llama2c.name}, batch 1: decode {entry['decode_tokens_per_s']:.1f} tok/s "
                   f"({entry['fraction_of_ceiling']:.0%} of {ceiling:.0f})", flush=True)
         for runner in runners:
+            if not times[runner.name]:
+                continue
             entry = summarize(times[runner.name], batch, opts.prompt_len)
             if batch == 1 and entry["decode_tokens_per_s"]:
                 # Each run's own ceiling: the bytes its weights take (quantized, bf16, ...).
@@ -540,7 +642,29 @@ def bench_shape(shape: str, opts, bandwidth: float, tokenizer: Tokenizer) -> Dic
                   + (f" ({entry['fraction_of_ceiling']:.0%} of {entry['ceiling_tokens_per_s']:.0f})"
                      if "fraction_of_ceiling" in entry else "")
                   + f", first token {entry['ttft_ms']:.1f} ms", flush=True)
+    if any(isinstance(r, LlamaCppRunner) for r in runners):
+        result["vs_llamacpp"] = versus_llamacpp(result, runners)
     return result
+
+
+def versus_llamacpp(result: Dict, runners: List) -> Dict[str, Dict[str, float]]:
+    """Ours over llama.cpp at batch 1, mode by mode (our first row of the mode against the GGUF
+    type of the same width), decode and prefill, as medians of the run-by-run ratios."""
+    libs, ratios = result["libraries"], {}
+    for runner in runners:
+        if not isinstance(runner, LlamaCppRunner):
+            continue
+        ours = next((r.name for r in runners if isinstance(r, OurRunner) and
+                     r.group == (runner.mode or str(torch.float32))), None)
+        if ours is None or 1 not in libs[ours]["batches"]:
+            continue
+        mine, theirs = libs[ours]["batches"][1], libs[runner.name]["batches"][1]
+        ratio = {"decode": paired_ratio(mine["decode_runs"], theirs["decode_runs"]),
+                 "prefill": paired_ratio(mine["prefill_runs"], theirs["prefill_runs"])}
+        ratios[f"{ours} / {runner.name}"] = ratio
+        print(f"  [{result['shape']}] {ours} / {runner.name}: decode {ratio['decode']:.2f}x, "
+              f"prefill {ratio['prefill']:.2f}x", flush=True)
+    return ratios
 
 
 def number(value, spec: str) -> str:
@@ -555,6 +679,8 @@ def same_tokens(runners: List[Runner], prompt: torch.Tensor, gen_len: int) -> Op
         if isinstance(runner, OurRunner):
             tokens, _ = runner.generator.generate(prompt.tolist(), max_gen_len=gen_len, temperature=0)
             outputs.append(tokens[0])
+        elif isinstance(runner, LlamaCppRunner):
+            outputs.append(runner.greedy(prompt[0].tolist(), gen_len))
         else:
             with torch.inference_mode():
                 out = runner.model.generate(
@@ -694,6 +820,8 @@ def write_random_checkpoint(out_dir: Path, shape: str, tokenizer_path: Path) -> 
     shutil.rmtree(scratch)
     shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
     print(f"wrote {out_dir} ({shape} shape, bf16, hidden {hidden})")
+
+
 def importable(module: str) -> bool:
     try:
         importlib.import_module(module)
@@ -730,6 +858,9 @@ def parse_args(argv=None):
                         help="also run llama2.c's `run` binary (built with `make runomp`) on the same weights")
     parser.add_argument("--llama2c-tokenizer", metavar="PATH", default=None,
                         help="llama2.c's tokenizer.bin (default: the one beside BINARY)")
+    parser.add_argument("--llamacpp", metavar="SRC", default=None,
+                        help="also run llama.cpp (llama-cpp-python) on the same weights as F32, Q8_0 and Q4_0 GGUF, "
+                             "converted with SRC/convert_hf_to_gguf.py (SRC: a llama.cpp source tree), at batch 1")
     parser.add_argument("--quantize", default="", help="also run ours quantized: int8, int4 or int8,int4 "
                         "(bf16 activations)")
     parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default: the library's)")
@@ -777,6 +908,18 @@ def parse_args(argv=None):
         opts.llama2c_tokenizer = opts.llama2c_tokenizer or str(Path(opts.llama2c).with_name("tokenizer.bin"))
         if not Path(opts.llama2c_tokenizer).is_file():
             parser.error(f"llama2.c's tokenizer {opts.llama2c_tokenizer} not found; give it with --llama2c-tokenizer")
+    if opts.llamacpp:
+        if opts.device.type != "cpu" or opts.ckpt_dir:
+            parser.error("--llamacpp compares on the CPU from random weights: run it without --device/--ckpt-dir")
+        if not (Path(opts.llamacpp) / "convert_hf_to_gguf.py").is_file():
+            parser.error(f"--llamacpp {opts.llamacpp}: no convert_hf_to_gguf.py there (give a llama.cpp source "
+                         "tree, e.g. llama-cpp-python's vendor/llama.cpp)")
+        missing = [m for m in ("llama_cpp", "gguf") if not importable(m)]
+        if missing:
+            parser.error(f"--llamacpp needs {' and '.join(missing)}: see benchmarks/README.md (llama.cpp row)")
+        if not LLAMA2_TOKENIZER.is_file():
+            parser.error(f"--llamacpp needs a Llama 2 tokenizer.model of the shapes' 32000 pieces for llama.cpp's "
+                         f"converter: set LLAMA2_TOKENIZER (looked for {LLAMA2_TOKENIZER})")
     # Checked now, not after a minute of benchmarking.
     needed = []
     if not opts.markdown_from and opts.device.type == "cpu" and not importable("psutil"):
