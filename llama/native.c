@@ -29,7 +29,7 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 7
+#define LLAMA_NATIVE_ABI 8
 
 /* Ask for the next block of rows while this one is summed: without it the compressed products
    waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
@@ -394,6 +394,55 @@ static void matvec(const llama_matrix *m, const float *x, float *y, int64_t batc
 /* For the eager forward (prompts) of a matrix the C step reads: y [batch, rows] = x [batch, cols] W^T. */
 void llama_matmul(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work) {
     matvec(m, x, y, batch, work);
+}
+
+/* Rows first .. first + n - 1 of the matrix as fp32: the weights a product of many rows (a prompt)
+   multiplies, made once for all its rows (llama/native.py hands them to torch's matrix product).
+   int4 (first a multiple of 16): out [cols, n], the block transposed, as a tile's record holds each
+   input's 16 rows side by side; the others: out [n, cols]. Returns 1 where out is transposed. */
+int64_t llama_dequantize(const llama_matrix *m, int64_t first, int64_t n, float *out) {
+    const int64_t cols = m->cols;
+    if (m->kind == LLAMA_INT4) {
+        const int64_t group = m->group, groups = cols / group, record = LLAMA_I4_RECORD(group);
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < (n + 15) / 16; t++) {
+            const uint8_t *tile = (const uint8_t *)m->w + (first / 16 + t) * groups * record;
+            const int64_t width = n - 16 * t < 16 ? n - 16 * t : 16;
+            for (int64_t g = 0; g < groups; g++) {
+                const uint8_t *r = tile + g * record;
+                const uint16_t *scale16 = (const uint16_t *)(r + 8 * group), *offset16 = scale16 + 16;
+                float s[16], o[16];
+                for (int j = 0; j < 16; j++) s[j] = half_to_float(scale16[j]), o[j] = half_to_float(offset16[j]);
+                for (int64_t p = 0; p < group / 2; p++) {
+                    float *even = out + (g * group + 2 * p) * n + 16 * t, *odd = even + n;
+                    const uint8_t *q = r + 16 * p;
+                    if (width == 16) {
+                        for (int j = 0; j < 16; j++) even[j] = (float)(q[j] & 15) * s[j] + o[j];
+                        for (int j = 0; j < 16; j++) odd[j] = (float)(q[j] >> 4) * s[j] + o[j];
+                    } else {
+                        for (int j = 0; j < width; j++) even[j] = (float)(q[j] & 15) * s[j] + o[j];
+                        for (int j = 0; j < width; j++) odd[j] = (float)(q[j] >> 4) * s[j] + o[j];
+                    }
+                }
+            }
+        }
+        return 1;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float *o = out + i * cols;
+        if (m->kind == LLAMA_INT8) {
+            const int8_t *row = (const int8_t *)m->w + (first + i) * cols;
+            const float scale = m->scale[first + i];
+            for (int64_t k = 0; k < cols; k++) o[k] = (float)row[k] * scale;
+        } else if (m->kind == LLAMA_BF16) {
+            const uint16_t *row = (const uint16_t *)m->w + (first + i) * cols;
+            for (int64_t k = 0; k < cols; k++) o[k] = bf16_to_float(row[k]);
+        } else {
+            memcpy(o, (const float *)m->w + (first + i) * cols, cols * sizeof(float));
+        }
+    }
+    return 0;
 }
 
 /* out = x * rsqrt(mean(x^2) + eps) * weight, per row of dim. */

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-ABI = 7  # LLAMA_NATIVE_ABI in native.c
+ABI = 8  # LLAMA_NATIVE_ABI in native.c
 ISA_VARIABLE = "LLAMA_NATIVE_ISA"
 THREADS_VARIABLE = "LLAMA_NATIVE_THREADS"
 FP32, INT8, INT4, BF16 = 0, 1, 2, 3  # llama_matrix kinds
@@ -119,6 +119,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.llama_matmul.restype = None
     lib.llama_matmul.argtypes = [ctypes.POINTER(_Matrix), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p]
+    lib.llama_dequantize.restype = ctypes.c_int64
+    lib.llama_dequantize.argtypes = [ctypes.POINTER(_Matrix), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.llama_decode_step.restype = ctypes.c_int64
     lib.llama_decode_step.argtypes = [
         ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -358,10 +360,34 @@ def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tenso
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     if x2.shape[1] != desc.cols:
         raise ValueError(f"input of {x2.shape[1]} features for a matrix of {desc.cols} columns")
-    y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
-    work = torch.empty(lib.llama_matmul_scratch_floats(x2.shape[0], x2.shape[1]), dtype=torch.float32)
-    lib.llama_matmul(ctypes.byref(desc), x2.data_ptr(), y.data_ptr(), x2.shape[0], work.data_ptr())
+    if x2.shape[0] >= PROMPT_ROWS:
+        y = _dequantized_product(lib, desc, x2)
+    else:
+        y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
+        work = torch.empty(lib.llama_matmul_scratch_floats(x2.shape[0], x2.shape[1]), dtype=torch.float32)
+        lib.llama_matmul(ctypes.byref(desc), x2.data_ptr(), y.data_ptr(), x2.shape[0], work.data_ptr())
     return y.view(*x.shape[:-1], rows).to(x.dtype)
+
+
+# From this many rows of x on (a prompt), the weights are made fp32 a block of rows at a time and
+# multiplied by torch's matrix product, instead of each row of x converting every weight again.
+PROMPT_ROWS = 64
+_BLOCK_FLOATS = 1 << 21  # 8 MB of fp32 weights a block
+
+
+def _dequantized_product(lib: ctypes.CDLL, desc: "_Matrix", x: torch.Tensor) -> torch.Tensor:
+    """x [n, cols] W^T as `_native_matmul` computes it, through fp32 blocks of W's rows."""
+    rows, cols = desc.rows, desc.cols
+    block = max(16, _BLOCK_FLOATS // cols // 16 * 16)  # whole int4 tiles
+    buffer = torch.empty(min(block, rows) * cols, dtype=torch.float32)
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    for first in range(0, rows, block):
+        n = min(block, rows - first)
+        if lib.llama_dequantize(ctypes.byref(desc), first, n, buffer.data_ptr()):
+            y[:, first:first + n] = torch.mm(x, buffer[:n * cols].view(cols, n))
+        else:
+            y[:, first:first + n] = torch.mm(x, buffer[:n * cols].view(n, cols).t())
+    return y
 
 
 @_native_matmul.register_fake

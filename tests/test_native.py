@@ -439,3 +439,38 @@ def test_the_step_leaves_torchs_thread_count_as_it_was(monkeypatch):
     with torch.inference_mode():
         native.DecodeStep(model)(torch.tensor([[5]]), 0)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, monkeypatch):
+    """From PROMPT_ROWS rows of x on, the product converts W's rows to fp32 once, a block at a
+    time, for torch's matrix product: the same product as the one-row path, to fp32 rounding,
+    across blocks and a last, partial int4 tile."""
+    from llama.kernels import Int8Linear, NativeInt4Linear
+
+    gen = torch.Generator().manual_seed(5)
+    out_features, in_features, group = 72, 96, 32  # four and a half int4 tiles
+    if mode == "int8":
+        q = torch.randint(-127, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
+        scale = torch.rand(out_features, generator=gen) * 0.01
+        kernel = Int8Linear(q, scale, torch.float32)
+        weight = q.float() * scale[:, None]
+    else:
+        q = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
+        scale = torch.rand(out_features, in_features // group, generator=gen) * 0.1 + 0.01
+        zero = torch.randn(out_features, in_features // group, generator=gen) * 0.1
+        kernel = NativeInt4Linear(q[:, 0::2] | (q[:, 1::2] << 4), scale, zero, group)
+        scale16, offset16 = scale.half().float(), (zero - 8 * scale).half().float()
+        weight = (q.float().view(out_features, -1, group) * scale16[..., None] + offset16[..., None]).view(
+            out_features, -1)
+    x = torch.randn(2, native.PROMPT_ROWS, in_features, generator=gen)
+    monkeypatch.setattr(native, "_BLOCK_FLOATS", 32 * in_features)  # blocks of 32 rows: 32, 32, 8
+    calls = []
+    real = native._dequantized_product
+    monkeypatch.setattr(native, "_dequantized_product", lambda *args: calls.append(1) or real(*args))
+    blocked = kernel(x)
+    assert calls, "a prompt of PROMPT_ROWS rows did not take the fp32 blocks"
+    torch.testing.assert_close(blocked, torch.nn.functional.linear(x, weight), atol=2e-5, rtol=2e-5)
+    rows = [kernel(x[:, i:i + 1]) for i in range(4)]  # one row at a time: the C product
+    torch.testing.assert_close(blocked[:, :4], torch.cat(rows, dim=1), atol=2e-5, rtol=2e-5)
+    assert len(calls) == 1
