@@ -434,8 +434,6 @@ def write_llamacpp_models(src: Path, state: Dict[str, torch.Tensor], args: Model
                           folder: Path, threads: int) -> Dict[str, Path]:
     """`state` as GGUF files, F32 (through our to-hf and llama.cpp's converter) and Q8_0 and Q4_0
     (quantized by llama.cpp's own quantizer): {type: path}."""
-    import llama_cpp
-
     meta, hf = folder / "meta", folder / "hf"
     meta.mkdir()
     torch.save({k: v.to(torch.float32) for k, v in state.items()}, meta / "consolidated.00.pth")
@@ -446,13 +444,23 @@ def write_llamacpp_models(src: Path, state: Dict[str, torch.Tensor], args: Model
     subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f32",
                     "--outfile", str(paths["F32"])], check=True, capture_output=True)
     for name in ("Q8_0", "Q4_0"):
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
-        params.nthread = threads
         paths[name] = folder / f"model-{name}.gguf"
-        if llama_cpp.llama_model_quantize(str(paths["F32"]).encode(), str(paths[name]).encode(), params) != 0:
-            raise RuntimeError(f"llama.cpp's quantizer failed to write {name}")
+        # In a process of its own: the quantizer prints a line a tensor on stderr.
+        done = subprocess.run([sys.executable, "-c", LLAMACPP_QUANTIZE, str(paths["F32"]), str(paths[name]), name,
+                               str(threads)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama.cpp's quantizer failed to write {name}: {done.stderr[-500:]}")
     return paths
+
+
+LLAMACPP_QUANTIZE = """
+import sys, llama_cpp
+source, destination, name, threads = sys.argv[1:]
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + name)
+params.nthread = int(threads)
+sys.exit(llama_cpp.llama_model_quantize(source.encode(), destination.encode(), params))
+"""
 
 
 class LlamaCppRunner(Runner):
@@ -472,9 +480,16 @@ class LlamaCppRunner(Runner):
         self.group = str(torch.float32) if kind == "F32" else kind  # F32 joins the check of greedy tokens
         self.model_bytes = self.bytes_per_token = path.stat().st_size
         self.eos = self.llm.token_eos()
+        self.vocab = self.llm.n_vocab()
 
     def _next(self) -> int:
-        return int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+        """The argmax of the last position's logits (llama-cpp-python keeps no logits of its own
+        unless asked for every position's)."""
+        import numpy
+        import llama_cpp
+
+        logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(numpy.ctypeslib.as_array(logits, shape=(self.vocab,)).argmax())
 
     def steps(self, prompts, gen_len):
         if prompts.shape[0] != 1:
