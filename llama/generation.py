@@ -28,7 +28,7 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
 )
 from llama.cuda_graph import GraphedDecodeStep
 from llama.infilling import check_infilling_tokenizer, infilling_pieces, infilling_prompt_tokens
-from llama.model import Transformer
+from llama.model import ModelArgs, Transformer
 from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable, check_special_ids, tokenizer_beside
 
 
@@ -352,7 +352,7 @@ class Llama:
         if quant is not None:
             kernels.check_kernel(quant.mode, device, dtype)
         checkpoint.check_model_parallel_fit(
-            checkpoint.model_args_from_params(params),
+            ModelArgs.from_params(params),
             distributed.planned_model_parallel_size(model_parallel_size),
             n_shards=len(shards),
         )
@@ -381,7 +381,7 @@ class Llama:
         memory.check_cache_fits(model_args, model_parallel_size, device, dtype)
         # Any shard count loads on any model-parallel size that divides it or
         # that it divides: this rank's part is cut from the shards it needs.
-        mapped_files = checkpoint.MappedFiles()
+        mapped_files = memory.MappedFiles()
         # Quantizing at load: each tensor is quantized as soon as it is read.
         state_dict = checkpoint.load_for_rank(
             shards,
@@ -410,7 +410,7 @@ class Llama:
             # mapped shard is dropped from memory once copied, so that the
             # copy does not double the resident memory.
             layout = kernels.choose_layout(device, dtype, fast_layout=fast_layout)
-            kernels.prepare(model, layout, release=checkpoint.mapped_page_releaser(shards))
+            kernels.prepare(model, layout, release=memory.mapped_page_releaser(shards))
         fast_layout = False  # done: the quantized kernels, or the layout just made, are the layout
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
@@ -502,7 +502,7 @@ class Llama:
         self._native_step: Optional[native.DecodeStep] = None  # the one-token step in C (CPU, fp32)
         self._position: Optional[torch.Tensor] = None  # the compiled step's position, on the device
         # Shard files the weights are still memory-mapped from (set by build).
-        self._mapped_files: Optional[checkpoint.MappedFiles] = None
+        self._mapped_files: Optional[memory.MappedFiles] = None
 
     def _refuse_model_parallel(self, option: str) -> None:
         if self.model.model_parallel_size > 1:

@@ -134,7 +134,7 @@ def decode_in_a_process(ckpt, env=None, library=None):
         + f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
         f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
         "tokens = g.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0][0]\n"
-        "print(json.dumps(dict(layout=g.model._prepared, native=g._native_step is not None,\n"
+        "print(json.dumps(dict(layout=g.model.weight_layout, native=g._native_step is not None,\n"
         "                      variant=native.variant(), tokens=tokens)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env(env), capture_output=True,
@@ -282,7 +282,7 @@ def test_bf16_model_runs_the_native_step_within_bf16_rounding(tiny_ckpt, variant
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3,
                             dtype=torch.bfloat16)
     model = generator.model
-    assert model._prepared == "rows" and model.layers[0].attention.qkv_kernel is None
+    assert model.weight_layout == "rows" and model.layers[0].attention.qkv_kernel is None
     assert isinstance(generator._native_step, native.DecodeStep)
     tokens = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
