@@ -158,7 +158,7 @@ def test_the_default_cpu_build_uses_the_layout_the_benchmark_measures(generator,
                              torch.device("cpu"), torch.float32)
     for built in (generator, runner.generator):  # build's default, bench's first row
         model = built.model
-        assert model.weight_layout == "rows" and isinstance(built._native_step, native.DecodeStep)
+        assert model.weight_layout == "rows" and isinstance(built.step.one_token, native.DecodeStep)
         for layer in model.layers:
             assert layer.attention.wqkv is not None and layer.feed_forward.w13 is not None
             assert layer.attention.wo.weight.is_contiguous() and layer.feed_forward.w2.weight.is_contiguous()
