@@ -268,9 +268,10 @@ class Llama:
         compiled with `torch.compile`; with `cuda_graph` (CUDA only) it is
         replayed from a CUDA graph, with no compiling; `fast_layout` copies
         the matrices into their decoding layout (see `from_model`). It
-        defaults to on on GPUs and for fp32 on the CPU, where it is the
-        fastest kernel torch has; bf16 on the CPU gets oneDNN's packed layout
-        (`llama.kernels.choose_layout` decides). The weights then live in RAM
+        defaults to on on GPUs and on the CPU: fp32 and bf16 get the C step's
+        layout where `llama/native.c` was compiled, else fp32 the transposed
+        layout and bf16 oneDNN's packed one (`llama.kernels.choose_layout`
+        decides). The weights then live in RAM
         rather than in the memory-mapped checkpoint (the same 1x of memory).
         `fast_layout=False` keeps Meta's layout in the mapped file; such
         weights are read from the file while decoding, so each generation
@@ -415,12 +416,12 @@ class Llama:
         benchmark starts here with weights it made in memory.
 
         With `fast_layout` the matrices are copied once into their decoding
-        layout (`Transformer.prepare_for_inference`: q/k/v and w1/w3 fused,
-        all transposed; ~1.25x faster matrix-vector products at batch 1 and
-        ~1.4x at batch 8 on CPU). Weights assigned from a memory-mapped file
+        layout (`llama.kernels.choose_layout`: on GPUs q/k/v and w1/w3 fused,
+        all transposed, `Transformer.prepare_for_inference`; on the CPU the C
+        step's rows where it is compiled). Weights assigned from a memory-mapped file
         then live in RAM rather than in the file's pages. None (the default)
         is the choice of `llama.kernels.choose_layout` for the weights'
-        device and dtype: on GPUs and for fp32 on the CPU.
+        device and dtype.
 
         With `compile`, each one-token decode step runs a `torch.compile`d
         forward with static shapes: the position is a tensor and attention

@@ -17,8 +17,9 @@ Layouts:
   (`Transformer.prepare_for_inference`): the default on GPUs, and for fp32 on
   the CPU where the C step is not compiled.
 - "mkldnn": bf16 weights reordered once into oneDNN's blocked layout
-  (q/k/v and w1/w3 fused); on this AVX-512 Xeon about 1.5x `F.linear` in
-  bf16, which the transposed layout makes slower instead.
+  (q/k/v and w1/w3 fused), for bf16 on a CPU without the C step: faster
+  than `F.linear` in bf16, which the transposed layout makes slower instead
+  (benchmarks/NOTES.md, "Figures that were in code comments").
 - "int8": per-output-channel symmetric int8 (with fp32 activations on the
   CPU, C's product; else `torch._weight_int8pack_mm` on CPU; on CUDA
   `F.linear` on weights dequantized in the step, which `torch.compile` fuses
@@ -106,7 +107,7 @@ class Int8Linear(nn.Module):
             return F.linear(x, self.qweight.to(x.dtype)) * self.scale
         if x.dtype == torch.float32 and self.scale.dtype == torch.float32:
             if native.available():
-                # torch's int8 kernel is ~6x slower with fp32 inputs than the C product (prompts)
+                # torch's int8 kernel is far slower with fp32 inputs than the C product (prompts; benchmarks/NOTES.md)
                 return native.matmul(self, x)
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale)
         return y.view(*x.shape[:-1], self.out_features)

@@ -1,12 +1,16 @@
-"""The one-token decoding step in C (`llama/native.c`), for fp32 on the CPU.
+"""The one-token decoding step in C (`llama/native.c`) on the CPU: fp32 or bf16
+activations, with fp32, bf16, int8 or int4 weights.
 
 `pip install -e .` compiles `llama/native.c` into `llama/_native*.so` where a
 C compiler is found (setup.py; the build is optional). Where the library is
-there, `Llama.build` on the CPU in fp32 lays the weights out for it (Meta's
-[out, in] matrices, q|k|v and w1|w3 stacked, copied into RAM: layout
-"native" in `llama.kernels`) and runs every one-token step of a model on one
-rank through `llama_decode_step`; prompts and everything else run the
-eager forward on the same weights. Where it is not, fp32 runs torch's kernels
+there, `Llama.build` on the CPU in fp32 or bf16 lays the weights out for it
+(Meta's [out, in] matrices, q|k|v and w1|w3 stacked, copied into RAM: layout
+"native" in `llama.kernels`), and int8 and int4 models with fp32 activations
+keep their kernels' matrices (each kernel's `c_matrix()` says what C reads;
+`Transformer.kernel_slots()` and `slot_matrix()` list them). Every one-token
+step of a model on one rank then runs through `llama_decode_step`
+(`llama.decode_step` chooses it); prompts and everything else run the eager
+forward on the same weights. Where it is not, fp32 runs torch's kernels
 ("transposed" layout) and one line says why. `LLAMA_NATIVE=0` turns it off.
 
 The library holds the products for several instruction sets (on x86-64:

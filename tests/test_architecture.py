@@ -3,6 +3,7 @@ another of the package inside a function only where it is a command-line tool
 that answers `--help` before torch loads (docs/architecture.md)."""
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -89,3 +90,13 @@ def test_only_command_line_tools_import_the_package_inside_functions():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_docs_architecture_names_files_that_exist_and_every_module():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:llama/)?[\w./]+\.(?:py|c|h))`", text))
+    assert named, "docs/architecture.md names no files"
+    missing = sorted(path for path in named if not (REPO / path).is_file())
+    assert missing == []
+    unnamed = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py" and f"llama/{p.name}" not in named)
+    assert unnamed == [], "modules docs/architecture.md does not place in a layer"
