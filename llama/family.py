@@ -24,7 +24,7 @@ what differs; nothing else branches on the family.
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-from llama import chat_format, checkpoint
+from llama import chat_format
 from llama.args import ModelArgs
 from llama.tokenizer import SENTENCEPIECE, TIKTOKEN, Tokenizer, tokenizer_kind
 
@@ -163,6 +163,8 @@ def of_model(tokenizer: Tokenizer, args: ModelArgs) -> Family:
 
 
 def _embedding_shape(shards: Sequence[Path]) -> Optional[Tuple[int, ...]]:
+    from llama import checkpoint  # torch: `python -m llama.tiny` lists the families before it loads
+
     return checkpoint.shard_tensor_shape(shards[0], "tok_embeddings.weight")
 
 
@@ -246,6 +248,8 @@ def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
     its family's layout (`of_checkpoint`): where params.json
     says vocab_size -1 (as Llama 2's do), the vocabulary comes from the
     embedding's shape."""
+    from llama import checkpoint  # torch, as in _embedding_shape
+
     params = checkpoint.read_params(ckpt_dir)
     args = of_checkpoint(ckpt_dir, params, shards).model_args(params)
     if args.vocab_size <= 0:

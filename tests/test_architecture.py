@@ -11,8 +11,10 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "llama"
 
 # Command-line tools: their package imports (which bring in torch) wait until
-# the arguments are parsed. No other module imports the package inside a function.
-LAZY_IMPORTERS = {"cli", "convert_hf", "demo", "quantize", "reshard", "tiny"}
+# the arguments are parsed. family.py is read by `python -m llama.tiny` before
+# torch loads, so it reaches the checkpoint reader (torch) inside the two
+# functions that read shards. No other module imports the package inside a function.
+LAZY_IMPORTERS = {"cli", "convert_hf", "demo", "quantize", "reshard", "tiny", "family"}
 
 
 def _imported(node: ast.AST, modules: Set[str]) -> List[str]:
