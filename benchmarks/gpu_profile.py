@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
-from llama import Tokenizer  # noqa: E402
+from llama import Tokenizer, decode_step  # noqa: E402
 from llama.model import ModelArgs, ffn_hidden_dim  # noqa: E402
 from llama.tiny import random_weights, train_tokenizer  # noqa: E402
 
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         runners = None
         g = runner.generator
         torch._dynamo.reset()
-        g._compiled_step = torch.compile(g.model.forward, mode="max-autotune", fullgraph=True)
+        compiled = decode_step.CompiledDecodeStep(g.model, mode="max-autotune")
+        g.step = decode_step.DecodeStep(g.model, "compiled", compiled)
         runner.name = "max-autotune, fast_layout"
         decode_rates([runner])
     return 0

@@ -8,7 +8,7 @@ and the model-parallel sizes it splits over, before it waits for torch.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Mapping, Optional, Tuple
 
 
 @dataclass
@@ -41,6 +41,28 @@ class ModelArgs:
     # (VocabParallelEmbedding).
     tok_embeddings_split_dim: int = 1
 
+    @classmethod
+    def from_params(cls, params: Mapping, **overrides) -> "ModelArgs":
+        """The checked shape of a params.json object (its fields, then `overrides`
+        such as max_seq_len). The `quantization` entry describes the files, not the
+        shape, and is left out. Raises ValueError as `check_shape` does."""
+        fields = {k: v for k, v in params.items() if k != "quantization"}
+        args = cls(**{**fields, **overrides})
+        check_shape(args)
+        return args
+
+    def kv_heads(self) -> int:
+        """The number of key/value heads: `n_kv_heads`, or `n_heads` where params.json has none."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    def local_heads(self, model_parallel_size: int) -> Tuple[int, int]:
+        """(query heads, key/value heads) one of `model_parallel_size` ranks holds.
+
+        With more ranks than KV heads, each rank keeps a copy of the one KV
+        head its query heads share, so it still holds one.
+        """
+        return self.n_heads // model_parallel_size, max(1, self.kv_heads() // model_parallel_size)
+
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
     """The SwiGLU hidden size the reference derives from params.json."""
@@ -55,16 +77,12 @@ def is_positive_finite(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def n_kv_heads_of(args: ModelArgs) -> int:
-    return args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-
-
 def check_shape(args: ModelArgs) -> None:
     """Raise ValueError unless `n_heads` splits `dim` into heads of an even size
     (rotary embedding turns pairs of values), the query heads group evenly over
     the KV heads and `tok_embeddings_split_dim` is 0 or 1. Sizes are taken to
     be positive (`checkpoint.check_params` checks them)."""
-    n_kv_heads = n_kv_heads_of(args)
+    n_kv_heads = args.kv_heads()
     if args.tok_embeddings_split_dim not in (0, 1):
         raise ValueError(f"tok_embeddings_split_dim must be 0 or 1, got {args.tok_embeddings_split_dim!r}")
     if args.dim % args.n_heads != 0:
@@ -77,7 +95,7 @@ def check_shape(args: ModelArgs) -> None:
 
 def model_parallel_problem(args: ModelArgs, model_parallel_size: int) -> Optional[str]:
     """Why `args` cannot be split `model_parallel_size` ways, or None if it can."""
-    n_kv_heads = n_kv_heads_of(args)
+    n_kv_heads = args.kv_heads()
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
     sizes = [("n_heads", args.n_heads), ("dim", args.dim), ("the feed-forward hidden size", hidden)]
     if args.vocab_size > 0:

@@ -7,12 +7,9 @@ device, so loading holds one copy of the weights, not two.
 """
 
 import contextlib
-import ctypes
 import dataclasses
-import functools
 import json
 import math
-import mmap
 import os
 import re
 import stat
@@ -24,15 +21,13 @@ import torch
 from torch import nn
 
 from llama.atomic import require_new_dir  # noqa: F401  (the tools import it from here)
-from llama import quantization
+from llama import memory, quant_format
 from llama.args import (  # noqa: F401  (the tools call the fit checks from here)
     ModelArgs,
     check_model_parallel_fit,
-    check_shape,
     ffn_hidden_dim,
     is_positive_finite,
     model_parallel_problem,
-    n_kv_heads_of,
     valid_model_parallel_sizes,
 )
 
@@ -94,6 +89,15 @@ _PARAM_TYPES = {
 # The rotary options this library implements; any other params.json field
 # naming rope is an option it would silently ignore, so it is refused.
 ROPE_FIELDS = ("rope_theta", "use_scaled_rope", "rope_scaling_factor")
+
+
+def stored_dtype(key: str, config: quant_format.QuantConfig) -> Optional[torch.dtype]:
+    """The dtype a quantized checkpoint must hold `key` in, or None for a float weight."""
+    if quant_format.is_quantization_part(key):
+        return torch.float32
+    if quant_format.is_quantized(key, config):
+        return torch.int8 if config.mode == "int8" else torch.uint8
+    return None
 
 
 def find_shards(ckpt_dir) -> List[Path]:
@@ -208,40 +212,13 @@ def read_json(path) -> object:
         raise ValueError(f"{str(path)!r} is nested too deeply to be a config file") from None
 
 
-def model_args_from_params(params: Mapping, **overrides) -> ModelArgs:
-    """`ModelArgs` from params.json fields, then `overrides` (max_seq_len, ...)."""
-    fields = {k: v for k, v in params.items() if k != "quantization"}
-    args = ModelArgs(**{**fields, **overrides})
-    check_shape(args)
-    return args
-
-
-def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
-    """`ModelArgs` of a checkpoint on its own, without a tokenizer given, in
-    its family's layout (`llama.family.of_checkpoint`): where params.json
-    says vocab_size -1 (as Llama 2's do), the vocabulary comes from the
-    embedding's shape."""
-    from llama import family
-
-    params = read_params(ckpt_dir)
-    args = family.of_checkpoint(ckpt_dir, params, shards).model_args(params)
-    if args.vocab_size <= 0:
-        args.vocab_size = family.checkpoint_evidence(params, shards)[2] or -1
-    if args.vocab_size <= 0:
-        raise ValueError(
-            f"cannot tell the vocabulary size of the checkpoint {str(ckpt_dir)!r}: params.json says "
-            f"vocab_size -1 and {str(shards[0])!r} has no tok_embeddings.weight"
-        )
-    return args
-
-
-def full_shapes(args: ModelArgs, quant: Optional["quantization.QuantConfig"] = None) -> Dict[str, Tuple[int, ...]]:
+def full_shapes(args: ModelArgs, quant: Optional["quant_format.QuantConfig"] = None) -> Dict[str, Tuple[int, ...]]:
     """Every weight of an unsplit (MP=1) model and its shape, in state-dict order
     (of a checkpoint quantized by `quant`, with its scales, where given)."""
     if quant is not None:
-        return quantization.quantized_shapes(full_shapes(args), quant)
+        return quant_format.quantized_shapes(full_shapes(args), quant)
     head_dim = args.dim // args.n_heads
-    q_width, kv_width = args.n_heads * head_dim, n_kv_heads_of(args) * head_dim
+    q_width, kv_width = args.n_heads * head_dim, args.kv_heads() * head_dim
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
     for i in range(args.n_layers):
@@ -270,7 +247,7 @@ def shard_range(key: str, full_shape: Sequence[int], args: ModelArgs, model_para
     dim = split_dim(key, args.tok_embeddings_split_dim, len(full_shape))
     if dim is None:
         return None
-    n_kv_heads = n_kv_heads_of(args)
+    n_kv_heads = args.kv_heads()
     if key.endswith(("attention.wk.weight", "attention.wv.weight")) and model_parallel_size > n_kv_heads:
         # Fewer KV heads than ranks: every rank holds the one KV head that its
         # query heads (rank * n_heads / mp onwards) are grouped with.
@@ -392,8 +369,8 @@ def load_for_rank(
     progress: bool = False,
     progress_min_bytes: int = PROGRESS_MIN_BYTES,
     mmap: bool = True,
-    mapped_files: Optional["MappedFiles"] = None,
-    quant: Optional["quantization.QuantConfig"] = None,
+    mapped_files: Optional["memory.MappedFiles"] = None,
+    quant: Optional["quant_format.QuantConfig"] = None,
     convert: Optional[Callable] = None,
     check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
@@ -410,7 +387,7 @@ def load_for_rank(
     shown when the shards this rank reads hold `progress_min_bytes` or more.
     With `mmap=False` the unchanged tensors are copied too, so that nothing
     returned reads the files afterwards. `mapped_files`, if given, learns
-    where each opened shard is mapped (see `MappedFiles`).
+    where each opened shard is mapped (see `memory.MappedFiles`).
     Every tensor that is copied is checked for NaN and inf on the way (the
     copy is in cache then); `check_all_weights` checks the mapped ones too,
     which reads the whole of this rank's part of the checkpoint.
@@ -476,7 +453,7 @@ def assemble_rank(
     on_tensor: Callable[[int], None] = lambda count: None,
     release_copied: bool = False,
     copy_unchanged: bool = False,
-    quant: Optional["quantization.QuantConfig"] = None,
+    quant: Optional["quant_format.QuantConfig"] = None,
     convert: Optional[Callable] = None,
     check_all_weights: bool = False,
 ) -> Dict[str, torch.Tensor]:
@@ -490,7 +467,7 @@ def assemble_rank(
     Copied tensors (all, with `check_all_weights`) are checked to be finite."""
     shapes = full_shapes(args, quant)
     if quant is not None:
-        quantization.check_fit(args, quant, [n_shards, model_parallel_size])
+        quant_format.check_fit(args, quant, [n_shards, model_parallel_size])
     # Parts are looked for in this rank's own shards first, so that
     # replicated KV heads and norms come from a shard it reads anyway.
     home = _home_shards(args, n_shards, model_parallel_size, rank)
@@ -536,12 +513,12 @@ def assemble_rank(
             parts = _pieces(key, want, shape, args, n_shards, search_order)
         # Integer weights and fp32 scales of a quantized checkpoint stay as
         # stored; so does everything that `convert` will see.
-        keep = convert is not None or (quant is not None and quantization.stored_dtype(key, quant) is not None)
+        keep = convert is not None or (quant is not None and stored_dtype(key, quant) is not None)
         stored = [piece(index, key, part) for index, part in parts]
         joined = _join(stored, want, device, None if keep else dtype)
-        if quant is not None and quantization.stored_dtype(key, quant) not in (None, joined.dtype):
+        if quant is not None and stored_dtype(key, quant) not in (None, joined.dtype):
             raise ValueError(f"{key} is {joined.dtype} in the checkpoint; its quantization needs "
-                             f"{quantization.stored_dtype(key, quant)}")
+                             f"{stored_dtype(key, quant)}")
         if copy_unchanged and any(_same_storage(opened[index][0][key], joined) for index, _ in parts):
             joined = joined.clone()  # mmap=False: nothing returned reads the file
         copied_from = [
@@ -553,7 +530,7 @@ def assemble_rank(
         # What `convert` reads whole anyway, and a quantized checkpoint's scales and
         # zeros (small, and NaN there would only show at the first decoding step),
         # are checked whether copied or not.
-        is_scale = quant is not None and quantization.is_quantization_part(key)
+        is_scale = quant is not None and quant_format.is_quantization_part(key)
         if (copied_from or check_all_weights or convert is not None or is_scale) and joined.is_floating_point():
             require_finite(joined, key, names, stored)
         if convert is None:
@@ -578,80 +555,13 @@ def assemble_rank(
                 if key not in state_dict or (
                     source.untyped_storage().data_ptr() != state_dict[key].untyped_storage().data_ptr()
                 ):
-                    _release_pages(source)
+                    memory.release_pages(source)
         on_tensor(1)
     return state_dict
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-class MappedFiles:
-    """The shard files a loaded model still reads through memory maps, and
-    their size and modification time when they were opened.
-
-    Writing such a file in place changes the model's weights under it, and
-    truncating it makes the next read of a lost page kill the process with
-    SIGBUS. `check()` compares each file with what it was: a cheap stat a
-    file, run before each generation. A file replaced by a new one (renamed
-    over the path) is harmless: the map keeps the old file's contents.
-    """
-
-    def __init__(self):
-        # path -> (lowest, highest) address of its tensors' storages, and its stat
-        self._ranges: Dict[str, Tuple[int, int]] = {}
-        self._stats: Dict[str, os.stat_result] = {}
-
-    def add(self, path, tensors) -> None:
-        """Remember where the tensors of shard `path`, just opened, are mapped."""
-        storages = [t.untyped_storage() for t in tensors if t.device.type == "cpu"]
-        if not storages:
-            return
-        low = min(s.data_ptr() for s in storages)
-        high = max(s.data_ptr() + s.nbytes() for s in storages)
-        self._ranges[str(path)] = (low, high)
-        self._stats[str(path)] = os.stat(path)
-
-    def keep_used_by(self, tensors) -> "MappedFiles":
-        """Forget the files none of `tensors` (the model's, once loaded) lies in; returns self."""
-        pointers = []
-        for tensor in tensors:
-            if tensor.device.type == "cpu":
-                try:
-                    pointers.append(tensor.untyped_storage().data_ptr())
-                except (NotImplementedError, RuntimeError):  # packed (opaque) weights: copies, never mapped
-                    pass
-        for path, (low, high) in list(self._ranges.items()):
-            if not any(low <= p < high for p in pointers):
-                del self._ranges[path], self._stats[path]
-        return self
-
-    @property
-    def paths(self) -> List[str]:
-        return sorted(self._ranges)
-
-    def check(self) -> None:
-        """Raise RuntimeError naming a mapped file that was rewritten or truncated since it was opened."""
-        for path, before in self._stats.items():
-            try:
-                now = os.stat(path)
-            except OSError:
-                continue  # deleted: the map keeps the file's contents alive
-            if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
-                continue  # replaced by another file: the map still reads the old one
-            if now.st_size != before.st_size or now.st_mtime_ns != before.st_mtime_ns:
-                change = (
-                    f"its size went from {before.st_size} to {now.st_size} bytes"
-                    if now.st_size != before.st_size
-                    else "it was rewritten in place"
-                )
-                raise RuntimeError(
-                    f"checkpoint shard {path!r} changed on disk after it was loaded ({change}). "
-                    "The model reads its weights from that file through a memory map, so its "
-                    "output would change or the process would be killed (SIGBUS). Build the "
-                    "model again, or build with mmap=False to hold the weights in memory."
-                )
 
 
 def _home_shards(args: ModelArgs, n_shards: int, model_parallel_size: int, rank: int) -> List[int]:
@@ -726,7 +636,7 @@ def require_finite(tensor: torch.Tensor, key: str, source: str, stored: Sequence
             "(Llama.build(dtype=...), the tools' --dtype)"
         )
     n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
-    if quantization.is_quantization_part(key):
+    if quant_format.is_quantization_part(key):
         # Quantizing finite weights gives finite scales and zeros: not a model that diverged.
         weight, kind = key.rsplit("_", 1)
         why = (
@@ -752,75 +662,6 @@ def _largest_if_finite(stored: Sequence[torch.Tensor], converted_to: torch.dtype
             return None
         largest = max(largest, -low, high)
     return largest
-
-
-_MADV_DONTNEED = 4  # Linux
-
-
-def _release_pages(tensor: torch.Tensor) -> None:
-    """Drop the memory-mapped pages wholly inside `tensor` from resident memory.
-
-    Without this, a shard's pages read while slicing or converting stay
-    resident next to the copies until the shard is unmapped, so a join or a
-    bf16 -> fp32 load would peak at 1.5-2x. The mapping is file-backed, so a
-    later read would fetch the bytes again; pages shared with a neighbouring
-    tensor are left alone. A no-op where madvise is not available.
-    """
-    libc = _libc()
-    if libc is None:
-        return
-    page = mmap.PAGESIZE
-    start = -(-tensor.data_ptr() // page) * page
-    end = (tensor.data_ptr() + tensor.nbytes) // page * page
-    if end > start:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc keeps them after a load's
-    temporaries are freed, so resident memory would stay above the model's size)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def mapped_page_releaser(paths) -> Callable[[torch.Tensor], None]:
-    """A function that drops a tensor's pages from resident memory (`_release_pages`)
-    when the tensor lies wholly in a mapping of one of the files `paths`, and
-    leaves any other tensor alone (dropping anonymous pages would lose data).
-
-    For copies made after loading (`Llama.build`'s fast layout): the mapped
-    original of each matrix stops counting against memory once it is copied.
-    The mappings are those of the moment it is called (Linux: /proc/self/maps).
-    """
-    names = {str(Path(p).resolve()) for p in paths}
-    ranges = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].strip() in names:
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((start, end))
-    except OSError:
-        pass
-
-    def release(tensor: torch.Tensor) -> None:
-        first = tensor.data_ptr()
-        if tensor.device.type == "cpu" and any(s <= first and first + tensor.nbytes <= e for s, e in ranges):
-            _release_pages(tensor)
-
-    return release
-
-
-@functools.lru_cache(maxsize=None)
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def tie_output(state_dict: Dict[str, torch.Tensor], args: ModelArgs, n_shards: int, path) -> None:

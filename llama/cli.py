@@ -522,7 +522,7 @@ def _cell(text: str) -> str:
 # not on this list: native.py's RuntimeErrors, for one, guard the library's own invariants.
 DOCUMENTED_ERRORS = {
     "generation.py": (FloatingPointError, RuntimeError),  # logits not finite; a stream overtaken
-    "checkpoint.py": (RuntimeError,),  # a memory-mapped shard changed on disk
+    "memory.py": (RuntimeError,),  # a memory-mapped shard changed on disk
     "kernels.py": (RuntimeError,),  # no int8, int4 or bf16 kernel on this device or torch build
 }
 

@@ -158,6 +158,7 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
     type or activation, biases, rope scaling, a head size of its own.
     """
     from llama import checkpoint
+    from llama.args import ModelArgs
 
     if not isinstance(config, dict):
         raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
@@ -223,7 +224,7 @@ def model_args_from_hf_config(config: Dict) -> ModelArgs:
         },
         "config.json",
     )
-    return checkpoint.model_args_from_params(params)
+    return ModelArgs.from_params(params)
 
 
 def hf_family(config: Dict, hf_dir: Path) -> Family:
@@ -279,7 +280,6 @@ def hf_config_from_model_args(
     so that converting back gives the same params.json. BOS and EOS ids are
     the tokenizer's where one is given (EOS: all of its family's stop tokens).
     """
-    from llama import checkpoint
     from llama.model import ROPE_SCALING_FACTOR, ffn_hidden_dim
 
     rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
@@ -298,7 +298,7 @@ def hf_config_from_model_args(
         "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
-        "num_key_value_heads": checkpoint.n_kv_heads_of(args),
+        "num_key_value_heads": args.kv_heads(),
         "head_dim": args.dim // args.n_heads,
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
@@ -449,7 +449,7 @@ def hf_to_meta(hf_dir, out_dir, model_parallel_size: int = 1, dtype: Optional[to
         if key.endswith("attention.wq.weight"):
             tensor = permute_to_meta(tensor, args.n_heads)
         elif key.endswith("attention.wk.weight"):
-            tensor = permute_to_meta(tensor, checkpoint.n_kv_heads_of(args))
+            tensor = permute_to_meta(tensor, args.kv_heads())
         state[key] = tensor
     if config.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
         # Tied embeddings (transformers then uses the embedding as the output,
@@ -483,7 +483,7 @@ def meta_to_hf(
     """
     from safetensors.torch import save_file
 
-    from llama import checkpoint, quantization
+    from llama import checkpoint, family, quantization
 
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     shards = checkpoint.find_shards(meta_dir)
@@ -500,7 +500,7 @@ def meta_to_hf(
             f"quantized here, quantize at load instead: Llama.build(..., quantize={quant.mode!r}{group}) or the "
             f"scripts' --quantize {quant.mode}{group_flag} (docs/compressed-weights.md)"
         )
-    args = checkpoint.model_args_of_checkpoint(meta_dir, shards)
+    args = family.model_args_of_checkpoint(meta_dir, shards)
     max_position_embeddings = max_position_embeddings_for(args, max_position_embeddings)
     state = checkpoint.load_for_rank(shards, 0, 1, args, dtype=dtype)
     hf_state = {}
@@ -508,7 +508,7 @@ def meta_to_hf(
         if key.endswith("attention.wq.weight"):
             tensor = permute_to_hf(tensor, args.n_heads)
         elif key.endswith("attention.wk.weight"):
-            tensor = permute_to_hf(tensor, checkpoint.n_kv_heads_of(args))
+            tensor = permute_to_hf(tensor, args.kv_heads())
         hf_state[meta_to_hf_key(key)] = tensor.contiguous()
     from llama.tokenizer import Tokenizer
 

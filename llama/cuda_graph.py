@@ -1,8 +1,9 @@
 """The one-token decode step replayed from a CUDA graph: `Llama.build(cuda_graph=True)`.
 
 At batch 1 a 7B step is a few hundred small kernels, and eager PyTorch
-launches them slower than the GPU runs them (on an H200: 79 tokens/s eager,
-where the memory allows ~325). A CUDA graph launches the whole step at once.
+launches them slower than the GPU runs them (benchmarks/NOTES.md, "On a
+GPU"). A CUDA graph launches the whole step at once. `llama/decode_step.py`
+chooses it for `Llama.build(cuda_graph=True)`.
 Unlike `compile=True`, which also uses CUDA graphs, nothing is compiled: the
 graph holds the kernels the eager forward runs, captured in well under a
 second, so its numbers are the eager step's (on the tensor-position path

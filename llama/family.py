@@ -60,12 +60,10 @@ class Family:
         return self
 
     def model_args(self, params: Mapping, **overrides) -> ModelArgs:
-        """`ModelArgs` of a checkpoint of this family (checked; see `checkpoint.model_args_from_params`)."""
-        from llama import checkpoint
-
+        """`ModelArgs` of a checkpoint of this family (checked; see `ModelArgs.from_params`)."""
         fields = {"rope_theta": self.default_rope_theta, **params, **overrides}
         fields["tok_embeddings_split_dim"] = self.tok_embeddings_split_dim
-        return checkpoint.model_args_from_params(fields)
+        return ModelArgs.from_params(fields)
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -165,7 +163,7 @@ def of_model(tokenizer: Tokenizer, args: ModelArgs) -> Family:
 
 
 def _embedding_shape(shards: Sequence[Path]) -> Optional[Tuple[int, ...]]:
-    from llama import checkpoint
+    from llama import checkpoint  # torch: `python -m llama.tiny` lists the families before it loads
 
     return checkpoint.shard_tensor_shape(shards[0], "tok_embeddings.weight")
 
@@ -243,3 +241,22 @@ def of_checkpoint(ckpt_dir, params: Mapping, shards: Sequence[Path]) -> Family:
         return detect(ckpt_dir, params, shards, Tokenizer(str(tokenizer_path)), tokenizer_path)
     found, _, _ = checkpoint_evidence(params, shards)
     return found or LLAMA_2
+
+
+def model_args_of_checkpoint(ckpt_dir, shards: Sequence[Path]) -> ModelArgs:
+    """`ModelArgs` of a checkpoint on its own, without a tokenizer given, in
+    its family's layout (`of_checkpoint`): where params.json
+    says vocab_size -1 (as Llama 2's do), the vocabulary comes from the
+    embedding's shape."""
+    from llama import checkpoint  # torch, as in _embedding_shape
+
+    params = checkpoint.read_params(ckpt_dir)
+    args = of_checkpoint(ckpt_dir, params, shards).model_args(params)
+    if args.vocab_size <= 0:
+        args.vocab_size = checkpoint_evidence(params, shards)[2] or -1
+    if args.vocab_size <= 0:
+        raise ValueError(
+            f"cannot tell the vocabulary size of the checkpoint {str(ckpt_dir)!r}: params.json says "
+            f"vocab_size -1 and {str(shards[0])!r} has no tok_embeddings.weight"
+        )
+    return args

@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed, family, kernels, memory, native
+from llama import checkpoint, decode_step, distributed, family, kernels, memory
 from llama import quantization
 from llama.chat_format import (  # noqa: F401  (re-exported: the reference defines them here)
     B_INST,
@@ -26,9 +26,8 @@ from llama.chat_format import (  # noqa: F401  (re-exported: the reference defin
     Message,
     Role,
 )
-from llama.cuda_graph import GraphedDecodeStep
 from llama.infilling import check_infilling_tokenizer, infilling_pieces, infilling_prompt_tokens
-from llama.model import Transformer
+from llama.model import ModelArgs, Transformer
 from llama.tokenizer import IncrementalDecoder, Tokenizer, check_encodable, check_special_ids, tokenizer_beside
 
 
@@ -192,23 +191,6 @@ class _GenerationInProgress:
                 self._changed.notify_all()
 
 
-def _check_step_options(device: torch.device, compile: bool, cuda_graph: bool) -> None:
-    """The ways of running the decode step that `build` and `from_model` accept."""
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a CUDA device; the model is on {device}")
-    if cuda_graph and compile:
-        raise ValueError(
-            "pass compile=True or cuda_graph=True, not both: on CUDA the compiled step "
-            "already runs from CUDA graphs"
-        )
-
-
-def _quantized_mode(model: Transformer) -> Optional[str]:
-    """"int8" or "int4" for a model `llama.quantization.install` made, else None."""
-    config = getattr(model, "quantization", None)
-    return None if config is None else config.mode
-
-
 def _process_age() -> Optional[float]:
     """Seconds since this process started (Linux's /proc), or None where that is unknown."""
     try:
@@ -286,9 +268,10 @@ class Llama:
         compiled with `torch.compile`; with `cuda_graph` (CUDA only) it is
         replayed from a CUDA graph, with no compiling; `fast_layout` copies
         the matrices into their decoding layout (see `from_model`). It
-        defaults to on on GPUs and for fp32 on the CPU, where it is the
-        fastest kernel torch has; bf16 on the CPU gets oneDNN's packed layout
-        (`llama.kernels.choose_layout` decides). The weights then live in RAM
+        defaults to on on GPUs and on the CPU: fp32 and bf16 get the C step's
+        layout where `llama/native.c` was compiled, else fp32 the transposed
+        layout and bf16 oneDNN's packed one (`llama.kernels.choose_layout`
+        decides). The weights then live in RAM
         rather than in the memory-mapped checkpoint (the same 1x of memory).
         `fast_layout=False` keeps Meta's layout in the mapped file; such
         weights are read from the file while decoding, so each generation
@@ -332,7 +315,7 @@ class Llama:
         distributed.check_launch_variables()
         device = distributed.choose_device(device)
         requested = quantization.make_config(quantize, group_size)
-        _check_step_options(device, compile, cuda_graph)
+        decode_step.check_options(device, compile, cuda_graph)
         distributed.check_collective_timeout(collective_timeout_s)
         # Cheap checks first, so that a typo fails before any process group exists.
         shards = checkpoint.find_shards(ckpt_dir)
@@ -352,7 +335,7 @@ class Llama:
         if quant is not None:
             kernels.check_kernel(quant.mode, device, dtype)
         checkpoint.check_model_parallel_fit(
-            checkpoint.model_args_from_params(params),
+            ModelArgs.from_params(params),
             distributed.planned_model_parallel_size(model_parallel_size),
             n_shards=len(shards),
         )
@@ -381,7 +364,7 @@ class Llama:
         memory.check_cache_fits(model_args, model_parallel_size, device, dtype)
         # Any shard count loads on any model-parallel size that divides it or
         # that it divides: this rank's part is cut from the shards it needs.
-        mapped_files = checkpoint.MappedFiles()
+        mapped_files = memory.MappedFiles()
         # Quantizing at load: each tensor is quantized as soon as it is read.
         state_dict = checkpoint.load_for_rank(
             shards,
@@ -410,7 +393,7 @@ class Llama:
             # mapped shard is dropped from memory once copied, so that the
             # copy does not double the resident memory.
             layout = kernels.choose_layout(device, dtype, fast_layout=fast_layout)
-            kernels.prepare(model, layout, release=checkpoint.mapped_page_releaser(shards))
+            kernels.prepare(model, layout, release=memory.mapped_page_releaser(shards))
         fast_layout = False  # done: the quantized kernels, or the layout just made, are the layout
         generator = Llama.from_model(
             model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
@@ -433,12 +416,12 @@ class Llama:
         benchmark starts here with weights it made in memory.
 
         With `fast_layout` the matrices are copied once into their decoding
-        layout (`Transformer.prepare_for_inference`: q/k/v and w1/w3 fused,
-        all transposed; ~1.25x faster matrix-vector products at batch 1 and
-        ~1.4x at batch 8 on CPU). Weights assigned from a memory-mapped file
+        layout (`llama.kernels.choose_layout`: on GPUs q/k/v and w1/w3 fused,
+        all transposed, `Transformer.prepare_for_inference`; on the CPU the C
+        step's rows where it is compiled). Weights assigned from a memory-mapped file
         then live in RAM rather than in the file's pages. None (the default)
         is the choice of `llama.kernels.choose_layout` for the weights'
-        device and dtype: on GPUs and for fp32 on the CPU.
+        device and dtype.
 
         With `compile`, each one-token decode step runs a `torch.compile`d
         forward with static shapes: the position is a tensor and attention
@@ -459,34 +442,24 @@ class Llama:
         refused there too.
         """
         device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-        _check_step_options(device, compile, cuda_graph)
+        decode_step.check_options(device, compile, cuda_graph)
         check_special_ids(tokenizer)
         held = sum(b.nbytes for name, b in model.named_buffers() if name.endswith(("cache_k", "cache_v", "rope")))
         memory.check_cache_fits(
             model.params, model.model_parallel_size, device, dtype, already_held=held
         )
         model.setup_caches()
-        if _quantized_mode(model) is None:
+        if decode_step.quantized_mode(model) is None:
             # The decoding layout of this device and dtype (llama/kernels.py);
             # a quantized model's kernels are its layout already.
             kernels.prepare(model, kernels.choose_layout(device, dtype, fast_layout=fast_layout))
         model.eval()
-        if device.type == "cuda" and _quantized_mode(model) == "int8" and not compile:
-            # The int8 product is fused only when compiled: say so rather than run slowly unannounced.
-            if distributed.is_first_rank():
-                print("llama: int8 on CUDA is fast with compile=True; without it each step converts every matrix "
-                      "to bf16 first (slower than fp16)", file=sys.stderr)
-        generator = Llama(model, tokenizer)
-        if not compile and native.supports(model):
-            generator._native_step = native.DecodeStep(model)
-        if compile:
-            generator._compile_decode_step()
-        if cuda_graph:
-            generator._capture_decode_step()
-        return generator
+        return Llama(model, tokenizer, decode_step.choose(model, compile=compile, cuda_graph=cuda_graph))
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, step: Optional[decode_step.DecodeStep] = None):
         self.model = model
+        # How each decoding step runs (llama/decode_step.py): eager, C, compiled or a CUDA graph.
+        self.step = decode_step.DecodeStep(model) if step is None else step
         self.tokenizer = tokenizer
         # Chat format and stop tokens follow the tokenizer's family, and its version the
         # model's params (Llama 3.0 strips message content, 3.1+ keeps it, as Meta's code does).
@@ -497,59 +470,12 @@ class Llama:
         # started another generation raises instead of reading a cache that
         # now holds other tokens.
         self._in_progress = _GenerationInProgress()
-        self._compiled_step = None
-        self._graphed_step = None
-        self._native_step: Optional[native.DecodeStep] = None  # the one-token step in C (CPU, fp32)
-        self._position: Optional[torch.Tensor] = None  # the compiled step's position, on the device
         # Shard files the weights are still memory-mapped from (set by build).
-        self._mapped_files: Optional[checkpoint.MappedFiles] = None
-
-    def _refuse_model_parallel(self, option: str) -> None:
-        if self.model.model_parallel_size > 1:
-            raise ValueError(
-                f"{option}=True supports a model-parallel size of 1 only; "
-                f"this model is split over {self.model.model_parallel_size} ranks"
-            )
-
-    def _capture_decode_step(self) -> None:
-        self._refuse_model_parallel("cuda_graph")
-        self._graphed_step = GraphedDecodeStep(self.model)
-
-    def _compile_decode_step(self) -> None:
-        self._refuse_model_parallel("compile")
-        if self.device.type == "cuda":
-            # mode="reduce-overhead" (CUDA graphs), plus, for int8, inductor's
-            # coordinate-descent tuning: with it a one-row product is lowered to
-            # a fused multiply-and-sum, so the int8-to-bf16 conversion of the
-            # weights happens in registers inside it (without it the product is
-            # cuBLAS's, on a bf16 copy of each matrix written every step).
-            options = {"triton.cudagraphs": True}
-            if _quantized_mode(self.model) == "int8":
-                options["coordinate_descent_tuning"] = True
-            self._compiled_step = torch.compile(self.model.forward, fullgraph=True, options=options)
-        else:
-            self._compiled_step = torch.compile(
-                self.model.forward, fullgraph=True, options={"max_autotune": True, "freezing": True}
-            )
+        self._mapped_files: Optional[memory.MappedFiles] = None
 
     def _forward(self, tokens: torch.Tensor, start_pos: int, last_logits_only: bool) -> torch.Tensor:
-        """The model's logits for `tokens` at `start_pos`, by the compiled or graphed step where it applies."""
-        if self._graphed_step is not None and tokens.shape[1] == 1:
-            return self._graphed_step(tokens, start_pos)
-        if self._native_step is not None and tokens.shape[1] == 1:
-            return self._native_step(tokens, start_pos)
-        if self._compiled_step is not None and tokens.shape[1] == 1:
-            # Set in place: a new tensor from a Python int would be a
-            # host-to-device copy, which waits for the GPU to catch up.
-            if self._position is None:
-                self._position = torch.zeros(1, dtype=torch.long, device=tokens.device)
-            position = self._position.fill_(start_pos)
-            # A copy with fresh strides: the graph is specialised to its input's
-            # strides, and a (1, 1) slice of the tokens keeps the row stride of
-            # the whole sequence (contiguous() would not copy it), so each new
-            # sequence length would compile the step again.
-            return self._compiled_step(tokens.clone(memory_format=torch.contiguous_format), position)
-        return self.model.forward(tokens, start_pos, last_logits_only=last_logits_only)
+        """The model's logits for `tokens` at `start_pos`, by this Llama's decode step."""
+        return self.step(tokens, start_pos, last_logits_only=last_logits_only)
 
     @property
     def device(self) -> torch.device:

@@ -17,8 +17,9 @@ Layouts:
   (`Transformer.prepare_for_inference`): the default on GPUs, and for fp32 on
   the CPU where the C step is not compiled.
 - "mkldnn": bf16 weights reordered once into oneDNN's blocked layout
-  (q/k/v and w1/w3 fused); on this AVX-512 Xeon about 1.5x `F.linear` in
-  bf16, which the transposed layout makes slower instead.
+  (q/k/v and w1/w3 fused), for bf16 on a CPU without the C step: faster
+  than `F.linear` in bf16, which the transposed layout makes slower instead
+  (benchmarks/NOTES.md, "Figures that were in code comments").
 - "int8": per-output-channel symmetric int8 (with fp32 activations on the
   CPU, C's product; else `torch._weight_int8pack_mm` on CPU; on CUDA
   `F.linear` on weights dequantized in the step, which `torch.compile` fuses
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYOUTS = ("meta", "native", "transposed", "mkldnn", "int8", "int4")
+from llama import native
 
 
 def mkldnn_bf16_available() -> bool:
@@ -61,9 +62,7 @@ def choose_layout(
         # dot products where the CPU has them). Else never transposed: the
         # [in, out] bf16 matrix-vector product is slower than Meta's layout.
         # oneDNN's packed weights where it has bf16 support (AVX-512), else
-        # F.linear (on an AVX2 machine ~2.6x fp32).
-        from llama import native
-
+        # F.linear (benchmarks/NOTES.md).
         if native.available():
             return "native"
         return "mkldnn" if mkldnn_bf16_available() else "meta"
@@ -73,8 +72,6 @@ def choose_layout(
         # The C step where it was compiled (benchmarks/NOTES.md); else the
         # transposed product, torch's fastest fp32 kernel for decoding
         # (benchmarks/fp32_kernels.py), with one line saying why.
-        from llama import native
-
         if native.available():
             return "native"
         native.notice_fallback()
@@ -109,13 +106,15 @@ class Int8Linear(nn.Module):
             # fused into the product's prologue, so the int8 bytes are what is read.
             return F.linear(x, self.qweight.to(x.dtype)) * self.scale
         if x.dtype == torch.float32 and self.scale.dtype == torch.float32:
-            from llama import native
-
             if native.available():
-                # torch's int8 kernel is ~6x slower with fp32 inputs than the C product (prompts)
+                # torch's int8 kernel is far slower with fp32 inputs than the C product (prompts; benchmarks/NOTES.md)
                 return native.matmul(self, x)
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def c_matrix(self):
+        """("int8", q, scale, 0): what C reads (`native.matrix`)."""
+        return "int8", self.qweight, self.scale, 0
 
 
 class Int4Linear(nn.Module):
@@ -202,9 +201,11 @@ class NativeInt4Linear(nn.Module):
         self.register_buffer("packed", torch.cat((values, scales, offsets), dim=-1).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from llama import native
-
         return native.matmul(self, x)
+
+    def c_matrix(self):
+        """("int4", records, None, group_size): what C reads (`native.matrix`)."""
+        return "int4", self.packed, None, self.group_size
 
 
 def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
@@ -249,24 +250,11 @@ def check_kernel(layout: str, device: torch.device, dtype: torch.dtype) -> None:
         raise RuntimeError("this CPU or torch build has no oneDNN bf16 support (torch.ops.mkldnn)")
 
 
-# The matrices each kernel slot of the model computes, by Meta key suffix:
-# (module path of the slot, attribute, [layer paths whose weights it fuses]).
-def _slots(model):
-    for i, block in enumerate(model.layers):
-        p = f"layers.{i}."
-        attention, feed_forward = block.attention, block.feed_forward
-        yield attention, "qkv_kernel", [p + "attention.wq", p + "attention.wk", p + "attention.wv"]
-        yield attention, "wo_kernel", [p + "attention.wo"]
-        yield feed_forward, "w13_kernel", [p + "feed_forward.w1", p + "feed_forward.w3"]
-        yield feed_forward, "w2_kernel", [p + "feed_forward.w2"]
-    yield model, "output_kernel", ["output"]
-
-
 def install(model: nn.Module, make) -> None:
     """Give each linear slot of `model` the kernel `make([weight keys])` returns
     (None: keep `F.linear` on the layer's weight). A layer whose weights went
     into a kernel drops its `weight` parameter, so nothing is held twice."""
-    for owner, slot, layers in _slots(model):
+    for owner, slot, layers in model.kernel_slots():
         kernel = make([name + ".weight" for name in layers])
         if kernel is None:
             continue

@@ -55,6 +55,8 @@ class RMSNorm(torch.nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def _norm(self, x):
+        # Meta's helper, kept for code written against the reference; forward
+        # computes the same with F.rms_norm.
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x):
@@ -234,13 +236,12 @@ def _fuse(layers, release, transposed: bool) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        self.n_kv_heads = args.kv_heads()
         model_parallel_size = fs_init.get_model_parallel_world_size()
         self.model_parallel_size = model_parallel_size
-        self.n_local_heads = args.n_heads // model_parallel_size
         # With more ranks than KV heads, each rank keeps a copy of the one KV
         # head its query heads share, so wk/wv span max(n_kv_heads, mp) heads.
-        self.n_local_kv_heads = max(1, self.n_kv_heads // model_parallel_size)
+        self.n_local_heads, self.n_local_kv_heads = args.local_heads(model_parallel_size)
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.dim // args.n_heads
         kv_width = self.n_local_kv_heads * model_parallel_size * self.head_dim
@@ -423,14 +424,14 @@ class Transformer(nn.Module):
         # (2, 2 * max_seq_len, head_dim): cos and signed sin, set by setup_caches
         self.register_buffer("rope", None, persistent=False)
         # False, or how prepare_for_inference laid the weights out: "transposed" or "rows"
-        self._prepared = False
+        self.weight_layout = False
         # Counts re-layouts and new caches: the C step (llama/native.py) then re-reads its pointers.
-        self._layout_version = 0
+        self.layout_version = 0
         # The output projection's kernel where llama/kernels.py set one.
         self.output_kernel: Optional[nn.Module] = None
         # Loading weights replaces (assign=True) or overwrites the parameters:
         # the fused matrices are rebuilt from them afterwards.
-        self.register_load_state_dict_post_hook(Transformer._refuse_after_load)
+        self.register_load_state_dict_post_hook(Transformer._fuse_again_after_load)
         if self.output.weight.device.type != "meta":
             self.setup_caches(device=self.output.weight.device, dtype=self.output.weight.dtype)
 
@@ -456,7 +457,7 @@ class Transformer(nn.Module):
         )
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
-        self._layout_version += 1
+        self.layout_version += 1
 
     def clear_cache(self, bsz: int, end: int) -> None:
         """Zero the cached keys and values of rows :bsz at positions :end, in place
@@ -485,13 +486,41 @@ class Transformer(nn.Module):
             layer.attention.fuse_weights(release, rows=rows)
             layer.feed_forward.fuse_weights(release, rows=rows)
         (fuse_rows if rows else fuse_transposed)(self.output, release=release)
-        self._prepared = "rows" if rows else "transposed"
-        self._layout_version += 1
+        self.weight_layout = "rows" if rows else "transposed"
+        self.layout_version += 1
 
     @staticmethod
-    def _refuse_after_load(module: "Transformer", incompatible_keys) -> None:
-        if module._prepared:
-            module.prepare_for_inference(rows=module._prepared == "rows")
+    def _fuse_again_after_load(module: "Transformer", incompatible_keys) -> None:
+        if module.weight_layout:
+            module.prepare_for_inference(rows=module.weight_layout == "rows")
+
+    def kernel_slots(self):
+        """Each place a kernel can stand in for a product: (module, attribute,
+        [paths of the Meta layers whose weights it computes with]), in the order
+        the C step lists them (`llama/kernels.py` fills them)."""
+        for i, block in enumerate(self.layers):
+            p = f"layers.{i}."
+            attention, feed_forward = block.attention, block.feed_forward
+            yield attention, "qkv_kernel", [p + "attention.wq", p + "attention.wk", p + "attention.wv"]
+            yield attention, "wo_kernel", [p + "attention.wo"]
+            yield feed_forward, "w13_kernel", [p + "feed_forward.w1", p + "feed_forward.w3"]
+            yield feed_forward, "w2_kernel", [p + "feed_forward.w2"]
+        yield self, "output_kernel", ["output"]
+
+    def slot_matrix(self, owner: nn.Module, slot: str):
+        """(kernel, None) for a slot a kernel fills, else (None, its [out, in] weight
+        as stored row by row, or None where it is not: not in the "rows" layout)."""
+        kernel = getattr(owner, slot)
+        if kernel is not None:
+            return kernel, None
+        rows = self.weight_layout == "rows"
+        if slot == "qkv_kernel":
+            return None, owner.wqkv.t() if rows and owner.wqkv is not None else None
+        if slot == "w13_kernel":
+            return None, owner.w13.t() if rows and owner.w13 is not None else None
+        weight = {"wo_kernel": lambda: owner.wo.weight, "w2_kernel": lambda: owner.w2.weight,
+                  "output_kernel": lambda: owner.output.weight}[slot]()
+        return None, weight if weight is not None and weight.is_contiguous() else None
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], last_logits_only: bool = False):
         """Logits (float32) for `tokens` (bsz, seqlen) placed at `start_pos`.

@@ -1,11 +1,12 @@
-/* One decoding step of a Llama in fp32 on the CPU, in C (see llama/native.py).
+/* One decoding step of a Llama on the CPU, in C (see llama/native.py): fp32 or bf16
+   activations, with fp32, bf16, int8 or int4 weights.
 
    Eager PyTorch spends most of a small model's step dispatching ~25 small ops
    per layer, and its fp32 matrix-vector product reads Meta's [out, in]
    weights below the memory bandwidth. Here the whole one-token step is one
    call: the same arithmetic as Transformer.forward (RMSNorm, fused q|k|v,
-   rotary, KV cache, grouped-query attention, SwiGLU, output projection), in
-   fp32, with each product split across OpenMP threads by output rows.
+   rotary, KV cache, grouped-query attention, SwiGLU, output projection), summed
+   in fp32, with each product split across OpenMP threads by output rows.
 
    Built by `pip install -e .` (setup.py, optional); loaded with ctypes after
    torch, so it shares torch's OpenMP runtime (libgomp.so.1) and thread count.

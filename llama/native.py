@@ -1,12 +1,16 @@
-"""The one-token decoding step in C (`llama/native.c`), for fp32 on the CPU.
+"""The one-token decoding step in C (`llama/native.c`) on the CPU: fp32 or bf16
+activations, with fp32, bf16, int8 or int4 weights.
 
 `pip install -e .` compiles `llama/native.c` into `llama/_native*.so` where a
 C compiler is found (setup.py; the build is optional). Where the library is
-there, `Llama.build` on the CPU in fp32 lays the weights out for it (Meta's
-[out, in] matrices, q|k|v and w1|w3 stacked, copied into RAM: layout
-"native" in `llama.kernels`) and runs every one-token step of a model on one
-rank through `llama_decode_step`; prompts and everything else run the
-eager forward on the same weights. Where it is not, fp32 runs torch's kernels
+there, `Llama.build` on the CPU in fp32 or bf16 lays the weights out for it
+(Meta's [out, in] matrices, q|k|v and w1|w3 stacked, copied into RAM: layout
+"native" in `llama.kernels`), and int8 and int4 models with fp32 activations
+keep their kernels' matrices (each kernel's `c_matrix()` says what C reads;
+`Transformer.kernel_slots()` and `slot_matrix()` list them). Every one-token
+step of a model on one rank then runs through `llama_decode_step`
+(`llama.decode_step` chooses it); prompts and everything else run the eager
+forward on the same weights. Where it is not, fp32 runs torch's kernels
 ("transposed" layout) and one line says why. `LLAMA_NATIVE=0` turns it off.
 
 The library holds the products for several instruction sets (on x86-64:
@@ -33,6 +37,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from llama import distributed
 
 ABI = 8  # LLAMA_NATIVE_ABI in native.c
 ISA_VARIABLE = "LLAMA_NATIVE_ISA"
@@ -225,8 +231,6 @@ def notice_variant() -> None:
     _load()
     if _variant_notice is None:
         return
-    from llama import distributed
-
     if distributed.is_first_rank():
         print(_variant_notice, file=sys.stderr)
     _variant_notice = None
@@ -250,8 +254,6 @@ def notice_fallback() -> None:
     if _noticed or reason is None:
         return
     _noticed = True
-    from llama import distributed
-
     if distributed.is_first_rank():
         print(f"llama: fp32 on the CPU decodes with torch's kernels, slower at batch 1: {reason}", file=sys.stderr)
 
@@ -279,48 +281,31 @@ def matrix(kernel, weight: Optional[torch.Tensor], keep: List) -> "_Matrix":
     return _Matrix(kind, weight.shape[0], weight.shape[1], 0, weight.data_ptr(), None)
 
 
-def _slot_contents(model, layer_or_model, slot: str):
-    """(kernel module or None, fp32 [out, in] weight or None) of one slot of `model`."""
-    kernel = getattr(layer_or_model, slot)
-    if kernel is not None:
-        return kernel, None
-    rows = getattr(model, "_prepared", False) == "rows"
-    if slot == "qkv_kernel":
-        return None, layer_or_model.wqkv.t() if rows and layer_or_model.wqkv is not None else None
-    if slot == "w13_kernel":
-        return None, layer_or_model.w13.t() if rows and layer_or_model.w13 is not None else None
-    weight = {"wo_kernel": lambda: layer_or_model.wo.weight, "w2_kernel": lambda: layer_or_model.w2.weight,
-              "output_kernel": lambda: layer_or_model.output.weight}[slot]()
-    return None, weight if weight is not None and weight.is_contiguous() else None
-
-
 def supports(model) -> bool:
     """Whether `DecodeStep(model)` can run `model`: CPU, one rank, and either
     fp32 activations with every matrix fp32 in the native layout or int8 / int4
     in a kernel C reads, or bf16 throughout with the matrices in the native layout."""
-    from llama import kernels
-
     weight = model.tok_embeddings.weight
     if not (available() and model.model_parallel_size == 1 and weight.device.type == "cpu"
             and weight.dtype in DTYPES):
         return False
     try:
         keep: List = []
-        kinds = {matrix(*_slot_contents(model, owner, slot), keep).kind for owner, slot, _ in kernels._slots(model)}
+        kinds = {matrix(*model.slot_matrix(owner, slot), keep).kind for owner, slot, _ in model.kernel_slots()}
     except RuntimeError:
         return False
     return kinds == {BF16} if weight.dtype == torch.bfloat16 else BF16 not in kinds
 
 
-def _quantized_parts(kernel):
-    """(w, scale or None, kind, group) of an int8 or int4 kernel module that C reads, else None."""
-    from llama import kernels
+_KINDS = {"int8": INT8, "int4": INT4}
 
-    if isinstance(kernel, kernels.Int8Linear):
-        return kernel.qweight, kernel.scale, INT8, 0
-    if isinstance(kernel, kernels.NativeInt4Linear):
-        return kernel.packed, None, INT4, kernel.group_size
-    return None
+
+def _quantized_parts(kernel):
+    """(w, scale or None, kind, group) of a kernel module that C reads (it has `c_matrix`), else None."""
+    if kernel is None or not hasattr(kernel, "c_matrix"):
+        return None
+    kind, w, scale, group = kernel.c_matrix()
+    return w, scale, _KINDS[kind], group
 
 
 def _quantized_matrix(w: torch.Tensor, scale: Optional[torch.Tensor], kind: int, group: int, rows: int,
@@ -508,12 +493,12 @@ class DecodeStep:
 
         def matrices(owner_of, slot) -> int:
             array = (_Matrix * len(model.layers))(
-                *[matrix(*_slot_contents(model, owner_of(layer), slot), keep) for layer in model.layers]
+                *[matrix(*model.slot_matrix(owner_of(layer), slot), keep) for layer in model.layers]
             )
             keep.append(array)
             return ctypes.addressof(array)
 
-        output = matrix(*_slot_contents(model, model, "output_kernel"), keep)
+        output = matrix(*model.slot_matrix(model, "output_kernel"), keep)
         keep.append(output)
         attention = model.layers[0].attention
         self._model = _Model(
@@ -535,10 +520,10 @@ class DecodeStep:
         )
         self._keep = keep
         self._scratch.clear()
-        self._bound_to = model._layout_version
+        self._bound_to = model.layout_version
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        if self._bound_to != self.model._layout_version:
+        if self._bound_to != self.model.layout_version:
             self._bind()
         bsz = tokens.shape[0]
         ids = tokens.reshape(bsz).to(torch.int64).contiguous()

@@ -18,15 +18,11 @@ weight: a rank at any model-parallel size, quantizing its own part while
 loading, gets the same numbers as the offline checkpoint, so the two give
 identical tokens and a quantized checkpoint reshards like any other.
 
-A quantized checkpoint keeps Meta's keys: `...wq.weight` holds int8 values
-(int8) or two 4-bit values a byte (uint8, (out, in / 2), the even input
-column in the low nibble). Next to it are `...wq.weight_scale` (fp32; int8:
-(out,), int4: (out, in / group_size)) and, for int4, `...wq.weight_zero`.
-`params.json` gains `"quantization": {"mode": ..., "group_size": ...,
-"output": true|false}`. `Llama.build` loads it directly.
+The file format (keys, shapes, params.json's entry) is `llama/quant_format.py`;
+its names are re-exported here. `install` puts a rank's quantized weights
+into a model as the kernels of `llama/kernels.py`.
 """
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -34,154 +30,33 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from llama.model import ModelArgs, ffn_hidden_dim
-
-# The command line (llama/quantize.py) lists them without importing torch.
-from llama.quantize import GROUP_SIZES, MODES  # noqa: E402,F401
-# Measured on the 100M shape (benchmarks/quality.py, bench.py): see docs/compressed-weights.md.
-DEFAULT_GROUP_SIZE = 32
-# Measured: quantizing the output projection costs little (docs/compressed-weights.md), so it is.
-DEFAULT_QUANTIZE_OUTPUT = True
-
-_BLOCK_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-_ROW_PARALLEL = ("wo", "w2")
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    mode: str
-    group_size: Optional[int] = None  # int4 only
-    output: bool = DEFAULT_QUANTIZE_OUTPUT  # whether the output projection is quantized
-
-    def to_params(self) -> Dict:
-        entry = {"mode": self.mode}
-        if self.group_size is not None:
-            entry["group_size"] = self.group_size
-        entry["output"] = self.output
-        return entry
-
-    def describe(self) -> str:
-        group = f", group size {self.group_size}" if self.group_size else ""
-        return f"{self.mode}{group}{'' if self.output else ', output projection unquantized'}"
-
-
-def make_config(
-    quantize: Optional[str], group_size: Optional[int] = None, quantize_output: Optional[bool] = None
-) -> Optional[QuantConfig]:
-    """The checked configuration for `build(quantize=..., group_size=...)`; None for no quantization."""
-    if quantize is None:
-        if group_size is not None:
-            raise ValueError(f"group_size={group_size} is for quantize='int4'; no quantization was asked for")
-        return None
-    if quantize not in MODES:
-        raise ValueError(f"unknown quantize={quantize!r}; use None, 'int8' or 'int4'")
-    if quantize == "int8":
-        if group_size is not None:
-            raise ValueError("group_size is for int4; int8 is quantized per output channel")
-        return QuantConfig("int8", None, DEFAULT_QUANTIZE_OUTPUT if quantize_output is None else quantize_output)
-    if group_size is None:
-        group_size = DEFAULT_GROUP_SIZE
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
-        raise ValueError(f"int4 group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
-    return QuantConfig("int4", group_size, DEFAULT_QUANTIZE_OUTPUT if quantize_output is None else quantize_output)
-
-
-def config_from_params(params: Mapping, source: str = "params.json") -> Optional[QuantConfig]:
-    """The quantization a checkpoint's params.json records, or None."""
-    entry = params.get("quantization")
-    if entry is None:
-        return None
-    if not isinstance(entry, dict) or set(entry) - {"mode", "group_size", "output"} or "mode" not in entry:
-        raise ValueError(f"{source}: 'quantization' must be {{'mode', 'group_size', 'output'}}, got {entry!r}")
-    output = entry.get("output", True)
-    if not isinstance(output, bool):
-        raise ValueError(f"{source}: quantization 'output' must be true or false, got {output!r}")
-    try:
-        return make_config(entry["mode"], entry.get("group_size"), output)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from e
-
+from llama import atomic, checkpoint, family, kernels, memory, native
+from llama.quant_format import (  # noqa: F401  (the format's names, re-exported: callers use them from here)
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_QUANTIZE_OUTPUT,
+    GROUP_SIZES,
+    MODES,
+    QuantConfig,
+    check_fit,
+    config_from_params,
+    is_quantization_part,
+    is_quantized,
+    make_config,
+    needs_whole_rows,
+    quantized_shapes,
+    scale_key,
+    zero_key,
+)
+from llama.checkpoint import stored_dtype  # noqa: F401
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """Activation dtype of a quantized model when none is given: on the CPU fp32
     where the C step is compiled (it reads int8 and int4 matrices with fp32
     activations, `llama/native.c`), else bf16 (torch's kernels' fast input on
     the CPU; what int4 needs on CUDA)."""
-    from llama import native
-
     if torch.device(device).type == "cpu" and native.available():
         return torch.float32
     return torch.bfloat16
-
-
-def is_quantized(key: str, config: QuantConfig) -> bool:
-    """Whether the Meta weight `key` is quantized under `config`."""
-    parts = key.split(".")
-    if parts[-1] != "weight" or len(parts) < 2:
-        return False
-    if parts[-2] == "output":
-        return config.output
-    return parts[-2] in _BLOCK_MATRICES
-
-
-def scale_key(key: str) -> str:
-    return key + "_scale"
-
-
-def zero_key(key: str) -> str:
-    return key + "_zero"
-
-
-def is_quantization_part(key: str) -> bool:
-    """Whether `key` is a scale or zero tensor (kept in fp32 whatever the model's dtype)."""
-    return key.endswith(("weight_scale", "weight_zero"))
-
-
-def quantized_shapes(shapes: Mapping[str, Tuple[int, ...]], config: QuantConfig) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor of a checkpoint quantized by `config`, from the unquantized full shapes."""
-    out = {}
-    for key, shape in shapes.items():
-        if not is_quantized(key, config):
-            out[key] = shape
-            continue
-        rows, cols = shape
-        if config.mode == "int8":
-            out[key] = shape
-            out[scale_key(key)] = (rows,)
-        else:
-            out[key] = (rows, cols // 2)
-            out[scale_key(key)] = (rows, cols // config.group_size)
-            out[zero_key(key)] = (rows, cols // config.group_size)
-    return out
-
-
-def stored_dtype(key: str, config: QuantConfig) -> Optional[torch.dtype]:
-    """The dtype a quantized checkpoint must hold `key` in, or None for a float weight."""
-    if is_quantization_part(key):
-        return torch.float32
-    if is_quantized(key, config):
-        return torch.int8 if config.mode == "int8" else torch.uint8
-    return None
-
-
-def check_fit(args: ModelArgs, config: QuantConfig, model_parallel_sizes) -> None:
-    """Raise ValueError unless int4 groups divide each quantized matrix's inputs on every size given."""
-    if config.mode != "int4":
-        return
-    head_dim = args.dim // args.n_heads
-    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
-    g = config.group_size
-    for mp in sorted(set(model_parallel_sizes)):
-        inputs = [("dim", args.dim), ("the attention output width (wo's inputs)", args.n_heads * head_dim // mp),
-                  ("the feed-forward hidden size (w2's inputs)", hidden // mp)]
-        if mp == 1:
-            inputs = inputs[:1] + [(n, v) for n, v in inputs[1:]]
-        for name, value in inputs:
-            if value % g != 0:
-                where = "" if mp == 1 else f" on each of {mp} model-parallel ranks"
-                fits = [s for s in GROUP_SIZES if value % s == 0]
-                hint = f"; group sizes that fit: {', '.join(map(str, fits))}" if fits else ""
-                raise ValueError(f"int4 group size {g} does not divide {name} = {value}{where}{hint}")
 
 
 # Rows quantized at a time: bounds the fp32 temporaries (~4 MB each) whatever the matrix.
@@ -232,9 +107,7 @@ def dequantize(parts: Mapping[str, torch.Tensor], key: str, config: QuantConfig)
     q, scale = parts[key], parts[scale_key(key)]
     if config.mode == "int8":
         return q.float() * scale[:, None]
-    from llama.kernels import unpack_nibbles
-
-    values = unpack_nibbles(q).float()
+    values = kernels.unpack_nibbles(q).float()
     rows, cols = values.shape
     groups = values.reshape(rows, cols // config.group_size, config.group_size)
     return ((groups - 8) * scale[..., None] + parts[zero_key(key)][..., None]).reshape(rows, cols)
@@ -249,17 +122,9 @@ def quantize_tensor(key: str, w: torch.Tensor, config: QuantConfig) -> Dict[str,
     return {key: nibbles, scale_key(key): scale, zero_key(key): zero}
 
 
-def needs_whole_rows(key: str, config: QuantConfig, model_parallel_size: int) -> bool:
-    """Whether a rank's part of `key` cannot be quantized alone: int8 scales span whole
-    rows, which row-parallel matrices (wo, w2) split across ranks."""
-    return config.mode == "int8" and model_parallel_size > 1 and key.split(".")[-2] in _ROW_PARALLEL
-
-
 def converter(config: QuantConfig, dtype: Optional[torch.dtype], model_parallel_size: int):
     """A `convert` for `checkpoint.assemble_rank`: quantizes each weight `config` covers
     (from its values as stored, in fp32), and converts the rest to `dtype`."""
-
-    from llama.checkpoint import return_freed_memory
 
     def convert(key: str, part: torch.Tensor, whole: Callable[[], Tuple[torch.Tensor, Tuple[int, int, int]]]):
         if not is_quantized(key, config):
@@ -274,7 +139,7 @@ def converter(config: QuantConfig, dtype: Optional[torch.dtype], model_parallel_
         # The temporaries were freed into the heaps of the threads that ran the
         # ops; without this, glibc keeps them and resident memory grows by
         # ~2x the quantized model over a load with 2 threads.
-        return_freed_memory()
+        memory.return_freed_memory()
         return parts
 
     return convert
@@ -288,15 +153,13 @@ def quantize_checkpoint(src, dst, config: QuantConfig, progress: bool = True) ->
     Raises ValueError naming a weight of `src` that is not finite (it would
     make NaN scales), as `checkpoint.load_for_rank` does.
     """
-    from llama import atomic, checkpoint
-
     src, dst = Path(src), Path(dst)
     shards = checkpoint.find_shards(src)
     atomic.require_new_dir(dst)
     params = checkpoint.read_params(src)
     if params.get("quantization") is not None:
         raise ValueError(f"{str(src)!r} is already quantized ({config_from_params(params).describe()})")
-    args = checkpoint.model_args_of_checkpoint(src, shards)
+    args = family.model_args_of_checkpoint(src, shards)
     n = len(shards)
     check_fit(args, config, [n])
     with atomic.output_dir(dst) as out:
@@ -321,8 +184,6 @@ def install(model, state_dict: Dict[str, torch.Tensor], config: QuantConfig, dev
 
     Consumes `state_dict`: each matrix's parts are dropped once its kernel is made.
     """
-    from llama import checkpoint, kernels, native
-
     kernels.check_kernel(config.mode, device, dtype)
 
     def make(keys: List[str]):
@@ -347,10 +208,10 @@ def install(model, state_dict: Dict[str, torch.Tensor], config: QuantConfig, dev
 
     def make_and_trim(keys: List[str]):
         kernel = make(keys)
-        checkpoint.return_freed_memory()  # the joined parts and packing temporaries
+        memory.return_freed_memory()  # the joined parts and packing temporaries
         return kernel
 
     kernels.install(model, make_and_trim)
     checkpoint.load_into(model, state_dict, device, dtype, source="the quantized checkpoint")
     model.quantization = config
-    checkpoint.return_freed_memory()
+    memory.return_freed_memory()

@@ -4,15 +4,13 @@
 
 `Llama.build(DST, ...)` then loads the int8 or int4 weights directly,
 without quantizing at every start. The format and the arithmetic are in
-`llama/quantization.py`; this module is the command line only, so that
+`llama/quant_format.py` and `llama/quantization.py`; this module is the command line only, so that
 `--help` and a mistyped flag answer before torch is imported.
 """
 
 
 from llama import cli
-
-MODES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)
+from llama.quant_format import GROUP_SIZES, MODES  # no torch
 
 
 def main(argv=None) -> int:

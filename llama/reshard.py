@@ -30,12 +30,12 @@ def reshard(
     """
     import torch  # here, not at the top: `--help` need not wait for it
 
-    from llama import atomic, checkpoint, quantization
+    from llama import atomic, checkpoint, family, quantization
 
     src, dst = Path(src), Path(dst)
     shards = checkpoint.find_shards(src)
     checkpoint.require_new_dir(dst)
-    args = checkpoint.model_args_of_checkpoint(src, shards)
+    args = family.model_args_of_checkpoint(src, shards)
     checkpoint.check_model_parallel_fit(args, model_parallel_size, n_shards=len(shards))
     # A quantized checkpoint (llama/quantization.py) keeps its integer weights and scales as they are.
     quant = quantization.config_from_params(checkpoint.read_params(src), f"{str(src)!r}/params.json")

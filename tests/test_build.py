@@ -182,10 +182,10 @@ def test_bad_build_arguments(tiny_ckpt, kwargs, message):
 
 
 def test_cuda_graph_needs_cuda_and_excludes_compile(tiny_ckpt):
-    from llama.generation import _check_step_options
+    from llama.decode_step import check_options
 
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device; the model is on cpu"):
         build(tiny_ckpt, device="cpu", cuda_graph=True)
     with pytest.raises(ValueError, match="pass compile=True or cuda_graph=True, not both"):
-        _check_step_options(torch.device("cuda", 0), compile=True, cuda_graph=True)
-    _check_step_options(torch.device("cuda", 0), compile=False, cuda_graph=True)  # the one way it is allowed
+        check_options(torch.device("cuda", 0), compile=True, cuda_graph=True)
+    check_options(torch.device("cuda", 0), compile=False, cuda_graph=True)  # the one way it is allowed

@@ -179,7 +179,7 @@ def test_matching_dtype_is_assigned_from_the_mapped_file(tiny_ckpt):
 
 
 def test_progress_bar_on_request(tiny_ckpt_mp2, capsys):
-    args = checkpoint.model_args_from_params(checkpoint.read_params(tiny_ckpt_mp2), vocab_size=TINY["vocab_size"])
+    args = ModelArgs.from_params(checkpoint.read_params(tiny_ckpt_mp2), vocab_size=TINY["vocab_size"])
     shards = checkpoint.find_shards(tiny_ckpt_mp2)
     checkpoint.load_for_rank(shards, 0, 1, args, progress=True)  # small shards: no bar
     assert "Loading weights" not in capsys.readouterr().err

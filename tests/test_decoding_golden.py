@@ -92,7 +92,7 @@ def test_compiled_decode_step_matches_golden(tiny_tokenizer, tmp_path):
     # One shape only: compiling costs tens of seconds on two cores.
     ckpt = make_tiny_checkpoint(tmp_path, tokenizer=tiny_tokenizer, **SHAPES["tiny"])
     generator = build(ckpt, compile=True, fast_layout=True)
-    assert generator._compiled_step is not None
+    assert generator.step.kind == "compiled"
     # One compilation per batch size, not per sequence length: another length
     # (a token slice with another row stride) must reuse the compiled step.
     graphs = counters["stats"]["unique_graphs"]
@@ -134,9 +134,9 @@ def test_cuda_graph_step_matches_eager(tiny_ckpt, dtype):
         for got, want in zip(graphed[name]["logprobs"], eager[name]["logprobs"]):
             diff = (torch.tensor(got) - torch.tensor(want)).abs().max().item()
             assert diff <= (1e-4 if dtype == torch.float32 else 5e-2), f"{name}: logprobs moved by {diff:.2e}"
-    assert sorted(generator._graphed_step.graphs) == [1, len(PROMPTS)]
+    assert sorted(generator.step.one_token.graphs) == [1, len(PROMPTS)]
     again, _ = generator.generate([PROMPTS[0][:2]], max_gen_len=5, temperature=0)  # another length: no new graph
-    assert len(generator._graphed_step.graphs) == 2
+    assert len(generator.step.one_token.graphs) == 2
     assert again == build(tiny_ckpt, **kwargs).generate([PROMPTS[0][:2]], max_gen_len=5, temperature=0)[0]
 
 

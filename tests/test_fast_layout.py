@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import Llama, checkpoint
+from llama import Llama, checkpoint, memory
 from llama.model import Transformer
 
 
@@ -45,7 +45,7 @@ def transposed(tiny_ckpt):
 @pytest.mark.parametrize("layout", ["native", "transposed"])
 def test_meta_parameters_are_views_of_the_fused_matrices(fast, transposed, tiny_ckpt, layout):
     model = (fast if layout == "native" else transposed).model
-    assert model._prepared == ("rows" if layout == "native" else "transposed")
+    assert model.weight_layout == ("rows" if layout == "native" else "transposed")
     shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
     state = model.state_dict()
     assert set(state) == set(shard)  # Meta's keys, nothing more
@@ -65,7 +65,7 @@ def test_meta_parameters_are_views_of_the_fused_matrices(fast, transposed, tiny_
     assert (model.output.weight.t() if layout == "transposed" else model.output.weight).is_contiguous()
 
 
-def test_loading_into_a_prepared_model_refuses_the_matrices(fast, tiny_ckpt):
+def test_loading_into_a_prepared_model_fuses_the_matrices_again(fast, tiny_ckpt):
     model = fast.model
     shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
     tokens = torch.tensor([[1, 45, 300, 12, 99]])
@@ -158,7 +158,7 @@ def test_the_default_cpu_build_uses_the_layout_the_benchmark_measures(generator,
                              torch.device("cpu"), torch.float32)
     for built in (generator, runner.generator):  # build's default, bench's first row
         model = built.model
-        assert model._prepared == "rows" and isinstance(built._native_step, native.DecodeStep)
+        assert model.weight_layout == "rows" and isinstance(built.step.one_token, native.DecodeStep)
         for layer in model.layers:
             assert layer.attention.wqkv is not None and layer.feed_forward.w13 is not None
             assert layer.attention.wo.weight.is_contiguous() and layer.feed_forward.w2.weight.is_contiguous()
@@ -170,7 +170,7 @@ def test_the_default_cpu_build_uses_the_layout_the_benchmark_measures(generator,
 def test_the_page_releaser_drops_only_tensors_mapped_from_the_shards(tiny_ckpt):
     shard_path = tiny_ckpt / "consolidated.00.pth"
     shard = checkpoint.load_shard(shard_path)
-    release = checkpoint.mapped_page_releaser([shard_path])
+    release = memory.mapped_page_releaser([shard_path])
     big = torch.arange(1 << 20, dtype=torch.float32)  # anonymous memory, several pages
     release(big)
     assert torch.equal(big, torch.arange(1 << 20, dtype=torch.float32))  # untouched
@@ -195,6 +195,6 @@ def test_the_page_releaser_drops_a_mapped_tensors_pages(tmp_path):
     weight = checkpoint.load_shard(path)["w"]
     assert float(weight.sum()) == 4 << 20  # every page read
     resident = _file_backed_resident_kib()
-    checkpoint.mapped_page_releaser([path])(weight)
+    memory.mapped_page_releaser([path])(weight)
     assert resident - _file_backed_resident_kib() > 12 * 1024
     assert float(weight.sum()) == 4 << 20  # read back from the file

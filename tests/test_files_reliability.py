@@ -22,6 +22,7 @@ import torch
 from conftest import REPO, interruptible, rewrite_shard, subprocess_env
 from llama import Llama, checkpoint, convert_hf
 from llama.reshard import reshard
+from llama.args import ModelArgs
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
@@ -178,7 +179,7 @@ def test_to_hf_writes_safetensors_with_the_mode_of_its_other_files(tmp_path, hf_
 def test_a_huge_n_layers_fails_in_well_under_a_second(tmp_path, tiny_ckpt, hf_dir):
     ckpt = copy_ckpt(tiny_ckpt, tmp_path / "ckpt")
     edit_params(ckpt, n_layers=1_000_000)
-    args = checkpoint.model_args_from_params(checkpoint.read_params(ckpt))
+    args = ModelArgs.from_params(checkpoint.read_params(ckpt))
     calls = [
         lambda: checkpoint.load_for_rank(checkpoint.find_shards(ckpt), 0, 1, args),
         lambda: reshard(ckpt, tmp_path / "resharded", 1, progress=False),

@@ -19,6 +19,7 @@ from conftest import REPO, subprocess_env
 from llama import Llama, checkpoint, kernels, native
 from llama.model import ModelArgs, Transformer
 from llama.tiny import make_tiny_checkpoint, random_weights
+from llama.decode_step import DecodeStep
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
 # (test_fast_layout.py fails, naming the reason, where the library is missing:
@@ -99,7 +100,7 @@ def test_native_step_refuses_a_token_outside_the_vocabulary_and_a_position_outsi
 
 def test_native_step_follows_weights_loaded_into_the_model(tiny_ckpt):
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=2)
-    model, step = generator.model, generator._native_step
+    model, step = generator.model, generator.step.one_token
     assert step is not None
     shard = checkpoint.load_shard(tiny_ckpt / "consolidated.00.pth")
     token = torch.tensor([[7]])
@@ -115,7 +116,7 @@ def test_greedy_tokens_and_logprobs_match_the_eager_step(tiny_ckpt):
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=4)
     prompts = [[1, 100, 200, 300], [1, 42], [1, 7, 8, 9, 10, 11, 12, 13]]
     ours, ours_lp = generator.generate(prompts, max_gen_len=20, temperature=0, logprobs=True)
-    generator._native_step = None
+    generator.step = DecodeStep(generator.model)  # eager
     eager, eager_lp = generator.generate(prompts, max_gen_len=20, temperature=0, logprobs=True)
     assert ours == eager
     for a, b in zip(ours_lp, eager_lp):
@@ -134,7 +135,7 @@ def decode_in_a_process(ckpt, env=None, library=None):
         + f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
         f"g = Llama.build({str(ckpt)!r}, {str(ckpt / 'tokenizer.model')!r}, max_seq_len=32, max_batch_size=1)\n"
         "tokens = g.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0][0]\n"
-        "print(json.dumps(dict(layout=g.model._prepared, native=g._native_step is not None,\n"
+        "print(json.dumps(dict(layout=g.model.weight_layout, native=g.step.kind == 'native',\n"
         "                      variant=native.variant(), tokens=tokens)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env(env), capture_output=True,
@@ -244,16 +245,16 @@ def test_quantized_models_run_the_native_step_in_fp32(tiny_ckpt, mode, variant, 
                             quantize=mode)
     model = generator.model
     assert model.tok_embeddings.weight.dtype == torch.float32  # the CPU default with the C step
-    assert isinstance(generator._native_step, native.DecodeStep)
+    assert isinstance(generator.step.one_token, native.DecodeStep)
     tokens = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         model.forward(tokens[:, :6], 0)
         for pos in range(6, 9):
             eager = model.forward(tokens[:, pos : pos + 1], pos)
-            torch.testing.assert_close(generator._native_step(tokens[:, pos : pos + 1], pos), eager,
+            torch.testing.assert_close(generator.step.one_token(tokens[:, pos : pos + 1], pos), eager,
                                        atol=2e-5, rtol=2e-5)
     ours = generator.generate([[1, 100, 200], [1, 5]], max_gen_len=12, temperature=0)[0]
-    generator._native_step = None
+    generator.step = DecodeStep(generator.model)  # eager
     assert generator.generate([[1, 100, 200], [1, 5]], max_gen_len=12, temperature=0)[0] == ours
 
 
@@ -282,15 +283,15 @@ def test_bf16_model_runs_the_native_step_within_bf16_rounding(tiny_ckpt, variant
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3,
                             dtype=torch.bfloat16)
     model = generator.model
-    assert model._prepared == "rows" and model.layers[0].attention.qkv_kernel is None
-    assert isinstance(generator._native_step, native.DecodeStep)
+    assert model.weight_layout == "rows" and model.layers[0].attention.qkv_kernel is None
+    assert isinstance(generator.step.one_token, native.DecodeStep)
     tokens = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         model.forward(tokens[:, :6], 0)
         for pos in range(6, 9):
             eager = model.forward(tokens[:, pos : pos + 1], pos)
             k = model.layers[-1].attention.cache_k[:, :, pos].clone()
-            ours = generator._native_step(tokens[:, pos : pos + 1], pos)
+            ours = generator.step.one_token(tokens[:, pos : pos + 1], pos)
             # Two bf16 computations: a value of ~11 is within a few of its bf16 steps (0.0625).
             torch.testing.assert_close(ours, eager, atol=0.25, rtol=0)
             assert (ours.argmax(-1) == eager.argmax(-1)).all()
@@ -318,11 +319,11 @@ MODES = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "int8": {"quantize": "in
 def decode(ckpt, options):
     """Logits of a two-row prompt (eager; int8 and int4 products in C) and of three C steps after it."""
     generator = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=2, **options)
-    assert isinstance(generator._native_step, native.DecodeStep)
+    assert isinstance(generator.step.one_token, native.DecodeStep)
     tokens = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         out = [generator.model.forward(tokens[:, :5], 0)[:, -1]]
-        out += [generator._native_step(tokens[:, p : p + 1], p)[:, -1] for p in range(5, 8)]
+        out += [generator.step.one_token(tokens[:, p : p + 1], p)[:, -1] for p in range(5, 8)]
     return torch.stack(out).float()
 
 
@@ -349,7 +350,7 @@ def test_every_variant_decodes_the_golden_tokens(tiny_tokenizer, tiny_ckpt, tmp_
     use_kernels(variant)
     for shape, kwargs in GOLDEN_SHAPES.items():
         generator = build(make_tiny_checkpoint(tmp_path / shape, tokenizer=tiny_tokenizer, **kwargs))
-        assert generator._native_step is not None
+        assert generator.step.kind == "native"
         assert_matches_golden(shape, run_cases(generator))
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=8)
     tokens, _ = generator.generate(GOLDEN_PROMPTS, max_gen_len=GOLDEN_GEN_LEN, temperature=0)

@@ -14,6 +14,7 @@ import torch
 from conftest import cuda_only
 from llama import Llama
 from llama.generation import sample_next_token
+from llama.decode_step import DecodeStep
 
 PROMPTS = ["the river", "one two three", "a quiet village", "Café naïve über", "x", "seven eight"]
 
@@ -202,8 +203,8 @@ def test_a_non_finite_generation_leaves_the_llama_working_for_later_shorter_ones
     generator = build(tiny_ckpt, max_batch_size=1, device=device, compile=step == "compile",
                       cuda_graph=step == "cuda_graph")
     if step == "eager":
-        generator._native_step = None
-    assert (generator._native_step is not None) == (step == "C")
+        generator.step = DecodeStep(generator.model)  # eager
+    assert (generator.step.kind == "native") == (step == "C")
     healthy = [[1, 5, 6]]
     fresh = generator.generate(healthy, max_gen_len=4, temperature=0)  # what a fresh Llama gives
     assert len(fresh[0][0]) == 4
