@@ -59,7 +59,7 @@ once()  # warm-up
 print("ready", flush=True)
 for line in sys.stdin:
     seconds, made = once()
-    step = llama._native_step
+    step = llama.step.one_token if llama.step.kind == "native" else None
     count = step._threads.current if step is not None and step._threads is not None else None
     print(json.dumps({"seconds": seconds, "tokens": made, "threads_now": count}), flush=True)
 """

@@ -49,7 +49,7 @@ with torch.inference_mode():
             times.append(now - start)
         start = now
 result = {"ms_per_token": 1e3 * statistics.median(times), "world_size": dist.get_world_size(),
-          "threads": torch.get_num_threads(), "native_step": llama._native_step is not None}
+          "threads": torch.get_num_threads(), "step": llama.step.kind}
 if dist.get_world_size() > 1:
     x = torch.randn(1, llama.model.params.dim)
     for _ in range(20):
@@ -59,8 +59,7 @@ if dist.get_world_size() > 1:
         dist.all_reduce(x)
     result["all_reduce_us"] = 1e6 * (time.perf_counter() - t) / 200
 else:
-    step = llama._native_step
-    if step is not None:  # the C step alone on one thread, for the floor of model-parallel 2
+    if llama.step.kind == "native":  # the C step alone on one thread, for the floor of model-parallel 2
         os.environ["LLAMA_NATIVE_THREADS"] = "1"
         from llama import native
         one = native.DecodeStep(llama.model)
