@@ -124,4 +124,10 @@ def choose(model: Transformer, compile: bool = False, cuda_graph: bool = False) 
         return DecodeStep(model, "compiled", CompiledDecodeStep(model))
     if native.supports(model):
         return DecodeStep(model, "native", native.DecodeStep(model))
+    if device.type == "cpu" and model.model_parallel_size > 1 and native.available() and distributed.is_first_rank():
+        # On one machine the ranks split its cores and memory bandwidth, and each layer's two
+        # all-reduces would cost a C step there more than it saves (benchmarks/cpu_mp.py).
+        print(f"llama: on the CPU, {model.model_parallel_size} ranks decode with PyTorch's step; on one machine "
+              "world size 1 (torchrun --nproc_per_node 1) loads this checkpoint too and decodes faster, in C "
+              "on every core", file=sys.stderr)
     return DecodeStep(model)
