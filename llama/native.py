@@ -405,12 +405,13 @@ class ThreadCount:
     count moves there when that step was clearly faster than the recent steps at this one.
 
     A count is first tried after four steps, and again only after the steps since it last ran have taken `patience` times
-    its last step (at most `longest_wait` seconds), so trying a slower count costs at most about
-    1/`patience` of the time; the cost of noticing that the machine has changed is a wait
-    of up to `longest_wait` seconds.
+    its last step, or `longest_wait` seconds if that is sooner: trying a slower count costs about
+    1/`patience` of the time (more only where one step at that count takes a good part of
+    `longest_wait`), and a machine that has changed is noticed within `longest_wait` seconds of
+    decoding.
     """
 
-    def __init__(self, most: int, patience: float = 50.0, longest_wait: float = 5.0, faster: float = 0.8):
+    def __init__(self, most: int, patience: float = 10.0, longest_wait: float = 2.0, faster: float = 0.8):
         self.most, self.patience, self.longest_wait, self.faster = most, patience, longest_wait, faster
         self.current = most
         self._recent: deque = deque(maxlen=8)  # seconds of the latest steps at `current`
