@@ -260,13 +260,11 @@ def test_quantized_models_run_the_native_step_in_fp32(tiny_ckpt, mode, variant, 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_int8_prompts_run_the_c_product_with_fp32_activations(monkeypatch, variant, use_kernels):
-    from llama.kernels import Int8Linear
-
     use_kernels(variant)
     gen = torch.Generator().manual_seed(4)
     q = torch.randint(-127, 128, (20, 48), generator=gen, dtype=torch.int8)
     scale = torch.rand(20, generator=gen) * 0.01
-    kernel = Int8Linear(q, scale, torch.float32)
+    kernel = kernels.quantized_kernel("int8", q, scale, None, None, torch.float32)
     x = torch.randn(2, 7, 48, generator=gen)
     want = torch.nn.functional.linear(x, q.float() * scale[:, None])
     torch.testing.assert_close(kernel(x), want, atol=2e-5, rtol=2e-5)
@@ -283,7 +281,7 @@ def test_bf16_model_runs_the_native_step_within_bf16_rounding(tiny_ckpt, variant
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3,
                             dtype=torch.bfloat16)
     model = generator.model
-    assert model.weight_layout == "rows" and model.layers[0].attention.qkv_kernel is None
+    assert model.weight_layout == "rows" and isinstance(model.layers[0].attention.qkv_kernel, kernels.FusedLinear)
     assert isinstance(generator.step.one_token, native.DecodeStep)
     tokens = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -454,7 +452,7 @@ def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, monkeypatc
     if mode == "int8":
         q = torch.randint(-127, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
         scale = torch.rand(out_features, generator=gen) * 0.01
-        kernel = Int8Linear(q, scale, torch.float32)
+        kernel = kernels.quantized_kernel("int8", q, scale, None, None, torch.float32)
         weight = q.float() * scale[:, None]
     else:
         q = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
