@@ -423,6 +423,11 @@ class Llama:
         # Shard files the weights are still memory-mapped from (set by build).
         self._mapped_files: Optional[memory.MappedFiles] = None
 
+    def _max_gen_len_or_default(self, max_gen_len: Optional[int]) -> int:
+        """The completions' `max_gen_len`; None (their default, as in Meta's
+        reference) means max_seq_len - 1: as long as the cache allows."""
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
     def _forward(self, tokens: torch.Tensor, start_pos: int, last_logits_only: bool) -> torch.Tensor:
         """The model's logits for `tokens` at `start_pos`, by this Llama's decode step."""
         return self.step(tokens, start_pos, last_logits_only=last_logits_only)
@@ -608,8 +613,7 @@ class Llama:
             raise ValueError("prompts must be a list of strings; wrap a single prompt in a list")
         for i, prompt in enumerate(prompts):
             check_encodable(prompt, f"prompt {i}")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens,
@@ -651,8 +655,7 @@ class Llama:
         prefixes, suffixes = list(prefixes), list(suffixes)
         if len(prefixes) != len(suffixes):
             raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; give one suffix per prefix")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = [
             infilling_prompt_tokens(self.tokenizer, prefix, suffix, suffix_first=suffix_first)
             for prefix, suffix in zip(prefixes, suffixes)
@@ -693,8 +696,7 @@ class Llama:
         (empty, wrong role order, ending with the assistant).
         """
         _check_sampling(temperature, top_p)
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = []
         for i, dialog in enumerate(dialogs):
             try:
@@ -800,8 +802,7 @@ class Llama:
                 "call it once per prompt"
             )
         check_encodable(prompt, "the prompt")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
         return self._stream_text(self.stream_generate(prompt_tokens, max_gen_len, temperature, top_p))
 
@@ -820,8 +821,7 @@ class Llama:
         drawn (so the random state moves on as in `chat_completion`). Raises
         ValueError for a dialog the format cannot encode, before the first piece.
         """
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = self.family.encode_dialog(self.tokenizer, dialog)
         token_stream = self.stream_generate(prompt_tokens, max_gen_len, temperature, top_p)
         if self.family.refuses(dialog):

@@ -42,7 +42,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama.args import ModelArgs, ffn_hidden_dim  # noqa: F401  (callers import them from here too)
+from llama.args import ModelArgs, ffn_hidden_dim, swiglu_hidden_dim  # noqa: F401  (callers import them from here too)
 
 
 def _no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -316,9 +316,8 @@ class FeedForward(nn.Module):
         ffn_dim_multiplier: Optional[float],
     ):
         super().__init__()
-        # `hidden_dim` is accepted as the reference's signature has it (4 * dim);
-        # the size actually used follows from dim, multiple_of and the multiplier.
-        hidden_dim = ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
+        # Meta's sizing from `hidden_dim` (TransformerBlock passes 4 * dim, as the reference does).
+        hidden_dim = swiglu_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
         self.model_parallel_size = fs_init.get_model_parallel_world_size()
 
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
