@@ -352,6 +352,28 @@ def install(model: nn.Module, make, layout: str) -> None:
     model.layout_version += 1  # the C step re-reads its pointers
 
 
+class WidenedBf16Linear(FusedLinear):
+    """The rows layout in bf16 on a CPU without bf16 arithmetic (no AVX512-BF16: torch's bf16
+    product there is several times slower than its fp32 one). One row of x (a decoding step
+    outside C) is `FusedLinear`'s product; a prompt (`native.PROMPT_ROWS` rows or more) multiplies
+    fp32 copies of the weights, a block of rows at a time, in fp32, and rounds the result to bf16
+    once, as `F.linear` in bf16 does (its sums are fp32 too)."""
+
+    BLOCK_FLOATS = 1 << 21  # 8 MB of fp32 weights a block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] < native.PROMPT_ROWS:
+            return x @ self.fused
+        rows = self.fused.t()  # (sum of out, in)
+        wide = x2.float()
+        y = torch.empty(x2.shape[0], rows.shape[0], dtype=x.dtype, device=x.device)
+        block = max(16, self.BLOCK_FLOATS // rows.shape[1])
+        for first in range(0, rows.shape[0], block):
+            y[:, first:first + block] = wide @ rows[first:first + block].float().t()
+        return y.view(*x.shape[:-1], rows.shape[0])
+
+
 def prepare(model: nn.Module, layout: str, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
     """Lay the loaded (unquantized) weights of `model` out as `layout`: the one
     place an unquantized model's kernels are made.
@@ -364,7 +386,11 @@ def prepare(model: nn.Module, layout: str, release: Optional[Callable[[torch.Ten
     layers_of = lambda keys: [model.get_submodule(key.rsplit(".", 1)[0]) for key in keys]  # noqa: E731
     if layout in ("transposed", "native"):
         rows = layout == "native"
-        install(model, lambda keys: FusedLinear(*layers_of(keys), rows=rows, release=release),
+        weight = model.tok_embeddings.weight
+        widen = (rows and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                 and not mkldnn_bf16_available())
+        kind = WidenedBf16Linear if widen else FusedLinear
+        install(model, lambda keys: kind(*layers_of(keys), rows=rows, release=release),
                 "rows" if rows else "transposed")
         return
     if layout != "mkldnn":

@@ -473,3 +473,32 @@ def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, monkeypatc
     rows = [kernel(x[:, i:i + 1]) for i in range(4)]  # one row at a time: the C product
     torch.testing.assert_close(blocked[:, :4], torch.cat(rows, dim=1), atol=2e-5, rtol=2e-5)
     assert len(calls) == 1
+
+
+def test_a_bf16_prompt_on_a_cpu_without_bf16_arithmetic_runs_widened_to_fp32(monkeypatch):
+    """Where the CPU has no bf16 arithmetic, the bf16 rows layout's prompts multiply fp32 copies
+    of the weights (torch's bf16 product is slow there) and round once to bf16: the logits of
+    Meta's bf16 products (F.linear in bf16), to bf16 rounding; one-row steps keep x @ fused."""
+    from llama import distributed
+
+    monkeypatch.setattr(kernels, "mkldnn_bf16_available", lambda: False)
+    monkeypatch.setattr(kernels.WidenedBf16Linear, "BLOCK_FLOATS", 40 * 64)  # several blocks a matrix
+    distributed.init_distributed(torch.device("cpu"), 1)
+    shape = dict(SHAPES["gqa"], max_seq_len=80, max_batch_size=1)
+    models = {}
+    for layout in ("meta", "native"):
+        args = ModelArgs(**shape)
+        with checkpoint.init_on_meta():
+            model = Transformer(args)
+        checkpoint.load_into(model, random_weights(args, seed=3), torch.device("cpu"), torch.bfloat16,
+                             source="random")
+        model.setup_caches()
+        kernels.prepare(model, layout)
+        models[layout] = model.eval()
+    assert isinstance(models["native"].layers[0].attention.qkv_kernel, kernels.WidenedBf16Linear)
+    tokens = torch.randint(0, shape["vocab_size"], (1, native.PROMPT_ROWS + 3), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        meta, widened = (models[k].forward(tokens, 0) for k in ("meta", "native"))
+    assert widened.dtype == meta.dtype
+    torch.testing.assert_close(widened, meta, atol=0.05, rtol=0.02)
+    assert (widened.argmax(-1) == meta.argmax(-1)).float().mean() > 0.9
