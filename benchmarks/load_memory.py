@@ -89,7 +89,7 @@ def weight_bytes(model) -> int:
     """Bytes of the model's weights as held: parameters and kernel buffers, not caches."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for name, b in model.named_buffers():
-        if name.split(".")[-1] not in ("cache_k", "cache_v", "rope", "wqkv", "w13"):
+        if name.split(".")[-1] not in ("cache_k", "cache_v", "rope", "fused"):
             total += b.numel() * b.element_size()
     return total
 

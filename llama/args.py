@@ -66,7 +66,13 @@ class ModelArgs:
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
     """The SwiGLU hidden size the reference derives from params.json."""
-    hidden_dim = int(2 * (4 * dim) / 3)
+    return swiglu_hidden_dim(4 * dim, multiple_of, ffn_dim_multiplier)
+
+
+def swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Meta's `FeedForward` sizing: 2/3 of `hidden_dim` (the reference passes 4 * dim),
+    times the multiplier, rounded up to a multiple of `multiple_of`."""
+    hidden_dim = int(2 * hidden_dim / 3)
     if ffn_dim_multiplier is not None:
         hidden_dim = int(ffn_dim_multiplier * hidden_dim)
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)

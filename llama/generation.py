@@ -308,96 +308,40 @@ class Llama:
         that is not finite, a KV cache larger than the memory available.
         """
         wait_began = _LOAD_CLOCK.wait_began(time.time())
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_seed(seed)
-        distributed.check_launch_variables()
-        device = distributed.choose_device(device)
-        requested = quantization.make_config(quantize, group_size)
-        decode_step.check_options(device, compile, cuda_graph)
-        distributed.check_collective_timeout(collective_timeout_s)
         # Cheap checks first, so that a typo fails before any process group exists.
-        shards = checkpoint.find_shards(ckpt_dir)
-        params = checkpoint.read_params(ckpt_dir)
-        stored = quantization.config_from_params(params, f"{str(ckpt_dir)!r}/params.json")
-        if stored is not None and requested is not None and (
-            requested.mode != stored.mode or group_size not in (None, stored.group_size)
-        ):
-            raise ValueError(
-                f"{str(ckpt_dir)!r} is already quantized ({stored.describe()}); build it with "
-                f"quantize=None or quantize={stored.mode!r}{'' if stored.group_size is None else f', group_size={stored.group_size}'}"
-            )
-        quant = stored or requested
-        if quant is not None and dtype is None:
-            dtype = quantization.default_dtype(device)
-        dtype = distributed.choose_dtype(device, dtype)
-        if quant is not None:
-            kernels.check_kernel(quant.mode, device, dtype)
+        _check_build_arguments(max_seq_len, max_batch_size, seed, collective_timeout_s)
+        device = distributed.choose_device(device)
+        decode_step.check_options(device, compile, cuda_graph)
+        shards, params, quant = _read_checkpoint(ckpt_dir, quantize, group_size)
+        dtype = _activation_dtype(device, dtype, quant)
         checkpoint.check_model_parallel_fit(
             ModelArgs.from_params(params),
             distributed.planned_model_parallel_size(model_parallel_size),
             n_shards=len(shards),
         )
-        if tokenizer_path is None:
-            tokenizer_path = tokenizer_beside(ckpt_dir)
-            if tokenizer_path is None:
-                raise FileNotFoundError(f"no tokenizer.model in {str(ckpt_dir)!r} or its parent; pass tokenizer_path")
-        tokenizer = Tokenizer(model_path=str(tokenizer_path))
+        tokenizer, tokenizer_path = _read_tokenizer(ckpt_dir, tokenizer_path)
         # The family follows from the files; one that disagrees with the
         # tokenizer's fails here, before any process group or weight.
         model_family = family.detect(ckpt_dir, params, shards, tokenizer, tokenizer_path)
 
-        model_parallel_size = distributed.init_distributed(device, model_parallel_size)
-        distributed.relax_collective_timeout()  # loading may take long on some ranks
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # The seed must be the same on all ranks: they sample the same tokens.
-        torch.manual_seed(seed)
-        distributed.silence_other_ranks()
-
+        model_parallel_size = _start_ranks(device, model_parallel_size, seed)
         model_args = model_family.model_args(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         model_args.vocab_size = tokenizer.n_words
+        # Before any weight is read: a quantization or a cache that cannot fit fails in a moment.
         if quant is not None:
             quantization.check_fit(model_args, quant, [model_parallel_size])
-        # Before any weight is read: a cache that cannot fit fails in a moment.
         memory.check_cache_fits(model_args, model_parallel_size, device, dtype)
-        # Any shard count loads on any model-parallel size that divides it or
-        # that it divides: this rank's part is cut from the shards it needs.
+
         mapped_files = memory.MappedFiles()
-        # Quantizing at load: each tensor is quantized as soon as it is read.
-        state_dict = checkpoint.load_for_rank(
-            shards,
-            distributed.model_parallel_rank(),
-            model_parallel_size,
-            model_args,
-            device=device,
-            dtype=dtype,
-            progress=distributed.is_first_rank(),
-            mmap=mmap,
-            mapped_files=mapped_files,
-            quant=stored,
-            convert=None if stored is not None or requested is None
-            else quantization.converter(requested, dtype, model_parallel_size),
-            check_all_weights=check_weights,
-        )
-        with checkpoint.init_on_meta():
-            model = Transformer(model_args)
-        if quant is not None:
-            quantization.install(model, state_dict, quant, device, dtype)
-        else:
-            checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
-        del state_dict  # the model holds the weights now; each is freed once laid out below
+        model = _load_model(ckpt_dir, shards, model_args, model_parallel_size, device, dtype,
+                            quant, params.get("quantization") is not None, mmap, mapped_files, check_weights)
         if quant is None:
             # Laid out here rather than in from_model: each matrix still in the
             # mapped shard is dropped from memory once copied, so that the
             # copy does not double the resident memory.
             layout = kernels.choose_layout(device, dtype, fast_layout=fast_layout)
             kernels.prepare(model, layout, release=memory.mapped_page_releaser(shards))
-        fast_layout = False  # done: the quantized kernels, or the layout just made, are the layout
-        generator = Llama.from_model(
-            model, tokenizer, compile=compile, fast_layout=fast_layout, cuda_graph=cuda_graph
-        )
+        generator = Llama._ready(model, tokenizer, compile=compile, cuda_graph=cuda_graph)
         generator._mapped_files = mapped_files.keep_used_by([*model.parameters(), *model.buffers()])
         distributed.start_collective_timeout(collective_timeout_s)
         print(f"Loaded in {time.time() - wait_began:.2f} seconds")
@@ -448,11 +392,17 @@ class Llama:
         memory.check_cache_fits(
             model.params, model.model_parallel_size, device, dtype, already_held=held
         )
-        model.setup_caches()
         if decode_step.quantized_mode(model) is None:
             # The decoding layout of this device and dtype (llama/kernels.py);
             # a quantized model's kernels are its layout already.
             kernels.prepare(model, kernels.choose_layout(device, dtype, fast_layout=fast_layout))
+        return Llama._ready(model, tokenizer, compile=compile, cuda_graph=cuda_graph)
+
+    @staticmethod
+    def _ready(model: Transformer, tokenizer: Tokenizer, compile: bool, cuda_graph: bool) -> "Llama":
+        """The end of `build` and `from_model`, once the weights are checked, loaded
+        and laid out: the caches, eval mode and the decode step."""
+        model.setup_caches()
         model.eval()
         return Llama(model, tokenizer, decode_step.choose(model, compile=compile, cuda_graph=cuda_graph))
 
@@ -472,6 +422,11 @@ class Llama:
         self._in_progress = _GenerationInProgress()
         # Shard files the weights are still memory-mapped from (set by build).
         self._mapped_files: Optional[memory.MappedFiles] = None
+
+    def _max_gen_len_or_default(self, max_gen_len: Optional[int]) -> int:
+        """The completions' `max_gen_len`; None (their default, as in Meta's
+        reference) means max_seq_len - 1: as long as the cache allows."""
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
     def _forward(self, tokens: torch.Tensor, start_pos: int, last_logits_only: bool) -> torch.Tensor:
         """The model's logits for `tokens` at `start_pos`, by this Llama's decode step."""
@@ -658,8 +613,7 @@ class Llama:
             raise ValueError("prompts must be a list of strings; wrap a single prompt in a list")
         for i, prompt in enumerate(prompts):
             check_encodable(prompt, f"prompt {i}")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens,
@@ -701,8 +655,7 @@ class Llama:
         prefixes, suffixes = list(prefixes), list(suffixes)
         if len(prefixes) != len(suffixes):
             raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; give one suffix per prefix")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = [
             infilling_prompt_tokens(self.tokenizer, prefix, suffix, suffix_first=suffix_first)
             for prefix, suffix in zip(prefixes, suffixes)
@@ -743,8 +696,7 @@ class Llama:
         (empty, wrong role order, ending with the assistant).
         """
         _check_sampling(temperature, top_p)
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = []
         for i, dialog in enumerate(dialogs):
             try:
@@ -850,8 +802,7 @@ class Llama:
                 "call it once per prompt"
             )
         check_encodable(prompt, "the prompt")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
         return self._stream_text(self.stream_generate(prompt_tokens, max_gen_len, temperature, top_p))
 
@@ -870,8 +821,7 @@ class Llama:
         drawn (so the random state moves on as in `chat_completion`). Raises
         ValueError for a dialog the format cannot encode, before the first piece.
         """
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_default(max_gen_len)
         prompt_tokens = self.family.encode_dialog(self.tokenizer, dialog)
         token_stream = self.stream_generate(prompt_tokens, max_gen_len, temperature, top_p)
         if self.family.refuses(dialog):
@@ -893,6 +843,101 @@ class Llama:
             "tokens": self.tokenizer.decode_pieces(tokens),
             "logprobs": logprobs[i],
         }
+
+
+# Llama.build's steps, in its order.
+
+
+def _check_build_arguments(max_seq_len, max_batch_size, seed, collective_timeout_s) -> None:
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_seed(seed)
+    distributed.check_launch_variables()
+    distributed.check_collective_timeout(collective_timeout_s)
+
+
+def _read_checkpoint(ckpt_dir, quantize: Optional[str], group_size: Optional[int]):
+    """(shards, params, the quantization the model will have or None). Raises
+    ValueError for a quantization other than the one the checkpoint holds."""
+    requested = quantization.make_config(quantize, group_size)
+    shards = checkpoint.find_shards(ckpt_dir)
+    params = checkpoint.read_params(ckpt_dir)
+    stored = quantization.config_from_params(params, f"{str(ckpt_dir)!r}/params.json")
+    if stored is not None and requested is not None and (
+        requested.mode != stored.mode or group_size not in (None, stored.group_size)
+    ):
+        raise ValueError(
+            f"{str(ckpt_dir)!r} is already quantized ({stored.describe()}); build it with "
+            f"quantize=None or quantize={stored.mode!r}{'' if stored.group_size is None else f', group_size={stored.group_size}'}"
+        )
+    return shards, params, stored or requested
+
+
+def _activation_dtype(device: torch.device, dtype: Optional[torch.dtype], quant) -> torch.dtype:
+    """The dtype asked for, or the device's (a quantized model's) default; raises
+    where the quantized kernels cannot run in it."""
+    if quant is not None and dtype is None:
+        dtype = quantization.default_dtype(device)
+    dtype = distributed.choose_dtype(device, dtype)
+    if quant is not None:
+        kernels.check_kernel(quant.mode, device, dtype)
+    return dtype
+
+
+def _read_tokenizer(ckpt_dir, tokenizer_path):
+    """(Tokenizer, its path): the one given, else the one beside the checkpoint.
+    Raises ValueError for one without the BOS and EOS ids decoding needs."""
+    if tokenizer_path is None:
+        tokenizer_path = tokenizer_beside(ckpt_dir)
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"no tokenizer.model in {str(ckpt_dir)!r} or its parent; pass tokenizer_path")
+    tokenizer = Tokenizer(model_path=str(tokenizer_path))
+    check_special_ids(tokenizer)
+    return tokenizer, tokenizer_path
+
+
+def _start_ranks(device: torch.device, model_parallel_size: Optional[int], seed: int) -> int:
+    """Start the process group (a world of one under plain python); returns the model-parallel size."""
+    model_parallel_size = distributed.init_distributed(device, model_parallel_size)
+    distributed.relax_collective_timeout()  # loading may take long on some ranks
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # The seed must be the same on all ranks: they sample the same tokens.
+    torch.manual_seed(seed)
+    distributed.silence_other_ranks()
+    return model_parallel_size
+
+
+def _load_model(ckpt_dir, shards, model_args, model_parallel_size, device, dtype, quant, quantized_in_files: bool,
+                mmap: bool, mapped_files, check_weights: bool) -> Transformer:
+    """This rank's weights cut out of the shards (any shard count loads on any
+    model-parallel size that divides it or that it divides; quantized as each
+    tensor is read, unless the files hold them quantized) and assigned to a
+    `Transformer` built on meta."""
+    stored = quant if quantized_in_files else None
+    requested = None if quantized_in_files else quant
+    state_dict = checkpoint.load_for_rank(
+        shards,
+        distributed.model_parallel_rank(),
+        model_parallel_size,
+        model_args,
+        device=device,
+        dtype=dtype,
+        progress=distributed.is_first_rank(),
+        mmap=mmap,
+        mapped_files=mapped_files,
+        quant=stored,
+        convert=None if requested is None else quantization.converter(requested, dtype, model_parallel_size),
+        check_all_weights=check_weights,
+    )
+    with checkpoint.init_on_meta():
+        model = Transformer(model_args)
+    if quant is not None:
+        quantization.install(model, state_dict, quant, device, dtype)
+    else:
+        checkpoint.load_into(model, state_dict, device, dtype, source=str(ckpt_dir))
+    return model
 
 
 # torch.manual_seed takes a signed or unsigned 64-bit seed.

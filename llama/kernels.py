@@ -1,33 +1,37 @@
 """How the linear layers run: the choice of weight layout and kernel, per device and dtype.
 
-`choose_layout` is the one place that decides; the modules below are the
-kernels it can name. Each is a small `nn.Module` holding its weights as
-buffers and mapping x (..., in_features) to (..., out_features), so the model
-calls it like a function and `torch.compile` sees plain tensor code.
+`choose_layout` decides the layout; `prepare` (an unquantized model's
+layout) and `quantized_kernel` (an int8 or int4 matrix, for
+`llama.quantization.install`) make the kernels, each choice made once
+there, never at run time. A kernel is a small `nn.Module` mapping
+x (..., in_features) to (..., out_features), set into one of the model's
+slots (`Transformer.kernel_slots()`), which `forward` calls unconditionally:
+`torch.compile` sees plain tensor code. A kernel the C step can read says
+what it reads with `c_matrix()` ((kind, tensor, scale, group) or None).
 
 Layouts:
 
 - "meta": `F.linear` on Meta's [out, in] weights, as loaded (no copy).
 - "native": every matrix copied once into RAM in Meta's [out, in] layout, q/k/v
-  and w1/w3 stacked (`Transformer.prepare_for_inference(rows=True)`), for the
+  and w1/w3 stacked (`FusedLinear`, rows), for the
   one-token step in C (`llama/native.py`): the default for fp32 and bf16 on the CPU
   where that library was compiled (`fast_layout=False` keeps Meta's layout
   in the memory-mapped file, on torch's kernels).
 - "transposed": every matrix copied once as [in, out], q/k/v and w1/w3 fused
-  (`Transformer.prepare_for_inference`): the default on GPUs, and for fp32 on
+  (`FusedLinear`): the default on GPUs, and for fp32 on
   the CPU where the C step is not compiled.
 - "mkldnn": bf16 weights reordered once into oneDNN's blocked layout
   (q/k/v and w1/w3 fused), for bf16 on a CPU without the C step: faster
   than `F.linear` in bf16, which the transposed layout makes slower instead
   (benchmarks/NOTES.md, "Figures that were in code comments").
 - "int8": per-output-channel symmetric int8 (with fp32 activations on the
-  CPU, C's product; else `torch._weight_int8pack_mm` on CPU; on CUDA
-  `F.linear` on weights dequantized in the step, which `torch.compile` fuses
-  into the product).
+  CPU, C's product, `NativeInt8Linear`; else `torch._weight_int8pack_mm` on
+  CPU, `Int8Linear`; on CUDA `F.linear` on weights dequantized in the step,
+  which `torch.compile` fuses into the product, `CudaInt8Linear`).
 - "int4": grouped asymmetric 4-bit (with fp32 activations on the CPU, C's
   product on 16-row tiles, `NativeInt4Linear`; else
-  `torch._weight_int4pack_mm_for_cpu`, or `torch._weight_int4pack_mm` on
-  CUDA, which needs bf16 and sm80+).
+  `torch._weight_int4pack_mm_for_cpu`, `Int4Linear`, or
+  `torch._weight_int4pack_mm` on CUDA, which needs bf16 and sm80+, `CudaInt4Linear`).
 """
 
 from typing import Callable, Optional
@@ -41,6 +45,50 @@ from llama import native
 
 def mkldnn_bf16_available() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class FusedLinear(nn.Module):
+    """The "transposed" and "native" layouts: the layers' weights copied once into
+    one matrix, side by side (q|k|v, w1|w3), and x @ it.
+
+    `fused` is (in, sum of out): stored so (transposed) or as its (sum of out, in)
+    rows stacked (the C step's layout). Each layer's `weight` becomes a view of
+    its rows, so the parameters keep their names, shapes and values and no
+    weight is held twice. `release`, if given, is called on each old weight once
+    copied. x @ fused is, for one layer, exactly `F.linear(x, weight)`.
+    """
+
+    def __init__(self, *layers: nn.Module, rows: bool, release: Optional[Callable[[torch.Tensor], None]] = None):
+        super().__init__()
+        self.layers = layers  # a tuple: they stay their owner's children (Meta's state-dict keys)
+        self.rows = rows
+        self.register_buffer("fused", None, persistent=False)
+        self.reload(release)
+
+    @torch.no_grad()  # else the copies would record an autograd graph that keeps the old weights alive
+    def reload(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        """Copy the layers' weights in again (after a load replaced them)."""
+        weights = [layer.weight for layer in self.layers]
+        shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+        like = dict(dtype=weights[0].dtype, device=weights[0].device)
+        stacked = torch.empty(shape, **like) if self.rows else torch.empty(shape[::-1], **like).t()
+        start = 0
+        for layer, weight in zip(self.layers, weights):
+            end = start + weight.shape[0]
+            stacked[start:end].copy_(weight)
+            if release is not None:
+                release(weight)
+            # Inference only: the fused matrix is a plain buffer; its views need no grad.
+            layer.weight = nn.Parameter(stacked[start:end], requires_grad=False)
+            start = end
+        self.fused = stacked.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.fused
+
+    def c_matrix(self):
+        """("dense", the [out, in] rows, None, 0) in the rows layout (what C reads), else None."""
+        return ("dense", self.fused.t(), None, 0) if self.rows else None
 
 
 def choose_layout(
@@ -91,34 +139,43 @@ class MkldnnLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """y = (x @ q.T) * scale: q int8 (out, in), scale (out,) in the activation dtype."""
+    """y = (x @ q.T) * scale: q int8 (out, in), scale (out,) in the activation dtype,
+    by torch's CPU kernel. `quantized_kernel` picks this class or a subclass."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.out_features = qweight.shape[0]
-        self.on_cuda = qweight.device.type == "cuda"
         self.register_buffer("qweight", qweight.contiguous(), persistent=False)
         self.register_buffer("scale", scale.to(dtype).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on_cuda:
-            # Dequantized in the step: under torch.compile the conversion is
-            # fused into the product's prologue, so the int8 bytes are what is read.
-            return F.linear(x, self.qweight.to(x.dtype)) * self.scale
-        if x.dtype == torch.float32 and self.scale.dtype == torch.float32:
-            if native.available():
-                # torch's int8 kernel is far slower with fp32 inputs than the C product (prompts; benchmarks/NOTES.md)
-                return native.matmul(self, x)
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale)
         return y.view(*x.shape[:-1], self.out_features)
 
     def c_matrix(self):
-        """("int8", q, scale, 0): what C reads (`native.matrix`)."""
-        return "int8", self.qweight, self.scale, 0
+        """("int8", q, scale, 0): what C reads (`native.matrix`), with fp32 scales."""
+        return ("int8", self.qweight, self.scale, 0) if self.scale.dtype == torch.float32 else None
+
+
+class NativeInt8Linear(Int8Linear):
+    """`Int8Linear` with fp32 activations on the CPU, by C's product: torch's int8
+    kernel is far slower with fp32 inputs (prompts; benchmarks/NOTES.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return native.matmul(self, x)
+
+
+class CudaInt8Linear(Int8Linear):
+    """`Int8Linear` on CUDA: dequantized in the step. Under torch.compile the
+    conversion is fused into the product's prologue, so the int8 bytes are what is read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qweight.to(x.dtype)) * self.scale
 
 
 class Int4Linear(nn.Module):
-    """Grouped 4-bit weights: w = (q - 8) * scale + zero, per group of `group_size` inputs.
+    """Grouped 4-bit weights: w = (q - 8) * scale + zero, per group of `group_size` inputs,
+    by torch's CPU kernel (`CudaInt4Linear`: CUDA's).
 
     `packed` is the kernel's own tiled layout, made on the weights' device from
     plain nibbles (see `llama.quantize`); `scale_zero` is (in / group_size, out, 2).
@@ -126,36 +183,42 @@ class Int4Linear(nn.Module):
 
     def __init__(self, nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype):
         super().__init__()
-        out_features, half_in = nibbles.shape
-        self.out_features = out_features
+        self.out_features = nibbles.shape[0]
         self.group_size = group_size
-        self.on_cuda = nibbles.device.type == "cuda"
         check_int4_kernel(nibbles.device, dtype)
-        if self.on_cuda:
-            # The CUDA packer takes two 4-bit values a byte with the even column
-            # in the high nibble; ours keeps it in the low one.
-            swapped = ((nibbles & 15) << 4) | (nibbles >> 4)
-            in_features = 2 * half_in
-            inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
-            packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
-        else:
-            # Packed 4096 rows at a time (the packer tiles rows by 64, so the
-            # pieces join to the whole's layout): its int32 input is 8x the
-            # nibbles, which for a whole output projection would be a spike.
-            packed = torch.cat([
-                torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(rows).to(torch.int32), 1)
-                for rows in nibbles.split(4096)
-            ])
-        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("packed", self.pack(nibbles), persistent=False)
         scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype)
         self.register_buffer("scale_zero", scale_zero, persistent=False)
 
+    @staticmethod
+    def pack(nibbles: torch.Tensor) -> torch.Tensor:
+        # Packed 4096 rows at a time (the packer tiles rows by 64, so the
+        # pieces join to the whole's layout): its int32 input is 8x the
+        # nibbles, which for a whole output projection would be a spike.
+        return torch.cat([
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(rows).to(torch.int32), 1)
+            for rows in nibbles.split(4096)
+        ])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.on_cuda:
-            y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_zero)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class CudaInt4Linear(Int4Linear):
+    """`Int4Linear` on CUDA (bf16 activations, sm80+)."""
+
+    @staticmethod
+    def pack(nibbles: torch.Tensor) -> torch.Tensor:
+        # The CUDA packer takes two 4-bit values a byte with the even column
+        # in the high nibble; ours keeps it in the low one.
+        swapped = ((nibbles & 15) << 4) | (nibbles >> 4)
+        in_features = 2 * nibbles.shape[1]
+        inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+        return torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_zero)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -250,29 +313,85 @@ def check_kernel(layout: str, device: torch.device, dtype: torch.dtype) -> None:
         raise RuntimeError("this CPU or torch build has no oneDNN bf16 support (torch.ops.mkldnn)")
 
 
-def install(model: nn.Module, make) -> None:
+def quantized_kernel(
+    mode: str, q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], group_size: Optional[int], dtype
+) -> nn.Module:
+    """The kernel of one quantized matrix (`q` on its device; int4: `zero` and
+    `group_size`) for activations of `dtype`: C's product for fp32 on a CPU
+    where the C step is compiled, else torch's kernel for the device.
+    Raises ValueError for an int4 matrix torch's CPU kernel cannot tile."""
+    device = q.device
+    in_c = device.type == "cpu" and dtype == torch.float32 and native.available()
+    if mode == "int8":
+        if device.type == "cuda":
+            return CudaInt8Linear(q, scale, dtype)
+        return (NativeInt8Linear if in_c else Int8Linear)(q, scale, dtype)
+    if in_c:
+        return NativeInt4Linear(q, scale, zero, group_size)  # read by C (llama/native.c)
+    if device.type == "cuda":
+        return CudaInt4Linear(q, scale, zero, group_size, dtype)
+    if q.shape[0] % 16 != 0:
+        raise ValueError(f"int4 on CPU needs each rank's output rows in multiples of 16; this matrix has {q.shape[0]}")
+    return Int4Linear(q, scale, zero, group_size, dtype)
+
+
+def install(model: nn.Module, make, layout: str) -> None:
     """Give each linear slot of `model` the kernel `make([weight keys])` returns
-    (None: keep `F.linear` on the layer's weight). A layer whose weights went
-    into a kernel drops its `weight` parameter, so nothing is held twice."""
+    (None: keep the slot's kernel) and record `layout`. A layer whose weights
+    went into a kernel of their own (not a `FusedLinear`, whose views they are)
+    drops its `weight` parameter, so nothing is held twice."""
     for owner, slot, layers in model.kernel_slots():
         kernel = make([name + ".weight" for name in layers])
         if kernel is None:
             continue
         setattr(owner, slot, kernel)
-        for name in layers:
-            model.get_submodule(name).register_parameter("weight", None)
+        if not isinstance(kernel, FusedLinear):
+            for name in layers:
+                model.get_submodule(name).register_parameter("weight", None)
+    model.weight_layout = layout
+    model.layout_version += 1  # the C step re-reads its pointers
+
+
+class WidenedBf16Linear(FusedLinear):
+    """The rows layout in bf16 on a CPU without bf16 arithmetic (no AVX512-BF16: torch's bf16
+    product there is several times slower than its fp32 one). One row of x (a decoding step
+    outside C) is `FusedLinear`'s product; a prompt (`native.PROMPT_ROWS` rows or more) multiplies
+    fp32 copies of the weights, a block of rows at a time, in fp32, and rounds the result to bf16
+    once, as `F.linear` in bf16 does (its sums are fp32 too)."""
+
+    BLOCK_FLOATS = 1 << 21  # 8 MB of fp32 weights a block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] < native.PROMPT_ROWS:
+            return x @ self.fused
+        rows = self.fused.t()  # (sum of out, in)
+        wide = x2.float()
+        y = torch.empty(x2.shape[0], rows.shape[0], dtype=x.dtype, device=x.device)
+        block = max(16, self.BLOCK_FLOATS // rows.shape[1])
+        for first in range(0, rows.shape[0], block):
+            y[:, first:first + block] = wide @ rows[first:first + block].float().t()
+        return y.view(*x.shape[:-1], rows.shape[0])
 
 
 def prepare(model: nn.Module, layout: str, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-    """Lay the loaded (unquantized) weights of `model` out as `layout`.
+    """Lay the loaded (unquantized) weights of `model` out as `layout`: the one
+    place an unquantized model's kernels are made.
 
     `release`, if given, is called on each original matrix once it has been
     copied into the new layout (`Llama.build` drops its memory-mapped pages).
     """
     if layout == "meta":
         return
+    layers_of = lambda keys: [model.get_submodule(key.rsplit(".", 1)[0]) for key in keys]  # noqa: E731
     if layout in ("transposed", "native"):
-        model.prepare_for_inference(release=release, rows=layout == "native")
+        rows = layout == "native"
+        weight = model.tok_embeddings.weight
+        widen = (rows and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                 and not mkldnn_bf16_available())
+        kind = WidenedBf16Linear if widen else FusedLinear
+        install(model, lambda keys: kind(*layers_of(keys), rows=rows, release=release),
+                "rows" if rows else "transposed")
         return
     if layout != "mkldnn":
         raise ValueError(f"layout {layout!r} is made while loading, not from loaded weights")
@@ -280,11 +399,11 @@ def prepare(model: nn.Module, layout: str, release: Optional[Callable[[torch.Ten
 
     @torch.no_grad()
     def make(keys):
-        weights = [model.get_submodule(key.rsplit(".", 1)[0]).weight for key in keys]
+        weights = [layer.weight for layer in layers_of(keys)]
         kernel = MkldnnLinear(torch.cat(weights) if len(weights) > 1 else weights[0])
         if release is not None:
             for weight in weights:
                 release(weight)
         return kernel
 
-    install(model, make)
+    install(model, make, "mkldnn")

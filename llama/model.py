@@ -12,18 +12,20 @@ logits match to float rounding). What differs, for speed and placement:
   tables (the same numbers as the reference's complex ones; the reference's
   `apply_rotary_emb`, `reshape_for_broadcast` and `Transformer.freqs_cis`
   remain for code that uses them, computed from those tables);
-- `prepare_for_inference` (`Llama.build(fast_layout=True)`, the default on
-  GPUs and for fp32 on the CPU) lays the weights out for fast matrix-vector
-  products: q/k/v in one matrix and w1/w3 in another, every matrix stored
-  transposed. The Meta-named parameters stay, as views into those matrices,
-  so `state_dict()` keys do not change and no weight is held twice;
-- the linear layers are applied as plain functions with fairscale's
-  model-parallel collectives only where the model-parallel size exceeds one
-  (the layer objects' Python overhead dominates small models' decode steps).
+- every linear product is a kernel set once, not chosen in `forward`:
+  `Attention.qkv_kernel` (x -> q|k|v) and `wo_kernel`, `FeedForward.w13_kernel`
+  (x -> w1 x|w3 x) and `w2_kernel`, `Transformer.output_kernel`. By default
+  each is `MetaLinear`, Meta's `F.linear` on the loaded weights;
+  `llama/kernels.py` swaps in a fused, packed, quantized or C-read one. The
+  Meta-named parameters stay (as views into a fused copy, or dropped where a
+  quantized kernel holds the weights), so `state_dict()` keys do not change;
+- the model-parallel collectives are applied as plain functions, only where
+  the model-parallel size exceeds one (the fairscale layers' Python overhead
+  dominates small models' decode steps).
 """
 
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -40,7 +42,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama.args import ModelArgs, ffn_hidden_dim  # noqa: F401  (callers import them from here too)
+from llama.args import ModelArgs, ffn_hidden_dim, swiglu_hidden_dim  # noqa: F401  (callers import them from here too)
 
 
 def _no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -188,49 +190,30 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
-def fuse_transposed(*layers: nn.Module, release: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
-    """One (in_features, sum of out_features) matrix holding the layers' weights,
-    transposed and side by side; each layer's `weight` becomes a view into it.
+class MetaLinear(nn.Module):
+    """Meta's products, the default kernel of a slot: `F.linear` of x with each
+    layer's weight as loaded, the outputs side by side (x -> q|k|v for wq, wk, wv).
 
-    `x @ fused` then computes every layer's output in one product, with the
-    weights read row by row (the fast layout for a matrix-vector product on
-    CPU), while the parameters keep their names, shapes and values.
-    `release`, if given, is called on each old weight once it is copied.
+    The layers are held in a tuple, not as children: they stay their owner's
+    (`attention.wq`, ...), so the state-dict keys are Meta's, and a load that
+    replaces their weights is read at the next call.
     """
-    return _fuse(layers, release, transposed=True)
 
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.layers = layers
 
-def fuse_rows(*layers: nn.Module, release: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
-    """One (sum of out_features, in_features) matrix holding the layers' weights
-    in Meta's layout, stacked by rows; each layer's `weight` becomes a view of
-    its rows. Returns the transposed view (in, sum of out), so that `x @ it`
-    is the fused product, as with `fuse_transposed`.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.layers) == 1:
+            return F.linear(x, self.layers[0].weight)
+        return torch.cat([F.linear(x, layer.weight) for layer in self.layers], -1)
 
-    The layout of the C decoding step (`llama/native.c`), which reads each
-    matrix row by row; the copy lives in RAM, not in the checkpoint's mapped
-    pages. `release`, if given, is called on each old weight once copied.
-    """
-    return _fuse(layers, release, transposed=False)
-
-
-@torch.no_grad()  # else the copies would record an autograd graph that keeps the old weights alive
-def _fuse(layers, release, transposed: bool) -> torch.Tensor:
-    """The two above: memory stored as (in, sum of out) when `transposed`, else as
-    (sum of out, in); `rows` is the (sum of out, in) view of it either way."""
-    weights = [layer.weight for layer in layers]
-    shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
-    like = dict(dtype=weights[0].dtype, device=weights[0].device)
-    rows = torch.empty(shape[::-1], **like).t() if transposed else torch.empty(shape, **like)
-    start = 0
-    for layer, weight in zip(layers, weights):
-        end = start + weight.shape[0]
-        rows[start:end].copy_(weight)
-        if release is not None:
-            release(weight)
-        # Inference only: the fused matrix is a plain buffer; its views need no grad.
-        layer.weight = nn.Parameter(rows[start:end], requires_grad=False)
-        start = end
-    return rows.t()
+    def c_matrix(self):
+        """("dense", weight [out, in], None, 0) where one layer's weight is stored
+        row by row (what the C step reads, `llama/native.py`), else None."""
+        if len(self.layers) != 1 or not self.layers[0].weight.is_contiguous():
+            return None
+        return "dense", self.layers[0].weight, None, 0
 
 
 class Attention(nn.Module):
@@ -258,12 +241,10 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init
         )
-        # (dim, local q + k + v columns), set by fuse_weights; wq/wk/wv.weight are views into it
-        self.register_buffer("wqkv", None, persistent=False)
-        # Kernels for another layout (llama/kernels.py: bf16 packed, int8, int4), set
-        # by kernels.install: x -> q|k|v, and wo's product; None: the weights above.
-        self.qkv_kernel: Optional[nn.Module] = None
-        self.wo_kernel: Optional[nn.Module] = None
+        # The products: x -> q|k|v, and wo's. Meta's F.linear's until llama/kernels.py
+        # swaps in another kernel (fused, packed, quantized); forward calls whichever is set.
+        self.qkv_kernel: nn.Module = MetaLinear(self.wq, self.wk, self.wv)
+        self.wo_kernel: nn.Module = MetaLinear(self.wo)
         # (max_batch_size, n_local_kv_heads, max_seq_len, head_dim), set by setup_cache
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
@@ -272,11 +253,6 @@ class Attention(nn.Module):
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def fuse_weights(self, release=None, rows: bool = False) -> None:
-        fuse = fuse_rows if rows else fuse_transposed
-        self.wqkv = fuse(self.wq, self.wk, self.wv, release=release)
-        fuse(self.wo, release=release)
 
     def forward(
         self,
@@ -289,21 +265,20 @@ class Attention(nn.Module):
         than one new position, they are causal among themselves from position 0."""
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
-        if self.qkv_kernel is not None:
-            xqkv = self.qkv_kernel(x)
-        elif self.wqkv is not None:
-            xqkv = x @ self.wqkv
-        else:  # not prepared for inference: Meta's three products
-            xqkv = torch.cat([F.linear(x, self.wq.weight), F.linear(x, self.wk.weight), F.linear(x, self.wv.weight)], -1)
+        xqkv = self.qkv_kernel(x)  # (bsz, seqlen, local q | k | v)
         # q and k are adjacent columns: one rotation serves both.
         xqk = apply_rotary(xqkv[..., : q_size + kv_size].view(bsz, seqlen, -1, self.head_dim), rope)
         xq, xk = xqk.split([self.n_local_heads, self.n_local_kv_heads], dim=2)
         xv = xqkv[..., q_size + kv_size :].view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
 
         if isinstance(start_pos, torch.Tensor):
-            # One position given as data (the compiled decode step): the shapes
-            # stay static, attention spans the whole cache and `mask` hides
-            # the positions after start_pos.
+            # The contract of the compiled and graphed steps (llama/decode_step.py):
+            # one position given as data, so that one static-shape graph serves
+            # every position. Attention then spans the whole cache and `mask`
+            # hides the positions after start_pos. Kept apart from the int path,
+            # which reads only the filled positions: a softmax over max_seq_len
+            # positions, most masked, rounds differently, and the eager logits
+            # stay those of the golden tests.
             self.cache_k[:bsz, :, start_pos] = xk.transpose(1, 2)
             self.cache_v[:bsz, :, start_pos] = xv.transpose(1, 2)
             keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
@@ -323,16 +298,13 @@ class Attention(nn.Module):
             enable_gqa=self.n_rep > 1,
         )
         output = output.transpose(1, 2).reshape(bsz, seqlen, -1)
-        return row_parallel(output, self.wo.weight, self.model_parallel_size, self.wo_kernel)
+        return row_parallel(self.wo_kernel(output), self.model_parallel_size)
 
 
-def row_parallel(
-    x: torch.Tensor, weight: Optional[torch.Tensor], model_parallel_size: int, kernel: Optional[nn.Module] = None
-) -> torch.Tensor:
-    """What RowParallelLinear(input_is_parallel=True) computes: the product with
-    this rank's input columns (by `kernel` where given), summed over the ranks."""
-    out = F.linear(x, weight) if kernel is None else kernel(x)
-    return reduce_from_model_parallel_region(out) if model_parallel_size > 1 else out
+def row_parallel(partial: torch.Tensor, model_parallel_size: int) -> torch.Tensor:
+    """What RowParallelLinear(input_is_parallel=True) returns, given this rank's
+    product with its input columns: the sum over the ranks."""
+    return reduce_from_model_parallel_region(partial) if model_parallel_size > 1 else partial
 
 
 class FeedForward(nn.Module):
@@ -344,33 +316,20 @@ class FeedForward(nn.Module):
         ffn_dim_multiplier: Optional[float],
     ):
         super().__init__()
-        # `hidden_dim` is accepted as the reference's signature has it (4 * dim);
-        # the size actually used follows from dim, multiple_of and the multiplier.
-        hidden_dim = ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
+        # Meta's sizing from `hidden_dim` (TransformerBlock passes 4 * dim, as the reference does).
+        hidden_dim = swiglu_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
         self.model_parallel_size = fs_init.get_model_parallel_world_size()
 
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_no_init)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
-        # (dim, 2 * local hidden): w1 then w3, set by fuse_weights
-        self.register_buffer("w13", None, persistent=False)
-        # As Attention's: x -> w1 x | w3 x, and w2's product (llama/kernels.py)
-        self.w13_kernel: Optional[nn.Module] = None
-        self.w2_kernel: Optional[nn.Module] = None
-
-    def fuse_weights(self, release=None, rows: bool = False) -> None:
-        fuse = fuse_rows if rows else fuse_transposed
-        self.w13 = fuse(self.w1, self.w3, release=release)
-        fuse(self.w2, release=release)
+        # As Attention's: x -> w1 x | w3 x, and w2's product (llama/kernels.py swaps them)
+        self.w13_kernel: nn.Module = MetaLinear(self.w1, self.w3)
+        self.w2_kernel: nn.Module = MetaLinear(self.w2)
 
     def forward(self, x):
-        if self.w13_kernel is not None:
-            gate, up = self.w13_kernel(x).chunk(2, dim=-1)
-        elif self.w13 is not None:
-            gate, up = (x @ self.w13).chunk(2, dim=-1)
-        else:
-            gate, up = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
-        return row_parallel(F.silu(gate) * up, self.w2.weight, self.model_parallel_size, self.w2_kernel)
+        gate, up = self.w13_kernel(x).chunk(2, dim=-1)
+        return row_parallel(self.w2_kernel(F.silu(gate) * up), self.model_parallel_size)
 
 
 class TransformerBlock(nn.Module):
@@ -423,15 +382,15 @@ class Transformer(nn.Module):
 
         # (2, 2 * max_seq_len, head_dim): cos and signed sin, set by setup_caches
         self.register_buffer("rope", None, persistent=False)
-        # False, or how prepare_for_inference laid the weights out: "transposed" or "rows"
-        self.weight_layout = False
+        # How llama/kernels.py laid the weights out: "meta" (as loaded), "transposed",
+        # "rows" (the C step's), "mkldnn", or a quantized mode.
+        self.weight_layout = "meta"
         # Counts re-layouts and new caches: the C step (llama/native.py) then re-reads its pointers.
         self.layout_version = 0
-        # The output projection's kernel where llama/kernels.py set one.
-        self.output_kernel: Optional[nn.Module] = None
+        self.output_kernel: nn.Module = MetaLinear(self.output)
         # Loading weights replaces (assign=True) or overwrites the parameters:
-        # the fused matrices are rebuilt from them afterwards.
-        self.register_load_state_dict_post_hook(Transformer._fuse_again_after_load)
+        # kernels that copied them (llama/kernels.py's fused layouts) copy them again.
+        self.register_load_state_dict_post_hook(Transformer._reload_kernels_after_load)
         if self.output.weight.device.type != "meta":
             self.setup_caches(device=self.output.weight.device, dtype=self.output.weight.dtype)
 
@@ -473,31 +432,21 @@ class Transformer(nn.Module):
         (`rope`), with the same values; None before `setup_caches`."""
         return None if self.rope is None else freqs_cis_of_rope(self.rope)
 
-    def prepare_for_inference(self, release: Optional[Callable[[torch.Tensor], None]] = None, rows: bool = False) -> None:
-        """Lay the loaded weights out for fast decoding: transposed for torch's
-        products (see `fuse_transposed`), or with `rows` in Meta's layout,
-        stacked, for the C step (see `fuse_rows`).
-
-        Values, parameter names and state-dict keys are unchanged; later loads
-        into the model re-fuse automatically. `release` is called on each old
-        matrix once copied (`Llama.build` drops its memory-mapped pages).
-        """
-        for layer in self.layers:
-            layer.attention.fuse_weights(release, rows=rows)
-            layer.feed_forward.fuse_weights(release, rows=rows)
-        (fuse_rows if rows else fuse_transposed)(self.output, release=release)
-        self.weight_layout = "rows" if rows else "transposed"
-        self.layout_version += 1
-
     @staticmethod
-    def _fuse_again_after_load(module: "Transformer", incompatible_keys) -> None:
-        if module.weight_layout:
-            module.prepare_for_inference(rows=module.weight_layout == "rows")
+    def _reload_kernels_after_load(module: "Transformer", incompatible_keys) -> None:
+        reloaded = False
+        for owner, slot, _ in module.kernel_slots():
+            reload = getattr(getattr(owner, slot), "reload", None)
+            if reload is not None:
+                reload()
+                reloaded = True
+        if reloaded:
+            module.layout_version += 1
 
     def kernel_slots(self):
-        """Each place a kernel can stand in for a product: (module, attribute,
+        """Each linear product's slot: (module, attribute naming its kernel,
         [paths of the Meta layers whose weights it computes with]), in the order
-        the C step lists them (`llama/kernels.py` fills them)."""
+        the C step lists them (`llama/kernels.py` swaps the kernels)."""
         for i, block in enumerate(self.layers):
             p = f"layers.{i}."
             attention, feed_forward = block.attention, block.feed_forward
@@ -506,21 +455,6 @@ class Transformer(nn.Module):
             yield feed_forward, "w13_kernel", [p + "feed_forward.w1", p + "feed_forward.w3"]
             yield feed_forward, "w2_kernel", [p + "feed_forward.w2"]
         yield self, "output_kernel", ["output"]
-
-    def slot_matrix(self, owner: nn.Module, slot: str):
-        """(kernel, None) for a slot a kernel fills, else (None, its [out, in] weight
-        as stored row by row, or None where it is not: not in the "rows" layout)."""
-        kernel = getattr(owner, slot)
-        if kernel is not None:
-            return kernel, None
-        rows = self.weight_layout == "rows"
-        if slot == "qkv_kernel":
-            return None, owner.wqkv.t() if rows and owner.wqkv is not None else None
-        if slot == "w13_kernel":
-            return None, owner.w13.t() if rows and owner.w13 is not None else None
-        weight = {"wo_kernel": lambda: owner.wo.weight, "w2_kernel": lambda: owner.w2.weight,
-                  "output_kernel": lambda: owner.output.weight}[slot]()
-        return None, weight if weight is not None and weight.is_contiguous() else None
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], last_logits_only: bool = False):
         """Logits (float32) for `tokens` (bsz, seqlen) placed at `start_pos`.
@@ -554,7 +488,7 @@ class Transformer(nn.Module):
         if last_logits_only:
             h = h[:, -1:]
         h = self.norm(h)
-        output = F.linear(h, self.output.weight) if self.output_kernel is None else self.output_kernel(h)
+        output = self.output_kernel(h)
         if self.model_parallel_size > 1:
             output = gather_from_model_parallel_region(output)
         return output.float()

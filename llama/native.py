@@ -7,7 +7,7 @@ there, `Llama.build` on the CPU in fp32 or bf16 lays the weights out for it
 (Meta's [out, in] matrices, q|k|v and w1|w3 stacked, copied into RAM: layout
 "native" in `llama.kernels`), and int8 and int4 models with fp32 activations
 keep their kernels' matrices (each kernel's `c_matrix()` says what C reads;
-`Transformer.kernel_slots()` and `slot_matrix()` list them). Every one-token
+`Transformer.kernel_slots()` lists the slots). Every one-token
 step of a model on one rank then runs through `llama_decode_step`
 (`llama.decode_step` chooses it); prompts and everything else run the eager
 forward on the same weights. Where it is not, fp32 runs torch's kernels
@@ -265,16 +265,17 @@ def _checked(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-def matrix(kernel, weight: Optional[torch.Tensor], keep: List) -> "_Matrix":
-    """The C description of one matrix slot: its kernel module's (int8, int4) or
-    the fp32 [out, in] `weight`. Raises RuntimeError where C cannot read it."""
-    parts = _quantized_parts(kernel)
-    if parts is not None:
-        return _quantized_matrix(*parts, kernel.out_features, keep)
-    if kernel is not None:
-        raise RuntimeError(f"the native step cannot read a {type(kernel).__name__}")
-    if weight is None:
-        raise RuntimeError("the native step needs the weights in the native layout (prepare_for_inference(rows=True))")
+def matrix(kernel, keep: List) -> "_Matrix":
+    """The C description of one slot's kernel, from what its `c_matrix()` names:
+    an int8 or int4 matrix, or a dense fp32 / bf16 [out, in] one stored row by row.
+    Raises RuntimeError where C cannot read it."""
+    described = kernel.c_matrix() if hasattr(kernel, "c_matrix") else None
+    if described is None:
+        raise RuntimeError(f"the native step cannot read a {type(kernel).__name__}: it reads the native layout "
+                           "(kernels.prepare(model, 'native')) and the int8 and int4 kernels")
+    kind, weight, scale, group = described
+    if kind != "dense":
+        return _quantized_matrix(weight, scale, _KINDS[kind], group, kernel.out_features, keep)
     weight = _checked(weight, torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32)
     keep.append(weight)
     kind = BF16 if weight.dtype == torch.bfloat16 else FP32
@@ -291,7 +292,7 @@ def supports(model) -> bool:
         return False
     try:
         keep: List = []
-        kinds = {matrix(*model.slot_matrix(owner, slot), keep).kind for owner, slot, _ in model.kernel_slots()}
+        kinds = {matrix(getattr(owner, slot), keep).kind for owner, slot, _ in model.kernel_slots()}
     except RuntimeError:
         return False
     return kinds == {BF16} if weight.dtype == torch.bfloat16 else BF16 not in kinds
@@ -301,10 +302,11 @@ _KINDS = {"int8": INT8, "int4": INT4}
 
 
 def _quantized_parts(kernel):
-    """(w, scale or None, kind, group) of a kernel module that C reads (it has `c_matrix`), else None."""
-    if kernel is None or not hasattr(kernel, "c_matrix"):
+    """(w, scale or None, kind, group) of an int8 or int4 kernel module that C reads, else None."""
+    described = kernel.c_matrix() if hasattr(kernel, "c_matrix") else None
+    if described is None or described[0] not in _KINDS:
         return None
-    kind, w, scale, group = kernel.c_matrix()
+    kind, w, scale, group = described
     return w, scale, _KINDS[kind], group
 
 
@@ -494,12 +496,12 @@ class DecodeStep:
 
         def matrices(owner_of, slot) -> int:
             array = (_Matrix * len(model.layers))(
-                *[matrix(*model.slot_matrix(owner_of(layer), slot), keep) for layer in model.layers]
+                *[matrix(getattr(owner_of(layer), slot), keep) for layer in model.layers]
             )
             keep.append(array)
             return ctypes.addressof(array)
 
-        output = matrix(*model.slot_matrix(model, "output_kernel"), keep)
+        output = matrix(model.output_kernel, keep)
         keep.append(output)
         attention = model.layers[0].attention
         self._model = _Model(

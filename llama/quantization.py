@@ -193,25 +193,21 @@ def install(model, state_dict: Dict[str, torch.Tensor], config: QuantConfig, dev
         scales = [state_dict.pop(scale_key(k)).to(device) for k in keys]
         q = torch.cat(qs) if len(qs) > 1 else qs[0]
         scale = torch.cat(scales) if len(scales) > 1 else scales[0]
-        if config.mode == "int8":
-            return kernels.Int8Linear(q, scale, dtype)
-        zeros = [state_dict.pop(zero_key(k)).to(device) for k in keys]
-        zero = torch.cat(zeros) if len(zeros) > 1 else zeros[0]
-        if torch.device(device).type == "cpu" and dtype == torch.float32 and native.available():
-            return kernels.NativeInt4Linear(q, scale, zero, config.group_size)  # read by C (llama/native.c)
-        if device.type == "cpu" and q.shape[0] % 16 != 0:
-            raise ValueError(
-                f"int4 on CPU needs each rank's output rows in multiples of 16; {', '.join(keys)} "
-                f"have {q.shape[0]} here"
-            )
-        return kernels.Int4Linear(q, scale, zero, config.group_size, dtype)
+        zero = None
+        if config.mode == "int4":
+            zeros = [state_dict.pop(zero_key(k)).to(device) for k in keys]
+            zero = torch.cat(zeros) if len(zeros) > 1 else zeros[0]
+        try:
+            return kernels.quantized_kernel(config.mode, q, scale, zero, config.group_size, dtype)
+        except ValueError as e:
+            raise ValueError(f"{', '.join(keys)}: {e}") from None
 
     def make_and_trim(keys: List[str]):
         kernel = make(keys)
         memory.return_freed_memory()  # the joined parts and packing temporaries
         return kernel
 
-    kernels.install(model, make_and_trim)
+    kernels.install(model, make_and_trim, config.mode)
     checkpoint.load_into(model, state_dict, device, dtype, source="the quantized checkpoint")
     model.quantization = config
     memory.return_freed_memory()

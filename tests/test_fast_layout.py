@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama import Llama, checkpoint, memory
-from llama.model import Transformer
+from llama.model import MetaLinear, Transformer
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +54,14 @@ def test_meta_parameters_are_views_of_the_fused_matrices(fast, transposed, tiny_
     for layer in model.layers:
         attention, feed_forward = layer.attention, layer.feed_forward
         for linear in (attention.wq, attention.wk, attention.wv):
-            assert storage_ptr(linear.weight) == storage_ptr(attention.wqkv)
+            assert storage_ptr(linear.weight) == storage_ptr(attention.qkv_kernel.fused)
         for linear in (feed_forward.w1, feed_forward.w3):
-            assert storage_ptr(linear.weight) == storage_ptr(feed_forward.w13)
+            assert storage_ptr(linear.weight) == storage_ptr(feed_forward.w13_kernel.fused)
         if layout == "transposed":  # the [out, in] parameter reads [in, out] memory
             assert attention.wo.weight.t().is_contiguous() and feed_forward.w2.weight.t().is_contiguous()
         else:  # Meta's [out, in] rows, q|k|v stacked: what the C step reads
             assert attention.wo.weight.is_contiguous() and feed_forward.w2.weight.is_contiguous()
-            assert attention.wqkv.t().is_contiguous() and feed_forward.w13.t().is_contiguous()
+            assert attention.qkv_kernel.fused.t().is_contiguous() and feed_forward.w13_kernel.fused.t().is_contiguous()
     assert (model.output.weight.t() if layout == "transposed" else model.output.weight).is_contiguous()
 
 
@@ -76,8 +76,8 @@ def test_loading_into_a_prepared_model_fuses_the_matrices_again(fast, tiny_ckpt)
             model.load_state_dict(doubled, strict=True, assign=True)
             attention = model.layers[0].attention
             k_columns = slice(attention.wq.weight.shape[0], attention.wq.weight.shape[0] + attention.wk.weight.shape[0])
-            assert torch.equal(attention.wqkv[:, k_columns].t(), doubled["layers.0.attention.wk.weight"])
-            assert storage_ptr(attention.wk.weight) == storage_ptr(attention.wqkv)
+            assert torch.equal(attention.qkv_kernel.fused[:, k_columns].t(), doubled["layers.0.attention.wk.weight"])
+            assert storage_ptr(attention.wk.weight) == storage_ptr(attention.qkv_kernel.fused)
             assert not torch.allclose(model.forward(tokens, 0), before)
         finally:
             model.load_state_dict(shard, strict=True, assign=True)
@@ -85,7 +85,7 @@ def test_loading_into_a_prepared_model_fuses_the_matrices_again(fast, tiny_ckpt)
 
 
 def test_unprepared_model_gives_the_prepared_logits(mapped, fast, transposed):
-    assert mapped.model.layers[0].attention.wqkv is None  # fast_layout=False keeps the mapped weights
+    assert isinstance(mapped.model.layers[0].attention.qkv_kernel, MetaLinear)  # fast_layout=False keeps the mapped weights
     tokens = torch.tensor([[1, 45, 300, 12, 99, 7, 250, 3]])
     with torch.inference_mode():
         for prepared in (fast, transposed):
@@ -160,7 +160,7 @@ def test_the_default_cpu_build_uses_the_layout_the_benchmark_measures(generator,
         model = built.model
         assert model.weight_layout == "rows" and isinstance(built.step.one_token, native.DecodeStep)
         for layer in model.layers:
-            assert layer.attention.wqkv is not None and layer.feed_forward.w13 is not None
+            assert isinstance(layer.attention.qkv_kernel, kernels.FusedLinear) and isinstance(layer.feed_forward.w13_kernel, kernels.FusedLinear)
             assert layer.attention.wo.weight.is_contiguous() and layer.feed_forward.w2.weight.is_contiguous()
         assert model.output.weight.is_contiguous()
     # The opt-out is Meta's layout, in both.

@@ -260,13 +260,11 @@ def test_quantized_models_run_the_native_step_in_fp32(tiny_ckpt, mode, variant, 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_int8_prompts_run_the_c_product_with_fp32_activations(monkeypatch, variant, use_kernels):
-    from llama.kernels import Int8Linear
-
     use_kernels(variant)
     gen = torch.Generator().manual_seed(4)
     q = torch.randint(-127, 128, (20, 48), generator=gen, dtype=torch.int8)
     scale = torch.rand(20, generator=gen) * 0.01
-    kernel = Int8Linear(q, scale, torch.float32)
+    kernel = kernels.quantized_kernel("int8", q, scale, None, None, torch.float32)
     x = torch.randn(2, 7, 48, generator=gen)
     want = torch.nn.functional.linear(x, q.float() * scale[:, None])
     torch.testing.assert_close(kernel(x), want, atol=2e-5, rtol=2e-5)
@@ -283,7 +281,7 @@ def test_bf16_model_runs_the_native_step_within_bf16_rounding(tiny_ckpt, variant
     generator = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3,
                             dtype=torch.bfloat16)
     model = generator.model
-    assert model.weight_layout == "rows" and model.layers[0].attention.qkv_kernel is None
+    assert model.weight_layout == "rows" and isinstance(model.layers[0].attention.qkv_kernel, kernels.FusedLinear)
     assert isinstance(generator.step.one_token, native.DecodeStep)
     tokens = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -454,7 +452,7 @@ def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, monkeypatc
     if mode == "int8":
         q = torch.randint(-127, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
         scale = torch.rand(out_features, generator=gen) * 0.01
-        kernel = Int8Linear(q, scale, torch.float32)
+        kernel = kernels.quantized_kernel("int8", q, scale, None, None, torch.float32)
         weight = q.float() * scale[:, None]
     else:
         q = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
@@ -475,3 +473,32 @@ def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, monkeypatc
     rows = [kernel(x[:, i:i + 1]) for i in range(4)]  # one row at a time: the C product
     torch.testing.assert_close(blocked[:, :4], torch.cat(rows, dim=1), atol=2e-5, rtol=2e-5)
     assert len(calls) == 1
+
+
+def test_a_bf16_prompt_on_a_cpu_without_bf16_arithmetic_runs_widened_to_fp32(monkeypatch):
+    """Where the CPU has no bf16 arithmetic, the bf16 rows layout's prompts multiply fp32 copies
+    of the weights (torch's bf16 product is slow there) and round once to bf16: the logits of
+    Meta's bf16 products (F.linear in bf16), to bf16 rounding; one-row steps keep x @ fused."""
+    from llama import distributed
+
+    monkeypatch.setattr(kernels, "mkldnn_bf16_available", lambda: False)
+    monkeypatch.setattr(kernels.WidenedBf16Linear, "BLOCK_FLOATS", 40 * 64)  # several blocks a matrix
+    distributed.init_distributed(torch.device("cpu"), 1)
+    shape = dict(SHAPES["gqa"], max_seq_len=80, max_batch_size=1)
+    models = {}
+    for layout in ("meta", "native"):
+        args = ModelArgs(**shape)
+        with checkpoint.init_on_meta():
+            model = Transformer(args)
+        checkpoint.load_into(model, random_weights(args, seed=3), torch.device("cpu"), torch.bfloat16,
+                             source="random")
+        model.setup_caches()
+        kernels.prepare(model, layout)
+        models[layout] = model.eval()
+    assert isinstance(models["native"].layers[0].attention.qkv_kernel, kernels.WidenedBf16Linear)
+    tokens = torch.randint(0, shape["vocab_size"], (1, native.PROMPT_ROWS + 3), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        meta, widened = (models[k].forward(tokens, 0) for k in ("meta", "native"))
+    assert widened.dtype == meta.dtype
+    torch.testing.assert_close(widened, meta, atol=0.05, rtol=0.02)
+    assert (widened.argmax(-1) == meta.argmax(-1)).float().mean() > 0.9

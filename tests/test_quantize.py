@@ -84,9 +84,10 @@ def test_each_mode_builds_and_generates(tiny_ckpt, name, options):
     from llama import native
 
     int4_fp32 = kernels.NativeInt4Linear if native.available() else kernels.Int4Linear
-    # bf16: Meta's rows for the C step (no kernel module), else oneDNN's packed layout
-    bf16 = type(None) if native.available() else kernels.MkldnnLinear
-    expected = {"int8": kernels.Int8Linear, "int4": int4_fp32, "int4-bf16": kernels.Int4Linear, "bf16": bf16}
+    int8_fp32 = kernels.NativeInt8Linear if native.available() else kernels.Int8Linear
+    # bf16: Meta's rows stacked for the C step, else oneDNN's packed layout
+    bf16 = kernels.FusedLinear if native.available() else kernels.MkldnnLinear
+    expected = {"int8": int8_fp32, "int4": int4_fp32, "int4-bf16": kernels.Int4Linear, "bf16": bf16}
     assert kernel is expected[name]
 
 
