@@ -85,8 +85,10 @@ def test_each_mode_builds_and_generates(tiny_ckpt, name, options):
 
     int4_fp32 = kernels.NativeInt4Linear if native.available() else kernels.Int4Linear
     int8_fp32 = kernels.NativeInt8Linear if native.available() else kernels.Int8Linear
-    # bf16: Meta's rows stacked for the C step, else oneDNN's packed layout
-    bf16 = kernels.FusedLinear if native.available() else kernels.MkldnnLinear
+    # bf16: Meta's rows stacked for the C step (prompts widened to fp32 where the CPU has no bf16
+    # arithmetic), else oneDNN's packed layout
+    rows = kernels.FusedLinear if kernels.mkldnn_bf16_available() else kernels.WidenedBf16Linear
+    bf16 = rows if native.available() else kernels.MkldnnLinear
     expected = {"int8": int8_fp32, "int4": int4_fp32, "int4-bf16": kernels.Int4Linear, "bf16": bf16}
     assert kernel is expected[name]
 
