@@ -359,18 +359,17 @@ class WidenedBf16Linear(FusedLinear):
     fp32 copies of the weights, a block of rows at a time, in fp32, and rounds the result to bf16
     once, as `F.linear` in bf16 does (its sums are fp32 too)."""
 
-    BLOCK_FLOATS = 1 << 21  # 8 MB of fp32 weights a block
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] < native.PROMPT_ROWS:
             return x @ self.fused
         rows = self.fused.t()  # (sum of out, in)
-        wide = x2.float()
-        y = torch.empty(x2.shape[0], rows.shape[0], dtype=x.dtype, device=x.device)
-        block = max(16, self.BLOCK_FLOATS // rows.shape[1])
-        for first in range(0, rows.shape[0], block):
-            y[:, first:first + block] = wide @ rows[first:first + block].float().t()
+
+        def fill(first: int, n: int, buffer: torch.Tensor) -> bool:
+            buffer[:n * rows.shape[1]].view(n, rows.shape[1]).copy_(rows[first:first + n])
+            return False
+
+        y = native.blocked_product(x2.float(), rows.shape[0], rows.shape[1], fill, dtype=x.dtype)
         return y.view(*x.shape[:-1], rows.shape[0])
 
 

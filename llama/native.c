@@ -400,7 +400,8 @@ void llama_matmul(const llama_matrix *m, const float *x, float *y, int64_t batch
 /* Rows first .. first + n - 1 of the matrix as fp32: the weights a product of many rows (a prompt)
    multiplies, made once for all its rows (llama/native.py hands them to torch's matrix product).
    int4 (first a multiple of 16): out [cols, n], the block transposed, as a tile's record holds each
-   input's 16 rows side by side; the others: out [n, cols]. Returns 1 where out is transposed. */
+   input's 16 rows side by side; int8: out [n, cols]. Returns 1 where out is transposed, 0 where
+   not, -1 for another kind (nothing written). */
 int64_t llama_dequantize(const llama_matrix *m, int64_t first, int64_t n, float *out) {
     const int64_t cols = m->cols;
     if (m->kind == LLAMA_INT4) {
@@ -429,19 +430,13 @@ int64_t llama_dequantize(const llama_matrix *m, int64_t first, int64_t n, float 
         }
         return 1;
     }
+    if (m->kind != LLAMA_INT8) return -1;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
+        const int8_t *row = (const int8_t *)m->w + (first + i) * cols;
+        const float scale = m->scale[first + i];
         float *o = out + i * cols;
-        if (m->kind == LLAMA_INT8) {
-            const int8_t *row = (const int8_t *)m->w + (first + i) * cols;
-            const float scale = m->scale[first + i];
-            for (int64_t k = 0; k < cols; k++) o[k] = (float)row[k] * scale;
-        } else if (m->kind == LLAMA_BF16) {
-            const uint16_t *row = (const uint16_t *)m->w + (first + i) * cols;
-            for (int64_t k = 0; k < cols; k++) o[k] = bf16_to_float(row[k]);
-        } else {
-            memcpy(o, (const float *)m->w + (first + i) * cols, cols * sizeof(float));
-        }
+        for (int64_t k = 0; k < cols; k++) o[k] = (float)row[k] * scale;
     }
     return 0;
 }

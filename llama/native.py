@@ -362,19 +362,33 @@ PROMPT_ROWS = 64
 _BLOCK_FLOATS = 1 << 21  # 8 MB of fp32 weights a block
 
 
-def _dequantized_product(lib: ctypes.CDLL, desc: "_Matrix", x: torch.Tensor) -> torch.Tensor:
-    """x [n, cols] W^T as `_native_matmul` computes it, through fp32 blocks of W's rows."""
-    rows, cols = desc.rows, desc.cols
-    block = max(16, _BLOCK_FLOATS // cols // 16 * 16)  # whole int4 tiles
+def blocked_product(x: torch.Tensor, rows: int, cols: int, fill, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x [n, cols] (fp32) W^T for a W [rows, cols] that `fill(first, count, buffer)` writes into the
+    fp32 `buffer` a block of rows at a time (whole 16-row int4 tiles), as [count, cols] or, where it
+    returns True, transposed [cols, count]; torch's matrix product then multiplies every row of x by
+    the block. The result, [n, rows], is stored in `dtype` (rounded once)."""
+    block = max(16, _BLOCK_FLOATS // cols // 16 * 16)
     buffer = torch.empty(min(block, rows) * cols, dtype=torch.float32)
-    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    y = torch.empty(x.shape[0], rows, dtype=dtype)
     for first in range(0, rows, block):
         n = min(block, rows - first)
-        if lib.llama_dequantize(ctypes.byref(desc), first, n, buffer.data_ptr()):
+        if fill(first, n, buffer):
             y[:, first:first + n] = torch.mm(x, buffer[:n * cols].view(cols, n))
         else:
             y[:, first:first + n] = torch.mm(x, buffer[:n * cols].view(n, cols).t())
     return y
+
+
+def _dequantized_product(lib: ctypes.CDLL, desc: "_Matrix", x: torch.Tensor) -> torch.Tensor:
+    """x [n, cols] W^T as `_native_matmul` computes it, W made fp32 by C a block at a time."""
+
+    def fill(first: int, n: int, buffer: torch.Tensor) -> bool:
+        transposed = lib.llama_dequantize(ctypes.byref(desc), first, n, buffer.data_ptr())
+        if transposed < 0:
+            raise ValueError(f"llama_dequantize reads int8 and int4 matrices, not kind {desc.kind}")
+        return bool(transposed)
+
+    return blocked_product(x, desc.rows, desc.cols, fill)
 
 
 @_native_matmul.register_fake
