@@ -328,7 +328,22 @@ class Engine:
     def _forward(self, command):
         """Run `command` here and on every other rank; the logits where it has some."""
         self._ranks.share(command)
-        return _run(self.llama, command)
+        return self._run(command)
+
+    def _run(self, command) -> Optional[torch.Tensor]:
+        """One command of `_forward`: a prompt's last logits (1, vocab), a step's (bsz, vocab), or None."""
+        kind, device = command[0], self.device
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        if kind == "prompt":
+            return self.step.prompt(tensor(command[1]), command[2]).float()
+        if kind == "rows":
+            return self.step.rows(tensor(command[1]), tensor(command[2]), tensor(command[3])).float()
+        if kind == "clear":
+            self.llama.model.clear_cache_row(command[1])
+        return None  # "idle"
 
     # -- ranks 1 .. ------------------------------------------------------------------------
 
@@ -340,26 +355,9 @@ class Engine:
                 if command[0] == "stop":
                     return
                 try:
-                    _run(self.llama, command)
+                    self._run(command)
                 except (ValueError, IndexError, FloatingPointError):
                     pass  # rank 0 met the same error on the same input, and tells its client
-
-
-def _run(llama: Llama, command) -> Optional[torch.Tensor]:
-    kind, device = command[0], llama.device
-    if kind == "prompt":
-        _, tokens, cache_row = command
-        return llama.step.prompt(torch.tensor(tokens, dtype=torch.long, device=device), cache_row).float()
-    if kind == "rows":
-        _, tokens, positions, cache_rows = command
-
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        return llama.step.rows(tensor(tokens), tensor(positions), tensor(cache_rows)).float()
-    if kind == "clear":
-        llama.model.clear_cache_row(command[1])
-    return None  # "idle"
 
 
 def _token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

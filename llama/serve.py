@@ -12,6 +12,7 @@ serve extra: pip install -e ".[serve]". Details: docs/serving.md.
 """
 
 import ipaddress
+import signal
 import socket
 import threading
 from typing import TYPE_CHECKING, List, Literal, Optional
@@ -96,7 +97,7 @@ def main(
     from llama.batching import Engine
     from llama.chat_repl import check_heartbeat
     from llama.demo import check_device, check_request, resolve_checkpoint
-    from llama.distributed import exit_when_a_peer_is_lost, is_first_rank
+    from llama.distributed import exit_when_a_peer_is_lost, is_first_rank, launch_variable
     from llama.generation import check_seed
     from llama.server import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Server
 
@@ -105,8 +106,7 @@ def main(
     check_heartbeat(heartbeat_s, collective_timeout_s)
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key must not be empty")
-    first = is_first_rank()
-    if first:
+    if launch_variable("RANK", 0) == 0:  # torchrun's rank 0, or a plain run: the one that listens
         check_port(host, port)
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     check_request(tokenizer_path, max_seq_len, max_batch_size, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, None)
@@ -123,7 +123,12 @@ def main(
     )
     engine = Engine(llama, seed=seed, heartbeat_s=heartbeat_s)
     with exit_when_a_peer_is_lost():
-        if not first:
+        if not is_first_rank():
+            # torchrun passes a Ctrl-C or SIGTERM on to every rank at once. Rank 0 then stops
+            # the engine and tells this rank so; a rank that left first would make that a
+            # lost-rank error. If rank 0 is gone instead, the next collective ends this rank.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
             engine.follow()
             return
         name = model_name or Path(ckpt_dir).resolve().name
@@ -134,8 +139,6 @@ def main(
 def serve(server: "Server", host: str, port: int) -> None:
     """Rank 0: HTTP and the engine on threads of their own until SIGINT or SIGTERM; then the
     engine stops (releasing the other ranks) and this returns. Raises what ended the engine."""
-    import signal
-
     import uvicorn
 
     failure: List[BaseException] = []

@@ -274,3 +274,47 @@ def test_a_port_in_use_is_named_before_loading(tiny_ckpt, server):
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "Loaded in" not in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row_at_once(tiny_ckpt):
+    # In this process, so that each step can be slowed: the request would run for seconds.
+    import http.client
+
+    import uvicorn
+
+    from llama import Llama
+    from llama.batching import Engine
+    from llama.server import Server
+    from test_batching import SlowSteps
+
+    llama = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=2,
+                        device="cpu")
+    engine = Engine(llama)
+    engine.step = SlowSteps(llama)
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(Server(llama, engine, MODEL).app(), host="127.0.0.1", port=port,
+                                         log_level="warning"))
+    threads = [threading.Thread(target=engine.run, daemon=True), threading.Thread(target=web.run, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while not web.started:
+            time.sleep(0.05)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 100, "stream": True, "seed": 3}
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # the first token has come
+        steps_then = engine.steps
+        connection.close()  # the client leaves
+        deadline = time.monotonic() + 5
+        while engine.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.in_flight() == 0 and engine.dropped == 1
+        assert engine.steps - steps_then < 20  # freed within a few 20 ms steps, not after all 100 tokens
+    finally:
+        web.should_exit = True
+        engine.stop()
+        for t in threads:
+            t.join(30)
