@@ -50,7 +50,12 @@ def check_port(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
-def main(
+def main(argv: Optional[List[str]] = None) -> None:
+    """`python -m llama.serve`: parse the command line for `start`, run it, and exit."""
+    run(start, argv, prog="python -m llama.serve")
+
+
+def start(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
     host: str = "127.0.0.1",
@@ -183,4 +188,4 @@ def serve(server: "Server", host: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    run(main, prog="python -m llama.serve")
+    main()

@@ -259,10 +259,11 @@ def test_malformed_json_a_wrong_key_and_an_unknown_path(server, client):
 
 
 def test_it_binds_to_loopback_unless_told(server):
-    from llama.serve import is_loopback, main
     import inspect
 
-    assert inspect.signature(main).parameters["host"].default == "127.0.0.1"
+    from llama.serve import is_loopback, start
+
+    assert inspect.signature(start).parameters["host"].default == "127.0.0.1"
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0")
 
