@@ -511,7 +511,7 @@ class DecodeStep:
         self._bound_to = None
         self._scratch: Dict[int, torch.Tensor] = {}
         self._fixed_threads = fixed_threads()
-        self._threads: Optional[ThreadCount] = None
+        self._threads: Dict[int, ThreadCount] = {}  # batch size -> its chooser
 
     def _bind(self) -> None:
         """Point the C struct at the model's current tensors (again after a reload or a new cache)."""
@@ -589,7 +589,7 @@ class DecodeStep:
             scratch = torch.empty(self._lib.llama_scratch_floats(ctypes.byref(self._model), bsz), dtype=torch.float32)
             self._scratch[bsz] = scratch
         logits = torch.empty(bsz, self._model.vocab, dtype=torch.float32)
-        threads = self._thread_count()
+        threads = self._thread_count(bsz)
         count = threads.choose() if threads is not None else self._fixed_threads
         start = time.perf_counter()
         status = self._lib.llama_decode_rows(
@@ -621,12 +621,15 @@ class DecodeStep:
                         "each row of a step needs a cache row of its own")
         return f"the C step refused rows at positions {positions} in cache rows {cache_rows}"
 
-    def _thread_count(self) -> Optional[ThreadCount]:
-        """The chooser of this step's threads; None where LLAMA_NATIVE_THREADS fixes them. A new one
-        when torch's count changes (torch.set_num_threads)."""
+    def _thread_count(self, bsz: int) -> Optional[ThreadCount]:
+        """The chooser of the threads of a step of `bsz` rows; None where LLAMA_NATIVE_THREADS fixes
+        them. One a batch size: a chooser compares a step's time with its recent steps', and a
+        server's batch changes size from step to step. A new one when torch's count changes
+        (torch.set_num_threads)."""
         if self._fixed_threads is not None:
             return None
         most = torch.get_num_threads()
-        if self._threads is None or self._threads.most != most:
-            self._threads = ThreadCount(most)
-        return self._threads
+        chooser = self._threads.get(bsz)
+        if chooser is None or chooser.most != most:
+            chooser = self._threads[bsz] = ThreadCount(most)
+        return chooser

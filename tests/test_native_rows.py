@@ -228,3 +228,45 @@ def test_rows_take_lists_and_name_arguments_of_the_wrong_shape():
             step.rows([5, 6], [3, 4], [8.0, 1.0])
         with pytest.raises(ValueError, match="an empty batch"):
             step.rows([], [], [])
+
+
+def test_the_thread_count_is_chosen_apart_for_each_batch_size(monkeypatch):
+    # A server's batch changes size from step to step. One chooser for all sizes compared a
+    # batch-1 step on one thread with the recent batch-16 steps on two, found it faster and
+    # moved to one thread. Here a step takes the same time on any count, 10 ms at batch 1 and
+    # 60 ms at batch 16: every count but the occasional try stays torch's.
+    most = torch.get_num_threads()
+    if most < 2:
+        pytest.skip("torch runs one thread: there is no count to choose")
+    monkeypatch.delenv(native.THREADS_VARIABLE, raising=False)
+    model = rows_model("fp32")
+    step = native.DecodeStep(model)
+    duration = {}
+
+    class Clock:
+        now, started = 0.0, False
+
+        def perf_counter(self):
+            if self.started:
+                self.now += duration["next"]
+            self.started = not self.started
+            return self.now
+
+    monkeypatch.setattr(native, "time", Clock())
+    counts = []
+
+    class Library:
+        def __getattr__(self, name):
+            return getattr(native._load(), name)
+
+        def llama_decode_rows(self, *args):
+            counts.append(args[-1])
+            return native._load().llama_decode_rows(*args)
+
+    step._lib = Library()
+    with torch.inference_mode():
+        for i in range(100):
+            bsz = 1 if i % 2 == 0 else 16
+            duration["next"] = 0.010 if bsz == 1 else 0.060
+            step.rows(list(range(bsz)), [0] * bsz, list(range(bsz)))
+    assert counts.count(most) > 0.8 * len(counts), counts
