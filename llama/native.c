@@ -209,6 +209,10 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #define LLAMA_TARGET LLAMA_AVX2
 #define LLAMA_LANES 8
 #define LLAMA_I4_TILES 4
+/* Rows of x a pass over four weight rows (native_kernels.h, rows4): fp32 and int8 three (12
+   accumulators of the 16 registers), bf16 two (its products take two more registers a row of x
+   and a weight row); the fastest measured (benchmarks/NOTES.md). */
+#define LLAMA_BATCH_ROWS(kind) ((kind) == LLAMA_BF16 ? 2 : 3)
 #define vec __m256
 #define veci __m256i
 #define vec_zero() _mm256_setzero_ps()
@@ -236,6 +240,7 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #undef LLAMA_TARGET
 #undef LLAMA_LANES
 #undef LLAMA_I4_TILES
+#undef LLAMA_BATCH_ROWS
 #undef vec
 #undef veci
 #undef vec_zero
@@ -275,6 +280,9 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
 
 #define LLAMA_LANES 16
 #define LLAMA_I4_TILES 4
+/* Four rows of x a pass, every kind: 16 accumulators of the 32 registers, and gcc's loops keep them
+   all in registers. Not measured (no AVX-512 CPU at hand when it was written). */
+#define LLAMA_BATCH_ROWS(kind) 4
 #define vec __m512
 #define veci __m512i
 #define vec_zero() _mm512_setzero_ps()

@@ -165,6 +165,51 @@ def test_a_rows_logits_are_the_same_bits_in_a_batch_of_any_size(mode, shape, var
             assert torch.equal(got, want), f"batch {bsz}, row {place}: {(got - want).abs().max()}"
 
 
+def c_matrix(kind: str, rows: int, cols: int, keep: list):
+    """A random [rows, cols] matrix of `kind` as C reads it."""
+    generator = torch.Generator().manual_seed(12)
+    if kind == "int4":
+        q = torch.randint(0, 16, (rows, cols), generator=generator, dtype=torch.uint8)
+        scale = torch.rand(rows, cols // 32, generator=generator) * 0.1 + 0.01
+        zero = torch.randn(rows, cols // 32, generator=generator) * 0.1
+        return native.matrix(kernels.NativeInt4Linear(q[:, 0::2] | (q[:, 1::2] << 4), scale, zero, 32), keep)
+    if kind == "int8":
+        q = torch.randint(-127, 128, (rows, cols), generator=generator, dtype=torch.int8)
+        scale = torch.rand(rows, generator=generator) * 0.01
+        keep += [q, scale]
+        return native._Matrix(native.INT8, rows, cols, 0, q.data_ptr(), scale.data_ptr())
+    w = torch.randn(rows, cols, generator=generator).to(torch.bfloat16 if kind == "bf16" else torch.float32)
+    keep.append(w)
+    return native._Matrix(native.BF16 if kind == "bf16" else native.FP32, rows, cols, 0, w.data_ptr(), None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", MODES)
+def test_each_products_rows_are_the_same_bits_in_a_batch_of_any_size(kind, variant, use_kernels):  # noqa: F811
+    # The products alone, their fp32 sums unrounded (a bf16 model rounds each to bf16, which can
+    # hide a sum taken in another order): 70 rows (blocks of four and two left over; int4 tiles of
+    # 16, the last one partial), each row of x against its product alone, at every place in
+    # batches of 2, 3, 7, 8 and 16.
+    use_kernels(variant)
+    keep: list = []
+    rows, cols = 70, 128
+    matrix = c_matrix(kind, rows, cols, keep)
+    lib = native._load()
+    x = torch.randn(16, cols, generator=torch.Generator().manual_seed(13))
+
+    def product(x):
+        y = torch.empty(x.shape[0], rows)
+        work = torch.empty(lib.llama_matmul_scratch_floats(x.shape[0], cols))
+        lib.llama_matmul(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), x.shape[0], work.data_ptr())
+        return y
+
+    alone = torch.cat([product(x[b : b + 1]) for b in range(16)])
+    for bsz in (2, 3, 7, 8, 16):
+        for first in range(0, 16 - bsz + 1, max(1, (16 - bsz) // 2)):
+            got = product(x[first : first + bsz].contiguous())
+            assert torch.equal(got, alone[first : first + bsz]), f"batch {bsz} from row {first}"
+
+
 def test_the_one_position_step_is_the_rows_step():
     # llama_decode_step is llama_decode_rows with every row at one position, row b in cache row b.
     model = rows_model("fp32")
