@@ -60,7 +60,8 @@ print("ready", flush=True)
 for line in sys.stdin:
     seconds, made = once()
     step = llama.step.one_token if llama.step.kind == "native" else None
-    count = step._threads.current if step is not None and step._threads is not None else None
+    chooser = step._threads.get(len(prompt)) if step is not None else None  # the chooser of this batch size
+    count = chooser.current if chooser is not None else None
     print(json.dumps({"seconds": seconds, "tokens": made, "threads_now": count}), flush=True)
 """
 

@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 8
+#define LLAMA_NATIVE_ABI 9
 
 /* Ask for the next block of rows while this one is summed: without it the compressed products
    waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
@@ -209,6 +209,10 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #define LLAMA_TARGET LLAMA_AVX2
 #define LLAMA_LANES 8
 #define LLAMA_I4_TILES 4
+/* Rows of x a pass over four weight rows (native_kernels.h, rows4): fp32 and int8 three (12
+   accumulators of the 16 registers), bf16 two (its products take two more registers a row of x
+   and a weight row); the fastest measured (benchmarks/NOTES.md). */
+#define LLAMA_BATCH_ROWS(kind) ((kind) == LLAMA_BF16 ? 2 : 3)
 #define vec __m256
 #define veci __m256i
 #define vec_zero() _mm256_setzero_ps()
@@ -236,6 +240,7 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #undef LLAMA_TARGET
 #undef LLAMA_LANES
 #undef LLAMA_I4_TILES
+#undef LLAMA_BATCH_ROWS
 #undef vec
 #undef veci
 #undef vec_zero
@@ -275,6 +280,9 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
 
 #define LLAMA_LANES 16
 #define LLAMA_I4_TILES 4
+/* Four rows of x a pass, every kind: 16 accumulators of the 32 registers, and gcc's loops keep them
+   all in registers. Not measured (no AVX-512 CPU at hand when it was written). */
+#define LLAMA_BATCH_ROWS(kind) 4
 #define vec __m512
 #define veci __m512i
 #define vec_zero() _mm512_setzero_ps()
@@ -467,34 +475,62 @@ static void rotate(float *v, int64_t heads, int64_t head_dim, const float *cos, 
     }
 }
 
-static int64_t decode_step(const llama_model *m, const int64_t *tokens, int64_t batch, int64_t pos, float *logits,
-                           float *scratch);
+/* -2 where the rows do not fit the cache as llama_decode_rows says, -1 for a token outside the
+   vocabulary, else 0. */
+static int64_t check_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
+                          const int64_t *cache_rows) {
+    if (batch < 1 || batch > m->max_batch) return -2;
+    for (int64_t b = 0; b < batch; b++) {
+        if (positions[b] < 0 || positions[b] >= m->max_seq || positions[b] >= m->rope_rows) return -2;
+        if (cache_rows[b] < 0 || cache_rows[b] >= m->max_batch) return -2;
+        for (int64_t other = 0; other < b; other++)  /* two rows writing one cache row */
+            if (cache_rows[other] == cache_rows[b]) return -2;
+    }
+    for (int64_t b = 0; b < batch; b++)
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
+    return 0;
+}
 
-/* tokens: [batch], one per row, all at position pos. logits: [batch, vocab]. threads: how many
-   OpenMP threads each product runs on (the calling thread's setting is restored after, so torch's
-   own count is untouched). Returns 0, or -1 for a token outside the vocabulary, -2 for a batch or
-   position outside the cache (nothing is computed then). */
-int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t batch, int64_t pos, float *logits,
-                          float *scratch, int64_t threads) {
+static int64_t decode_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
+                           const int64_t *cache_rows, float *logits, float *scratch);
+
+/* One step of `batch` rows, each on its own: row b is token tokens[b] at position positions[b], whose
+   keys and values are cache row cache_rows[b] (rotated by its own position's angles, written at
+   that position, attending to positions 0 .. positions[b] of that cache row). A row's logits do not
+   depend on the other rows of the batch: every sum is taken over one row alone, in the same order
+   whatever the batch, so they are the same bits as that row's step alone. logits: [batch, vocab].
+   threads: how many OpenMP threads each product runs on (the calling thread's setting is restored
+   after, so torch's own count is untouched). Returns 0, or -1 for a token outside the vocabulary,
+   -2 for a batch, a position or a cache row outside the cache, or a cache row given twice (nothing
+   is computed then). */
+int64_t llama_decode_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
+                          const int64_t *cache_rows, float *logits, float *scratch, int64_t threads) {
     const int before = omp_get_max_threads();
     omp_set_num_threads(threads > 0 ? (int)threads : before);
-    const int64_t status = decode_step(m, tokens, batch, pos, logits, scratch);
+    const int64_t status = decode_rows(m, tokens, batch, positions, cache_rows, logits, scratch);
     omp_set_num_threads(before);
     return status;
 }
 
-static int64_t decode_step(const llama_model *m, const int64_t *tokens, int64_t batch, int64_t pos, float *logits,
-                           float *scratch) {
+/* llama_decode_rows with every row at position pos, row b in cache row b. */
+int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t batch, int64_t pos, float *logits,
+                          float *scratch, int64_t threads) {
+    if (batch < 1 || batch > m->max_batch) return -2;  /* before the arrays are sized by it */
+    int64_t positions[batch], cache_rows[batch];
+    for (int64_t b = 0; b < batch; b++) positions[b] = pos, cache_rows[b] = b;
+    return llama_decode_rows(m, tokens, batch, positions, cache_rows, logits, scratch, threads);
+}
+
+static int64_t decode_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
+                           const int64_t *cache_rows, float *logits, float *scratch) {
     const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, hidden = m->hidden;
     const int64_t qw = nh * hd, kvw = nkv * hd, qkvw = qkv_width(m), seq = m->max_seq, bf16 = m->bf16;
-    if (batch < 1 || batch > m->max_batch || pos < 0 || pos >= seq || pos >= m->rope_rows) return -2;
-    for (int64_t b = 0; b < batch; b++)
-        if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
+    const int64_t status = check_rows(m, tokens, batch, positions, cache_rows);
+    if (status != 0) return status;
 
     float *x = scratch, *xn = x + batch * dim, *tmp = xn + batch * dim, *qkv = tmp + batch * dim;
     float *att = qkv + batch * qkvw, *h13 = att + batch * qw, *g = h13 + batch * 2 * hidden, *scores = g + batch * hidden;
     float *work = scores + batch * nh * seq;
-    const float *cos = m->rope + pos * hd, *signed_sin = m->rope + (m->rope_rows + pos) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t n_rep = nh / nkv, esize = bf16 ? 2 : 4; /* bytes of a cached value */
 
@@ -507,9 +543,10 @@ static int64_t decode_step(const llama_model *m, const int64_t *tokens, int64_t 
         round_all(bf16, qkv, batch * qkvw);
         for (int64_t b = 0; b < batch; b++) {
             float *q = qkv + b * qkvw, *k = q + qw, *v = k + kvw;
+            const float *cos = m->rope + positions[b] * hd, *signed_sin = m->rope + (m->rope_rows + positions[b]) * hd;
             rotate(q, nh + nkv, hd, cos, signed_sin, bf16);  /* q and k are adjacent */
             for (int64_t h = 0; h < nkv; h++) {
-                int64_t at = ((b * nkv + h) * seq + pos) * hd;
+                int64_t at = ((cache_rows[b] * nkv + h) * seq + positions[b]) * hd;
                 if (bf16) {
                     for (int64_t i = 0; i < hd; i++) {
                         ((uint16_t *)m->cache_k[l])[at + i] = float_to_bf16(k[h * hd + i]);
@@ -525,11 +562,11 @@ static int64_t decode_step(const llama_model *m, const int64_t *tokens, int64_t 
         for (int64_t bh = 0; bh < batch * nh; bh++) {
             int64_t b = bh / nh, h = bh % nh, kvh = h / n_rep;
             const float *q = qkv + b * qkvw + h * hd;
-            const int64_t base = (b * nkv + kvh) * seq * hd;
+            const int64_t base = (cache_rows[b] * nkv + kvh) * seq * hd;
             float *s = scores + bh * seq, *out = att + b * qw + h * hd;
             const char *keys = (const char *)m->cache_k[l] + base * esize;
             const char *values = (const char *)m->cache_v[l] + base * esize;
-            kernels->attend(q, keys, values, pos + 1, hd, scale, bf16, s, out);
+            kernels->attend(q, keys, values, positions[b] + 1, hd, scale, bf16, s, out);
             round_all(bf16, out, hd);
         }
         matvec(&m->wo[l], att, tmp, batch, work);

@@ -40,7 +40,7 @@ import torch
 
 from llama import distributed
 
-ABI = 8  # LLAMA_NATIVE_ABI in native.c
+ABI = 9  # LLAMA_NATIVE_ABI in native.c
 ISA_VARIABLE = "LLAMA_NATIVE_ISA"
 THREADS_VARIABLE = "LLAMA_NATIVE_THREADS"
 FP32, INT8, INT4, BF16 = 0, 1, 2, 3  # llama_matrix kinds
@@ -131,6 +131,11 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.llama_decode_step.argtypes = [
         ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int64,
+    ]
+    lib.llama_decode_rows.restype = ctypes.c_int64
+    lib.llama_decode_rows.argtypes = [
+        ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64,
     ]
     for name in ("llama_native_variants", "llama_native_variant", "llama_native_best_variant"):
         getattr(lib, name).restype = ctypes.c_char_p
@@ -263,6 +268,15 @@ def _checked(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise RuntimeError(f"the native step needs contiguous {dtype} CPU tensors, got {tensor.dtype} "
                            f"{tuple(tensor.shape)} {tensor.stride()} on {tensor.device}")
     return tensor
+
+
+def _index_vector(values, name: str) -> torch.Tensor:
+    """`values` (a 1-D tensor or a list of ints) as a contiguous int64 CPU tensor."""
+    vector = torch.as_tensor(values)
+    if vector.dim() != 1 or (vector.numel() and (vector.is_floating_point() or vector.is_complex()
+                                                 or vector.dtype == torch.bool)):
+        raise ValueError(f"{name} must be one integer a row, shape (bsz,); got {vector.dtype} {tuple(vector.shape)}")
+    return vector.to("cpu", torch.int64).contiguous()
 
 
 def matrix(kernel, keep: List) -> "_Matrix":
@@ -471,7 +485,9 @@ class ThreadCount:
 
 
 class DecodeStep:
-    """`model.forward(tokens, start_pos)` for one token per row (tokens (bsz, 1)), in C.
+    """`model.forward(tokens, start_pos)` for one token per row (tokens (bsz, 1)), in C; and
+    `rows(tokens, positions, cache_rows)`, the step of rows each at a position and in a cache row
+    of its own.
 
     Returns the same float32 logits (bsz, 1, vocab), to float rounding (in a
     bf16 model, to the rounding of two bf16 kernels: each value is rounded to
@@ -479,6 +495,10 @@ class DecodeStep:
     model's tensors are read in place: the KV cache gets this position's keys
     and values as the eager forward would write them, so the two can take
     turns (prompts run eager, then the steps here).
+
+    A row's logits are the same bits whatever other rows share its step (up to
+    the cache's max_batch_size rows): each of its sums is taken alone, in the
+    same order at any batch size.
     """
 
     def __init__(self, model):
@@ -491,7 +511,7 @@ class DecodeStep:
         self._bound_to = None
         self._scratch: Dict[int, torch.Tensor] = {}
         self._fixed_threads = fixed_threads()
-        self._threads: Optional[ThreadCount] = None
+        self._threads: Dict[int, ThreadCount] = {}  # batch size -> its chooser
 
     def _bind(self) -> None:
         """Point the C struct at the model's current tensors (again after a reload or a new cache)."""
@@ -540,39 +560,76 @@ class DecodeStep:
         self._bound_to = model.layout_version
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        if self._bound_to != self.model.layout_version:
-            self._bind()
         bsz = tokens.shape[0]
         ids = tokens.reshape(bsz).to(torch.int64).contiguous()
+        positions = torch.full((bsz,), int(start_pos), dtype=torch.int64)
+        return self._run(ids, positions, torch.arange(bsz)).view(bsz, 1, -1)
+
+    def rows(self, tokens, positions, cache_rows) -> torch.Tensor:
+        """One step of rows each on its own: row b is token tokens[b] at position positions[b], its
+        keys and values in the KV cache's row cache_rows[b] (written at that position; attention
+        reads positions 0 .. positions[b] of that cache row). Each argument: (bsz,) integers, as
+        a tensor or a list. Returns float32 logits (bsz, vocab). Raises IndexError for a token
+        outside the vocabulary, ValueError for a position or a cache row outside the cache, a cache
+        row given twice, or a batch larger than the cache (the cache is untouched then)."""
+        ids, positions, cache_rows = (_index_vector(values, name) for values, name in (
+            (tokens, "tokens"), (positions, "positions"), (cache_rows, "cache_rows")))
+        if not len(ids) == len(positions) == len(cache_rows):
+            raise ValueError(f"one position and one cache row a token: got {len(ids)} tokens, {len(positions)} "
+                             f"positions and {len(cache_rows)} cache rows")
+        return self._run(ids, positions, cache_rows)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor) -> torch.Tensor:
+        """The C step of contiguous int64 (bsz,) tensors: logits (bsz, vocab)."""
+        if self._bound_to != self.model.layout_version:
+            self._bind()
+        bsz = ids.shape[0]
         scratch = self._scratch.get(bsz)
         if scratch is None:
             scratch = torch.empty(self._lib.llama_scratch_floats(ctypes.byref(self._model), bsz), dtype=torch.float32)
             self._scratch[bsz] = scratch
-        logits = torch.empty(bsz, 1, self._model.vocab, dtype=torch.float32)
-        threads = self._thread_count()
+        logits = torch.empty(bsz, self._model.vocab, dtype=torch.float32)
+        threads = self._thread_count(bsz)
         count = threads.choose() if threads is not None else self._fixed_threads
         start = time.perf_counter()
-        status = self._lib.llama_decode_step(
-            ctypes.byref(self._model), ids.data_ptr(), bsz, int(start_pos), logits.data_ptr(), scratch.data_ptr(),
-            count,
+        status = self._lib.llama_decode_rows(
+            ctypes.byref(self._model), ids.data_ptr(), bsz, positions.data_ptr(), cache_rows.data_ptr(),
+            logits.data_ptr(), scratch.data_ptr(), count,
         )
         if threads is not None:
             threads.record(count, time.perf_counter() - start)
         if status == -1:
             raise IndexError(f"a token id is outside the vocabulary of {self._model.vocab}: {ids.tolist()}")
         if status != 0:
-            raise ValueError(
-                f"batch {bsz} at position {start_pos} is outside the cache "
-                f"({self._model.max_batch} rows, {self._model.max_seq} positions)"
-            )
+            raise ValueError(self._outside_the_cache(positions.tolist(), cache_rows.tolist()))
         return logits
 
-    def _thread_count(self) -> Optional[ThreadCount]:
-        """The chooser of this step's threads; None where LLAMA_NATIVE_THREADS fixes them. A new one
-        when torch's count changes (torch.set_num_threads)."""
+    def _outside_the_cache(self, positions: List[int], cache_rows: List[int]) -> str:
+        """What C refused in rows that do not fit the cache (llama_decode_rows returned -2)."""
+        rows, length = self._model.max_batch, min(self._model.max_seq, self._model.rope_rows)
+        if not positions:
+            return "an empty batch: a step needs one row at least"
+        if len(positions) > rows:
+            return f"batch {len(positions)} is outside the cache ({rows} rows, {length} positions)"
+        for b, (position, cache_row) in enumerate(zip(positions, cache_rows)):
+            if not 0 <= position < length:
+                return f"row {b}: position {position} is outside the cache ({length} positions: 0 to {length - 1})"
+            if not 0 <= cache_row < rows:
+                return f"row {b}: cache row {cache_row} is outside the cache ({rows} rows: 0 to {rows - 1})"
+            if cache_row in cache_rows[:b]:
+                return (f"rows {cache_rows.index(cache_row)} and {b} both name cache row {cache_row}: "
+                        "each row of a step needs a cache row of its own")
+        return f"the C step refused rows at positions {positions} in cache rows {cache_rows}"
+
+    def _thread_count(self, bsz: int) -> Optional[ThreadCount]:
+        """The chooser of the threads of a step of `bsz` rows; None where LLAMA_NATIVE_THREADS fixes
+        them. One a batch size: a chooser compares a step's time with its recent steps', and a
+        server's batch changes size from step to step. A new one when torch's count changes
+        (torch.set_num_threads)."""
         if self._fixed_threads is not None:
             return None
         most = torch.get_num_threads()
-        if self._threads is None or self._threads.most != most:
-            self._threads = ThreadCount(most)
-        return self._threads
+        chooser = self._threads.get(bsz)
+        if chooser is None or chooser.most != most:
+            chooser = self._threads[bsz] = ThreadCount(most)
+        return chooser

@@ -25,46 +25,78 @@ static inline __attribute__((always_inline)) LLAMA_TARGET vec KERNEL(step)(int k
 }
 #endif
 
+#if LLAMA_LANES
+/* y[b, r] for the four rows r = n .. n + 3 and the nb rows b of x from xb on (nb a constant once
+   inlined: the accumulators are then registers), in one pass over the four rows: each step of a
+   weight row serves nb rows of x. Each (b, r) sum has an accumulator of its own that takes the
+   same steps, in the same order, then the same horizontal sum, whatever nb is: a row's result is
+   the same bits at every batch size. With `prefetch`, the next four rows are asked for (a cache
+   line of each, every line of the block). */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_of)(int kind, const char *r0,
+                                                                                int64_t row_bytes, const float *scale,
+                                                                                const char *xb, int64_t x_bytes,
+                                                                                float *yb, int64_t rows, int64_t cols,
+                                                                                int64_t n, const int nb, int prefetch) {
+    const int64_t size = kind == LLAMA_FP32 ? 4 : kind == LLAMA_BF16 ? 2 : 1;
+    const int64_t step = kind == LLAMA_BF16 ? 2 * LLAMA_LANES : LLAMA_LANES;
+    vec acc[4][4];  /* nb is at most 4 */
+    for (int j = 0; j < nb; j++)
+        for (int i = 0; i < 4; i++) acc[j][i] = vec_zero();
+    for (int64_t k = 0; k < cols; k += step) {
+        if (prefetch && k % (64 / size) == 0) LLAMA_PREFETCH_ROWS(r0 + 4 * row_bytes + k * size, row_bytes, 4);
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < nb; j++)
+                acc[j][i] = KERNEL(step)(kind, acc[j][i], r0 + i * row_bytes, xb + j * x_bytes, k);
+    }
+    for (int j = 0; j < nb; j++)
+        for (int i = 0; i < 4; i++)
+            yb[j * rows + n + i] = kind == LLAMA_INT8 ? vec_sum(acc[j][i]) * scale[n + i] : vec_sum(acc[j][i]);
+}
+
+/* rows4_of for the nb rows of x from row b on; the first pass over the block (b = 0) prefetches the
+   next one (a constant in each loop: no test of b in it). */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_pass)(int kind, const char *r0,
+                                                                                  int64_t row_bytes,
+                                                                                  const float *scale, const void *x,
+                                                                                  float *y, int64_t b, int64_t rows,
+                                                                                  int64_t cols, int64_t n,
+                                                                                  const int nb) {
+    const int64_t x_bytes = cols * (kind == LLAMA_BF16 ? 2 : 4);
+    const char *xb = (const char *)x + b * x_bytes;
+    if (b == 0)
+        KERNEL(rows4_of)(kind, r0, row_bytes, scale, xb, x_bytes, y + b * rows, rows, cols, n, nb, 1);
+    else
+        KERNEL(rows4_of)(kind, r0, row_bytes, scale, xb, x_bytes, y + b * rows, rows, cols, n, nb, 0);
+}
+#endif
+
 /* y[b, r] = sum_k x[b, k] w[r, k] (times scale[r] for int8) for the four rows r = n .. n + 3
    below `rows` and every b < batch; w [rows, cols] of `kind` (a constant once inlined), x fp32
-   or, for bf16, bf16. Each weight row is read once for all b; while b = 0 sums these rows, the
-   next four are asked for (a cache line of each, every line of the block). */
+   or, for bf16, bf16. The rows of x go LLAMA_BATCH_ROWS at a time through one pass over the
+   weights, those left over 2 and then 1 at a time. */
 static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4)(int kind, const void *w,
                                                                              const float *scale, const void *x,
                                                                              float *y, int64_t batch, int64_t rows,
                                                                              int64_t cols, int64_t n) {
     const int64_t size = kind == LLAMA_FP32 ? 4 : kind == LLAMA_BF16 ? 2 : 1, row_bytes = cols * size;
     const int bf16 = kind == LLAMA_BF16;
+    const int64_t x_bytes = cols * (bf16 ? 2 : 4);
     const char *r0 = (const char *)w + n * row_bytes;
-    for (int64_t b = 0; b < batch; b++) {
-        const void *xb = (const char *)x + b * cols * (bf16 ? 2 : 4);
-        float *yb = y + b * rows;
 #if LLAMA_LANES
-        const int64_t step = bf16 ? 2 * LLAMA_LANES : LLAMA_LANES;
-        if (n + 4 <= rows && cols % step == 0) {
-            const char *r1 = r0 + row_bytes, *r2 = r1 + row_bytes, *r3 = r2 + row_bytes;
-            vec a0 = vec_zero(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k = 0; k < cols; k += step) {
-                if (b == 0 && k % (64 / size) == 0) LLAMA_PREFETCH_ROWS(r3 + row_bytes + k * size, row_bytes, 4);
-                a0 = KERNEL(step)(kind, a0, r0, xb, k);
-                a1 = KERNEL(step)(kind, a1, r1, xb, k);
-                a2 = KERNEL(step)(kind, a2, r2, xb, k);
-                a3 = KERNEL(step)(kind, a3, r3, xb, k);
-            }
-            if (kind == LLAMA_INT8) {
-                yb[n] = vec_sum(a0) * scale[n];
-                yb[n + 1] = vec_sum(a1) * scale[n + 1];
-                yb[n + 2] = vec_sum(a2) * scale[n + 2];
-                yb[n + 3] = vec_sum(a3) * scale[n + 3];
-            } else {
-                yb[n] = vec_sum(a0);
-                yb[n + 1] = vec_sum(a1);
-                yb[n + 2] = vec_sum(a2);
-                yb[n + 3] = vec_sum(a3);
-            }
-            continue;
-        }
+    if (n + 4 <= rows && cols % (bf16 ? 2 * LLAMA_LANES : LLAMA_LANES) == 0) {
+        const int per_pass = LLAMA_BATCH_ROWS(kind);
+        int64_t b = 0;
+        for (; batch - b >= per_pass; b += per_pass)
+            KERNEL(rows4_pass)(kind, r0, row_bytes, scale, x, y, b, rows, cols, n, per_pass);
+        for (; per_pass > 2 && batch - b >= 2; b += 2)
+            KERNEL(rows4_pass)(kind, r0, row_bytes, scale, x, y, b, rows, cols, n, 2);
+        for (; b < batch; b++) KERNEL(rows4_pass)(kind, r0, row_bytes, scale, x, y, b, rows, cols, n, 1);
+        return;
+    }
 #endif
+    for (int64_t b = 0; b < batch; b++) {
+        const void *xb = (const char *)x + b * x_bytes;
+        float *yb = y + b * rows;
         for (int64_t r = n; r < n + 4 && r < rows; r++) {
             const char *row = r0 + (r - n) * row_bytes;
             float s = 0.f;
