@@ -32,9 +32,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_port(host: str, port: int) -> None:
-    """Raise ValueError unless `host`:`port` can be listened on now: before the weights load,
-    not after."""
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port`, taken before the weights load: a port in use is named
+    at once, not after loading, and no one can take it meanwhile. uvicorn listens on it.
+    Raises ValueError for a port or host that cannot be bound."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"port must be an integer from 1 to 65535, got {port!r}")
     try:
@@ -42,12 +43,14 @@ def check_port(host: str, port: int) -> None:
     except socket.gaierror as error:
         raise ValueError(f"host {host!r} is not an address this machine can listen on: {error}") from None
     family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            raise ValueError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    return sock
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -111,8 +114,8 @@ def start(
     check_heartbeat(heartbeat_s, collective_timeout_s)
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key must not be empty")
-    if launch_variable("RANK", 0) == 0:  # torchrun's rank 0, or a plain run: the one that listens
-        check_port(host, port)
+    # torchrun's rank 0, or a plain run: the one that listens.
+    sock = bind(host, port) if launch_variable("RANK", 0) == 0 else None
     ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     check_request(tokenizer_path, max_seq_len, max_batch_size, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, None)
     llama = Llama.build(
@@ -138,10 +141,10 @@ def start(
             return
         name = model_name or Path(ckpt_dir).resolve().name
         server = Server(llama, engine, name, api_key=api_key)
-        serve(server, host, port)
+        serve(server, sock, host, port)
 
 
-def serve(server: "Server", host: str, port: int) -> None:
+def serve(server: "Server", sock: socket.socket, host: str, port: int) -> None:
     """Rank 0: HTTP and the engine on threads of their own until SIGINT or SIGTERM; then the
     engine stops (releasing the other ranks) and this returns. Raises what ended the engine."""
     import uvicorn
@@ -158,14 +161,17 @@ def serve(server: "Server", host: str, port: int) -> None:
         finally:
             http.should_exit = True
 
+    signalled: List[int] = []
+
     def stop(signum, frame):
+        signalled.append(signum)
         http.should_exit = True
 
     # HTTP runs on a thread, so uvicorn leaves the signals to this one: it would raise a
     # caught SIGTERM again on leaving, ending the process before the other ranks are released.
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     worker = threading.Thread(target=engine_thread, name="llama-engine", daemon=True)
-    listener = threading.Thread(target=http.run, name="llama-http", daemon=True)
+    listener = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="llama-http", daemon=True)
     worker.start()
     listener.start()
     if not is_loopback(host) and server.api_key is None:
@@ -183,8 +189,8 @@ def serve(server: "Server", host: str, port: int) -> None:
             signal.signal(sig, handler)
     if failure:
         raise failure[0]
-    if not http.started:
-        raise ValueError(f"could not listen on {host}:{port} (see the line above)")
+    if not signalled:
+        raise RuntimeError("the HTTP server stopped on its own (see the lines above)")
 
 
 if __name__ == "__main__":
