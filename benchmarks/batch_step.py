@@ -6,8 +6,8 @@ more git revisions side by side.
     python benchmarks/batch_step.py main HEAD --batches 1,4,8,16 --steps 30 --rounds 3 --quantize int8
 
 Each revision other than "." is exported and compiled as `ablate.py` does it. Every round runs
-each revision once, in its own process and in turn, so that a busy machine's load falls on all of
-them alike; a run builds the shape from the same seeded random weights (as `bench.py`'s
+each revision once, in its own process and in turn (each round starting with the next one), so
+that a busy machine's load falls on all of them alike; a run builds the shape from the same seeded random weights (as `bench.py`'s
 OurRunner), warms up, then times `steps` calls of the step at each batch size, at positions
 `--position` onwards, on `--threads` threads fixed (LLAMA_NATIVE_THREADS, so that the adaptive
 count does not move between revisions). Prints the median of every step timed at each batch size
@@ -106,7 +106,9 @@ def main(argv=None) -> int:
         times = {rev: {b: [] for b in batches} for rev in opts.revs}
         kernels = {}
         for round_ in range(opts.rounds):
-            for rev, folder in folders.items():
+            order = list(folders)[round_ % len(folders):] + list(folders)[:round_ % len(folders)]
+            for rev in order:  # each revision first in turn, so that none always follows another
+                folder = folders[rev]
                 env = {**os.environ, "PYTHONPATH": str(folder), "LLAMA_NATIVE_THREADS": str(opts.threads)}
                 proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], env=env,
                                       capture_output=True, text=True, cwd=tmp)
