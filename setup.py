@@ -40,7 +40,11 @@ setup(
     python_requires=">=3.9",
     install_requires=requirements(),
     extras_require={
-        "test": ["pytest>=7", "pexpect>=4.8", "transformers>=4.40", "hypothesis>=6", "psutil", "numpy", "fire"],
+        "test": ["pytest>=7", "pexpect>=4.8", "transformers>=4.40", "hypothesis>=6", "psutil", "numpy", "fire",
+                 # tests/test_serve.py: the server's own extra, and the client it is tested with
+                 "starlette>=0.37", "uvicorn>=0.30", "openai>=1.0"],
+        # python -m llama.serve: an ASGI application (Starlette) and its server (uvicorn)
+        "serve": ["starlette>=0.37", "uvicorn>=0.30"],
         # benchmarks/bench.py: the transformers comparison, memory sampling, --plot
         "bench": ["transformers>=4.45", "psutil", "matplotlib"],
     },

@@ -557,7 +557,7 @@ def is_user_error(error: BaseException, own_files=()) -> bool:
 
 # What requirements.txt names (each imports under its own name): what `pip install -e .`
 # installs. A script run from a checkout before that fails on importing one of them.
-REQUIRED_PACKAGES = ("torch", "fairscale", "sentencepiece", "tqdm", "safetensors", "tiktoken", "regex")
+REQUIRED_PACKAGES = ("torch", "fairscale", "sentencepiece", "tqdm", "safetensors", "tiktoken", "regex", "numpy")
 CPU_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
 

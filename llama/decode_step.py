@@ -39,6 +39,35 @@ class DecodeStep:
             return self.one_token(tokens, start_pos)
         return self.model.forward(tokens, start_pos, last_logits_only=last_logits_only)
 
+    # The server's steps (llama/batching.py): each request keeps one cache row
+    # for its life, and the rows of a step stand at different positions.
+
+    def rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor) -> torch.Tensor:
+        """Logits (bsz, vocab) for one token a row: tokens[b] at position
+        positions[b] of cache row cache_rows[b] (long tensors (bsz,)).
+
+        The C step computes each row as it would alone (its products are
+        batch-invariant), so a request's tokens do not depend on the others in
+        the batch. The other kinds run the eager forward with a position per
+        row; a single row runs as `generate` runs it at batch 1."""
+        native_rows = getattr(self.one_token, "rows", None)
+        if native_rows is not None:
+            return native_rows(tokens, positions, cache_rows)
+        if tokens.shape[0] == 1:
+            row = int(cache_rows[0])
+            return self.model.forward(tokens.view(1, 1), int(positions[0]), cache_rows=slice(row, row + 1))[:, 0]
+        return self.model.forward(tokens.view(-1, 1), positions, cache_rows=cache_rows)[:, 0]
+
+    def prompt(self, tokens: torch.Tensor, cache_row: int) -> torch.Tensor:
+        """The last position's logits (vocab,) for a prompt `tokens` (seqlen,) placed
+        at position 0 of cache row `cache_row`: the same computation as `generate`'s
+        first step for a batch of one."""
+        if tokens.shape[0] == 1:
+            zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
+            return self.rows(tokens, zero, torch.full_like(zero, cache_row))[0]
+        logits = self.model.forward(tokens.view(1, -1), 0, last_logits_only=True, cache_rows=slice(cache_row, cache_row + 1))
+        return logits[0, -1]
+
 
 class CompiledDecodeStep:
     """`model.forward` for one token a row, compiled with `torch.compile` on static shapes.

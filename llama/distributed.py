@@ -182,7 +182,7 @@ def end_process(status: int = 0) -> None:
     try:
         dist.barrier()
     except Exception as error:
-        if not _is_collective_failure(error):
+        if not is_collective_failure(error):
             raise
         _exit(f"error: a collective failed at exit: {error}")
     _stop_peer_watch()
@@ -357,7 +357,7 @@ def _exit(line: Optional[str]) -> None:
         os._exit(1)
 
 
-def _is_collective_failure(error: BaseException) -> bool:
+def is_collective_failure(error: BaseException) -> bool:
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)
@@ -426,7 +426,7 @@ def a_peer_showed_an_error() -> bool:
 
 def is_explained_by_a_peer(error: BaseException) -> bool:
     """True for a collective that failed because a peer that has shown its own error left."""
-    return _is_collective_failure(error) and a_peer_showed_an_error()
+    return is_collective_failure(error) and a_peer_showed_an_error()
 
 
 _exit_on_lost_peer = threading.Event()
@@ -445,7 +445,7 @@ def exit_when_a_peer_is_lost() -> Iterator[None]:
         yield
     except Exception as error:
         watch = _peer_watch
-        if watch is None or not _is_collective_failure(error):
+        if watch is None or not is_collective_failure(error):
             raise
         if watch.rank != 0 or a_peer_showed_an_error():
             _exit(None)  # rank 0 speaks for the job (its stdout is the one shown), or a peer has

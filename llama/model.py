@@ -45,6 +45,10 @@ from torch import nn
 from llama.args import ModelArgs, ffn_hidden_dim, swiglu_hidden_dim  # noqa: F401  (callers import them from here too)
 
 
+# Which KV-cache rows a batch's rows use (Transformer.forward): None for 0 .. bsz - 1.
+CacheRows = Optional[Union[slice, torch.Tensor]]
+
+
 def _no_init(tensor: torch.Tensor) -> torch.Tensor:
     # Weights always come from a checkpoint; initialising them is wasted work.
     return tensor
@@ -260,18 +264,32 @@ class Attention(nn.Module):
         start_pos: Union[int, torch.Tensor],
         rope: torch.Tensor,
         mask: Optional[torch.Tensor],
+        cache_rows: CacheRows = None,
     ):
         """`mask` None means: every cached position is visible and, for more
-        than one new position, they are causal among themselves from position 0."""
+        than one new position, they are causal among themselves from position 0.
+        `cache_rows`: see `Transformer.forward`."""
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
         xqkv = self.qkv_kernel(x)  # (bsz, seqlen, local q | k | v)
-        # q and k are adjacent columns: one rotation serves both.
-        xqk = apply_rotary(xqkv[..., : q_size + kv_size].view(bsz, seqlen, -1, self.head_dim), rope)
+        per_row = cache_rows is not None and isinstance(start_pos, torch.Tensor)
+        # q and k are adjacent columns: one rotation serves both. With a position
+        # per row, the rows take the place of the sequence in the rotation.
+        xqk = xqkv[..., : q_size + kv_size].reshape(*((1, bsz) if per_row else (bsz, seqlen)), -1, self.head_dim)
+        xqk = apply_rotary(xqk, rope).view(bsz, seqlen, -1, self.head_dim)
         xq, xk = xqk.split([self.n_local_heads, self.n_local_kv_heads], dim=2)
         xv = xqkv[..., q_size + kv_size :].view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
 
-        if isinstance(start_pos, torch.Tensor):
+        if per_row:
+            # Continuous batching (llama/batching.py): row b is one token at its own
+            # position start_pos[b], cached in row cache_rows[b]; attention spans the
+            # longest row's positions and `mask` hides each row's positions after its own.
+            rows = cache_rows if isinstance(cache_rows, torch.Tensor) else torch.arange(bsz, device=x.device) + cache_rows.start
+            self.cache_k[rows, :, start_pos] = xk[:, 0]
+            self.cache_v[rows, :, start_pos] = xv[:, 0]
+            span = mask.shape[-1]
+            keys, values = self.cache_k[cache_rows, :, :span], self.cache_v[cache_rows, :, :span]
+        elif isinstance(start_pos, torch.Tensor):
             # The contract of the compiled and graphed steps (llama/decode_step.py):
             # one position given as data, so that one static-shape graph serves
             # every position. Attention then spans the whole cache and `mask`
@@ -283,10 +301,11 @@ class Attention(nn.Module):
             self.cache_v[:bsz, :, start_pos] = xv.transpose(1, 2)
             keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
         else:
-            self.cache_k[:bsz, :, start_pos : start_pos + seqlen] = xk.transpose(1, 2)
-            self.cache_v[:bsz, :, start_pos : start_pos + seqlen] = xv.transpose(1, 2)
-            keys = self.cache_k[:bsz, :, : start_pos + seqlen]  # (bsz, n_local_kv_heads, cache_len + seqlen, head_dim)
-            values = self.cache_v[:bsz, :, : start_pos + seqlen]
+            rows = slice(0, bsz) if cache_rows is None else cache_rows
+            self.cache_k[rows, :, start_pos : start_pos + seqlen] = xk.transpose(1, 2)
+            self.cache_v[rows, :, start_pos : start_pos + seqlen] = xv.transpose(1, 2)
+            keys = self.cache_k[rows, :, : start_pos + seqlen]  # (bsz, n_local_kv_heads, cache_len + seqlen, head_dim)
+            values = self.cache_v[rows, :, : start_pos + seqlen]
 
         # Grouped-query attention: each KV head serves n_rep query heads.
         output = F.scaled_dot_product_attention(
@@ -355,8 +374,9 @@ class TransformerBlock(nn.Module):
         start_pos: Union[int, torch.Tensor],
         rope: torch.Tensor,
         mask: Optional[torch.Tensor],
+        cache_rows: CacheRows = None,
     ):
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask, cache_rows)
         out = h + self.feed_forward(self.ffn_norm(h))
         return out
 
@@ -425,6 +445,12 @@ class Transformer(nn.Module):
             layer.attention.cache_k[:bsz, :, :end].zero_()
             layer.attention.cache_v[:bsz, :, :end].zero_()
 
+    def clear_cache_row(self, row: int) -> None:
+        """Zero every cached key and value of cache row `row`, in place."""
+        for layer in self.layers:
+            layer.attention.cache_k[row].zero_()
+            layer.attention.cache_v[row].zero_()
+
     @property
     def freqs_cis(self) -> Optional[torch.Tensor]:
         """The reference's rotary table: complex64, (2 * max_seq_len, head_dim // 2),
@@ -456,18 +482,38 @@ class Transformer(nn.Module):
             yield feed_forward, "w2_kernel", [p + "feed_forward.w2"]
         yield self, "output_kernel", ["output"]
 
-    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], last_logits_only: bool = False):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        last_logits_only: bool = False,
+        cache_rows: CacheRows = None,
+    ):
         """Logits (float32) for `tokens` (bsz, seqlen) placed at `start_pos`.
 
         Keys and values of these positions enter the cache; positions before
         `start_pos` must already be there. With `last_logits_only` the logits
         are those of the last position alone, (bsz, 1, vocab): a prompt's
         other positions then skip the largest matrix of the model.
+
+        `cache_rows` (a slice, or a long tensor (bsz,)) names the cache row of
+        each batch row; None: rows 0 .. bsz - 1. With it, a tensor `start_pos`
+        of shape (bsz,) gives each row of one token its own position (the
+        server's continuous batching, llama/batching.py).
         """
-        _bsz, seqlen = tokens.shape
+        bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens) if self.model_parallel_size > 1 else F.embedding(tokens, self.tok_embeddings.weight)
 
-        if isinstance(start_pos, torch.Tensor):
+        if isinstance(start_pos, torch.Tensor) and cache_rows is not None:
+            if seqlen != 1 or start_pos.shape != (bsz,):
+                raise ValueError(
+                    f"positions per row take one token a row and one position each: got tokens of shape "
+                    f"{tuple(tokens.shape)} and positions of shape {tuple(start_pos.shape)}"
+                )
+            rope = self.rope[:, start_pos]  # (2, bsz, head_dim): the rows in the sequence's place
+            span = int(start_pos.max()) + 1
+            mask = (torch.arange(span, device=tokens.device)[None, :] <= start_pos[:, None])[:, None, None, :]
+        elif isinstance(start_pos, torch.Tensor):
             # A one-element position tensor, for one token (see Attention.forward).
             if seqlen != 1:
                 raise ValueError(f"a tensor start_pos serves one position at a time, got {seqlen} tokens")
@@ -484,7 +530,7 @@ class Transformer(nn.Module):
                 mask = mask.tril(diagonal=start_pos)
 
         for layer in self.layers:
-            h = layer(h, start_pos, rope, mask)
+            h = layer(h, start_pos, rope, mask, cache_rows)
         if last_logits_only:
             h = h[:, -1:]
         h = self.norm(h)

@@ -14,7 +14,7 @@ PACKAGE = REPO / "llama"
 # the arguments are parsed. family.py is read by `python -m llama.tiny` before
 # torch loads, so it reaches the checkpoint reader (torch) inside the two
 # functions that read shards. No other module imports the package inside a function.
-LAZY_IMPORTERS = {"cli", "convert_hf", "demo", "quantize", "reshard", "tiny", "family"}
+LAZY_IMPORTERS = {"cli", "convert_hf", "demo", "quantize", "reshard", "serve", "tiny", "family"}
 
 
 def _imported(node: ast.AST, modules: Set[str]) -> List[str]:

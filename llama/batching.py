@@ -1,0 +1,369 @@
+"""Continuous batching: the requests of a server decoded together on one `Llama`.
+
+`Llama.generate` is the reference's loop: a batch starts together and its
+rows wait for the longest. Here each request holds one row of the KV cache
+from its prompt to its last token, joins the running batch at the next step
+boundary and leaves it when done, so a new request never waits for the
+longest one in flight. Every step runs one token of each request in flight,
+each at its own position (`DecodeStep.rows`: the C step on the CPU, the
+eager forward elsewhere); a request's prompt runs alone, as `generate`
+runs a batch of one.
+
+Each request samples from its own generator, seeded by its `seed`. On the
+C step the products give every row the sums it would get alone, so a seeded
+request gets the same tokens whatever else is in flight, and a request
+served alone gets `text_completion`'s tokens for the same seed.
+
+Under torchrun, rank 0 runs the engine (`Engine.run`) and sends every
+forward it makes to the other ranks, which make it too (`Engine.follow`):
+the collectives of model parallelism stay in step, and only rank 0 samples.
+"""
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from llama.distributed import is_collective_failure
+from llama.generation import Llama, sample_next_token
+from llama.tokenizer import IncrementalDecoder
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability (of the model's logits, before temperature),
+    and the most likely tokens at its position, with theirs."""
+
+    token: int
+    logprob: float
+    top: List[Tuple[int, float]]
+
+
+class Event(NamedTuple):
+    """What the engine tells a request's sink, from the engine's thread: new text (maybe
+    "", for a token that ends no character yet), then once a `finish_reason` ("stop" or
+    "length"), or instead an `error`."""
+
+    text: str = ""
+    tokens: Tuple[int, ...] = ()
+    logprobs: Tuple[TokenLogprob, ...] = ()
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+class Request:
+    """One completion to run: prompt token ids and how to sample them.
+
+    `max_tokens` new tokens at most; it stops early at one of `stop_tokens`
+    (not shown) or at the first of `stop_texts` in the text (which is cut
+    before it). `seed` None: the engine's next seed. `top_logprobs` None: no
+    log-probabilities; else that many alternatives per token (0 for the
+    token's own only). `sink` gets each `Event`, from the engine's thread.
+    """
+
+    def __init__(
+        self,
+        prompt_tokens: Sequence[int],
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_tokens: Sequence[int],
+        sink: Callable[[Event], None],
+        seed: Optional[int] = None,
+        stop_texts: Sequence[str] = (),
+        top_logprobs: Optional[int] = None,
+    ):
+        self.prompt_tokens = [int(t) for t in prompt_tokens]
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.stop_tokens = frozenset(stop_tokens)
+        self.sink = sink
+        self.seed = seed
+        self.stop_texts = [s for s in stop_texts if s]
+        self.top_logprobs = top_logprobs
+        self.cancelled = False
+        self.submitted_at: Optional[float] = None
+
+
+class _Row:
+    """A request in flight: its cache row, its position and its text so far."""
+
+    def __init__(self, request: Request, cache_row: int, tokenizer):
+        self.request = request
+        self.cache_row = cache_row
+        self.generator = torch.Generator().manual_seed(request.seed)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.generated = 0
+        self.last_token: Optional[int] = None
+        self.held = ""  # text that could be the start of a stop text: shown once it is not
+        self.done = False
+
+    @property
+    def position(self) -> int:
+        """Where the last sampled token goes in the cache."""
+        return len(self.request.prompt_tokens) + self.generated - 1
+
+    def finish(self, reason: str, text: str = "", event: Optional[Event] = None) -> None:
+        text += self.decoder.flush()
+        text, _ = self._release(text, final=True)
+        base = event or Event()
+        self.request.sink(base._replace(text=base.text + text, finish_reason=reason))
+        self.done = True
+
+    def _release(self, text: str, final: bool) -> Tuple[str, bool]:
+        """The text that can be shown now, and whether a stop text ended it."""
+        held = self.held + text
+        stops = [(held.find(s), s) for s in self.request.stop_texts if s in held]
+        if stops:
+            self.held = ""
+            return held[: min(stops)[0]], True
+        keep = 0
+        if not final:
+            for stop in self.request.stop_texts:
+                for n in range(min(len(stop) - 1, len(held)), keep, -1):
+                    if held.endswith(stop[:n]):
+                        keep = n
+                        break
+        self.held = held[len(held) - keep :]
+        return held[: len(held) - keep], False
+
+    def accept(self, token: int, logprob: Optional[TokenLogprob], max_seq_len: int) -> None:
+        """Take the token sampled at `position + 1`: tell the sink, and finish where due."""
+        self.generated += 1
+        self.last_token = token
+        request = self.request
+        if token in request.stop_tokens:
+            self.finish("stop")
+            return
+        event = Event(tokens=(token,), logprobs=(logprob,) if logprob is not None else ())
+        text, stopped = self._release(self.decoder.push(token), final=False)
+        if stopped:
+            self.request.sink(event._replace(text=text, finish_reason="stop"))
+            self.done = True
+        elif self.generated >= request.max_tokens or self.position + 1 >= max_seq_len:
+            self.finish("length", event=event._replace(text=text))
+        else:
+            request.sink(event._replace(text=text))
+
+
+class _Ranks:
+    """Rank 0's forwards, sent to every other rank (broadcast_object_list) so that all run them."""
+
+    def __init__(self):
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.world_size = dist.get_world_size() if several else 1
+        self.rank = dist.get_rank() if several else 0
+
+    def share(self, command):
+        if self.world_size == 1:
+            return command
+        box = [command]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class Engine:
+    """Runs the requests given to `submit` on `llama`, up to its `max_batch_size` at a time.
+
+    `run` (rank 0's thread) steps until `stop`; `follow` is the other ranks'
+    part. `seed` starts the seeds of requests that bring none: the first such
+    request gets `seed` (as `Llama.build(seed=...)` seeds the first
+    `text_completion`), the next seed + 1, and so on. With more than one rank,
+    an idle rank 0 wakes the others every `heartbeat_s` seconds, within their
+    collective timeout.
+    """
+
+    def __init__(self, llama: Llama, seed: int = 1, heartbeat_s: float = 60.0):
+        self.llama = llama
+        self.step = llama.step
+        self.capacity = llama.model.params.max_batch_size
+        self.max_seq_len = llama.model.params.max_seq_len
+        self.device = llama.device
+        self.heartbeat_s = heartbeat_s
+        self._seeds = itertools.count(seed)
+        self._changed = threading.Condition()
+        self._waiting: Deque[Request] = deque()
+        self._rows: Dict[int, _Row] = {}  # cache row -> request in flight
+        self._stopping = False
+        self._ranks = _Ranks()
+        # What /health reports: decode steps run, the most rows one step has run, and
+        # the requests dropped in flight because their client left.
+        self.steps = 0
+        self.largest_batch = 0
+        self.dropped = 0
+
+    # -- any thread ------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`; it joins the batch at the next step boundary with a free row."""
+        with self._changed:
+            if self._stopping:
+                raise RuntimeError("the engine has stopped")
+            if request.seed is None:
+                request.seed = next(self._seeds)
+            request.submitted_at = time.perf_counter()
+            self._waiting.append(request)
+            self._changed.notify_all()
+
+    def cancel(self, request: Request) -> None:
+        """Drop `request` at the next step boundary (its client left); its row is freed then."""
+        with self._changed:
+            request.cancelled = True
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+
+    def in_flight(self) -> int:
+        """Requests running or waiting for a row."""
+        with self._changed:
+            return sum(not row.done for row in self._rows.values()) + len(self._waiting)
+
+    # -- rank 0 ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Rank 0: admit, prefill and step until `stop`, then release the other ranks."""
+        with torch.inference_mode():
+            while True:
+                admitted = self._next_admissions()
+                if admitted is None:
+                    self._ranks.share(("stop",))
+                    return
+                for row in admitted:
+                    self._start(row)
+                self._drop_done()
+                if self._rows:
+                    self._decode()
+                    self._drop_done()
+
+    def _next_admissions(self) -> Optional[List[_Row]]:
+        """The waiting requests that get a row now; waits while there is nothing to do.
+        None once stopped with nothing in flight."""
+        with self._changed:
+            while True:
+                for cache_row, row in list(self._rows.items()):
+                    if row.request.cancelled:
+                        del self._rows[cache_row]
+                        self.dropped += not row.done
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+                free = [r for r in range(self.capacity) if r not in self._rows]
+                admitted = []
+                while self._waiting and free:
+                    row = _Row(self._waiting.popleft(), free.pop(0), self.llama.tokenizer)
+                    self._rows[row.cache_row] = row
+                    admitted.append(row)
+                if admitted or self._rows:
+                    return admitted
+                if self._stopping:
+                    return None
+                if not self._changed.wait(self.heartbeat_s if self._ranks.world_size > 1 else None):
+                    self._ranks.share(("idle",))
+
+    def _drop_done(self) -> None:
+        with self._changed:
+            for cache_row, row in list(self._rows.items()):
+                if row.done:
+                    del self._rows[cache_row]
+
+    def _start(self, row: _Row) -> None:
+        """Prefill the row's prompt and sample its first token."""
+        tokens = row.request.prompt_tokens
+        try:
+            logits = self._forward(("prompt", tokens, row.cache_row))
+        except Exception as error:  # noqa: BLE001: the request fails, the engine goes on
+            self._fail(row, error)
+            return
+        self._take(row, logits[None])
+
+    def _decode(self) -> None:
+        """One token of every request in flight, each at its own position."""
+        rows = [row for row in self._rows.values() if not row.done]
+        if not rows:
+            return
+        command = ("rows", [r.last_token for r in rows], [r.position for r in rows], [r.cache_row for r in rows])
+        try:
+            logits = self._forward(command)
+        except Exception as error:  # noqa: BLE001
+            for row in rows:
+                self._fail(row, error)
+            return
+        self.steps += 1
+        self.largest_batch = max(self.largest_batch, len(rows))
+        for i, row in enumerate(rows):
+            self._take(row, logits[i : i + 1])
+
+    def _take(self, row: _Row, logits: torch.Tensor) -> None:
+        """Sample the row's next token from its logits (1, vocab) with its own generator."""
+        request = row.request
+        try:
+            token, nonfinite = sample_next_token(logits, request.temperature, request.top_p, row.generator)
+            if bool(nonfinite[0]):
+                # Its cache row may hold NaN: cleared, or the eager step's masked attention
+                # over a longer row would carry it into another request (0 x NaN).
+                self._forward(("clear", row.cache_row))
+                raise FloatingPointError(
+                    f"the model's logits are not finite at position {row.position + 1}: the weights "
+                    "or the activations overflowed"
+                )
+            token = int(token[0])
+            logprob = None
+            if request.top_logprobs is not None:
+                logprob = _token_logprob(logits[0], token, request.top_logprobs)
+            row.accept(token, logprob, self.max_seq_len)
+        except Exception as error:  # noqa: BLE001
+            self._fail(row, error)
+
+    def _fail(self, row: _Row, error: BaseException) -> None:
+        if is_collective_failure(error):
+            raise error  # a lost rank ends the server (llama/serve.py), not one request
+        row.done = True
+        row.request.sink(Event(error=f"{type(error).__name__}: {error}"))
+
+    def _forward(self, command):
+        """Run `command` here and on every other rank; the logits where it has some."""
+        self._ranks.share(command)
+        return self._run(command)
+
+    def _run(self, command) -> Optional[torch.Tensor]:
+        """One command of `_forward`: a prompt's last logits (1, vocab), a step's (bsz, vocab), or None."""
+        kind, device = command[0], self.device
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        if kind == "prompt":
+            return self.step.prompt(tensor(command[1]), command[2]).float()
+        if kind == "rows":
+            return self.step.rows(tensor(command[1]), tensor(command[2]), tensor(command[3])).float()
+        if kind == "clear":
+            self.llama.model.clear_cache_row(command[1])
+        return None  # "idle"
+
+    # -- ranks 1 .. ------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Ranks other than 0: run rank 0's forwards until it stops."""
+        with torch.inference_mode():
+            while True:
+                command = self._ranks.share(None)
+                if command[0] == "stop":
+                    return
+                try:
+                    self._run(command)
+                except (ValueError, IndexError, FloatingPointError):
+                    pass  # rank 0 met the same error on the same input, and tells its client
+
+
+def _token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: List[Tuple[int, float]] = []
+    if top > 0:
+        values, ids = torch.topk(logprobs, top)
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)

@@ -1,0 +1,80 @@
+"""`sample_top_p` draws what Meta's reference draws: the same tokens from the same generator state.
+
+On the CPU it sorts with numpy and reads the token from the drawn value
+(llama/generation.py); these tests hold it to the reference's steps, written
+out here as Meta wrote them, for single rows, batches, equal probabilities
+(where only torch.sort's order decides the token) and generators of its own.
+"""
+
+import pytest
+import torch
+
+from llama.generation import sample_next_token, sample_top_p
+
+
+def meta_sample_top_p(probs, p, generator=None):
+    # Meta's llama/generation.py, with the generator made explicit.
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def probabilities(seed, bsz, vocab, scale, ties):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(bsz, vocab, generator=gen) * scale
+    if ties:
+        # Round the logits so that many tokens share a probability exactly.
+        logits = (logits * 4).round() / 4
+    return torch.softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("bsz", [1, 3])
+@pytest.mark.parametrize("p", [0.5, 0.9, 1.0])
+@pytest.mark.parametrize("ties", [False, True])
+def test_same_tokens_as_the_reference(bsz, p, ties):
+    for seed in range(40):
+        probs = probabilities(seed, bsz, 2000, 3.0 if seed % 2 else 1.0, ties)
+        ours = sample_top_p(probs.clone(), p, torch.Generator().manual_seed(seed))
+        theirs = meta_sample_top_p(probs.clone(), p, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, theirs), (seed, ours.flatten().tolist(), theirs.flatten().tolist())
+
+
+def test_ties_at_the_drawn_position_follow_torch_sort():
+    # Every probability equal: the drawn value is held by all tokens, so each
+    # token comes from torch.sort's order, as in the reference.
+    probs = torch.full((2, 300), 1 / 300)
+    for seed in range(20):
+        ours = sample_top_p(probs.clone(), 1.0, torch.Generator().manual_seed(seed))
+        theirs = meta_sample_top_p(probs.clone(), 1.0, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, theirs)
+
+
+def test_default_generator_and_its_state_after():
+    probs = probabilities(7, 2, 5000, 2.0, False)
+    torch.manual_seed(3)
+    ours = [sample_top_p(probs.clone(), 0.9) for _ in range(5)]
+    after_ours = torch.rand(4)
+    torch.manual_seed(3)
+    theirs = [meta_sample_top_p(probs.clone(), 0.9) for _ in range(5)]
+    after_theirs = torch.rand(4)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert torch.equal(after_ours, after_theirs)  # the same random numbers were used up
+
+
+def test_the_input_is_left_as_it_was():
+    probs = probabilities(1, 2, 1000, 2.0, False)
+    before = probs.clone()
+    sample_top_p(probs, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(probs, before)
+
+
+def test_sample_next_token_takes_a_generator():
+    logits = torch.randn(2, 500, generator=torch.Generator().manual_seed(0))
+    a, _ = sample_next_token(logits, 0.8, 0.9, torch.Generator().manual_seed(5))
+    b, _ = sample_next_token(logits, 0.8, 0.9, torch.Generator().manual_seed(5))
+    theirs = meta_sample_top_p(torch.softmax(logits / 0.8, dim=-1), 0.9, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.equal(a, theirs.reshape(-1))
