@@ -55,6 +55,7 @@ runs the same command lines through fire and through this parser.
 
 import argparse
 import difflib
+import importlib.util
 import inspect
 import linecache
 import os
@@ -566,10 +567,15 @@ def missing_requirement(error: ModuleNotFoundError) -> Optional[str]:
     (not about a part of one: that is a broken install); None for any other module."""
     if error.name not in REQUIRED_PACKAGES:
         return None
+    name = error.name
+    if name != "torch" and importlib.util.find_spec("torch") is None:
+        # torch is missing too, though another package was imported first: name torch, with the
+        # line that installs its CPU build.
+        name = "torch"
     checkout = _PACKAGE_DIR.parent
     where = f"in {checkout}" if (checkout / "setup.py").is_file() else "in the llama checkout"
-    message = f"the package {error.name} is not installed: run pip install -e . {where} to install what the library needs"
-    if error.name == "torch":
+    message = f"the package {name} is not installed: run pip install -e . {where} to install what the library needs"
+    if name == "torch":
         message += f" (on a machine without an NVIDIA GPU, first {CPU_TORCH}: the CPU build, a smaller download)"
     return message
 
