@@ -22,14 +22,13 @@ the collectives of model parallelism stay in step, and only rank 0 samples.
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
-import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from llama.distributed import is_collective_failure
+from llama.distributed import is_collective_failure, share_from_rank_0
 from llama.generation import Llama, sample_next_token
 from llama.tokenizer import IncrementalDecoder
 
@@ -87,7 +86,6 @@ class Request:
         self.stop_texts = [s for s in stop_texts if s]
         self.top_logprobs = top_logprobs
         self.cancelled = False
-        self.submitted_at: Optional[float] = None
 
 
 class _Row:
@@ -151,22 +149,6 @@ class _Row:
             request.sink(event._replace(text=text))
 
 
-class _Ranks:
-    """Rank 0's forwards, sent to every other rank (broadcast_object_list) so that all run them."""
-
-    def __init__(self):
-        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.world_size = dist.get_world_size() if several else 1
-        self.rank = dist.get_rank() if several else 0
-
-    def share(self, command):
-        if self.world_size == 1:
-            return command
-        box = [command]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
 class Engine:
     """Runs the requests given to `submit` on `llama`, up to its `max_batch_size` at a time.
 
@@ -190,7 +172,7 @@ class Engine:
         self._waiting: Deque[Request] = deque()
         self._rows: Dict[int, _Row] = {}  # cache row -> request in flight
         self._stopping = False
-        self._ranks = _Ranks()
+        self._several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self._samplers = ThreadPoolExecutor(2, thread_name_prefix="llama-sample")
         # What /health reports: decode steps run, the most rows one step has run, and
         # the requests dropped in flight because their client left.
@@ -207,7 +189,6 @@ class Engine:
                 raise RuntimeError("the engine has stopped")
             if request.seed is None:
                 request.seed = next(self._seeds)
-            request.submitted_at = time.perf_counter()
             self._waiting.append(request)
             self._changed.notify_all()
 
@@ -236,7 +217,7 @@ class Engine:
             while True:
                 admitted = self._next_admissions()
                 if admitted is None:
-                    self._ranks.share(("stop",))
+                    share_from_rank_0(("stop",))
                     return
                 for row in admitted:
                     self._start(row)
@@ -265,8 +246,8 @@ class Engine:
                     return admitted
                 if self._stopping:
                     return None
-                if not self._changed.wait(self.heartbeat_s if self._ranks.world_size > 1 else None):
-                    self._ranks.share(("idle",))
+                if not self._changed.wait(self.heartbeat_s if self._several else None):
+                    share_from_rank_0(("idle",))
 
     def _drop_done(self) -> None:
         with self._changed:
@@ -339,7 +320,7 @@ class Engine:
 
     def _forward(self, command):
         """Run `command` here and on every other rank; the logits where it has some."""
-        self._ranks.share(command)
+        share_from_rank_0(command)
         return self._run(command)
 
     def _run(self, command) -> Optional[torch.Tensor]:
@@ -363,7 +344,7 @@ class Engine:
         """Ranks other than 0: run rank 0's forwards until it stops."""
         with torch.inference_mode():
             while True:
-                command = self._ranks.share(None)
+                command = share_from_rank_0(None)
                 if command[0] == "stop":
                     return
                 try:

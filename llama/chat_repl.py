@@ -29,7 +29,7 @@ from llama import family
 from llama.chat_format import SPECIAL_TAGS, Dialog
 from llama.cli import one_line
 from llama.demo import printable
-from llama.distributed import check_collective_timeout
+from llama.distributed import check_collective_timeout, share_from_rank_0
 from llama.generation import Llama, _check_sampling
 from llama.tokenizer import Tokenizer
 
@@ -248,11 +248,7 @@ class _Ranks:
         return self.rank == 0
 
     def share(self, command):
-        if self.world_size == 1:
-            return command
-        box = [command]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return share_from_rank_0(command)
 
     def share_flag(self, flag: bool) -> bool:
         if self.world_size == 1:

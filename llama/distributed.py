@@ -379,6 +379,17 @@ _RANK_0_ERROR = "llama/error/rank0"  # where rank 0's error was raised
 _SHOWN = "llama/error/shown"  # set once any rank has shown an error
 
 
+def share_from_rank_0(command):
+    """Rank 0's `command` (any picklable object), on every rank of the process group
+    (`broadcast_object_list`); `command` itself without a group of several. The chat and
+    the server send rank 0's decisions this way, so that every rank runs the same steps."""
+    if not in_a_group_of_several():
+        return command
+    box = [command]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def in_a_group_of_several() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 

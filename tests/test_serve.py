@@ -41,6 +41,23 @@ def request(url: str, data: bytes = None, headers=None, timeout: float = 30) -> 
         return Response(error.code, error.read().decode())
 
 
+def wait_for_health(proc, url: str, timeout: float, kill) -> None:
+    """Return once `url`/health answers; fail with the server's stderr if `proc` exits
+    first, or after calling `kill` when `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited ({proc.returncode}):\n{proc.stderr.read()[-4000:]}")
+        try:
+            if request(url + "/health", timeout=2).status_code == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    kill()
+    raise AssertionError("the server did not answer /health in time")
+
+
 def start_server(args, env=None, timeout=120):
     """A `python -m llama.serve` child and its base URL, once /health answers."""
     port = free_port()
@@ -48,18 +65,8 @@ def start_server(args, env=None, timeout=120):
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited ({proc.returncode}):\n{proc.stderr.read()[-4000:]}")
-        try:
-            if request(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the server did not answer /health in time")
+    wait_for_health(proc, url, timeout, proc.kill)
+    return proc, url
 
 
 def stop_server(proc) -> str:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import REPO, free_port, subprocess_env, torchrun_cmd
-from test_serve import request
+from test_serve import request, wait_for_health
 
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
 pytest.importorskip("uvicorn", reason="the test extra installs the serve extra's uvicorn")
@@ -25,18 +25,8 @@ def start(ckpt, *extra):
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"torchrun exited ({proc.returncode}):\n{proc.stderr.read()[-4000:]}")
-        try:
-            if request(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except OSError:
-            pass
-        time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("the server did not answer /health in time")
+    wait_for_health(proc, url, 180, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    return proc, url
 
 
 def worker_of_rank(launcher_pid: int, rank: int) -> psutil.Process:
