@@ -42,6 +42,7 @@ from llama import distributed
 
 ABI = 9  # LLAMA_NATIVE_ABI in native.c
 ISA_VARIABLE = "LLAMA_NATIVE_ISA"
+PROMPT_VARIABLE = "LLAMA_NATIVE_PROMPT"
 THREADS_VARIABLE = "LLAMA_NATIVE_THREADS"
 FP32, INT8, INT4, BF16 = 0, 1, 2, 3  # llama_matrix kinds
 DTYPES = (torch.float32, torch.bfloat16)  # of a model's activations the step runs
@@ -50,6 +51,7 @@ _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None  # why the library is not used, once known
 _noticed = False
 _variant_notice: Optional[str] = None  # said once where the kernels that run are not the CPU's fastest
+_prompt_notice: Optional[str] = None  # said once where LLAMA_NATIVE_PROMPT names no product
 
 
 class _Matrix(ctypes.Structure):
@@ -241,6 +243,51 @@ def notice_variant() -> None:
     _variant_notice = None
 
 
+def prompt_product() -> str:
+    """Who multiplies the rows of a prompt (x of several rows) by a matrix the C step reads:
+
+    - "c": the C products (`llama_matmul`), fp32, int8 and int4 alike; they read each weight once
+      for every row of x, in registers a few rows at a time, and each row's sums are the ones the
+      C step takes for that row alone;
+    - "torch": fp32 matrices by torch's matrix product (MKL), and int8 and int4 by the C products
+      below `PROMPT_ROWS` rows, made fp32 a block of rows at a time for torch's product above.
+
+    `LLAMA_NATIVE_PROMPT=c|torch` picks (another value is refused with one line on stderr).
+    Otherwise "c" on an AMD CPU running an AVX-512 variant, where it measured 1.5x to 2.7x
+    torch's product at every prompt length (a Zen 5 EPYC, benchmarks/NOTES.md), and "torch"
+    elsewhere: on the AVX2 EPYC torch's product of fp32 blocks was the faster from 64 rows on, and
+    on Intel CPUs MKL's product was not measured against C. The choice depends on the CPU only,
+    never on timings, so the same machine always gives the same sums."""
+    global _prompt_notice
+    wanted = os.environ.get(PROMPT_VARIABLE, "").strip()
+    if wanted in ("c", "torch"):
+        return wanted if wanted == "torch" or available() else "torch"
+    if wanted and _prompt_notice is None:
+        _prompt_notice = f"llama: {PROMPT_VARIABLE}={wanted} is refused: it takes c or torch; the CPU's default runs"
+        if distributed.is_first_rank():
+            print(_prompt_notice, file=sys.stderr)
+    return "c" if (variant() or "").startswith("avx512") and cpu_vendor() == "AuthenticAMD" else "torch"
+
+
+def cpu_vendor() -> Optional[str]:
+    """The CPU's vendor string as /proc/cpuinfo gives it ("AuthenticAMD", "GenuineIntel"), None where unknown."""
+    global _vendor
+    if _vendor is None:
+        _vendor = ""
+        try:
+            with open("/proc/cpuinfo") as info:
+                for line in info:
+                    if line.startswith("vendor_id"):
+                        _vendor = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return _vendor or None
+
+
+_vendor: Optional[str] = None
+
+
 def available() -> bool:
     """True where the compiled step can be used (built, loadable, not turned off)."""
     return _load() is not None
@@ -350,18 +397,29 @@ def matmul(kernel, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.llama.native_matmul(x, *parts, kernel.out_features)
 
 
+def dense_matmul(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) times an fp32 [out, in] matrix stored row by row, in C (`prompt_product`)."""
+    notice_variant()
+    return torch.ops.llama.native_matmul(x, rows, None, FP32, 0, rows.shape[0])
+
+
 @torch.library.custom_op("llama::native_matmul", mutates_args=())
 def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], kind: int, group: int,
                    rows: int) -> torch.Tensor:
-    """y (..., rows) = x (..., cols) W, W described as `_quantized_matrix` takes it."""
+    """y (..., rows) = x (..., cols) W^T, W described as `_quantized_matrix` takes it, or (kind FP32)
+    an fp32 [rows, cols] matrix."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the native product is not available: {unavailable_reason()}")
-    desc = _quantized_matrix(w, scale, kind, group, rows, [])
+    if kind == FP32:
+        w = _checked(w, torch.float32)
+        desc = _Matrix(FP32, rows, w.shape[1], 0, w.data_ptr(), None)
+    else:
+        desc = _quantized_matrix(w, scale, kind, group, rows, [])
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     if x2.shape[1] != desc.cols:
         raise ValueError(f"input of {x2.shape[1]} features for a matrix of {desc.cols} columns")
-    if x2.shape[0] >= PROMPT_ROWS:
+    if kind != FP32 and x2.shape[0] >= PROMPT_ROWS and prompt_product() == "torch":
         y = _dequantized_product(lib, desc, x2)
     else:
         y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
@@ -370,8 +428,9 @@ def _native_matmul(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tenso
     return y.view(*x.shape[:-1], rows).to(x.dtype)
 
 
-# From this many rows of x on (a prompt), the weights are made fp32 a block of rows at a time and
-# multiplied by torch's matrix product, instead of each row of x converting every weight again.
+# From this many rows of x on (a prompt), where `prompt_product()` is "torch", the weights are made
+# fp32 a block of rows at a time and multiplied by torch's matrix product, instead of each row of x
+# converting every weight again.
 PROMPT_ROWS = 64
 _BLOCK_FLOATS = 1 << 21  # 8 MB of fp32 weights a block
 

@@ -439,12 +439,16 @@ def test_the_step_leaves_torchs_thread_count_as_it_was(monkeypatch):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("product", ["torch", "c"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, monkeypatch):
-    """From PROMPT_ROWS rows of x on, the product converts W's rows to fp32 once, a block at a
-    time, for torch's matrix product: the same product as the one-row path, to fp32 rounding,
-    across blocks and a last, partial int4 tile."""
-    from llama.kernels import Int8Linear, NativeInt4Linear
+def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, product, monkeypatch):
+    """Where torch multiplies prompts (LLAMA_NATIVE_PROMPT=torch), from PROMPT_ROWS rows of x on the
+    product converts W's rows to fp32 once, a block at a time, for torch's matrix product: the same
+    product as the one-row path, to fp32 rounding, across blocks and a last, partial int4 tile.
+    Where C does, no block is made, and each row's sums are its one-row product's, bit for bit."""
+    from llama.kernels import NativeInt4Linear
+
+    monkeypatch.setenv(native.PROMPT_VARIABLE, product)
 
     gen = torch.Generator().manual_seed(5)
     out_features, in_features, group = 72, 96, 32  # four and a half int4 tiles
@@ -467,11 +471,61 @@ def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, monkeypatc
     real = native._dequantized_product
     monkeypatch.setattr(native, "_dequantized_product", lambda *args: calls.append(1) or real(*args))
     blocked = kernel(x)
-    assert calls, "a prompt of PROMPT_ROWS rows did not take the fp32 blocks"
     torch.testing.assert_close(blocked, torch.nn.functional.linear(x, weight), atol=2e-5, rtol=2e-5)
     rows = [kernel(x[:, i:i + 1]) for i in range(4)]  # one row at a time: the C product
-    torch.testing.assert_close(blocked[:, :4], torch.cat(rows, dim=1), atol=2e-5, rtol=2e-5)
-    assert len(calls) == 1
+    if product == "torch":
+        assert len(calls) == 1, "a prompt of PROMPT_ROWS rows did not take the fp32 blocks once"
+        torch.testing.assert_close(blocked[:, :4], torch.cat(rows, dim=1), atol=2e-5, rtol=2e-5)
+    else:
+        assert not calls, "the C product made fp32 blocks"
+        assert torch.equal(blocked[:, :4], torch.cat(rows, dim=1))
+
+
+def test_the_prompt_product_follows_the_variable_and_else_the_cpu(monkeypatch, capsys):
+    """LLAMA_NATIVE_PROMPT=c|torch picks who multiplies prompts; another value is refused with one
+    line, once; unset, C on AMD CPUs running AVX-512 kernels (where it measured faster), else torch."""
+    for value in ("c", "torch"):
+        monkeypatch.setenv(native.PROMPT_VARIABLE, value)
+        assert native.prompt_product() == value
+    monkeypatch.delenv(native.PROMPT_VARIABLE)
+    for vendor, variant, want in [("AuthenticAMD", "avx512bf16", "c"), ("AuthenticAMD", "avx512", "c"),
+                                  ("AuthenticAMD", "avx2", "torch"), ("GenuineIntel", "avx512bf16", "torch"),
+                                  (None, "avx512", "torch"), ("AuthenticAMD", None, "torch")]:
+        monkeypatch.setattr(native, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(native, "variant", lambda: variant)
+        assert native.prompt_product() == want, (vendor, variant)
+    monkeypatch.setattr(native, "_prompt_notice", None)
+    monkeypatch.setenv(native.PROMPT_VARIABLE, "gpu")
+    assert native.prompt_product() == "torch"  # the last CPU above
+    assert native.prompt_product() == "torch"
+    err = capsys.readouterr().err
+    assert err.count("LLAMA_NATIVE_PROMPT=gpu is refused: it takes c or torch") == 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp32_prompts_run_the_c_product_where_chosen(monkeypatch, variant, use_kernels):
+    """With LLAMA_NATIVE_PROMPT=c an fp32 model in the C step's layout multiplies a prompt in C: the
+    logits of torch's products to fp32 rounding, each row's products the same bits as in a
+    shorter prompt (its sums are its own), and one-row steps stay torch's."""
+    use_kernels(variant)
+    model = native_model(**SHAPES["odd"], max_seq_len=32, max_batch_size=2)
+    tokens = torch.randint(0, 333, (2, 11), generator=torch.Generator().manual_seed(8))
+    calls = []
+    real = native.dense_matmul
+    monkeypatch.setattr(native, "dense_matmul", lambda *args: calls.append(args) or real(*args))
+    logits = {}
+    with torch.inference_mode():
+        for product in ("torch", "c"):
+            monkeypatch.setenv(native.PROMPT_VARIABLE, product)
+            logits[product] = model.forward(tokens, 0)
+            assert bool(calls) == (product == "c")
+        kernel = model.layers[0].feed_forward.w13_kernel
+        x = torch.randn(1, 9, kernel.layers[0].weight.shape[1], generator=torch.Generator().manual_seed(9))
+        assert torch.equal(kernel(x)[:, :4], kernel(x[:, :4]))
+        calls.clear()
+        model.forward(tokens[:1, :1], 11)  # one row of x
+        assert not calls
+    torch.testing.assert_close(logits["c"], logits["torch"], atol=2e-5, rtol=2e-5)
 
 
 def test_a_bf16_prompt_on_a_cpu_without_bf16_arithmetic_runs_widened_to_fp32(monkeypatch):
