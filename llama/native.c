@@ -169,11 +169,13 @@ static inline float half_to_float(uint16_t h) {
 #define LLAMA_TARGET
 #define LLAMA_LANES 0
 #define LLAMA_I4_TILES 4
+#define LLAMA_I4_ROWS 1
 #include "native_kernels.h"
 #undef LLAMA_ISA
 #undef LLAMA_TARGET
 #undef LLAMA_LANES
 #undef LLAMA_I4_TILES
+#undef LLAMA_I4_ROWS
 
 #ifdef LLAMA_X86
 /* AVX2 with FMA and F16C: 8 floats a vector. */
@@ -213,6 +215,11 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
    accumulators of the 16 registers), bf16 two (its products take two more registers a row of x
    and a weight row); the fastest measured (benchmarks/NOTES.md). */
 #define LLAMA_BATCH_ROWS(kind) ((kind) == LLAMA_BF16 ? 2 : 3)
+/* int4: two rows of x a pass over one tile (a tile is two vectors here); on a Zen 5 running these
+   kernels, 1.3x-1.5x one row over four tiles from 4 rows of x on, the same at one row
+   (benchmarks/NOTES.md; not measured on an AVX2-only CPU). */
+#define LLAMA_I4_ROWS 2
+#define LLAMA_I4_ROWS_TILES 1
 #define vec __m256
 #define veci __m256i
 #define vec_zero() _mm256_setzero_ps()
@@ -240,6 +247,8 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #undef LLAMA_TARGET
 #undef LLAMA_LANES
 #undef LLAMA_I4_TILES
+#undef LLAMA_I4_ROWS
+#undef LLAMA_I4_ROWS_TILES
 #undef LLAMA_BATCH_ROWS
 #undef vec
 #undef veci
@@ -283,6 +292,11 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
 /* Four rows of x a pass, every kind: 16 accumulators of the 32 registers, and gcc's loops keep them
    all in registers. Not measured (no AVX-512 CPU at hand when it was written). */
 #define LLAMA_BATCH_ROWS(kind) 4
+/* int4: each nibble made a float once for four rows of x, over two tiles at a time: on a Zen 5,
+   1.3x (4 rows of x) to 1.8x (512) one row over four tiles, the same at one row; of 2-8 rows over
+   1, 2 or 4 tiles, the fastest (benchmarks/NOTES.md). */
+#define LLAMA_I4_ROWS 4
+#define LLAMA_I4_ROWS_TILES 2
 #define vec __m512
 #define veci __m512i
 #define vec_zero() _mm512_setzero_ps()

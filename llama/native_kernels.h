@@ -138,74 +138,124 @@ static LLAMA_TARGET void KERNEL(matvec_bf16)(const float *x, const uint16_t *w, 
    y += scale * sum_k q_k x_k + offset * sum_k x_k, the sums of x taken once per group (xs).
    The vector loops give each row of a tile its own lane (16 / LLAMA_LANES vectors a tile), so a
    group's scales and offsets apply to the tile with a multiply-add a vector and no horizontal
-   sums; each input is broadcast once for LLAMA_I4_TILES tiles, which keeps the reads of x low
-   where x is long (w2). Tiles tile .. tile + nt - 1 (nt a constant once inlined: the arrays are
-   then registers) for one row b of x: y[n] for their rows below `rows`. */
+   sums; each input is broadcast once for the nt tiles, which keeps the reads of x low where x is
+   long (w2), and each nibble, made a float once, serves nb rows of x. Tiles tile .. tile + nt - 1
+   and rows b .. b + nb - 1 of x (nt and nb constants once inlined: the arrays are then
+   registers): y[b, n] for their rows n below `rows`. Each (row of x, tile) sum has accumulators
+   of its own that take the same steps in the same order whatever nb and nt are: a row's result
+   is the same bits at every batch size. */
 static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_tiles)(const uint8_t *w, int64_t tile,
                                                                                 const int nt, int64_t rows,
                                                                                 int64_t groups, int64_t group,
                                                                                 const float *xb, const float *xsb,
-                                                                                float *yb, int prefetch) {
+                                                                                float *yb, const int nb,
+                                                                                int prefetch) {
     const int64_t record = LLAMA_I4_RECORD(group), tile_bytes = groups * record, pairs = group / 2;
+    const int64_t cols = groups * group;
 #if LLAMA_LANES
     enum { per_tile = 16 / LLAMA_LANES };  /* vectors a tile */
     vec_i4_constants();
-    vec acc[LLAMA_I4_TILES][per_tile];
-    for (int i = 0; i < nt; i++)
-        for (int h = 0; h < per_tile; h++) acc[i][h] = vec_zero();
+    vec acc[LLAMA_I4_ROWS][LLAMA_I4_TILES][per_tile];
+    for (int j = 0; j < nb; j++)
+        for (int i = 0; i < nt; i++)
+            for (int h = 0; h < per_tile; h++) acc[j][i][h] = vec_zero();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *r[LLAMA_I4_TILES];
         for (int i = 0; i < nt; i++) r[i] = w + (tile + i) * tile_bytes + g * record;
         if (prefetch)
             for (int64_t line = 0; line < record; line += 64)
                 for (int i = 0; i < nt; i++) LLAMA_PREFETCH(r[i] + LLAMA_I4_AHEAD * record + line);
-        const float *xg = xb + g * group;
-        vec even[LLAMA_I4_TILES][per_tile], odd[LLAMA_I4_TILES][per_tile];
-        for (int i = 0; i < nt; i++)
-            for (int h = 0; h < per_tile; h++) even[i][h] = odd[i][h] = vec_zero();
+        vec even[LLAMA_I4_ROWS][LLAMA_I4_TILES][per_tile], odd[LLAMA_I4_ROWS][LLAMA_I4_TILES][per_tile];
+        for (int j = 0; j < nb; j++)
+            for (int i = 0; i < nt; i++)
+                for (int h = 0; h < per_tile; h++) even[j][i][h] = odd[j][i][h] = vec_zero();
         for (int64_t p = 0; p < pairs; p++) {
-            const vec xe = vec_set1(xg[2 * p]), xo = vec_set1(xg[2 * p + 1]);
+            vec xe[LLAMA_I4_ROWS], xo[LLAMA_I4_ROWS];
+            for (int j = 0; j < nb; j++) {
+                xe[j] = vec_set1(xb[j * cols + g * group + 2 * p]);
+                xo[j] = vec_set1(xb[j * cols + g * group + 2 * p + 1]);
+            }
             for (int i = 0; i < nt; i++)
                 for (int h = 0; h < per_tile; h++) {
                     veci q = vec_load_u8(r[i] + 16 * p + h * LLAMA_LANES);
-                    even[i][h] = vec_fmadd(vec_low_nibbles(q), xe, even[i][h]);
-                    odd[i][h] = vec_fmadd(vec_high_nibbles(q), xo, odd[i][h]);
+                    const vec low = vec_low_nibbles(q), high = vec_high_nibbles(q);
+                    for (int j = 0; j < nb; j++) {
+                        even[j][i][h] = vec_fmadd(low, xe[j], even[j][i][h]);
+                        odd[j][i][h] = vec_fmadd(high, xo[j], odd[j][i][h]);
+                    }
                 }
         }
-        const vec sum = vec_set1(xsb[g]);
+        for (int j = 0; j < nb; j++) {
+            const vec sum = vec_set1(xsb[j * groups + g]);
+            for (int i = 0; i < nt; i++)
+                for (int h = 0; h < per_tile; h++) {
+                    const uint16_t *scale = (const uint16_t *)(r[i] + 8 * group) + h * LLAMA_LANES,
+                                   *offset = scale + 16;
+                    acc[j][i][h] = vec_fmadd(vec_add(even[j][i][h], odd[j][i][h]), vec_load_f16(scale), acc[j][i][h]);
+                    acc[j][i][h] = vec_fmadd(vec_load_f16(offset), sum, acc[j][i][h]);
+                }
+        }
+    }
+    for (int j = 0; j < nb; j++)
         for (int i = 0; i < nt; i++)
             for (int h = 0; h < per_tile; h++) {
-                const uint16_t *scale = (const uint16_t *)(r[i] + 8 * group) + h * LLAMA_LANES, *offset = scale + 16;
-                acc[i][h] = vec_fmadd(vec_add(even[i][h], odd[i][h]), vec_load_f16(scale), acc[i][h]);
-                acc[i][h] = vec_fmadd(vec_load_f16(offset), sum, acc[i][h]);
+                int64_t first = (tile + i) * 16 + h * LLAMA_LANES, valid = rows - first;
+                if (h == 0 || valid > 0)
+                    vec_store_first(yb + j * rows + first, acc[j][i][h], valid < LLAMA_LANES ? valid : LLAMA_LANES);
             }
-    }
-    for (int i = 0; i < nt; i++)
-        for (int h = 0; h < per_tile; h++) {
-            int64_t first = (tile + i) * 16 + h * LLAMA_LANES, valid = rows - first;
-            if (h == 0 || valid > 0) vec_store_first(yb + first, acc[i][h], valid < LLAMA_LANES ? valid : LLAMA_LANES);
-        }
 #else
     (void)prefetch;
-    for (int i = 0; i < nt; i++) {
-        const uint8_t *t = w + (tile + i) * tile_bytes;
-        float acc[16] = {0};
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *r = t + g * record;
-            const uint16_t *scale = (const uint16_t *)(r + 8 * group), *offset = scale + 16;
-            const float *xg = xb + g * group;
-            for (int j = 0; j < 16; j++) {
-                float s = 0.f;
-                for (int64_t p = 0; p < pairs; p++) {
-                    uint8_t q = r[16 * p + j];
-                    s += (float)(q & 15) * xg[2 * p] + (float)(q >> 4) * xg[2 * p + 1];
+    for (int j = 0; j < nb; j++)
+        for (int i = 0; i < nt; i++) {
+            const uint8_t *t = w + (tile + i) * tile_bytes;
+            float acc[16] = {0};
+            for (int64_t g = 0; g < groups; g++) {
+                const uint8_t *r = t + g * record;
+                const uint16_t *scale = (const uint16_t *)(r + 8 * group), *offset = scale + 16;
+                const float *xg = xb + j * cols + g * group;
+                for (int l = 0; l < 16; l++) {
+                    float s = 0.f;
+                    for (int64_t p = 0; p < pairs; p++) {
+                        uint8_t q = r[16 * p + l];
+                        s += (float)(q & 15) * xg[2 * p] + (float)(q >> 4) * xg[2 * p + 1];
+                    }
+                    acc[l] += half_to_float(scale[l]) * s + half_to_float(offset[l]) * xsb[j * groups + g];
                 }
-                acc[j] += half_to_float(scale[j]) * s + half_to_float(offset[j]) * xsb[g];
             }
+            for (int l = 0; l < 16 && (tile + i) * 16 + l < rows; l++) yb[j * rows + (tile + i) * 16 + l] = acc[l];
         }
-        for (int j = 0; j < 16 && (tile + i) * 16 + j < rows; j++) yb[(tile + i) * 16 + j] = acc[j];
-    }
 #endif
+}
+
+/* i4_tiles over tiles tile .. tile + nt - 1 for every row of x: LLAMA_I4_ROWS rows at a time (in
+   groups of LLAMA_I4_ROWS_TILES tiles), the rows left over one at a time (nt tiles together). The
+   first pass over the tiles (b = 0) prefetches. */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_rows)(const uint8_t *w, int64_t tile,
+                                                                               const int nt, int64_t rows,
+                                                                               int64_t groups, int64_t group,
+                                                                               const float *x, const float *xs,
+                                                                               float *y, int64_t batch) {
+    const int64_t cols = groups * group;
+    int64_t b = 0;
+#if LLAMA_I4_ROWS > 1
+    for (; batch - b >= LLAMA_I4_ROWS; b += LLAMA_I4_ROWS)
+        for (int i = 0; i < nt; i += LLAMA_I4_ROWS_TILES) {
+            if (nt - i >= LLAMA_I4_ROWS_TILES)
+                KERNEL(i4_tiles)(w, tile + i, LLAMA_I4_ROWS_TILES, rows, groups, group, x + b * cols,
+                                 xs + b * groups, y + b * rows, LLAMA_I4_ROWS, b == 0);
+            else
+                for (int u = i; u < nt; u++)
+                    KERNEL(i4_tiles)(w, tile + u, 1, rows, groups, group, x + b * cols, xs + b * groups,
+                                     y + b * rows, LLAMA_I4_ROWS, b == 0);
+        }
+#endif
+    for (; b < batch; b++) {
+        if (nt == LLAMA_I4_TILES)
+            KERNEL(i4_tiles)(w, tile, LLAMA_I4_TILES, rows, groups, group, x + b * cols, xs + b * groups,
+                             y + b * rows, 1, b == 0);
+        else
+            KERNEL(i4_tiles)(w, tile, 1, rows, groups, group, x + b * cols, xs + b * groups, y + b * rows, 1, b == 0);
+    }
 }
 
 static LLAMA_TARGET void KERNEL(matvec_i4)(const float *x, const uint8_t *w, float *y, int64_t batch, int64_t rows,
@@ -222,13 +272,10 @@ static LLAMA_TARGET void KERNEL(matvec_i4)(const float *x, const uint8_t *w, flo
     {
 #pragma omp for schedule(static) nowait
         for (int64_t blk = 0; blk < blocks; blk++)
-            for (int64_t b = 0; b < batch; b++)
-                KERNEL(i4_tiles)(w, LLAMA_I4_TILES * blk, LLAMA_I4_TILES, rows, groups, group, x + b * cols,
-                                 xs + b * groups, y + b * rows, b == 0);
+            KERNEL(i4_rows)(w, LLAMA_I4_TILES * blk, LLAMA_I4_TILES, rows, groups, group, x, xs, y, batch);
 #pragma omp for schedule(static)
         for (int64_t t = LLAMA_I4_TILES * blocks; t < tiles; t++)
-            for (int64_t b = 0; b < batch; b++)
-                KERNEL(i4_tiles)(w, t, 1, rows, groups, group, x + b * cols, xs + b * groups, y + b * rows, b == 0);
+            KERNEL(i4_rows)(w, t, 1, rows, groups, group, x, xs, y, batch);
     }
 }
 
