@@ -24,11 +24,33 @@ def test_on_a_free_machine_it_keeps_every_thread_and_tries_fewer_rarely():
     chooser = ThreadCount(2)
     counts = run(chooser, IDLE, 2000)
     assert chooser.current == 2
-    tried = counts.count(1)
-    # Tried once after four steps, then each time the steps since have taken `patience` x its 30 ms.
-    assert 1 <= tried <= 2000 * 0.018 / (chooser.patience * 0.030) + 2
+    tries = [step for step, count in enumerate(counts) if count == 1]
+    # Tried after four steps, then each time the steps since have taken the patience x its 30 ms,
+    # the patience doubling after each try (20, 40, ... x 30 ms), or the longest wait, 2 s of steps.
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert tries[0] == 4 and gaps == sorted(gaps)
+    assert len(tries) <= 4 + 2000 * 0.018 / chooser.longest_wait
     slower = sum(IDLE(c) for c in counts) / (2000 * IDLE(2))
-    assert slower < 1 + 1.5 / chooser.patience  # what trying costs
+    assert slower < 1.01  # what trying costs: 3.5% with a patience that stays at 10
+
+
+def test_the_first_steps_pay_little_for_the_tries():
+    """A short generation (32 tokens) tries one thread once or twice, not every 17 steps."""
+    chooser = ThreadCount(2)
+    counts = run(chooser, IDLE, 64)
+    assert counts.count(1) <= 2
+
+
+def test_after_many_calm_steps_a_slowdown_is_still_noticed_within_a_few_steps():
+    """The doubled patience is forgotten once the steps slow down: the machine has changed."""
+    chooser = ThreadCount(2)
+    run(chooser, IDLE, 5000)
+    assert chooser._patience  # doubled by the tries that did not move
+    for step in range(40):
+        run(chooser, BUSY, 1)
+        if chooser.current == 1:
+            break
+    assert chooser.current == 1 and step <= 12
 
 
 def test_when_the_cores_are_taken_it_moves_to_one_thread_within_a_few_steps():
