@@ -497,10 +497,11 @@ class ThreadCount:
     taken `patience` times its last step, or `longest_wait` seconds if that is sooner. Each try that
     does not move the count doubles that patience, up to `most_patience`: on a machine that stays
     as it is, trying costs less and less (where one thread takes 1.6x two: about 3.5% of the time
-    with a patience that stays at 10, 0.6% with the doubling, over 2000 steps). The patience
-    is back at `patience` after a move, and when the recent steps have become `slower` times the
-    ones the last try was measured against (a machine that has changed), so a newly busy machine
-    is noticed within a few steps; and never later than `longest_wait` seconds of decoding.
+    with a patience that stays at 10, 0.6% with the doubling, over 2000 steps). The patience is
+    back at `patience` after a move; and where the recent steps have become `slower` times slower
+    or faster than at the last try or move (the machine has changed: other jobs came or went),
+    the neighbouring counts are tried at once. A machine that changes is thus noticed within a
+    few steps, and never later than `longest_wait` seconds of decoding.
     """
 
     def __init__(self, most: int, patience: float = 10.0, longest_wait: float = 2.0, faster: float = 0.8,
@@ -512,7 +513,7 @@ class ThreadCount:
         self._last: Dict[int, float] = {}  # count -> seconds of its latest step
         self._since: Dict[int, float] = {}  # count -> seconds of steps run since it last ran
         self._patience: Dict[int, float] = {}  # count -> its patience, where a try has doubled it
-        self._settled: Optional[float] = None  # the recent steps' median at the last try that did not move
+        self._settled: Optional[float] = None  # the recent steps' median at the last try or move
         self._trying: Optional[int] = None
 
     def _neighbours(self) -> List[int]:
@@ -521,9 +522,14 @@ class ThreadCount:
     def choose(self) -> int:
         """The count to run the next step on."""
         if len(self._recent) >= 4:
-            if self._settled is not None and statistics.median(self._recent) > self.slower * self._settled:
-                self._patience.clear()  # the steps have slowed: the machine has changed
+            typical = statistics.median(self._recent)
+            if self._settled is not None and not self._settled / self.slower <= typical <= self.slower * self._settled:
+                # The steps have slowed down or sped up: the machine has changed, and what the
+                # other counts measured before is no guide. They are tried again at once.
+                self._patience.clear()
                 self._settled = None
+                for count in self._neighbours():
+                    self._last.pop(count, None)
             for count in self._neighbours():
                 last = self._last.get(count)  # None: never run, so tried at once
                 patience = self._patience.get(count, self.patience)
@@ -553,7 +559,7 @@ class ThreadCount:
             self._recent.clear()
             self._recent.append(seconds)
             self._patience.clear()
-            self._settled = None
+            self._settled = seconds
         else:
             self._patience[count] = min(2 * self._patience.get(count, self.patience), self.most_patience)
             self._settled = typical
