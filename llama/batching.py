@@ -216,11 +216,18 @@ class Engine:
         with torch.inference_mode():
             while True:
                 admitted = self._next_admissions()
+                # Prompts before steps: the requests that arrived while prompts ran are admitted
+                # too before the next step (while rows are free), so a request that arrives during
+                # another's prompt waits for that prompt, not for a step as well. The requests in
+                # flight wait instead, as they do for any prompt.
+                while admitted:
+                    for row in admitted:
+                        self._start(row)
+                    self._drop_done()
+                    admitted = self._next_admissions()
                 if admitted is None:
                     share_from_rank_0(("stop",))
                     return
-                for row in admitted:
-                    self._start(row)
                 self._drop_done()
                 if self._rows:
                     self._decode()

@@ -179,3 +179,30 @@ def test_stop_texts_cut_the_text_and_are_never_shown(llama, generator):
         assert sink.ended.wait(30)
     assert sink.text == full[: full.index(stop)] and sink.reason == "stop"
     assert all(stop not in "".join(sink.pieces[: i + 1]) for i in range(len(sink.pieces)))
+
+
+def test_a_request_that_arrives_during_a_prompt_runs_its_prompt_before_the_next_step(llama):
+    """Prompts before steps: a request submitted while another's prompt runs is admitted and
+    prefilled before the step that follows, so it waits for that prompt only."""
+    engine = Engine(llama)
+    order, late = [], []
+    real_run = engine._run
+
+    def run(command):
+        order.append(command[0])
+        if command[0] == "prompt" and len(late) == 1:
+            late.append(submit(engine, llama, "Hello", max_tokens=3, seed=2))  # during the 2nd prompt
+        return real_run(command)
+
+    engine._run = run
+    with running(engine):
+        first = submit(engine, llama, "Once upon a time there was", max_tokens=40, seed=1)
+        while "rows" not in order:
+            time.sleep(0.01)  # the first request is decoding
+        late.append(submit(engine, llama, "The llama café", max_tokens=3, seed=3))
+        for _, sink in [first] + late:
+            assert sink.ended.wait(30)
+    prompts = [i for i, kind in enumerate(order) if kind == "prompt"]
+    assert len(prompts) == 3
+    # The third prompt came right after the second, with no step between them.
+    assert prompts[2] == prompts[1] + 1, order[prompts[1]:prompts[2] + 1]
