@@ -84,11 +84,11 @@ class FusedLinear(nn.Module):
         self.fused = stacked.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 rows (the C step's layout): a prompt by the C product where it is the CPU's faster
-        # (`native.prompt_product`); one row of x (an eager decoding step) and a compiled forward
-        # (inductor's own products) stay torch's.
-        if (self.rows and x.dtype == torch.float32 and x.numel() > x.shape[-1]
-                and not torch.compiler.is_compiling() and native.prompt_product() == "c"):
+        # fp32 rows (the C step's layout): by the C product where it is the CPU's faster
+        # (`native.prompt_product`): a prompt, and its last position's logits (one row); a compiled
+        # forward keeps inductor's own products.
+        if (self.rows and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+                and native.prompt_product() == "c"):
             return native.dense_matmul(self.fused.t(), x)
         return x @ self.fused
 

@@ -506,7 +506,7 @@ def test_the_prompt_product_follows_the_variable_and_else_the_cpu(monkeypatch, c
 def test_fp32_prompts_run_the_c_product_where_chosen(monkeypatch, variant, use_kernels):
     """With LLAMA_NATIVE_PROMPT=c an fp32 model in the C step's layout multiplies a prompt in C: the
     logits of torch's products to fp32 rounding, each row's products the same bits as in a
-    shorter prompt (its sums are its own), and one-row steps stay torch's."""
+    shorter prompt (its sums are its own), one row of x (the last position's logits) too."""
     use_kernels(variant)
     model = native_model(**SHAPES["odd"], max_seq_len=32, max_batch_size=2)
     tokens = torch.randint(0, 333, (2, 11), generator=torch.Generator().manual_seed(8))
@@ -522,9 +522,10 @@ def test_fp32_prompts_run_the_c_product_where_chosen(monkeypatch, variant, use_k
         kernel = model.layers[0].feed_forward.w13_kernel
         x = torch.randn(1, 9, kernel.layers[0].weight.shape[1], generator=torch.Generator().manual_seed(9))
         assert torch.equal(kernel(x)[:, :4], kernel(x[:, :4]))
+        assert torch.equal(kernel(x)[:, 2:3], kernel(x[:, 2:3]))  # one row of x: C, the same bits
         calls.clear()
-        model.forward(tokens[:1, :1], 11)  # one row of x
-        assert not calls
+        model.forward(tokens[:1], 0, last_logits_only=True)
+        assert len(calls) == 4 * 2 + 1  # every product, the output's one row included
     torch.testing.assert_close(logits["c"], logits["torch"], atol=2e-5, rtol=2e-5)
 
 
