@@ -290,7 +290,8 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
 #define LLAMA_LANES 16
 #define LLAMA_I4_TILES 4
 /* Four rows of x a pass, every kind: 16 accumulators of the 32 registers, and gcc's loops keep them
-   all in registers. Not measured (no AVX-512 CPU at hand when it was written). */
+   all in registers. On a Zen 5, fp32 with five or six rows a pass took 0.94x-1.06x four's time
+   at batch 4-16: within the noise, so four stays (benchmarks/NOTES.md). */
 #define LLAMA_BATCH_ROWS(kind) 4
 /* int4: each nibble made a float once for four rows of x, over two tiles at a time: on a Zen 5,
    1.3x (4 rows of x) to 1.8x (512) one row over four tiles, the same at one row; of 2-8 rows over
