@@ -290,7 +290,7 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
 #define LLAMA_LANES 16
 #define LLAMA_I4_TILES 4
 /* Four rows of x a pass, every kind: 16 accumulators of the 32 registers, and gcc's loops keep them
-   all in registers. On a Zen 5, fp32 with five or six rows a pass took 0.94x-1.06x four's time
+   all in registers. On a Zen 5, fp32 with five or six rows a pass took 0.94x-1.03x four's time
    at batch 4-16: within the noise, so four stays (benchmarks/NOTES.md). */
 #define LLAMA_BATCH_ROWS(kind) 4
 /* int4: each nibble made a float once for four rows of x, over two tiles at a time: on a Zen 5,
