@@ -232,19 +232,9 @@ class OurRunner(Runner):
                 quantize=quantize_mode, group_size=group_size, **build_options,
             )
         else:
-            with checkpoint.init_on_meta():
-                model = Transformer(args)
-            config = quantization.make_config(quantize_mode, group_size)
-            if config is not None:
-                quantization.check_fit(args, config, [1])
-                convert = quantization.converter(config, dtype, 1)
-                parts = {}
-                for key in list(state):
-                    parts.update(convert(key, state[key], None))
-                quantization.install(model, parts, config, device, dtype)
+            model = model_from_state(state, args, device, dtype, quantize_mode, group_size)
+            if quantize_mode is not None:
                 build_options["fast_layout"] = False  # the quantized kernels are the layout
-            else:
-                checkpoint.load_into(model, state, device, dtype, source="random weights")
             layout = build_options.pop("layout", None)
             if layout is not None:  # a layout other than the default's, laid out here
                 kernels.prepare(model, layout)
@@ -272,6 +262,26 @@ class OurRunner(Runner):
         synchronize(self.device)
         times[-1] = time.perf_counter() - start
         return times
+
+
+def model_from_state(state: Dict[str, torch.Tensor], args: ModelArgs, device, dtype: torch.dtype,
+                     quantize_mode: Optional[str] = None, group_size: Optional[int] = None) -> Transformer:
+    """A Transformer of `args` holding `state` (Meta's keys, one shard) in `dtype` on `device`,
+    quantized while loading as `Llama.build(quantize=...)` does where `quantize_mode` is given (its
+    kernels are then its layout); `state` itself is left as it was."""
+    with checkpoint.init_on_meta():
+        model = Transformer(args)
+    config = quantization.make_config(quantize_mode, group_size)
+    if config is None:
+        checkpoint.load_into(model, state, device, dtype, source="random weights")
+        return model
+    quantization.check_fit(args, config, [1])
+    convert = quantization.converter(config, dtype, 1)
+    parts = {}
+    for key in list(state):
+        parts.update(convert(key, state[key], None))
+    quantization.install(model, parts, config, device, dtype)
+    return model
 
 
 class TheirRunner(Runner):

@@ -24,27 +24,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from bench import SHAPES  # noqa: E402
-from llama import checkpoint, distributed, kernels, native, quantization  # noqa: E402
+from bench import SHAPES, model_from_state  # noqa: E402
+from llama import distributed, kernels, native  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from llama.tiny import random_weights  # noqa: E402
 
 
 def build(shape: str, mode: str, max_seq_len: int) -> Transformer:
     args = ModelArgs(**SHAPES[shape], max_seq_len=max_seq_len, max_batch_size=1)
-    with checkpoint.init_on_meta():
-        model = Transformer(args)
+    cpu = torch.device("cpu")
+    model = model_from_state(random_weights(args, seed=0), args, cpu, torch.float32, None if mode == "fp32" else mode)
     if mode == "fp32":
-        checkpoint.load_into(model, random_weights(args, seed=0), torch.device("cpu"), torch.float32, source="random")
-        kernels.prepare(model, kernels.choose_layout(torch.device("cpu"), torch.float32))
-    else:
-        config = quantization.make_config(mode, None)
-        state, parts = random_weights(args, seed=0), {}
-        convert = quantization.converter(config, torch.float32, 1)
-        for key in list(state):
-            parts.update(convert(key, state.pop(key), None))
-        quantization.install(model, parts, config, torch.device("cpu"), torch.float32)
-    model.setup_caches(device=torch.device("cpu"), dtype=torch.float32)
+        kernels.prepare(model, kernels.choose_layout(cpu, torch.float32))
+    model.setup_caches(device=cpu, dtype=torch.float32)
     return model.eval()
 
 
@@ -63,7 +55,7 @@ def main(argv=None) -> int:
     lengths = [int(n) for n in opts.lengths.split(",")]
     print(f"{opts.shape}, {opts.threads} threads, C kernels {native.variant()}, CPU vendor {native.cpu_vendor()}, "
           f"default prompt product here: {native.prompt_product()}; median of {opts.rounds} turns")
-    print(f"| mode | tokens | torch ms (tok/s) | C ms (tok/s) | torch / C |")
+    print("| mode | tokens | torch ms (tok/s) | C ms (tok/s) | torch / C |")
     print("|---|---|---|---|---|")
     before = os.environ.get(native.PROMPT_VARIABLE)
     try:
