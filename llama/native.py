@@ -244,7 +244,8 @@ def notice_variant() -> None:
 
 
 def prompt_product() -> str:
-    """Who multiplies the rows of a prompt (x of several rows) by a matrix the C step reads:
+    """Who multiplies x by a matrix the C step reads in the eager forward (a prompt, and its last
+    position's logits):
 
     - "c": the C products (`llama_matmul`), fp32, int8 and int4 alike; they read each weight once
       for every row of x, in registers a few rows at a time, and each row's sums are the ones the
@@ -253,8 +254,9 @@ def prompt_product() -> str:
       below `PROMPT_ROWS` rows, made fp32 a block of rows at a time for torch's product above.
 
     `LLAMA_NATIVE_PROMPT=c|torch` picks (another value is refused with one line on stderr).
-    Otherwise "c" on an AMD CPU running an AVX-512 variant, where it measured 1.5x to 2.7x
-    torch's product at every prompt length (a Zen 5 EPYC, benchmarks/NOTES.md), and "torch"
+    Otherwise "c" on an AMD CPU running an AVX-512 variant, where whole prompts of 16 to 512
+    tokens ran 1.25x to 2.2x faster in C than with torch's product (a Zen 5 EPYC,
+    benchmarks/prompt_products.py and NOTES.md), and "torch"
     elsewhere: on the AVX2 EPYC torch's product of fp32 blocks was the faster from 64 rows on, and
     on Intel CPUs MKL's product was not measured against C. The choice depends on the CPU only,
     never on timings, so the same machine always gives the same sums."""
