@@ -85,8 +85,8 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 rows (the C step's layout): by the C product where it is the CPU's faster
-        # (`native.prompt_product`): a prompt, and its last position's logits (one row); a compiled
-        # forward keeps inductor's own products.
+        # (`native.prompt_product`): every eager forward (a prompt, its last position's logits, an
+        # eager step at more than one rank); a compiled forward keeps inductor's own products.
         if (self.rows and x.dtype == torch.float32 and not torch.compiler.is_compiling()
                 and native.prompt_product() == "c"):
             return native.dense_matmul(self.fused.t(), x)
