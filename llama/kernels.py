@@ -29,7 +29,8 @@ Layouts:
   CPU, `Int8Linear`; on CUDA `F.linear` on weights dequantized in the step,
   which `torch.compile` fuses into the product, `CudaInt8Linear`).
 - "int4": grouped asymmetric 4-bit (with fp32 activations on the CPU, C's
-  product on 16-row tiles, `NativeInt4Linear`; else
+  product on 16-row tiles, which quantizes each group of x to int8 and sums in
+  integers, `NativeInt4Linear`; else
   `torch._weight_int4pack_mm_for_cpu`, `Int4Linear`, or
   `torch._weight_int4pack_mm` on CUDA, which needs bf16 and sm80+, `CudaInt4Linear`).
 """
@@ -234,11 +235,14 @@ class NativeInt4Linear(nn.Module):
 
     `packed` is C's tiled layout (uint8 (tiles, groups, group_size * 8 + 64)): the
     rows in tiles of 16 (the last padded with zero rows), and for each tile and
-    group of `group_size` inputs one record: the 16 rows' values, two a byte
-    (byte 16 p + j: row j's value at the group's input 2 p in the low nibble,
-    2 p + 1 in the high one), then the 16 scales and the 16 offsets
-    zero - 8 * scale (w = q * scale + offset) in fp16. A group's record is read
-    in one stream, and each lane of C's vectors is one row. fp16 keeps the
+    group of `group_size` inputs one record: the 16 rows' values, two a byte, in
+    chunks of 8 inputs (in chunk c, byte 4 j + u: row j's value at the group's
+    input 8 c + u in the low nibble, 8 c + 4 + u in the high one), then the 16
+    scales and the 16 offsets zero - 8 * scale (w = q * scale + offset) in fp16.
+    A group's record is read in one stream, and each 32-bit lane of C's vectors
+    is one row's four values, multiplied by four inputs of x at once: C quantizes
+    each group of x to int8 (step max|x| / 127) and sums in integers, centred on
+    q - 8, as llama.cpp's Q4_0 products do. fp16 keeps the
     scales and offsets to 2^-11 of their size: for a group quantized from its
     min and max, a weight moves by at most ~1% of its 4-bit step (rounding to
     4 bits moved it by up to 50%).
@@ -263,7 +267,11 @@ class NativeInt4Linear(nn.Module):
             t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
             return t.view(tiles, 16, groups, t.shape[-1]).permute(0, 2, 3, 1)
 
-        values = per_tile(nibbles.view(rows, groups, group_size // 2)).reshape(tiles, groups, -1)
+        # chunks of 8 inputs: 4 bytes a row, byte u holding inputs u (low nibble) and 4 + u (high)
+        q = unpack_nibbles(nibbles).view(rows, groups, group_size // 8, 2, 4)
+        values = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # (rows, groups, chunks, 4)
+        values = F.pad(values, (0, 0, 0, 0, 0, 0, 0, pad)) if pad else values
+        values = values.view(tiles, 16, groups, group_size // 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, groups, -1)
         # fp16 (tiles, groups, 16) as their bytes (tiles, groups, 32)
         scales = per_tile(scale16.view(rows, groups, 1)).contiguous().view(torch.uint8).view(tiles, groups, 32)
         offsets = per_tile(offset16.view(rows, groups, 1)).contiguous().view(torch.uint8).view(tiles, groups, 32)

@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 9
+#define LLAMA_NATIVE_ABI 10
 
 /* Ask for the next block of rows while this one is summed: without it the compressed products
    waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
@@ -47,10 +47,11 @@
    FP32: w float [rows, cols].
    INT8: w int8 [rows, cols]; scale float [rows]: w = q * scale[row] (per output channel, symmetric).
    INT4: w uint8 records, in tiles of 16 rows (the last tile padded with zero rows): for each tile,
-         for each group of `group` inputs, one record of group * 8 + 64 bytes: group / 2 * 16 bytes
-         of values (byte 16 p + j: row j's value at the group's input 2 p in the low nibble, at
-         2 p + 1 in the high one), then the 16 rows' scales and their offsets = zero - 8 scale, as
-         fp16: w = (q - 8) * scale + zero = q * scale + offset. scale unused.
+         for each group of `group` inputs (a multiple of 8), one record of group * 8 + 64 bytes:
+         group / 8 chunks of 64 bytes of values (in chunk c, byte 4 j + u: row j's value at the
+         group's input 8 c + u in the low nibble, at 8 c + 4 + u in the high one), then the 16
+         rows' scales and their offsets = zero - 8 scale, as fp16:
+         w = (q - 8) * scale + zero = q * scale + offset. scale unused.
    BF16: w bf16 [rows, cols] (as uint16); only in a bf16 model (bf16 below). */
 enum { LLAMA_FP32 = 0, LLAMA_INT8 = 1, LLAMA_INT4 = 2, LLAMA_BF16 = 3 };
 typedef struct {
@@ -155,6 +156,39 @@ static inline float half_to_float(uint16_t h) {
 
 #define LLAMA_I4_RECORD(group) ((group) * 8 + 64)
 
+/* x [groups, group] quantized as int4 products take it, a group at a time: its step
+   d = max |x| / 127, xq = x / d rounded to the nearest integer (ties to even; -127 .. 127), its
+   sum xs in fp32, in order, and -8 times the sum of its xq (a float, exactly: an integer below
+   2^24), which centres the products on q - 8 (LLAMA_INT4). A group holding a NaN or an infinity
+   gets d = NaN, so that what it is multiplied into is NaN, as with x unquantized. Plain C for the
+   baseline instruction set (never inlined into a variant, where the compiler could contract or
+   reorder it): every variant quantizes x to the same bits. */
+static __attribute__((noinline)) void quantize_x(const float *x, int64_t groups, int64_t group, int8_t *xq, float *d,
+                                                 float *xs, float *centre) {
+    const float round = 12582912.f; /* 1.5 2^23: v + round - round is v rounded, ties to even, for |v| < 2^22 */
+    for (int64_t g = 0; g < groups; g++) {
+        const float *xg = x + g * group;
+        float top = 0.f, sum = 0.f;
+        int finite = 1;
+        for (int64_t k = 0; k < group; k++) {
+            const float a = fabsf(xg[k]);
+            finite &= a <= 3.4028235e38f;
+            top = a > top ? a : top;
+            sum += xg[k];
+        }
+        const float inverse = top > 0.f && finite ? 127.f / top : 0.f;
+        int32_t total = 0;
+        for (int64_t k = 0; k < group; k++) {
+            const int32_t v = (int32_t)((xg[k] * inverse + round) - round);
+            xq[g * group + k] = (int8_t)v;
+            total += v;
+        }
+        d[g] = finite ? top / 127.f : NAN;
+        xs[g] = sum;
+        centre[g] = (float)(-8 * total);
+    }
+}
+
 /* Records read ahead of the group being summed. */
 #define LLAMA_I4_AHEAD 4
 
@@ -216,8 +250,9 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
    and a weight row); the fastest measured (benchmarks/NOTES.md). */
 #define LLAMA_BATCH_ROWS(kind) ((kind) == LLAMA_BF16 ? 2 : 3)
 /* int4: two rows of x a pass over one tile (a tile is two vectors here); on a Zen 5 running these
-   kernels, 1.3x-1.5x one row over four tiles from 4 rows of x on, the same at one row
-   (benchmarks/NOTES.md; not measured on an AVX2-only CPU). */
+   kernels, 1.3x-1.5x one row over four tiles from 4 rows of x on, the same at one row; with the
+   integer products too, where 3 x 1 was as fast and 2 x 2 and one row a pass slower (benchmarks/NOTES.md;
+   not measured on an AVX2-only CPU). */
 #define LLAMA_I4_ROWS 2
 #define LLAMA_I4_ROWS_TILES 1
 #define vec __m256
@@ -237,11 +272,23 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 /* bf16 products: 16 bf16 as 8 lanes of two */
 #define vec_load_pairs(p) _mm256_loadu_si256((const __m256i *)(p))
 #define vec_dot_pairs(acc, w, x) dot_pairs_avx2(acc, w, x)
-/* int4: 8 bytes, one a lane, each holding two 4-bit values; their floats */
-#define vec_load_u8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
-#define vec_i4_constants() const __m256i low4 = _mm256_set1_epi32(15)
-#define vec_low_nibbles(q) _mm256_cvtepi32_ps(_mm256_and_si256(q, low4))
-#define vec_high_nibbles(q) _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4))
+#define vec_mul(a, b) _mm256_mul_ps(a, b)
+#define vec_from_i32(v) _mm256_cvtepi32_ps(v)
+/* int4: 32 bytes (8 lanes of four), each byte two 4-bit values */
+#define veci_zero() _mm256_setzero_si256()
+#define veci_set1(i) _mm256_set1_epi32(i)
+#define veci_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vec_i4_constants()                                                                             \
+    const __m256i low4 = _mm256_set1_epi8(15);                                                        \
+    const __m256i ones = _mm256_set1_epi16(1)
+#define vec_low_nibbles(q) _mm256_and_si256(q, low4)
+#define vec_high_nibbles(q) _mm256_and_si256(_mm256_srli_epi16(q, 4), low4)
+/* part + each lane's four u8 x s8 products with lo and hi, as vpmaddubsw's sums of pairs in
+   int16: a pair is at most 2 x 15 x 127 = 3810, so the eight pairs of four chunks (30480) fit;
+   then vpmaddwd adds a lane's two int16 into an int32 */
+#define vec_dot_u4(part, lo, hi, xlo, xhi)                                                             \
+    _mm256_add_epi16(part, _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)))
+#define vec_widen_u4(sum, part) _mm256_add_epi32(sum, _mm256_madd_epi16(part, ones))
 #include "native_kernels.h"
 #undef LLAMA_ISA
 #undef LLAMA_TARGET
@@ -265,10 +312,16 @@ static inline LLAMA_AVX2 void store_first_avx2(float *p, __m256 v, int64_t n) {
 #undef vec_load_f16
 #undef vec_load_pairs
 #undef vec_dot_pairs
-#undef vec_load_u8
+#undef vec_mul
+#undef vec_from_i32
+#undef veci_zero
+#undef veci_set1
+#undef veci_load
 #undef vec_i4_constants
 #undef vec_low_nibbles
 #undef vec_high_nibbles
+#undef vec_dot_u4
+#undef vec_widen_u4
 
 /* AVX-512 (F, BW, DQ, VL: every AVX-512 CPU since Skylake-SP): 16 floats a vector. Scheduled for
    Sapphire Rapids, as -march=native built them there before: that tuning breaks vpermps's false
@@ -293,9 +346,9 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
    all in registers. On a Zen 5, fp32 with five or six rows a pass took 0.94x-1.03x four's time
    at batch 4-16: within the noise, so four stays (benchmarks/NOTES.md). */
 #define LLAMA_BATCH_ROWS(kind) 4
-/* int4: each nibble made a float once for four rows of x, over two tiles at a time: on a Zen 5,
-   1.3x (4 rows of x) to 1.8x (512) one row over four tiles, the same at one row; of 2-8 rows over
-   1, 2 or 4 tiles, the fastest (benchmarks/NOTES.md). */
+/* int4: each tile's values, split into nibbles once, serve four rows of x, over two tiles at a
+   time: on a Zen 5, of 2-8 rows over 1, 2 or 4 tiles the fastest, with the float products before
+   and with the integer products now (benchmarks/NOTES.md). */
 #define LLAMA_I4_ROWS 4
 #define LLAMA_I4_ROWS_TILES 2
 #define vec __m512
@@ -313,24 +366,41 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define vec_load_f16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define vec_load_pairs(p) _mm512_loadu_si512(p)
-/* int4: 16 bytes; a nibble becomes its float by a table lookup (vpermps reads the low four bits
-   of its index, so the low nibble needs no mask) */
-#define vec_load_u8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
-#define vec_i4_constants() const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-#define vec_low_nibbles(q) _mm512_permutexvar_ps(q, table)
-#define vec_high_nibbles(q) _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table)
+#define vec_mul(a, b) _mm512_mul_ps(a, b)
+#define vec_from_i32(v) _mm512_cvtepi32_ps(v)
+/* int4: 64 bytes (16 lanes of four), each byte two 4-bit values */
+#define veci_zero() _mm512_setzero_si512()
+#define veci_set1(i) _mm512_set1_epi32(i)
+#define veci_load(p) _mm512_loadu_si512(p)
+#define vec_i4_constants()                                                                             \
+    const __m512i low4 = _mm512_set1_epi8(15);                                                        \
+    const __m512i ones = _mm512_set1_epi16(1);                                                        \
+    (void)ones
+#define vec_low_nibbles(q) _mm512_and_si512(q, low4)
+#define vec_high_nibbles(q) _mm512_and_si512(_mm512_srli_epi16(q, 4), low4)
 
 #define LLAMA_ISA avx512
 #define LLAMA_TARGET LLAMA_AVX512
 #define vec_dot_pairs(acc, w, x) dot_pairs_avx512(acc, w, x)
+/* as AVX2's */
+#define vec_dot_u4(part, lo, hi, xlo, xhi)                                                             \
+    _mm512_add_epi16(part, _mm512_add_epi16(_mm512_maddubs_epi16(lo, xlo), _mm512_maddubs_epi16(hi, xhi)))
+#define vec_widen_u4(sum, part) _mm512_add_epi32(sum, _mm512_madd_epi16(part, ones))
 #include "native_kernels.h"
 #undef LLAMA_ISA
 #undef LLAMA_TARGET
 #undef vec_dot_pairs
+#undef vec_dot_u4
+#undef vec_widen_u4
 
+/* The AVX-512 CPUs with BF16 (Cooper Lake, Sapphire Rapids and later, Zen 4 and later) all have
+   VNNI too, which this variant's int4 products take: vpdpbusd sums a lane's four u8 x s8 products
+   into it in one instruction. */
 #define LLAMA_ISA avx512bf16
-#define LLAMA_TARGET __attribute__((target(LLAMA_AVX512_ISA ",avx512bf16")))
+#define LLAMA_TARGET __attribute__((target(LLAMA_AVX512_ISA ",avx512bf16,avx512vnni")))
 #define vec_dot_pairs(acc, w, x) _mm512_dpbf16_ps(acc, (__m512bh)(w), (__m512bh)(x))
+#define vec_dot_u4(part, lo, hi, xlo, xhi) _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(part, lo, xlo), hi, xhi)
+#define vec_widen_u4(sum, part) _mm512_add_epi32(sum, part)
 #include "native_kernels.h"
 
 /* What this CPU (and its operating system, which must save the wider registers) can run. */
@@ -346,7 +416,9 @@ static int cpu_runs_avx512(void) {
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
 
-static int cpu_runs_avx512bf16(void) { return cpu_runs_avx512() && __builtin_cpu_supports("avx512bf16"); }
+static int cpu_runs_avx512bf16(void) {
+    return cpu_runs_avx512() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+}
 #endif
 
 static int cpu_runs_anything(void) { return 1; }
@@ -423,7 +495,7 @@ void llama_matmul(const llama_matrix *m, const float *x, float *y, int64_t batch
 /* Rows first .. first + n - 1 of the matrix as fp32: the weights a product of many rows (a prompt)
    multiplies, made once for all its rows (llama/native.py hands them to torch's matrix product).
    int4 (first a multiple of 16): out [cols, n], the block transposed, as a tile's record holds each
-   input's 16 rows side by side; int8: out [n, cols]. Returns 1 where out is transposed, 0 where
+   input's 16 rows in one chunk; int8: out [n, cols]. Returns 1 where out is transposed, 0 where
    not, -1 for another kind (nothing written). */
 int64_t llama_dequantize(const llama_matrix *m, int64_t first, int64_t n, float *out) {
     const int64_t cols = m->cols;
@@ -438,17 +510,13 @@ int64_t llama_dequantize(const llama_matrix *m, int64_t first, int64_t n, float 
                 const uint16_t *scale16 = (const uint16_t *)(r + 8 * group), *offset16 = scale16 + 16;
                 float s[16], o[16];
                 for (int j = 0; j < 16; j++) s[j] = half_to_float(scale16[j]), o[j] = half_to_float(offset16[j]);
-                for (int64_t p = 0; p < group / 2; p++) {
-                    float *even = out + (g * group + 2 * p) * n + 16 * t, *odd = even + n;
-                    const uint8_t *q = r + 16 * p;
-                    if (width == 16) {
-                        for (int j = 0; j < 16; j++) even[j] = (float)(q[j] & 15) * s[j] + o[j];
-                        for (int j = 0; j < 16; j++) odd[j] = (float)(q[j] >> 4) * s[j] + o[j];
-                    } else {
-                        for (int j = 0; j < width; j++) even[j] = (float)(q[j] & 15) * s[j] + o[j];
-                        for (int j = 0; j < width; j++) odd[j] = (float)(q[j] >> 4) * s[j] + o[j];
+                for (int64_t c = 0; c < group / 8; c++)
+                    for (int u = 0; u < 4; u++) {
+                        float *low = out + (g * group + 8 * c + u) * n + 16 * t, *high = low + 4 * n;
+                        const uint8_t *q = r + 64 * c + u;
+                        for (int j = 0; j < width; j++) low[j] = (float)(q[4 * j] & 15) * s[j] + o[j];
+                        for (int j = 0; j < width; j++) high[j] = (float)(q[4 * j] >> 4) * s[j] + o[j];
                     }
-                }
             }
         }
         return 1;

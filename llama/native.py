@@ -40,7 +40,7 @@ import torch
 
 from llama import distributed
 
-ABI = 9  # LLAMA_NATIVE_ABI in native.c
+ABI = 10  # LLAMA_NATIVE_ABI in native.c
 ISA_VARIABLE = "LLAMA_NATIVE_ISA"
 PROMPT_VARIABLE = "LLAMA_NATIVE_PROMPT"
 THREADS_VARIABLE = "LLAMA_NATIVE_THREADS"

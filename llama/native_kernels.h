@@ -136,23 +136,29 @@ static LLAMA_TARGET void KERNEL(matvec_bf16)(const float *x, const uint16_t *w, 
         KERNEL(rows4)(LLAMA_BF16, w, NULL, xb16, y, batch, rows, cols, 4 * blk);
 }
 
-/* int4 in tiles of 16 rows (the layout is described at LLAMA_INT4). Per group:
-   y += scale * sum_k q_k x_k + offset * sum_k x_k, the sums of x taken once per group (xs).
-   The vector loops give each row of a tile its own lane (16 / LLAMA_LANES vectors a tile), so a
-   group's scales and offsets apply to the tile with a multiply-add a vector and no horizontal
-   sums; each input is broadcast once for the nt tiles, which keeps the reads of x low where x is
-   long (w2), and each nibble, made a float once, serves nb rows of x. Tiles tile .. tile + nt - 1
-   and rows b .. b + nb - 1 of x (nt and nb constants once inlined: the arrays are then
-   registers): y[b, n] for their rows n below `rows`. Each (row of x, tile) sum has accumulators
-   of its own that take the same steps in the same order whatever nb and nt are: a row's result
-   is the same bits at every batch size. */
+/* int4 in tiles of 16 rows (the layout is described at LLAMA_INT4), times x quantized to int8 per
+   group (quantize_x: xq, its step d, the group's float sum xs, and centre = -8 sum_k xq_k). With
+   w = q scale + offset = (q - 8) scale + zero, per group:
+   y += scale (d sum_k (q_k - 8) xq_k + 8 xs) + offset xs, the sum of q_k xq_k in integers (exact,
+   in any order). Centred on q - 8, the error of xq multiplies weights of mean near 0, not of
+   mean 7.5 scale (half the error of sum_k q_k xq_k on Gaussian rows, benchmarks/NOTES.md).
+   The vector loops give each row of a tile its own 32-bit lane (16 / LLAMA_LANES vectors a tile):
+   a lane's four bytes are its row's values at four inputs, which one u8 x s8 product of four
+   (vec_dot_u4, into partial sums that vec_widen_u4 adds to the group's int32 sums every four
+   chunks) takes against those four inputs of xq, broadcast; a group's scales and offsets then
+   apply to the tile with a multiply-add a vector and no horizontal sums. Each input is broadcast
+   once for the nt tiles, and each tile's values, split into nibbles once, serve nb rows of x.
+   Tiles tile .. tile + nt - 1 and rows b .. b + nb - 1 of x (nt and nb constants once inlined:
+   the arrays are then registers): y[b, n] for their rows n below `rows`. Each (row of x, tile)
+   sum takes the same steps in the same order whatever nb and nt are: a row's result is the same
+   bits at every batch size. */
 static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_tiles)(const uint8_t *w, int64_t tile,
                                                                                 const int nt, int64_t rows,
                                                                                 int64_t groups, int64_t group,
-                                                                                const float *xb, const float *xsb,
-                                                                                float *yb, const int nb,
-                                                                                int prefetch) {
-    const int64_t record = LLAMA_I4_RECORD(group), tile_bytes = groups * record, pairs = group / 2;
+                                                                                const int8_t *xqb, const float *db,
+                                                                                const float *xsb, const float *cb,
+                                                                                float *yb, const int nb, int prefetch) {
+    const int64_t record = LLAMA_I4_RECORD(group), tile_bytes = groups * record, chunks = group / 8;
     const int64_t cols = groups * group;
 #if LLAMA_LANES
     enum { per_tile = 16 / LLAMA_LANES };  /* vectors a tile */
@@ -167,34 +173,45 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_tiles)(
         if (prefetch)
             for (int64_t line = 0; line < record; line += 64)
                 for (int i = 0; i < nt; i++) LLAMA_PREFETCH(r[i] + LLAMA_I4_AHEAD * record + line);
-        vec even[LLAMA_I4_ROWS][LLAMA_I4_TILES][per_tile], odd[LLAMA_I4_ROWS][LLAMA_I4_TILES][per_tile];
+        veci sum[LLAMA_I4_ROWS][LLAMA_I4_TILES][per_tile];
         for (int j = 0; j < nb; j++)
             for (int i = 0; i < nt; i++)
-                for (int h = 0; h < per_tile; h++) even[j][i][h] = odd[j][i][h] = vec_zero();
-        for (int64_t p = 0; p < pairs; p++) {
-            vec xe[LLAMA_I4_ROWS], xo[LLAMA_I4_ROWS];
-            for (int j = 0; j < nb; j++) {
-                xe[j] = vec_set1(xb[j * cols + g * group + 2 * p]);
-                xo[j] = vec_set1(xb[j * cols + g * group + 2 * p + 1]);
-            }
-            for (int i = 0; i < nt; i++)
-                for (int h = 0; h < per_tile; h++) {
-                    veci q = vec_load_u8(r[i] + 16 * p + h * LLAMA_LANES);
-                    const vec low = vec_low_nibbles(q), high = vec_high_nibbles(q);
-                    for (int j = 0; j < nb; j++) {
-                        even[j][i][h] = vec_fmadd(low, xe[j], even[j][i][h]);
-                        odd[j][i][h] = vec_fmadd(high, xo[j], odd[j][i][h]);
-                    }
+                for (int h = 0; h < per_tile; h++) sum[j][i][h] = veci_zero();
+        for (int64_t c0 = 0; c0 < chunks; c0 += 4) {  /* four chunks a time in the partial sums */
+            veci part[LLAMA_I4_ROWS][LLAMA_I4_TILES][per_tile];
+            for (int j = 0; j < nb; j++)
+                for (int i = 0; i < nt; i++)
+                    for (int h = 0; h < per_tile; h++) part[j][i][h] = veci_zero();
+            for (int64_t c = c0; c < c0 + 4 && c < chunks; c++) {
+                veci xlo[LLAMA_I4_ROWS], xhi[LLAMA_I4_ROWS];
+                for (int j = 0; j < nb; j++) {
+                    int32_t four[2];
+                    memcpy(four, xqb + j * cols + g * group + 8 * c, 8);
+                    xlo[j] = veci_set1(four[0]);
+                    xhi[j] = veci_set1(four[1]);
                 }
+                for (int i = 0; i < nt; i++)
+                    for (int h = 0; h < per_tile; h++) {
+                        const veci q = veci_load(r[i] + 64 * c + h * 4 * LLAMA_LANES);
+                        const veci low = vec_low_nibbles(q), high = vec_high_nibbles(q);
+                        for (int j = 0; j < nb; j++)
+                            part[j][i][h] = vec_dot_u4(part[j][i][h], low, high, xlo[j], xhi[j]);
+                    }
+            }
+            for (int j = 0; j < nb; j++)
+                for (int i = 0; i < nt; i++)
+                    for (int h = 0; h < per_tile; h++) sum[j][i][h] = vec_widen_u4(sum[j][i][h], part[j][i][h]);
         }
         for (int j = 0; j < nb; j++) {
-            const vec sum = vec_set1(xsb[j * groups + g]);
+            const vec d = vec_set1(db[j * groups + g]), xs = vec_set1(xsb[j * groups + g]);
+            const vec centre = vec_set1(cb[j * groups + g]), xs8 = vec_set1(8 * xsb[j * groups + g]);
             for (int i = 0; i < nt; i++)
                 for (int h = 0; h < per_tile; h++) {
                     const uint16_t *scale = (const uint16_t *)(r[i] + 8 * group) + h * LLAMA_LANES,
                                    *offset = scale + 16;
-                    acc[j][i][h] = vec_fmadd(vec_add(even[j][i][h], odd[j][i][h]), vec_load_f16(scale), acc[j][i][h]);
-                    acc[j][i][h] = vec_fmadd(vec_load_f16(offset), sum, acc[j][i][h]);
+                    const vec centred = vec_add(vec_from_i32(sum[j][i][h]), centre); /* exact: integers */
+                    acc[j][i][h] = vec_fmadd(vec_load_f16(scale), vec_fmadd(centred, d, xs8), acc[j][i][h]);
+                    acc[j][i][h] = vec_fmadd(vec_load_f16(offset), xs, acc[j][i][h]);
                 }
         }
     }
@@ -214,14 +231,18 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_tiles)(
             for (int64_t g = 0; g < groups; g++) {
                 const uint8_t *r = t + g * record;
                 const uint16_t *scale = (const uint16_t *)(r + 8 * group), *offset = scale + 16;
-                const float *xg = xb + j * cols + g * group;
+                const int8_t *xg = xqb + j * cols + g * group;
+                const float d = db[j * groups + g], xs = xsb[j * groups + g], centre = cb[j * groups + g];
                 for (int l = 0; l < 16; l++) {
-                    float s = 0.f;
-                    for (int64_t p = 0; p < pairs; p++) {
-                        uint8_t q = r[16 * p + l];
-                        s += (float)(q & 15) * xg[2 * p] + (float)(q >> 4) * xg[2 * p + 1];
-                    }
-                    acc[l] += half_to_float(scale[l]) * s + half_to_float(offset[l]) * xsb[j * groups + g];
+                    int32_t s = 0;
+                    for (int64_t c = 0; c < chunks; c++)
+                        for (int u = 0; u < 4; u++) {
+                            uint8_t q = r[64 * c + 4 * l + u];
+                            s += (q & 15) * xg[8 * c + u] + (q >> 4) * xg[8 * c + 4 + u];
+                        }
+                    const float centred = (float)s + centre;
+                    acc[l] += half_to_float(scale[l]) * (centred * d + 8 * xs);
+                    acc[l] += half_to_float(offset[l]) * xs;
                 }
             }
             for (int l = 0; l < 16 && (tile + i) * 16 + l < rows; l++) yb[j * rows + (tile + i) * 16 + l] = acc[l];
@@ -235,7 +256,8 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_tiles)(
 static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_rows)(const uint8_t *w, int64_t tile,
                                                                                const int nt, int64_t rows,
                                                                                int64_t groups, int64_t group,
-                                                                               const float *x, const float *xs,
+                                                                               const int8_t *xq, const float *d,
+                                                                               const float *xs, const float *centre,
                                                                                float *y, int64_t batch) {
     const int64_t cols = groups * group;
     int64_t b = 0;
@@ -243,41 +265,39 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(i4_rows)(c
     for (; batch - b >= LLAMA_I4_ROWS; b += LLAMA_I4_ROWS)
         for (int i = 0; i < nt; i += LLAMA_I4_ROWS_TILES) {
             if (nt - i >= LLAMA_I4_ROWS_TILES)
-                KERNEL(i4_tiles)(w, tile + i, LLAMA_I4_ROWS_TILES, rows, groups, group, x + b * cols,
-                                 xs + b * groups, y + b * rows, LLAMA_I4_ROWS, b == 0);
+                KERNEL(i4_tiles)(w, tile + i, LLAMA_I4_ROWS_TILES, rows, groups, group, xq + b * cols, d + b * groups,
+                                 xs + b * groups, centre + b * groups, y + b * rows, LLAMA_I4_ROWS, b == 0);
             else
                 for (int u = i; u < nt; u++)
-                    KERNEL(i4_tiles)(w, tile + u, 1, rows, groups, group, x + b * cols, xs + b * groups,
-                                     y + b * rows, LLAMA_I4_ROWS, b == 0);
+                    KERNEL(i4_tiles)(w, tile + u, 1, rows, groups, group, xq + b * cols, d + b * groups,
+                                     xs + b * groups, centre + b * groups, y + b * rows, LLAMA_I4_ROWS, b == 0);
         }
 #endif
     for (; b < batch; b++) {
         if (nt == LLAMA_I4_TILES)
-            KERNEL(i4_tiles)(w, tile, LLAMA_I4_TILES, rows, groups, group, x + b * cols, xs + b * groups,
-                             y + b * rows, 1, b == 0);
+            KERNEL(i4_tiles)(w, tile, LLAMA_I4_TILES, rows, groups, group, xq + b * cols, d + b * groups,
+                             xs + b * groups, centre + b * groups, y + b * rows, 1, b == 0);
         else
-            KERNEL(i4_tiles)(w, tile, 1, rows, groups, group, x + b * cols, xs + b * groups, y + b * rows, 1, b == 0);
+            KERNEL(i4_tiles)(w, tile, 1, rows, groups, group, xq + b * cols, d + b * groups, xs + b * groups,
+                             centre + b * groups, y + b * rows, 1, b == 0);
     }
 }
 
+/* `work`: x quantized (quantize_x), the same in every variant. */
 static LLAMA_TARGET void KERNEL(matvec_i4)(const float *x, const uint8_t *w, float *y, int64_t batch, int64_t rows,
                                           int64_t cols, int64_t group, float *work) {
     const int64_t groups = cols / group, tiles = (rows + 15) / 16, blocks = tiles / LLAMA_I4_TILES;
-    float *xs = work;
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) s += x[b * cols + k];
-            xs[b * groups + g] = s;
-        }
+    float *d = work, *xs = d + batch * groups, *centre = xs + batch * groups;
+    int8_t *xq = (int8_t *)(centre + batch * groups);
+    quantize_x(x, batch * groups, group, xq, d, xs, centre);
 #pragma omp parallel
     {
 #pragma omp for schedule(static) nowait
         for (int64_t blk = 0; blk < blocks; blk++)
-            KERNEL(i4_rows)(w, LLAMA_I4_TILES * blk, LLAMA_I4_TILES, rows, groups, group, x, xs, y, batch);
+            KERNEL(i4_rows)(w, LLAMA_I4_TILES * blk, LLAMA_I4_TILES, rows, groups, group, xq, d, xs, centre, y, batch);
 #pragma omp for schedule(static)
         for (int64_t t = LLAMA_I4_TILES * blocks; t < tiles; t++)
-            KERNEL(i4_rows)(w, t, 1, rows, groups, group, x, xs, y, batch);
+            KERNEL(i4_rows)(w, t, 1, rows, groups, group, xq, d, xs, centre, y, batch);
     }
 }
 

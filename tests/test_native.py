@@ -212,29 +212,80 @@ def test_a_bad_library_file_falls_back_to_torch_with_one_line(tiny_ckpt, tmp_pat
     assert (ran["layout"], ran["native"], ran["tokens"]) == ("transposed", False, tokens_here(tiny_ckpt))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("group", [32, 64])
-@pytest.mark.parametrize("rows", [1, 5])
-def test_native_int4_product_is_the_dequantized_product(group, rows, variant, use_kernels):
+def int4_kernel(q, scale, zero, group):
+    """(the NativeInt4Linear of q uint8 in 0..15, scale and zero; the scale and the offset
+    zero - 8 scale as it keeps them, in fp16; its weights w = q scale + offset)."""
     from llama.kernels import NativeInt4Linear
 
-    use_kernels(variant)
-    gen = torch.Generator().manual_seed(group + rows)
-    out_features, in_features = 24, 128  # a tile and a half: the last one's rows 24 .. 31 are padding
+    kernel = NativeInt4Linear(q[:, 0::2] | (q[:, 1::2] << 4), scale, zero, group)
+    scale16, offset16 = scale.half().float(), (zero - 8 * scale).half().float()
+    weight = (q.float().view(q.shape[0], -1, group) * scale16[..., None] + offset16[..., None]).view(q.shape[0], -1)
+    return kernel, scale16, offset16, weight
+
+
+def int4_weights(out_features, in_features, group, gen):
+    """Random (q, scale, zero) of an int4 matrix."""
     q = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
     scale = torch.rand(out_features, in_features // group, generator=gen) * 0.1 + 0.01
     zero = torch.randn(out_features, in_features // group, generator=gen) * 0.1
-    nibbles = q[:, 0::2] | (q[:, 1::2] << 4)
-    kernel = NativeInt4Linear(nibbles, scale, zero, group)
-    # The kernel keeps each group's scale and offset (zero - 8 scale) in fp16: w = q scale + offset.
-    scale16, offset16 = scale.half().float(), (zero - 8 * scale).half().float()
-    weight = (q.float().view(out_features, -1, group) * scale16[..., None] + offset16[..., None]).view(out_features, -1)
+    return q, scale, zero
+
+
+def int4_product(x, q, scale16, offset16, group):
+    """What C's int4 product computes (native_kernels.h, i4_tiles), its sums in float64: each group
+    of x quantized to int8 as quantize_x does (in fp32: step top / 127, x * (127 / top) rounded
+    half to even), the integer sums centred on q - 8, then y = sum over groups of
+    scale (d sum (q - 8) xq + 8 xs) + offset xs, xs the group's sum of x."""
+    xg = x.reshape(*x.shape[:-1], -1, group)
+    top = xg.abs().amax(-1, keepdim=True)
+    inverse = torch.where(top > 0, torch.tensor(127.0) / top, torch.zeros_like(top))
+    xq = torch.round(xg * inverse).double()
+    d, xs = (top / 127).double(), xg.double().sum(-1, keepdim=True)
+    qg = q.double().view(q.shape[0], -1, group) - 8  # (out, groups, group)
+    sums = torch.einsum("...gk,ogk->...og", xq, qg)  # (..., out, groups)
+    inner = sums * d.squeeze(-1)[..., None, :] + 8 * xs.squeeze(-1)[..., None, :]
+    return (scale16.double() * inner + offset16.double() * xs.squeeze(-1)[..., None, :]).sum(-1).float()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_native_int4_product_takes_x_quantized_per_group(group, rows, variant, use_kernels):
+    use_kernels(variant)
+    gen = torch.Generator().manual_seed(group + rows)
+    out_features, in_features = 24, 128  # a tile and a half: the last one's rows 24 .. 31 are padding
+    q, scale, zero = int4_weights(out_features, in_features, group, gen)
+    kernel, scale16, offset16, weight = int4_kernel(q, scale, zero, group)
     x = torch.randn(rows, 3, in_features, generator=gen)
-    torch.testing.assert_close(kernel(x), torch.nn.functional.linear(x, weight), atol=2e-5, rtol=2e-5)
-    # ... which moves a weight by at most fp16's rounding of q scale and of the offset (2^-11 of each)
+    y = kernel(x)
+    torch.testing.assert_close(y, int4_product(x, q, scale16, offset16, group), atol=2e-5, rtol=2e-5)
+    # Against x unquantized: each input moves by at most half its group's step d, and multiplies
+    # w - zero = (q - 8) scale (the zero multiplies the exact sum of x).
+    d = x.view(rows, 3, -1, group).abs().amax(-1) / 127  # (rows, 3, groups)
+    centred = ((q.float() - 8).view(out_features, -1, group) * scale16[..., None]).abs().sum(-1)  # (out, groups)
+    bound = (d[..., None, :] / 2 * centred).sum(-1)
+    assert ((y - torch.nn.functional.linear(x, weight)).abs() <= bound * 1.001 + 1e-5).all()
+    # ... where fp16 moved each weight by at most its rounding of q scale and of the offset (2^-11 of each)
     exact = ((q.float() - 8).view(out_features, -1, group) * scale[..., None] + zero[..., None]).view(out_features, -1)
-    bound = 2**-11 * (15 * scale + (zero - 8 * scale).abs()).repeat_interleave(group, dim=1)
-    assert ((weight - exact).abs() <= bound * 1.01).all()
+    fp16 = 2**-11 * (15 * scale + (zero - 8 * scale).abs()).repeat_interleave(group, dim=1)
+    assert ((weight - exact).abs() <= fp16 * 1.01).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_native_int4_sums_hold_the_largest_values_and_keep_nan(variant, use_kernels):
+    # q = 15 against xq = 127 all along a group: the largest sums the int16 partial sums of the
+    # vector kernels hold (8 pairs of 2 x 15 x 127 = 30480, below 32767) must come out exact.
+    use_kernels(variant)
+    group, in_features = 64, 128
+    q, scale, zero = int4_weights(16, in_features, group, torch.Generator().manual_seed(3))
+    q[:8] = 15
+    kernel, scale16, offset16, _ = int4_kernel(q, scale, zero, group)
+    x = torch.stack([torch.ones(in_features), -torch.ones(in_features), torch.randn(in_features)])
+    torch.testing.assert_close(kernel(x), int4_product(x, q, scale16, offset16, group), atol=1e-4, rtol=1e-5)
+    for bad in (float("nan"), float("inf")):
+        x[2, 70] = bad
+        y = kernel(x)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[:2]).all(), bad
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -443,10 +494,10 @@ def test_the_step_leaves_torchs_thread_count_as_it_was(monkeypatch):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, product, monkeypatch):
     """Where torch multiplies prompts (LLAMA_NATIVE_PROMPT=torch), from PROMPT_ROWS rows of x on the
-    product converts W's rows to fp32 once, a block at a time, for torch's matrix product: the same
-    product as the one-row path, to fp32 rounding, across blocks and a last, partial int4 tile.
-    Where C does, no block is made, and each row's sums are its one-row product's, bit for bit."""
-    from llama.kernels import NativeInt4Linear
+    product converts W's rows to fp32 once, a block at a time, for torch's matrix product: x times
+    those weights, to fp32 rounding, across blocks and a last, partial int4 tile (int4's one-row
+    path takes x quantized per group instead, int4_product). Where C does, no block is made, and
+    each row's sums are its one-row product's, bit for bit."""
 
     monkeypatch.setenv(native.PROMPT_VARIABLE, product)
 
@@ -458,25 +509,24 @@ def test_a_prompt_takes_the_weights_made_fp32_a_block_at_a_time(mode, product, m
         kernel = kernels.quantized_kernel("int8", q, scale, None, None, torch.float32)
         weight = q.float() * scale[:, None]
     else:
-        q = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
-        scale = torch.rand(out_features, in_features // group, generator=gen) * 0.1 + 0.01
-        zero = torch.randn(out_features, in_features // group, generator=gen) * 0.1
-        kernel = NativeInt4Linear(q[:, 0::2] | (q[:, 1::2] << 4), scale, zero, group)
-        scale16, offset16 = scale.half().float(), (zero - 8 * scale).half().float()
-        weight = (q.float().view(out_features, -1, group) * scale16[..., None] + offset16[..., None]).view(
-            out_features, -1)
+        q, scale, zero = int4_weights(out_features, in_features, group, gen)
+        kernel, scale16, offset16, weight = int4_kernel(q, scale, zero, group)
     x = torch.randn(2, native.PROMPT_ROWS, in_features, generator=gen)
+    # what C's product computes: int4 takes x quantized per group (int4_product)
+    c_product = (torch.nn.functional.linear(x, weight) if mode == "int8"
+                 else int4_product(x, q, scale16, offset16, group))
     monkeypatch.setattr(native, "_BLOCK_FLOATS", 32 * in_features)  # blocks of 32 rows: 32, 32, 8
     calls = []
     real = native._dequantized_product
     monkeypatch.setattr(native, "_dequantized_product", lambda *args: calls.append(1) or real(*args))
     blocked = kernel(x)
-    torch.testing.assert_close(blocked, torch.nn.functional.linear(x, weight), atol=2e-5, rtol=2e-5)
     rows = [kernel(x[:, i:i + 1]) for i in range(4)]  # one row at a time: the C product
+    torch.testing.assert_close(torch.cat(rows, dim=1), c_product[:, :4], atol=2e-5, rtol=2e-5)
     if product == "torch":
         assert len(calls) == 1, "a prompt of PROMPT_ROWS rows did not take the fp32 blocks once"
-        torch.testing.assert_close(blocked[:, :4], torch.cat(rows, dim=1), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(blocked, torch.nn.functional.linear(x, weight), atol=2e-5, rtol=2e-5)
     else:
+        torch.testing.assert_close(blocked, c_product, atol=2e-5, rtol=2e-5)
         assert not calls, "the C product made fp32 blocks"
         assert torch.equal(blocked[:, :4], torch.cat(rows, dim=1))
 
