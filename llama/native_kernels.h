@@ -53,10 +53,33 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_of)(
             yb[j * rows + n + i] = kind == LLAMA_INT8 ? vec_sum(acc[j][i]) * scale[n + i] : vec_sum(acc[j][i]);
 }
 
+/* y[0, n .. n + 3] for the one row of x at batch 1, a weight row at a time: each row's sum takes
+   the steps rows4_of gives it (the same bits), but the rows are read one after another, one stream
+   in memory instead of four. With `prefetch`, each line of the row after is asked for as the same
+   line of this one is read. */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows1_each)(int kind, const char *r0,
+                                                                                  int64_t row_bytes, const char *x,
+                                                                                  float *y, int64_t cols, int64_t n,
+                                                                                  int prefetch) {
+    const int64_t size = kind == LLAMA_FP32 ? 4 : 2;
+    const int64_t step = kind == LLAMA_BF16 ? 2 * LLAMA_LANES : LLAMA_LANES;
+    for (int i = 0; i < 4; i++) {
+        const char *row = r0 + i * row_bytes;
+        vec acc = vec_zero();
+        for (int64_t k = 0; k < cols; k += step) {
+            if (prefetch && k % (64 / size) == 0) LLAMA_PREFETCH(row + row_bytes + k * size);
+            acc = KERNEL(step)(kind, acc, row, x, k);
+        }
+        y[n + i] = vec_sum(acc);
+    }
+}
+
 /* rows4_of for the nb rows of x from row b on; the first pass over the block (b = 0) prefetches the
-   next one (a constant in each loop: no test of b in it), except for fp32 at batch 1: there the
-   hardware's prefetcher alone was 3-7% faster on a Zen 5 (and the same on a Zen 3, AVX2), while
-   batches gained from it (benchmarks/NOTES.md). */
+   next one (a constant in each loop: no test of b in it). At batch 1, fp32 and bf16 read a row at a
+   time (rows1_each; fp32 prefetching the next row, bf16 not), 1.09-1.26x the step of four rows at
+   once on a Zen 5 with its AVX-512 and its AVX2 kernels; int8 keeps four rows, whose four
+   accumulators hide the latency of its conversions and FMAs (a row at a time was 0.59x on AVX2).
+   Figures in benchmarks/NOTES.md. */
 static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_pass)(int kind, const char *r0,
                                                                                   int64_t row_bytes,
                                                                                   const float *scale, const void *x,
@@ -65,7 +88,11 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_pass
                                                                                   const int nb, int64_t batch) {
     const int64_t x_bytes = cols * (kind == LLAMA_BF16 ? 2 : 4);
     const char *xb = (const char *)x + b * x_bytes;
-    if (b == 0 && (kind != LLAMA_FP32 || batch > 1))
+    if (batch == 1 && kind == LLAMA_FP32)
+        KERNEL(rows1_each)(kind, r0, row_bytes, xb, y, cols, n, 1);
+    else if (batch == 1 && kind == LLAMA_BF16)
+        KERNEL(rows1_each)(kind, r0, row_bytes, xb, y, cols, n, 0);
+    else if (b == 0)
         KERNEL(rows4_of)(kind, r0, row_bytes, scale, xb, x_bytes, y + b * rows, rows, cols, n, nb, 1);
     else
         KERNEL(rows4_of)(kind, r0, row_bytes, scale, xb, x_bytes, y + b * rows, rows, cols, n, nb, 0);
