@@ -206,3 +206,38 @@ def test_a_request_that_arrives_during_a_prompt_runs_its_prompt_before_the_next_
     assert len(prompts) == 3
     # The third prompt came right after the second, with no step between them.
     assert prompts[2] == prompts[1] + 1, order[prompts[1]:prompts[2] + 1]
+
+
+def test_a_request_that_arrives_during_a_step_gets_its_first_token_before_the_steps_draws(llama, generator,
+                                                                                         monkeypatch):
+    """Prompts before draws: a request submitted while a step runs has its prompt run and its
+    first token drawn before that step's rows draw theirs, and every request's tokens are still
+    its tokens alone."""
+    from llama import batching
+
+    engine = Engine(llama)
+    draws, late, steps = [], [], []
+    real_run, real_draw = engine._run, batching._draw
+
+    def run(command):
+        if command[0] == "rows":
+            steps.append(len(draws))
+            if len(steps) == 2:
+                late.append(submit(engine, llama, "Hello", max_tokens=3, seed=2))  # during the 2nd step
+        return real_run(command)
+
+    def draw(row, logits):
+        draws.append(row.request.seed)
+        return real_draw(row, logits)
+
+    engine._run = run
+    monkeypatch.setattr(batching, "_draw", draw)
+    with running(engine):
+        first = submit(engine, llama, "Once upon a time there was", max_tokens=10, seed=1)
+        for _, sink in [first] + late:
+            assert sink.ended.wait(30)
+    # The 2nd step began after two draws of the first request (its prompt's and the 1st step's);
+    # the next draw is the late request's, then the first request's token of the 2nd step.
+    assert steps[1] == 2 and draws[2:4] == [2, 1], draws
+    assert first[1].text == reference(generator, "Once upon a time there was", 1, max_tokens=10)
+    assert late[0][1].text == reference(generator, "Hello", 2, max_tokens=3)
