@@ -9,11 +9,14 @@ and whether every token matched.
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from llama.generation import sample_top_p
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llama, not the installed one
+from llama.generation import sample_top_p  # noqa: E402
 
 
 def meta_sample_top_p(probs, p, generator):

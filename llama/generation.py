@@ -89,7 +89,7 @@ def _sample_top_p_cpu(probs: torch.Tensor, p: float, generator: Optional[torch.G
     kept[probs_sum - values > p] = 0.0
     kept.div_(kept.sum(dim=-1, keepdim=True))
     # torch.multinomial(kept, 1) for one draw a row: argmax(kept / q), q ~ Exp(1) over every position.
-    q = torch.empty_like(kept).exponential_(1, generator=generator)
+    q = _exponential_draws(kept, generator)
     position = torch.argmax(kept / q, dim=-1, keepdim=True)
     drawn = values.gather(-1, position)
     next_token = torch.empty_like(position)
@@ -100,6 +100,48 @@ def _sample_top_p_cpu(probs: torch.Tensor, p: float, generator: Optional[torch.G
         else:
             next_token[row] = torch.sort(probs[row], descending=True).indices[position[row]]
     return next_token
+
+
+def _exponential_draws(kept: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """`torch.empty_like(kept).exponential_(1, generator=generator)` where `argmax(kept / q)` reads it,
+    and the generator left in the same state.
+
+    Each row's draws past its last kept token only meet zeros (0 / q is 0, and a kept token's
+    share is above 0), so there they are skipped with the generator advanced by `random_` over
+    int64, which costs a fifth as much (benchmarks/NOTES.md) and, where
+    `_skipping_is_exact` finds it so for this length, takes the same numbers from the generator.
+    Elsewhere every position is drawn.
+    """
+    rows, vocab = kept.shape
+    if not _skipping_is_exact(vocab):
+        return torch.empty_like(kept).exponential_(1, generator=generator)
+    q = torch.ones_like(kept)  # not read: kept is 0 there
+    for row in range(rows):
+        held = kept[row].nonzero()
+        length = int(held[-1]) + 1 if len(held) else vocab
+        q[row, :length].exponential_(1, generator=generator)
+        if length < vocab:
+            torch.empty(vocab - length, dtype=torch.int64).random_(generator=generator)
+    return q
+
+
+_SKIPPING_EXACT: dict = {}
+
+
+def _skipping_is_exact(vocab: int) -> bool:
+    """Whether `_exponential_draws`'s skip gives this torch's draws and generator state at `vocab`
+    (tried once per length, on generators of their own)."""
+    if vocab not in _SKIPPING_EXACT:
+        whole, skipped = torch.Generator().manual_seed(vocab), torch.Generator().manual_seed(vocab)
+        exact = True
+        for length in (1, vocab // 3, vocab):
+            drawn = torch.empty(vocab).exponential_(1, generator=whole)
+            prefix = torch.empty(length).exponential_(1, generator=skipped)
+            if length < vocab:
+                torch.empty(vocab - length, dtype=torch.int64).random_(generator=skipped)
+            exact = exact and torch.equal(drawn[:length], prefix)
+        _SKIPPING_EXACT[vocab] = exact and torch.equal(whole.get_state(), skipped.get_state())
+    return _SKIPPING_EXACT[vocab]
 
 
 # A temperature above 0 but below this decodes greedily, as 0 does. Sampling

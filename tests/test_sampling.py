@@ -78,3 +78,34 @@ def test_sample_next_token_takes_a_generator():
     b, _ = sample_next_token(logits, 0.8, 0.9, torch.Generator().manual_seed(5))
     theirs = meta_sample_top_p(torch.softmax(logits / 0.8, dim=-1), 0.9, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and torch.equal(a, theirs.reshape(-1))
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256])
+def test_exponential_draws_are_torchs_where_read_and_leave_the_same_generator_state(vocab):
+    # _exponential_draws skips the draws that only meet zeros (past each row's last kept token)
+    # and advances the generator over them: what it returns must be exponential_'s numbers at
+    # every position up to that token, and the generator must end where exponential_ leaves it,
+    # at Llama 2's and Llama 3's vocabulary sizes and for rows of several lengths.
+    from llama.generation import _exponential_draws
+
+    kept = torch.zeros(3, vocab)
+    kept[0, :5] = 0.2
+    kept[1, : vocab // 2 : 7] = 1.0  # zeros inside the kept prefix too
+    kept[2, :] = 1.0 / vocab
+    for seed in range(3):
+        ours_gen, torch_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        ours = _exponential_draws(kept, ours_gen)
+        theirs = torch.empty_like(kept).exponential_(1, generator=torch_gen)
+        for row in range(3):
+            read = int(kept[row].nonzero()[-1]) + 1  # up to the row's last kept token
+            assert torch.equal(ours[row, :read], theirs[row, :read]), row
+        assert torch.equal(torch.argmax(kept / ours, dim=-1), torch.argmax(kept / theirs, dim=-1))
+        assert torch.equal(ours_gen.get_state(), torch_gen.get_state())
+
+
+def test_same_tokens_as_the_reference_at_llama3s_vocabulary():
+    for seed in range(6):
+        probs = probabilities(seed, 2, 128256, 3.0, False)
+        ours = sample_top_p(probs.clone(), 0.9, torch.Generator().manual_seed(seed))
+        theirs = meta_sample_top_p(probs.clone(), 0.9, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, theirs)
