@@ -72,10 +72,11 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
 
 
 def _sample_top_p_cpu(probs: torch.Tensor, p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """`sample_top_p` on the CPU: the same draws, about 3x sooner at a 32000-token vocabulary.
+    """`sample_top_p` on the CPU: the same draws, about 3x-7x sooner at a 32000-token vocabulary.
 
-    torch.sort takes ~2.7 ms there for 32000 values and numpy's ~0.2 ms
-    (benchmarks/NOTES.md). Every number the reference computes from the sorted
+    torch.sort takes ~2.7 ms there for 32000 values and numpy's ~0.2 ms, and
+    the exponential draws past a row's last kept token are skipped
+    (`_exponential_draws`; benchmarks/NOTES.md). Every number the reference computes from the sorted
     probabilities (their running sums, the cut at p, the renormalised values,
     multinomial's exponential draws over all `vocab` of them and the position
     of the largest p / q) depends on the sorted *values* alone, and two sorts
