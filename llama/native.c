@@ -658,10 +658,12 @@ static int64_t decode_rows(const llama_model *m, const int64_t *tokens, int64_t 
         rmsnorm(x, m->ffn_norm[l], xn, batch, dim, m->eps, bf16);
         matvec(&m->w13[l], xn, h13, batch, work);
         round_all(bf16, h13, batch * 2 * hidden);
+        /* Split by element, not by row of x: at batch 1 both threads take half of the row. */
 #pragma omp parallel for schedule(static)
-        for (int64_t b = 0; b < batch; b++) {
-            float *gate = h13 + b * 2 * hidden, *up = gate + hidden, *out = g + b * hidden;
-            for (int64_t i = 0; i < hidden; i++) out[i] = keep(bf16, keep(bf16, gate[i] / (1.0f + expf(-gate[i]))) * up[i]);
+        for (int64_t bi = 0; bi < batch * hidden; bi++) {
+            const int64_t b = bi / hidden, i = bi % hidden;
+            const float gate = h13[b * 2 * hidden + i], up = h13[b * 2 * hidden + hidden + i];
+            g[bi] = keep(bf16, keep(bf16, gate / (1.0f + expf(-gate))) * up);
         }
         matvec(&m->w2[l], g, tmp, batch, work);
         for (int64_t i = 0; i < batch * dim; i++) x[i] = keep(bf16, x[i] + keep(bf16, tmp[i]));
