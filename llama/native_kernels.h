@@ -88,10 +88,8 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_pass
                                                                                   const int nb, int64_t batch) {
     const int64_t x_bytes = cols * (kind == LLAMA_BF16 ? 2 : 4);
     const char *xb = (const char *)x + b * x_bytes;
-    if (batch == 1 && kind == LLAMA_FP32)
-        KERNEL(rows1_each)(kind, r0, row_bytes, xb, y, cols, n, 1);
-    else if (batch == 1 && kind == LLAMA_BF16)
-        KERNEL(rows1_each)(kind, r0, row_bytes, xb, y, cols, n, 0);
+    if (batch == 1 && kind != LLAMA_INT8)
+        KERNEL(rows1_each)(kind, r0, row_bytes, xb, y, cols, n, kind == LLAMA_FP32);
     else if (b == 0)
         KERNEL(rows4_of)(kind, r0, row_bytes, scale, xb, x_bytes, y + b * rows, rows, cols, n, nb, 1);
     else

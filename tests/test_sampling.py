@@ -109,3 +109,18 @@ def test_same_tokens_as_the_reference_at_llama3s_vocabulary():
         ours = sample_top_p(probs.clone(), 0.9, torch.Generator().manual_seed(seed))
         theirs = meta_sample_top_p(probs.clone(), 0.9, torch.Generator().manual_seed(seed))
         assert torch.equal(ours, theirs)
+
+
+def test_where_skipping_is_not_exact_every_position_is_drawn(monkeypatch):
+    # The fallback for a torch whose generator would not give the skipped draws back: the same
+    # tokens and the same generator state as Meta's steps, from drawing every position.
+    from llama import generation
+
+    monkeypatch.setitem(generation._SKIPPING_EXACT, 3000, False)
+    probs = probabilities(4, 2, 3000, 3.0, False)
+    ours_gen, their_gen = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for _ in range(5):
+        ours = sample_top_p(probs.clone(), 0.9, ours_gen)
+        theirs = meta_sample_top_p(probs.clone(), 0.9, their_gen)
+        assert torch.equal(ours, theirs)
+    assert torch.equal(ours_gen.get_state(), their_gen.get_state())
