@@ -340,6 +340,40 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
                            _mm512_castsi512_ps(_mm512_and_si512(x, high)), acc);
 }
 
+/* The sum of v's 16 lanes: lane i + lane i + 8, then i + 4, i + 2 and i + 1 (the tree gcc's
+   _mm512_reduce_add_ps takes, written out so that sums_4x4_avx512 is held to it whatever the
+   compiler). */
+static inline LLAMA_AVX512 float sum_avx512(__m512 v) {
+    __m256 t = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* y[j rows + i] = sum_avx512(acc[j][i]) times scale[i] (where scale is not NULL) for j, i < 4: the
+   same additions, in the same tree, but 16 sums at once: each level adds the halves of two
+   vectors of partial sums into one (15 additions and 30 shuffles for the 16 sums, where one at a
+   time takes 4 additions and 4 shuffles each). Lane 4 j + i of the last vector is acc[j][i]'s sum. */
+static inline LLAMA_AVX512 void sums_4x4_avx512(const __m512 acc[4][4], float *y, int64_t rows, const float *scale) {
+    __m512 two[8], four[4], eight[2], s;
+    for (int m = 0; m < 8; m++) {  /* lanes i + 8: the first 8 lanes acc[..][..] number 2 m, the last 2 m + 1 */
+        const __m512 a = acc[(2 * m) % 4][(2 * m) / 4], b = acc[(2 * m + 1) % 4][(2 * m + 1) / 4];
+        two[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+    }
+    for (int m = 0; m < 4; m++)  /* lanes i + 4: quarter q holds number 4 m + q */
+        four[m] = _mm512_add_ps(_mm512_shuffle_f32x4(two[2 * m], two[2 * m + 1], 0x88),
+                                _mm512_shuffle_f32x4(two[2 * m], two[2 * m + 1], 0xdd));
+    for (int m = 0; m < 2; m++)  /* lanes i + 2, within each quarter */
+        eight[m] = _mm512_add_ps(_mm512_shuffle_ps(four[2 * m], four[2 * m + 1], 0x44),
+                                 _mm512_shuffle_ps(four[2 * m], four[2 * m + 1], 0xee));
+    s = _mm512_add_ps(_mm512_shuffle_ps(eight[0], eight[1], 0x88), _mm512_shuffle_ps(eight[0], eight[1], 0xdd));
+    if (scale) s = _mm512_mul_ps(s, _mm512_broadcast_f32x4(_mm_loadu_ps(scale)));
+    _mm_storeu_ps(y, _mm512_extractf32x4_ps(s, 0));
+    _mm_storeu_ps(y + rows, _mm512_extractf32x4_ps(s, 1));
+    _mm_storeu_ps(y + 2 * rows, _mm512_extractf32x4_ps(s, 2));
+    _mm_storeu_ps(y + 3 * rows, _mm512_extractf32x4_ps(s, 3));
+}
+
 #define LLAMA_LANES 16
 #define LLAMA_I4_TILES 4
 /* Four rows of x a pass, every kind: 16 accumulators of the 32 registers, and gcc's loops keep them
@@ -360,7 +394,8 @@ static inline LLAMA_AVX512 __m512 dot_pairs_avx512(__m512 acc, __m512i w, __m512
 #define vec_store_first(p, v, n) _mm512_mask_storeu_ps(p, (__mmask16)((1u << (n)) - 1u), v)
 #define vec_fmadd(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vec_add(a, b) _mm512_add_ps(a, b)
-#define vec_sum(v) _mm512_reduce_add_ps(v)
+#define vec_sum(v) sum_avx512(v)
+#define vec_sums_4x4(acc, y, rows, scale) sums_4x4_avx512(acc, y, rows, scale)
 #define vec_load_i8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define vec_load_bf16(p)                                                                                \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))

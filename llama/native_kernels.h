@@ -48,6 +48,12 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_of)(
             for (int j = 0; j < nb; j++)
                 acc[j][i] = KERNEL(step)(kind, acc[j][i], r0 + i * row_bytes, xb + j * x_bytes, k);
     }
+#ifdef vec_sums_4x4
+    if (nb == 4) {  /* the same sums, 16 at once */
+        vec_sums_4x4(acc, yb + n, rows, kind == LLAMA_INT8 ? scale + n : NULL);
+        return;
+    }
+#endif
     for (int j = 0; j < nb; j++)
         for (int i = 0; i < 4; i++)
             yb[j * rows + n + i] = kind == LLAMA_INT8 ? vec_sum(acc[j][i]) * scale[n + i] : vec_sum(acc[j][i]);
