@@ -31,22 +31,33 @@ static inline __attribute__((always_inline)) LLAMA_TARGET vec KERNEL(step)(int k
    weight row serves nb rows of x. Each (b, r) sum has an accumulator of its own that takes the
    same steps, in the same order, then the same horizontal sum, whatever nb is: a row's result is
    the same bits at every batch size. With `prefetch`, the next four rows are asked for (a cache
-   line of each, every line of the block). */
-static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_of)(int kind, const char *r0,
-                                                                                int64_t row_bytes, const float *scale,
-                                                                                const char *xb, int64_t x_bytes,
-                                                                                float *yb, int64_t rows, int64_t cols,
-                                                                                int64_t n, const int nb, int prefetch) {
+   line of each, every line of the block).
+   Over columns k0 .. k1 - 1 only (multiples of the step): the accumulators start from `saved` (16
+   vectors, j 4 + i) where k0 is not 0 and go back there where k1 is not cols; the sums are taken
+   once k1 is cols. Storing an accumulator and loading it back changes no bit, so a row's sums are
+   the same whether its columns go in one piece or in several. rows4_of passes no `saved`: its
+   columns go in one piece, and no saving is compiled in. */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_cols)(int kind, const char *r0,
+                                                                                  int64_t row_bytes, const float *scale,
+                                                                                  const char *xb, int64_t x_bytes,
+                                                                                  float *yb, int64_t rows, int64_t k0,
+                                                                                  int64_t k1, vec *saved, int64_t n,
+                                                                                  const int nb, int prefetch) {
     const int64_t size = kind == LLAMA_FP32 ? 4 : kind == LLAMA_BF16 ? 2 : 1;
-    const int64_t step = kind == LLAMA_BF16 ? 2 * LLAMA_LANES : LLAMA_LANES;
+    const int64_t step = kind == LLAMA_BF16 ? 2 * LLAMA_LANES : LLAMA_LANES, cols = row_bytes / size;
     vec acc[4][4];  /* nb is at most 4 */
     for (int j = 0; j < nb; j++)
-        for (int i = 0; i < 4; i++) acc[j][i] = vec_zero();
-    for (int64_t k = 0; k < cols; k += step) {
+        for (int i = 0; i < 4; i++) acc[j][i] = k0 == 0 || !saved ? vec_zero() : saved[4 * j + i];
+    for (int64_t k = k0; k < k1; k += step) {
         if (prefetch && k % (64 / size) == 0) LLAMA_PREFETCH_ROWS(r0 + 4 * row_bytes + k * size, row_bytes, 4);
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < nb; j++)
                 acc[j][i] = KERNEL(step)(kind, acc[j][i], r0 + i * row_bytes, xb + j * x_bytes, k);
+    }
+    if (saved && k1 < cols) {
+        for (int j = 0; j < nb; j++)
+            for (int i = 0; i < 4; i++) saved[4 * j + i] = acc[j][i];
+        return;
     }
 #ifdef vec_sums_4x4
     if (nb == 4) {  /* the same sums, 16 at once */
@@ -57,6 +68,15 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_of)(
     for (int j = 0; j < nb; j++)
         for (int i = 0; i < 4; i++)
             yb[j * rows + n + i] = kind == LLAMA_INT8 ? vec_sum(acc[j][i]) * scale[n + i] : vec_sum(acc[j][i]);
+}
+
+/* A pass of nb rows of x over the four weight rows, the columns in one piece. */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_of)(int kind, const char *r0,
+                                                                                int64_t row_bytes, const float *scale,
+                                                                                const char *xb, int64_t x_bytes,
+                                                                                float *yb, int64_t rows, int64_t cols,
+                                                                                int64_t n, const int nb, int prefetch) {
+    KERNEL(rows4_cols)(kind, r0, row_bytes, scale, xb, x_bytes, yb, rows, 0, cols, NULL, n, nb, prefetch);
 }
 
 /* y[0, n .. n + 3] for the one row of x at batch 1, a weight row at a time: each row's sum takes
@@ -103,6 +123,50 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_pass
 }
 #endif
 
+#if LLAMA_LANES
+/* fp32 columns a piece in rows4_pieces: four weight rows and four rows of x of 4 KiB each take
+   32 KiB, within a core's first-level cache. */
+#define LLAMA_PIECE_COLS 1024
+
+/* rows4's passes for fp32 rows longer than LLAMA_PIECE_COLS. Four weight rows and four rows of x
+   of the 100M shape's w2 (2048 columns, 64 KiB) outgrow a 48 KiB first-level cache, so each pass
+   read the weight rows again from the second level. Here the rows of x go in groups of eight
+   passes, and a group's passes run over the columns a piece at a time, each pass's accumulators
+   kept between pieces (rows4_cols): the same sums, the same bits, and every pass after the
+   first reads the piece of the weight rows from the first level. Figures in benchmarks/NOTES.md. */
+static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_pieces)(const char *r0, int64_t row_bytes,
+                                                                                    const float *x, float *y,
+                                                                                    int64_t batch, int64_t rows,
+                                                                                    int64_t cols, int64_t n) {
+    const int per_pass = LLAMA_BATCH_ROWS(LLAMA_FP32);
+    const int64_t x_bytes = cols * 4, group = 8 * per_pass;
+    vec saved[10][16]; /* a group's passes: at most 7 of per_pass rows, then one of 2 and one of 1 */
+    for (int64_t b0 = 0; b0 < batch; b0 += group) {
+        const int64_t end = b0 + group < batch ? b0 + group : batch;
+        for (int64_t k0 = 0; k0 < cols; k0 += LLAMA_PIECE_COLS) {
+            const int64_t k1 = k0 + LLAMA_PIECE_COLS < cols ? k0 + LLAMA_PIECE_COLS : cols;
+            int64_t b = b0;
+            int p = 0;
+            for (; end - b >= per_pass; b += per_pass, p++) {
+                const char *xb = (const char *)(x + b * cols);
+                if (b == 0) /* the next block's piece asked for, as in rows4_pass */
+                    KERNEL(rows4_cols)(LLAMA_FP32, r0, row_bytes, NULL, xb, x_bytes, y + b * rows, rows, k0, k1,
+                                       saved[p], n, per_pass, 1);
+                else
+                    KERNEL(rows4_cols)(LLAMA_FP32, r0, row_bytes, NULL, xb, x_bytes, y + b * rows, rows, k0, k1,
+                                       saved[p], n, per_pass, 0);
+            }
+            for (; per_pass > 2 && end - b >= 2; b += 2, p++)
+                KERNEL(rows4_cols)(LLAMA_FP32, r0, row_bytes, NULL, (const char *)(x + b * cols), x_bytes,
+                                   y + b * rows, rows, k0, k1, saved[p], n, 2, 0);
+            for (; b < end; b++, p++)
+                KERNEL(rows4_cols)(LLAMA_FP32, r0, row_bytes, NULL, (const char *)(x + b * cols), x_bytes,
+                                   y + b * rows, rows, k0, k1, saved[p], n, 1, 0);
+        }
+    }
+}
+#endif
+
 /* y[b, r] = sum_k x[b, k] w[r, k] (times scale[r] for int8) for the four rows r = n .. n + 3
    below `rows` and every b < batch; w [rows, cols] of `kind` (a constant once inlined), x fp32
    or, for bf16, bf16. The rows of x go LLAMA_BATCH_ROWS at a time through one pass over the
@@ -118,6 +182,10 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4)(int
 #if LLAMA_LANES
     if (n + 4 <= rows && cols % (bf16 ? 2 * LLAMA_LANES : LLAMA_LANES) == 0) {
         const int per_pass = LLAMA_BATCH_ROWS(kind);
+        if (kind == LLAMA_FP32 && cols > LLAMA_PIECE_COLS && batch >= 2 * per_pass) {
+            KERNEL(rows4_pieces)(r0, row_bytes, (const float *)x, y, batch, rows, cols, n);
+            return;
+        }
         int64_t b = 0;
         for (; batch - b >= per_pass; b += per_pass)
             KERNEL(rows4_pass)(kind, r0, row_bytes, scale, x, y, b, rows, cols, n, per_pass, batch);

@@ -210,6 +210,34 @@ def test_each_products_rows_are_the_same_bits_in_a_batch_of_any_size(kind, varia
             assert torch.equal(got, alone[first : first + bsz]), f"batch {bsz} from row {first}"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cols", [1088, 2048])
+def test_long_fp32_rows_taken_in_pieces_are_the_same_bits_as_a_row_alone(cols, variant, use_kernels):  # noqa: F811
+    # fp32 rows longer than a piece (1024 columns) go through a batch's passes a piece at a time,
+    # each pass's accumulators kept between pieces: 1088 columns make a second, shorter piece.
+    # Batches of 8 and more take that path, in groups of eight passes (32 rows of x with AVX-512's
+    # four a pass, 24 with AVX2's three) and the passes of two and one left over; 10 weight rows
+    # make two blocks of four and two rows left over. Every row must be the bits of its row alone.
+    use_kernels(variant)
+    keep: list = []
+    rows = 10
+    matrix = c_matrix("fp32", rows, cols, keep)
+    lib = native._load()
+    x = torch.randn(47, cols, generator=torch.Generator().manual_seed(cols))
+
+    def product(x):
+        y = torch.empty(x.shape[0], rows)
+        work = torch.empty(lib.llama_matmul_scratch_floats(x.shape[0], cols))
+        lib.llama_matmul(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), x.shape[0], work.data_ptr())
+        return y
+
+    alone = torch.cat([product(x[b : b + 1]) for b in range(47)])
+    torch.testing.assert_close(alone, x @ keep[0].T, rtol=1e-4, atol=1e-3)
+    for bsz in (8, 13, 38, 47):
+        got = product(x[47 - bsz :].contiguous())
+        assert torch.equal(got, alone[47 - bsz :]), f"batch {bsz}: {(got - alone[47 - bsz:]).abs().max()}"
+
+
 def test_the_one_position_step_is_the_rows_step():
     # llama_decode_step is llama_decode_rows with every row at one position, row b in cache row b.
     model = rows_model("fp32")
