@@ -4,6 +4,7 @@
     python benchmarks/ablate.py main HEAD --shape 15M --batch 8 --rounds 7
     python benchmarks/ablate.py 5b078ad HEAD --quantize int4     # quantized while loading, each revision's way
     python benchmarks/ablate.py HEAD~1 HEAD --dtype bf16         # a bf16 model
+    python benchmarks/ablate.py HEAD~1 HEAD --prefill --prompt-len 47  # the prompt instead of the steps
     LLAMA_NATIVE_ISA=portable python benchmarks/ablate.py HEAD  # the revisions' C step on other kernels
 
 Each revision's `llama/` package is exported (`git archive`) to a temporary
@@ -11,8 +12,10 @@ folder, with its `llama/native.c` (where it has one) compiled there with the
 flags of the revision's own setup.py; every round runs each revision once, in its own process and in turn,
 so that the load of a busy machine falls on all of them alike. A run builds
 the shape from the same seeded random weights, warms up, then times greedy
-decoding through the revision's own `generate` loop. Prints the median
-milliseconds per decode step and each revision's speed relative to the first,
+decoding through the revision's own `generate` loop (with --prefill, the
+time from the start to the first token instead: the prompt's forward and
+one draw). Prints the median milliseconds per decode step (or per prompt)
+and each revision's speed relative to the first,
 and each one's fastest round (on a busy machine a round can be many times
 slower than the others: two OpenMP threads on two shared cores wait for each
 other at every product).
@@ -39,7 +42,7 @@ from llama.model import ModelArgs, Transformer
 from llama.tiny import random_weights
 from llama.tokenizer import Tokenizer
 
-shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize, group_size, dtype = json.loads(sys.argv[1])
+shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize, group_size, dtype, prefill = json.loads(sys.argv[1])
 dtype = getattr(torch, dtype)
 torch.set_num_threads(threads)
 args = ModelArgs(**shape, max_seq_len=prompt_len + gen_len, max_batch_size=batch)
@@ -69,9 +72,12 @@ prompts = torch.randint(3, args.vocab_size, (batch, prompt_len), generator=torch
 def run():
     stamps = []
     with torch.inference_mode():
+        start = time.perf_counter()
         state = generator._start_decoding(prompts, gen_len, 0.0, 1.0, False)
         for _ in generator._decode_steps(state):
             stamps.append(time.perf_counter())
+            if prefill:  # the prompt's forward and its draw
+                return stamps[0] - start
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 run()
@@ -127,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--group-size", type=int, default=None, help="with --quantize int4")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the model's dtype (without --quantize)")
+    parser.add_argument("--prefill", action="store_true",
+                        help="time the prompt (start to first token) instead of the decode steps")
     opts = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +147,7 @@ def main(argv=None) -> int:
         folders = {rev: export(rev, Path(tmp)) for rev in opts.revs}
         options = {"compile": True} if opts.compile else {}
         job = [SHAPES[opts.shape], opts.batch, opts.prompt_len, opts.gen_len, opts.threads, str(tokenizer), options,
-               opts.quantize, opts.group_size, opts.dtype]
+               opts.quantize, opts.group_size, opts.dtype, opts.prefill]
         steps = {rev: [] for rev in opts.revs}
         kernels = {}
         for round_ in range(opts.rounds):
@@ -156,12 +164,14 @@ def main(argv=None) -> int:
 
     base = statistics.median(steps[opts.revs[0]])
     mode = opts.quantize or opts.dtype
-    print(f"\n{opts.shape} {mode}, batch {opts.batch}, {opts.threads} threads, "
-          f"median of {opts.rounds} rounds")
+    what, unit, tokens = ("prompt", "ms/prompt", opts.batch * opts.prompt_len) if opts.prefill else ("decode", "ms/step",
+                                                                                                      opts.batch)
+    print(f"\n{opts.shape} {mode}, batch {opts.batch}, {what}"
+          f"{f' of {opts.prompt_len} tokens' if opts.prefill else ''}, {opts.threads} threads, median of {opts.rounds} rounds")
     for rev in opts.revs:
         median = statistics.median(steps[rev])
         named = f"  (C kernels: {kernels[rev]})" if kernels.get(rev) else ""
-        print(f"{rev:>12}: {1e3 * median:7.2f} ms/step  {opts.batch / median:7.1f} tok/s  {base / median:5.2f}x"
+        print(f"{rev:>12}: {1e3 * median:7.2f} {unit}  {tokens / median:7.1f} tok/s  {base / median:5.2f}x"
               f"  (fastest round {1e3 * min(steps[rev]):.2f} ms){named}")
     return 0
 
