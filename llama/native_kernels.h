@@ -140,7 +140,7 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_piec
                                                                                     int64_t cols, int64_t n) {
     const int per_pass = LLAMA_BATCH_ROWS(LLAMA_FP32);
     const int64_t x_bytes = cols * 4, group = 8 * per_pass;
-    vec saved[10][16]; /* a group's passes: at most 7 of per_pass rows, then one of 2 and one of 1 */
+    vec saved[10][16]; /* a group's passes: 8 of per_pass rows, or in the last one up to 7, one of 2 and one of 1 */
     for (int64_t b0 = 0; b0 < batch; b0 += group) {
         const int64_t end = b0 + group < batch ? b0 + group : batch;
         for (int64_t k0 = 0; k0 < cols; k0 += LLAMA_PIECE_COLS) {
