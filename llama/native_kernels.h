@@ -170,7 +170,8 @@ static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4_piec
 /* y[b, r] = sum_k x[b, k] w[r, k] (times scale[r] for int8) for the four rows r = n .. n + 3
    below `rows` and every b < batch; w [rows, cols] of `kind` (a constant once inlined), x fp32
    or, for bf16, bf16. The rows of x go LLAMA_BATCH_ROWS at a time through one pass over the
-   weights, those left over 2 and then 1 at a time. */
+   weights, those left over 2 and then 1 at a time (fp32 rows longer than LLAMA_PIECE_COLS, from
+   two passes on: a piece of the columns at a time, rows4_pieces). */
 static inline __attribute__((always_inline)) LLAMA_TARGET void KERNEL(rows4)(int kind, const void *w,
                                                                              const float *scale, const void *x,
                                                                              float *y, int64_t batch, int64_t rows,
