@@ -29,7 +29,7 @@ static double clock_ghz(void) {
 }
 
 #define CHAINS 12
-#define FMA_RATE(name, isa, type, set1, fmadd, lanes)                                               \
+#define FMA_RATE(name, isa, type, set1, fmadd, lanes)                                                 \
     __attribute__((target(isa))) static double name(void) {                                           \
         const long n = 50000000;                                                                      \
         type acc[CHAINS], m = set1(1.0000001f), c = set1(1e-7f);                                      \
@@ -40,13 +40,12 @@ static double clock_ghz(void) {
             for (int j = 0; j < CHAINS; j++) acc[j] = fmadd(acc[j], m, c);                            \
         }                                                                                             \
         const double seconds = now() - start;                                                         \
-        float keep[lanes] = {0};                                                                      \
+        float kept = 0, part[lanes]; /* the sums used, so that the loop is not dropped */             \
         for (int j = 0; j < CHAINS; j++) {                                                            \
-            float part[lanes];                                                                        \
             __builtin_memcpy(part, &acc[j], sizeof(part));                                            \
-            keep[0] += part[0];                                                                       \
+            kept += part[0];                                                                          \
         }                                                                                             \
-        __asm__ volatile("" : : "r"(keep[0]));                                                        \
+        __asm__ volatile("" : : "x"(kept));                                                           \
         return 2.0 * lanes * CHAINS * n / seconds / 1e9;                                              \
     }
 

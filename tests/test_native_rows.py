@@ -5,6 +5,7 @@ alone, at any batch size, for each kernel variant this CPU can run and each
 kind of weights (fp32, bf16, int8, int4)."""
 
 import ctypes
+import functools
 
 import pytest
 import torch
@@ -183,6 +184,15 @@ def c_matrix(kind: str, rows: int, cols: int, keep: list):
     return native._Matrix(native.BF16 if kind == "bf16" else native.FP32, rows, cols, 0, w.data_ptr(), None)
 
 
+def c_product(matrix, x: torch.Tensor) -> torch.Tensor:
+    """x [batch, cols] times the C matrix's rows, by llama_matmul: [batch, rows]."""
+    lib = native._load()
+    y = torch.empty(x.shape[0], matrix.rows)
+    work = torch.empty(lib.llama_matmul_scratch_floats(x.shape[0], matrix.cols))
+    lib.llama_matmul(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), x.shape[0], work.data_ptr())
+    return y
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", MODES)
 def test_each_products_rows_are_the_same_bits_in_a_batch_of_any_size(kind, variant, use_kernels):  # noqa: F811
@@ -194,14 +204,8 @@ def test_each_products_rows_are_the_same_bits_in_a_batch_of_any_size(kind, varia
     keep: list = []
     rows, cols = 70, 128
     matrix = c_matrix(kind, rows, cols, keep)
-    lib = native._load()
     x = torch.randn(16, cols, generator=torch.Generator().manual_seed(13))
-
-    def product(x):
-        y = torch.empty(x.shape[0], rows)
-        work = torch.empty(lib.llama_matmul_scratch_floats(x.shape[0], cols))
-        lib.llama_matmul(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), x.shape[0], work.data_ptr())
-        return y
+    product = functools.partial(c_product, matrix)
 
     alone = torch.cat([product(x[b : b + 1]) for b in range(16)])
     for bsz in (2, 3, 7, 8, 16):
@@ -222,14 +226,8 @@ def test_long_fp32_rows_taken_in_pieces_are_the_same_bits_as_a_row_alone(cols, v
     keep: list = []
     rows = 10
     matrix = c_matrix("fp32", rows, cols, keep)
-    lib = native._load()
     x = torch.randn(47, cols, generator=torch.Generator().manual_seed(cols))
-
-    def product(x):
-        y = torch.empty(x.shape[0], rows)
-        work = torch.empty(lib.llama_matmul_scratch_floats(x.shape[0], cols))
-        lib.llama_matmul(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), x.shape[0], work.data_ptr())
-        return y
+    product = functools.partial(c_product, matrix)
 
     alone = torch.cat([product(x[b : b + 1]) for b in range(47)])
     torch.testing.assert_close(alone, x @ keep[0].T, rtol=1e-4, atol=1e-3)
