@@ -212,42 +212,23 @@ class Engine:
     # -- rank 0 ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Rank 0: admit, prefill and step until `stop`, then release the other ranks."""
+        """Rank 0: admit, then prompt and step in one forward, until `stop`; then release the other ranks."""
         with torch.inference_mode():
             while True:
                 admitted = self._next_admissions()
-                # Prompts before steps: the requests that arrived while prompts ran are admitted
-                # too before the next step (while rows are free), so a request that arrives during
-                # another's prompt waits for that prompt, not for a step as well. The requests in
-                # flight wait instead, as they do for any prompt.
-                admitted = self._start_all(admitted)
                 if admitted is None:
                     share_from_rank_0(("stop",))
                     return
+                self._step(admitted, [row for row in self._rows.values() if row.last_token is not None and not row.done])
                 self._drop_done()
-                if self._rows:
-                    self._decode()
-                    self._drop_done()
 
-    def _start_all(self, admitted: Optional[List[_Row]], mid_step: bool = False) -> Optional[List[_Row]]:
-        """Run the prompts of `admitted`, then of those admitted while they ran, until none is
-        left; what `_next_admissions` last returned ([] or None)."""
-        while admitted:
-            for row in admitted:
-                self._start(row)
-            if not mid_step:
-                self._drop_done()
-            admitted = self._next_admissions(mid_step)
-        return admitted
-
-    def _next_admissions(self, mid_step: bool = False) -> Optional[List[_Row]]:
+    def _next_admissions(self) -> Optional[List[_Row]]:
         """The waiting requests that get a row now; waits while there is nothing to do.
-        None once stopped with nothing in flight. `mid_step`: between a step and its draws,
-        whose rows keep their cache rows even if their client left (they go at the next call)."""
+        None once stopped with nothing in flight."""
         with self._changed:
             while True:
                 for cache_row, row in list(self._rows.items()):
-                    if row.request.cancelled and not mid_step:
+                    if row.request.cancelled:
                         del self._rows[cache_row]
                         self.dropped += not row.done
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)
@@ -270,44 +251,46 @@ class Engine:
                 if row.done:
                     del self._rows[cache_row]
 
-    def _start(self, row: _Row) -> None:
-        """Prefill the row's prompt and sample its first token."""
-        tokens = row.request.prompt_tokens
-        try:
-            logits = self._forward(("prompt", tokens, row.cache_row))
-        except Exception as error:  # noqa: BLE001: the request fails, the engine goes on
-            self._fail(row, error)
-            return
-        self._take(row, logits[None], _draw(row, logits[None]))
+    def _step(self, admitted: List[_Row], rows: List[_Row]) -> None:
+        """One forward: the prompts of `admitted`, each of which draws its first token, and one
+        token of each of `rows` (requests in flight, each at its own position).
 
-    def _decode(self) -> None:
-        """One token of every request in flight, each at its own position."""
-        rows = [row for row in self._rows.values() if not row.done]
-        if not rows:
+        On the C step that is one pass over the weights for all of them (`prompts_and_rows`): a
+        request that arrives while one forward runs gets its prompt in the next, with the step of
+        the others, instead of a prompt and a step one after the other. Each row is computed as
+        it would be alone, so every request's tokens are those it gets alone."""
+        if not admitted and not rows:
             return
-        command = ("rows", [r.last_token for r in rows], [r.position for r in rows], [r.cache_row for r in rows])
+        command = ("step", [row.request.prompt_tokens for row in admitted], [row.cache_row for row in admitted],
+                   [row.last_token for row in rows], [row.position for row in rows], [row.cache_row for row in rows])
         try:
-            logits = self._forward(command)
-        except Exception as error:  # noqa: BLE001
-            for row in rows:
+            prompt_logits, row_logits = self._forward(command)
+        except Exception as error:  # noqa: BLE001: the requests fail, the engine goes on
+            if len(admitted) + min(len(rows), 1) > 1 and not is_collective_failure(error):
+                # One bad prompt must not fail the others: each prompt, then the step, on its own
+                # (what ran before the error is run again, to the same values).
+                for row in admitted:
+                    self._step([row], [])
+                self._step([], rows)
+                return
+            for row in admitted + rows:
                 self._fail(row, error)
             return
-        self.steps += 1
-        self.largest_batch = max(self.largest_batch, len(rows))
-        # Prompts before draws: a request that arrived during the step gets its prompt and its
-        # first token now, not after this step's draws (~0.6 ms a row on two threads); each row
-        # draws from its own logits and generator, so the step's tokens are the same after it.
-        self._start_all(self._next_admissions(mid_step=True), mid_step=True)
-        rows_logits = [logits[i : i + 1] for i in range(len(rows))]
-        if len(rows) > 1:
+        if rows:
+            self.steps += 1
+            self.largest_batch = max(self.largest_batch, len(rows))
+        drawing = admitted + rows
+        all_logits = [prompt_logits[i : i + 1] for i in range(len(admitted))]
+        all_logits += [row_logits[i : i + 1] for i in range(len(rows))]
+        if len(drawing) > 1:
             # Each row's draw is its own (its logits, its generator) and its torch and numpy
             # work releases the GIL: two threads draw a step's rows in about 0.6x the time
             # (benchmarks/NOTES.md), with the same tokens. The rows then take them in order.
-            draws = list(self._samplers.map(_draw, rows, rows_logits))
+            draws = list(self._samplers.map(_draw, drawing, all_logits))
         else:
-            draws = [_draw(rows[0], rows_logits[0])]
-        for row, row_logits, draw in zip(rows, rows_logits, draws):
-            self._take(row, row_logits, draw)
+            draws = [_draw(drawing[0], all_logits[0])]
+        for row, logits, draw in zip(drawing, all_logits, draws):
+            self._take(row, logits, draw)
 
     def _take(self, row: _Row, logits: torch.Tensor, draw: "Tuple[int, bool] | BaseException") -> None:
         """Give the row its drawn token (`_draw`), or fail it."""
@@ -342,17 +325,20 @@ class Engine:
         share_from_rank_0(command)
         return self._run(command)
 
-    def _run(self, command) -> Optional[torch.Tensor]:
-        """One command of `_forward`: a prompt's last logits (1, vocab), a step's (bsz, vocab), or None."""
+    def _run(self, command) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """One command of `_forward`: for a step, its prompts' last logits (prompts, vocab) and its
+        rows' (bsz, vocab); else None."""
         kind, device = command[0], self.device
 
         def tensor(values):
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        if kind == "prompt":
-            return self.step.prompt(tensor(command[1]), command[2]).float()
-        if kind == "rows":
-            return self.step.rows(tensor(command[1]), tensor(command[2]), tensor(command[3])).float()
+        if kind == "step":
+            _, prompts, prompt_rows, tokens, positions, cache_rows = command
+            prompt_logits, row_logits = self.step.prompts_and_rows(
+                [(tensor(prompt), row) for prompt, row in zip(prompts, prompt_rows)],
+                tensor(tokens), tensor(positions), tensor(cache_rows))
+            return prompt_logits.float(), row_logits.float()
         if kind == "clear":
             self.llama.model.clear_cache_row(command[1])
         return None  # "idle"

@@ -16,7 +16,7 @@ the positions after it (see `Attention.forward`).
 """
 
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -58,10 +58,34 @@ class DecodeStep:
             return self.model.forward(tokens.view(1, 1), int(positions[0]), cache_rows=slice(row, row + 1))[:, 0]
         return self.model.forward(tokens.view(-1, 1), positions, cache_rows=cache_rows)[:, 0]
 
+    def prompts_and_rows(self, prompts, tokens: torch.Tensor, positions: torch.Tensor,
+                         cache_rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The server's forward: the last position's logits of each of `prompts` ((token ids
+        (seqlen,), cache row) pairs, each placed at position 0 of its own cache row), and one step
+        of rows as `rows` takes them (bsz may be 0). Returns (logits (prompts, vocab), (bsz, vocab)).
+
+        The C step runs them all in one pass over the weights, every token a row computed as it
+        would be alone (`native.DecodeStep.prompts_and_rows`). The other kinds run each prompt as
+        `generate` runs a batch of one, then the step."""
+        packed = getattr(self.one_token, "prompts_and_rows", None)
+        if packed is not None:
+            return packed(prompts, tokens, positions, cache_rows)
+        vocab = self.model.params.vocab_size
+        device = self.model.tok_embeddings.weight.device
+        prompt_logits = [self._eager_prompt(prompt, row) for prompt, row in prompts]
+        prompt_logits = torch.stack(prompt_logits) if prompt_logits else torch.empty(0, vocab, device=device)
+        row_logits = self.rows(tokens, positions, cache_rows) if len(tokens) else torch.empty(0, vocab, device=device)
+        return prompt_logits, row_logits
+
     def prompt(self, tokens: torch.Tensor, cache_row: int) -> torch.Tensor:
-        """The last position's logits (vocab,) for a prompt `tokens` (seqlen,) placed
-        at position 0 of cache row `cache_row`: the same computation as `generate`'s
-        first step for a batch of one."""
+        """The last position's logits (vocab,) for a prompt `tokens` (seqlen,) placed at
+        position 0 of cache row `cache_row`, as `prompts_and_rows` gives them."""
+        empty = torch.zeros(0, dtype=torch.long, device=tokens.device)
+        return self.prompts_and_rows([(tokens, cache_row)], empty, empty, empty)[0][0]
+
+    def _eager_prompt(self, tokens: torch.Tensor, cache_row: int) -> torch.Tensor:
+        """`prompt` where the step has no forward of its own for prompts: the same computation as
+        `generate`'s first step for a batch of one."""
         if tokens.shape[0] == 1:
             zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
             return self.rows(tokens, zero, torch.full_like(zero, cache_row))[0]

@@ -20,6 +20,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <omp.h>
@@ -30,7 +31,7 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 10
+#define LLAMA_NATIVE_ABI 11
 
 /* Ask for the next block of rows while this one is summed: without it the compressed products
    waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
@@ -120,7 +121,7 @@ int64_t llama_matmul_scratch_floats(int64_t batch, int64_t cols) { return batch 
 int64_t llama_scratch_floats(const llama_model *m, int64_t batch) {
     int64_t widest = m->hidden > m->dim ? m->hidden : m->dim;
     if (m->n_heads * m->head_dim > widest) widest = m->n_heads * m->head_dim;
-    return batch * (3 * m->dim + qkv_width(m) + m->n_heads * m->head_dim + 3 * m->hidden + m->n_heads * m->max_seq) +
+    return batch * (3 * m->dim + qkv_width(m) + m->n_heads * m->head_dim + 3 * m->hidden) +
            llama_matmul_scratch_floats(batch, widest);
 }
 
@@ -593,24 +594,45 @@ static void rotate(float *v, int64_t heads, int64_t head_dim, const float *cos, 
     }
 }
 
-/* -2 where the rows do not fit the cache as llama_decode_rows says, -1 for a token outside the
-   vocabulary, else 0. */
+/* -2 where the rows do not fit the cache as llama_forward_rows says, -1 for a token outside the
+   vocabulary, else 0. one_per_cache_row: each row its own cache row, at most max_batch rows (a step
+   of llama_decode_rows); else the rows of one cache row stand at rising positions (a prompt, or a
+   piece of one, beside other rows). */
 static int64_t check_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
-                          const int64_t *cache_rows) {
-    if (batch < 1 || batch > m->max_batch) return -2;
+                          const int64_t *cache_rows, const int64_t *logit_rows, int64_t n_logits,
+                          int64_t one_per_cache_row) {
+    if (batch < 1 || (one_per_cache_row && batch > m->max_batch)) return -2;
+    int64_t last[m->max_batch];  /* each cache row's latest position in these rows */
+    for (int64_t r = 0; r < m->max_batch; r++) last[r] = -1;
     for (int64_t b = 0; b < batch; b++) {
         if (positions[b] < 0 || positions[b] >= m->max_seq || positions[b] >= m->rope_rows) return -2;
         if (cache_rows[b] < 0 || cache_rows[b] >= m->max_batch) return -2;
-        for (int64_t other = 0; other < b; other++)  /* two rows writing one cache row */
-            if (cache_rows[other] == cache_rows[b]) return -2;
+        if (last[cache_rows[b]] >= (one_per_cache_row ? 0 : positions[b])) return -2;
+        last[cache_rows[b]] = positions[b];
     }
+    if (n_logits < 0 || n_logits > batch) return -2;
+    for (int64_t i = 0; i < n_logits; i++)  /* rising row indices */
+        if (logit_rows[i] < (i ? logit_rows[i - 1] + 1 : 0) || logit_rows[i] >= batch) return -2;
     for (int64_t b = 0; b < batch; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return -1;
     return 0;
 }
 
-static int64_t decode_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
-                           const int64_t *cache_rows, float *logits, float *scratch);
+static int64_t forward_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
+                            const int64_t *cache_rows, const int64_t *logit_rows, int64_t n_logits, float *logits,
+                            float *scratch);
+
+static int64_t with_threads(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
+                            const int64_t *cache_rows, const int64_t *logit_rows, int64_t n_logits,
+                            int64_t one_per_cache_row, float *logits, float *scratch, int64_t threads) {
+    const int64_t status = check_rows(m, tokens, batch, positions, cache_rows, logit_rows, n_logits, one_per_cache_row);
+    if (status != 0) return status;
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(threads > 0 ? (int)threads : before);
+    const int64_t done = forward_rows(m, tokens, batch, positions, cache_rows, logit_rows, n_logits, logits, scratch);
+    omp_set_num_threads(before);
+    return done;
+}
 
 /* One step of `batch` rows, each on its own: row b is token tokens[b] at position positions[b], whose
    keys and values are cache row cache_rows[b] (rotated by its own position's angles, written at
@@ -620,14 +642,29 @@ static int64_t decode_rows(const llama_model *m, const int64_t *tokens, int64_t 
    threads: how many OpenMP threads each product runs on (the calling thread's setting is restored
    after, so torch's own count is untouched). Returns 0, or -1 for a token outside the vocabulary,
    -2 for a batch, a position or a cache row outside the cache, or a cache row given twice (nothing
-   is computed then). */
+   is computed then), -3 where no memory was left for the attention's scores. */
 int64_t llama_decode_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
                           const int64_t *cache_rows, float *logits, float *scratch, int64_t threads) {
-    const int before = omp_get_max_threads();
-    omp_set_num_threads(threads > 0 ? (int)threads : before);
-    const int64_t status = decode_rows(m, tokens, batch, positions, cache_rows, logits, scratch);
-    omp_set_num_threads(before);
-    return status;
+    if (batch < 1 || batch > m->max_batch) return -2;  /* before the array is sized by it */
+    int64_t every[batch];
+    for (int64_t b = 0; b < batch; b++) every[b] = b;
+    return with_threads(m, tokens, batch, positions, cache_rows, every, batch, 1, logits, scratch, threads);
+}
+
+/* llama_decode_rows, with several rows in one cache row and logits for some rows only: the prompts
+   of new requests (each token a row, at positions 0, 1, ... of its cache row, or a later piece of
+   a prompt) in one pass with a step of the requests in flight, so the weights are read once for
+   all of them. The keys and values of every row are written before any row attends, so a prompt's
+   rows attend causally among themselves. Each row is still computed on its own: its keys, values
+   and logits are the same bits as in any other call that gives it the same token, position and
+   cache. The rows of one cache row must stand at rising positions. logits: [n_logits, vocab], for
+   the rows logit_rows[0 .. n_logits - 1] (rising indices into the rows); the last layer's products
+   after attention run for those rows only. Returns as llama_decode_rows does (-2 also for
+   logit_rows out of order or outside the rows). */
+int64_t llama_forward_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
+                           const int64_t *cache_rows, const int64_t *logit_rows, int64_t n_logits, float *logits,
+                           float *scratch, int64_t threads) {
+    return with_threads(m, tokens, batch, positions, cache_rows, logit_rows, n_logits, 0, logits, scratch, threads);
 }
 
 /* llama_decode_rows with every row at position pos, row b in cache row b. */
@@ -639,18 +676,18 @@ int64_t llama_decode_step(const llama_model *m, const int64_t *tokens, int64_t b
     return llama_decode_rows(m, tokens, batch, positions, cache_rows, logits, scratch, threads);
 }
 
-static int64_t decode_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
-                           const int64_t *cache_rows, float *logits, float *scratch) {
+static int64_t forward_rows(const llama_model *m, const int64_t *tokens, int64_t batch, const int64_t *positions,
+                            const int64_t *cache_rows, const int64_t *logit_rows, int64_t n_logits, float *logits,
+                            float *scratch) {
     const int64_t dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, hidden = m->hidden;
     const int64_t qw = nh * hd, kvw = nkv * hd, qkvw = qkv_width(m), seq = m->max_seq, bf16 = m->bf16;
-    const int64_t status = check_rows(m, tokens, batch, positions, cache_rows);
-    if (status != 0) return status;
 
     float *x = scratch, *xn = x + batch * dim, *tmp = xn + batch * dim, *qkv = tmp + batch * dim;
-    float *att = qkv + batch * qkvw, *h13 = att + batch * qw, *g = h13 + batch * 2 * hidden, *scores = g + batch * hidden;
-    float *work = scores + batch * nh * seq;
+    float *att = qkv + batch * qkvw, *h13 = att + batch * qw, *g = h13 + batch * 2 * hidden;
+    float *work = g + batch * hidden;
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t n_rep = nh / nkv, esize = bf16 ? 2 : 4; /* bytes of a cached value */
+    int failed = 0;  /* a thread found no memory for its scores */
 
     for (int64_t b = 0; b < batch; b++)
         for (int64_t i = 0; i < dim; i++) x[b * dim + i] = load_at(bf16, m->tok_embeddings, tokens[b] * dim + i);
@@ -676,16 +713,35 @@ static int64_t decode_rows(const llama_model *m, const int64_t *tokens, int64_t 
                 }
             }
         }
-#pragma omp parallel for schedule(static)
-        for (int64_t bh = 0; bh < batch * nh; bh++) {
-            int64_t b = bh / nh, h = bh % nh, kvh = h / n_rep;
-            const float *q = qkv + b * qkvw + h * hd;
-            const int64_t base = (cache_rows[b] * nkv + kvh) * seq * hd;
-            float *s = scores + bh * seq, *out = att + b * qw + h * hd;
-            const char *keys = (const char *)m->cache_k[l] + base * esize;
-            const char *values = (const char *)m->cache_v[l] + base * esize;
-            kernels->attend(q, keys, values, positions[b] + 1, hd, scale, bf16, s, out);
-            round_all(bf16, out, hd);
+#pragma omp parallel
+        {
+            /* One row's scores for one head, this thread's (on the heap: max_seq may be long). */
+            float *s = malloc(seq * sizeof(float));
+            if (s == NULL) failed = 1;
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < batch * nh; bh++) {
+                if (s == NULL) continue;
+                int64_t b = bh / nh, h = bh % nh, kvh = h / n_rep;
+                const float *q = qkv + b * qkvw + h * hd;
+                const int64_t base = (cache_rows[b] * nkv + kvh) * seq * hd;
+                float *out = att + b * qw + h * hd;
+                const char *keys = (const char *)m->cache_k[l] + base * esize;
+                const char *values = (const char *)m->cache_v[l] + base * esize;
+                kernels->attend(q, keys, values, positions[b] + 1, hd, scale, bf16, s, out);
+                round_all(bf16, out, hd);
+            }
+            free(s);
+        }
+        if (failed) return -3;
+        if (l == m->n_layers - 1 && n_logits < batch) {
+            /* Only the rows with logits go on: the others' keys and values are in the cache. Rising
+               indices, so each row moves down onto a row already taken. */
+            for (int64_t i = 0; i < n_logits; i++) {
+                memmove(x + i * dim, x + logit_rows[i] * dim, dim * sizeof(float));
+                memmove(att + i * qw, att + logit_rows[i] * qw, qw * sizeof(float));
+            }
+            batch = n_logits;
+            if (batch == 0) return 0;
         }
         matvec(&m->wo[l], att, tmp, batch, work);
         for (int64_t i = 0; i < batch * dim; i++) x[i] = keep(bf16, x[i] + keep(bf16, tmp[i]));

@@ -34,13 +34,13 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from llama import distributed
 
-ABI = 10  # LLAMA_NATIVE_ABI in native.c
+ABI = 11  # LLAMA_NATIVE_ABI in native.c
 ISA_VARIABLE = "LLAMA_NATIVE_ISA"
 PROMPT_VARIABLE = "LLAMA_NATIVE_PROMPT"
 THREADS_VARIABLE = "LLAMA_NATIVE_THREADS"
@@ -138,6 +138,11 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.llama_decode_rows.argtypes = [
         ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64,
+    ]
+    lib.llama_forward_rows.restype = ctypes.c_int64
+    lib.llama_forward_rows.argtypes = [
+        ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
     ]
     for name in ("llama_native_variants", "llama_native_variant", "llama_native_best_variant"):
         getattr(lib, name).restype = ctypes.c_char_p
@@ -567,6 +572,11 @@ class ThreadCount:
             self._settled = typical
 
 
+# The most rows (tokens) of one llama_forward_rows call: its scratch grows with them, about
+# 60 KB a row at the 100M shape and 310 KB at 7B.
+PIECE_ROWS = 256
+
+
 class DecodeStep:
     """`model.forward(tokens, start_pos)` for one token per row (tokens (bsz, 1)), in C; and
     `rows(tokens, positions, cache_rows)`, the step of rows each at a position and in a cache row
@@ -592,7 +602,7 @@ class DecodeStep:
         self._lib = _load()
         notice_variant()
         self._bound_to = None
-        self._scratch: Dict[int, torch.Tensor] = {}
+        self._scratch = torch.empty(0, dtype=torch.float32)  # grown to the largest call's rows
         self._fixed_threads = fixed_threads()
         self._threads: Dict[int, ThreadCount] = {}  # batch size -> its chooser
 
@@ -639,7 +649,6 @@ class DecodeStep:
             norm=ptr(model.norm.weight), output=ctypes.addressof(output), rope=ptr(model.rope, torch.float32),
         )
         self._keep = keep
-        self._scratch.clear()
         self._bound_to = model.layout_version
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -662,44 +671,107 @@ class DecodeStep:
                              f"positions and {len(cache_rows)} cache rows")
         return self._run(ids, positions, cache_rows)
 
+    def prompts_and_rows(self, prompts, tokens, positions, cache_rows) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The last position's logits of each prompt of `prompts` ((token ids (seqlen,), cache row)
+        pairs, each placed at position 0 of its cache row), and one step of rows as `rows` takes it
+        (tokens, positions, cache_rows: (bsz,) each; bsz may be 0), with the weights read once for
+        all: (float32 logits (len(prompts), vocab), (bsz, vocab)).
+
+        Every token is a row of its own (llama_forward_rows), so each prompt's logits and keys and
+        values are the same bits as that prompt's alone, with or beside any other rows, and the
+        step's as `rows` gives them. The rows go in calls of at most `PIECE_ROWS`: the step's rows
+        first, then the prompts' tokens in order, a long prompt over several calls. Raises as
+        `rows` does (nothing is computed then), and ValueError for a prompt that does not fit the
+        cache row."""
+        ids, step_positions, step_rows = (_index_vector(values, name) for values, name in (
+            (tokens, "tokens"), (positions, "positions"), (cache_rows, "cache_rows")))
+        if not len(ids) == len(step_positions) == len(step_rows):
+            raise ValueError(f"one position and one cache row a token: got {len(ids)} tokens, "
+                             f"{len(step_positions)} positions and {len(step_rows)} cache rows")
+        if self._bound_to != self.model.layout_version:
+            self._bind()
+        all_ids, all_positions, all_rows, wanted = [ids], [step_positions], [step_rows], list(range(len(ids)))
+        length = min(self._model.max_seq, self._model.rope_rows)
+        taken = set(step_rows.tolist())
+        total = len(ids)
+        for p, (prompt, cache_row) in enumerate(prompts):
+            prompt = _index_vector(prompt, "a prompt's tokens")
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {p} is empty: a prompt needs one token at least")
+            if len(prompt) > length:
+                raise ValueError(f"prompt {p} of {len(prompt)} tokens is longer than the cache ({length} positions)")
+            if cache_row in taken:
+                raise ValueError(f"prompt {p}'s cache row {cache_row} is given twice: each prompt and each row of "
+                                 "a step needs a cache row of its own")
+            taken.add(cache_row)
+            all_ids.append(prompt)
+            all_positions.append(torch.arange(len(prompt), dtype=torch.int64))
+            all_rows.append(torch.full((len(prompt),), int(cache_row), dtype=torch.int64))
+            total += len(prompt)
+            wanted.append(total - 1)
+        ids, positions, cache_rows = torch.cat(all_ids), torch.cat(all_positions), torch.cat(all_rows)
+        logits = torch.empty(len(wanted), self._model.vocab, dtype=torch.float32)
+        done = 0  # logits filled
+        for first in range(0, len(ids), PIECE_ROWS):
+            end = min(first + PIECE_ROWS, len(ids))
+            piece = [w - first for w in wanted[done:] if w < end]
+            part = self._forward(ids[first:end], positions[first:end], cache_rows[first:end],
+                                 torch.tensor(piece, dtype=torch.int64))
+            logits[done : done + len(piece)] = part
+            done += len(piece)
+        bsz = len(wanted) - len(prompts)
+        return logits[bsz:], logits[:bsz]
+
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor) -> torch.Tensor:
-        """The C step of contiguous int64 (bsz,) tensors: logits (bsz, vocab)."""
+        """The C step of contiguous int64 (bsz,) tensors, one row to a cache row: logits (bsz, vocab)."""
+        return self._forward(ids, positions, cache_rows, None)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor,
+                 logit_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """llama_decode_rows (logit_rows None), else llama_forward_rows: logits (rows, vocab)."""
         if self._bound_to != self.model.layout_version:
             self._bind()
         bsz = ids.shape[0]
-        scratch = self._scratch.get(bsz)
-        if scratch is None:
-            scratch = torch.empty(self._lib.llama_scratch_floats(ctypes.byref(self._model), bsz), dtype=torch.float32)
-            self._scratch[bsz] = scratch
-        logits = torch.empty(bsz, self._model.vocab, dtype=torch.float32)
+        needed = self._lib.llama_scratch_floats(ctypes.byref(self._model), bsz)
+        if self._scratch.numel() < needed:
+            self._scratch = torch.empty(needed, dtype=torch.float32)
+        logits = torch.empty(bsz if logit_rows is None else len(logit_rows), self._model.vocab, dtype=torch.float32)
         threads = self._thread_count(bsz)
         count = threads.choose() if threads is not None else self._fixed_threads
         start = time.perf_counter()
-        status = self._lib.llama_decode_rows(
-            ctypes.byref(self._model), ids.data_ptr(), bsz, positions.data_ptr(), cache_rows.data_ptr(),
-            logits.data_ptr(), scratch.data_ptr(), count,
-        )
+        if logit_rows is None:
+            status = self._lib.llama_decode_rows(
+                ctypes.byref(self._model), ids.data_ptr(), bsz, positions.data_ptr(), cache_rows.data_ptr(),
+                logits.data_ptr(), self._scratch.data_ptr(), count,
+            )
+        else:
+            status = self._lib.llama_forward_rows(
+                ctypes.byref(self._model), ids.data_ptr(), bsz, positions.data_ptr(), cache_rows.data_ptr(),
+                logit_rows.data_ptr(), len(logit_rows), logits.data_ptr(), self._scratch.data_ptr(), count,
+            )
         if threads is not None:
             threads.record(count, time.perf_counter() - start)
         if status == -1:
             raise IndexError(f"a token id is outside the vocabulary of {self._model.vocab}: {ids.tolist()}")
+        if status == -3:
+            raise MemoryError("no memory was left for the attention's scores")
         if status != 0:
-            raise ValueError(self._outside_the_cache(positions.tolist(), cache_rows.tolist()))
+            raise ValueError(self._outside_the_cache(positions.tolist(), cache_rows.tolist(), logit_rows is None))
         return logits
 
-    def _outside_the_cache(self, positions: List[int], cache_rows: List[int]) -> str:
+    def _outside_the_cache(self, positions: List[int], cache_rows: List[int], one_per_cache_row: bool = True) -> str:
         """What C refused in rows that do not fit the cache (llama_decode_rows returned -2)."""
         rows, length = self._model.max_batch, min(self._model.max_seq, self._model.rope_rows)
         if not positions:
             return "an empty batch: a step needs one row at least"
-        if len(positions) > rows:
+        if len(positions) > rows and one_per_cache_row:
             return f"batch {len(positions)} is outside the cache ({rows} rows, {length} positions)"
         for b, (position, cache_row) in enumerate(zip(positions, cache_rows)):
             if not 0 <= position < length:
                 return f"row {b}: position {position} is outside the cache ({length} positions: 0 to {length - 1})"
             if not 0 <= cache_row < rows:
                 return f"row {b}: cache row {cache_row} is outside the cache ({rows} rows: 0 to {rows - 1})"
-            if cache_row in cache_rows[:b]:
+            if cache_row in cache_rows[:b] and one_per_cache_row:
                 return (f"rows {cache_rows.index(cache_row)} and {b} both name cache row {cache_row}: "
                         "each row of a step needs a cache row of its own")
         return f"the C step refused rows at positions {positions} in cache rows {cache_rows}"

@@ -129,12 +129,12 @@ class SlowSteps:
     def __getattr__(self, name):
         return getattr(self.step, name)
 
-    def rows(self, tokens, positions, cache_rows):
+    def prompts_and_rows(self, prompts, tokens, positions, cache_rows):
         time.sleep(0.02)
-        logits = self.step.rows(tokens, positions, cache_rows)
+        prompt_logits, logits = self.step.prompts_and_rows(prompts, tokens, positions, cache_rows)
         if self.fail_row is not None:
             logits[cache_rows == self.fail_row] = float("nan")
-        return logits
+        return prompt_logits, logits
 
 
 def test_a_cancelled_request_leaves_at_the_next_step(llama, generator):
@@ -181,63 +181,60 @@ def test_stop_texts_cut_the_text_and_are_never_shown(llama, generator):
     assert all(stop not in "".join(sink.pieces[: i + 1]) for i in range(len(sink.pieces)))
 
 
-def test_a_request_that_arrives_during_a_prompt_runs_its_prompt_before_the_next_step(llama):
-    """Prompts before steps: a request submitted while another's prompt runs is admitted and
-    prefilled before the step that follows, so it waits for that prompt only."""
+def test_a_request_that_arrives_during_a_forward_has_its_prompt_in_the_next_with_the_step(llama, generator):
+    """A request submitted while a forward runs gets its prompt in the next forward, beside the
+    step of the requests in flight (one pass over the weights, not a prompt and then a step), and
+    requests that arrive together share one forward for their prompts; every request's tokens are
+    still its tokens alone."""
     engine = Engine(llama)
-    order, late = [], []
+    forwards, late = [], []
     real_run = engine._run
 
     def run(command):
-        order.append(command[0])
-        if command[0] == "prompt" and len(late) == 1:
-            late.append(submit(engine, llama, "Hello", max_tokens=3, seed=2))  # during the 2nd prompt
+        if command[0] == "step":
+            forwards.append((len(command[1]), len(command[3])))  # (prompts, rows of the step)
+            if len(forwards) == 3:  # during the 3rd forward: two requests at once
+                late.append(submit(engine, llama, "Hello", max_tokens=3, seed=2))
+                late.append(submit(engine, llama, "The llama café", max_tokens=4, seed=3))
         return real_run(command)
 
     engine._run = run
-    with running(engine):
-        first = submit(engine, llama, "Once upon a time there was", max_tokens=40, seed=1)
-        while "rows" not in order:
-            time.sleep(0.01)  # the first request is decoding
-        late.append(submit(engine, llama, "The llama café", max_tokens=3, seed=3))
-        for _, sink in [first] + late:
-            assert sink.ended.wait(30)
-    prompts = [i for i, kind in enumerate(order) if kind == "prompt"]
-    assert len(prompts) == 3
-    # The third prompt came right after the second, with no step between them.
-    assert prompts[2] == prompts[1] + 1, order[prompts[1]:prompts[2] + 1]
-
-
-def test_a_request_that_arrives_during_a_step_gets_its_first_token_before_the_steps_draws(llama, generator,
-                                                                                         monkeypatch):
-    """Prompts before draws: a request submitted while a step runs has its prompt run and its
-    first token drawn before that step's rows draw theirs, and every request's tokens are still
-    its tokens alone."""
-    from llama import batching
-
-    engine = Engine(llama)
-    draws, late, steps = [], [], []
-    real_run, real_draw = engine._run, batching._draw
-
-    def run(command):
-        if command[0] == "rows":
-            steps.append(len(draws))
-            if len(steps) == 2:
-                late.append(submit(engine, llama, "Hello", max_tokens=3, seed=2))  # during the 2nd step
-        return real_run(command)
-
-    def draw(row, logits):
-        draws.append(row.request.seed)
-        return real_draw(row, logits)
-
-    engine._run = run
-    monkeypatch.setattr(batching, "_draw", draw)
     with running(engine):
         first = submit(engine, llama, "Once upon a time there was", max_tokens=10, seed=1)
         for _, sink in [first] + late:
             assert sink.ended.wait(30)
-    # The 2nd step began after two draws of the first request (its prompt's and the 1st step's);
-    # the next draw is the late request's, then the first request's token of the 2nd step.
-    assert steps[1] == 2 and draws[2:4] == [2, 1], draws
+    # The first request's prompt alone, its steps; the two late prompts in the 4th forward, with
+    # the first request's 4th token.
+    assert forwards[:5] == [(1, 0), (0, 1), (0, 1), (2, 1), (0, 3)], forwards
     assert first[1].text == reference(generator, "Once upon a time there was", 1, max_tokens=10)
     assert late[0][1].text == reference(generator, "Hello", 2, max_tokens=3)
+    assert late[1][1].text == reference(generator, "The llama café", 3, max_tokens=4)
+
+
+def test_a_bad_prompt_fails_alone_when_it_shares_a_forward(llama, generator):
+    """A prompt the forward refuses (a token outside the vocabulary) fails its own request only:
+    the prompts and the step that shared its forward run again on their own."""
+    engine = Engine(llama)
+    forwards, late = [], []
+    real_run = engine._run
+    vocab = llama.model.params.vocab_size
+
+    def run(command):
+        if command[0] == "step":
+            forwards.append((len(command[1]), len(command[3])))
+            if len(forwards) == 2:
+                bad = Request([1, 5, vocab + 7], 3, 0.8, 0.9, llama.stop_tokens, Collect(), seed=9)
+                engine.submit(bad)
+                late.append((bad, bad.sink))
+                late.append(submit(engine, llama, "Hello", max_tokens=3, seed=2))
+        return real_run(command)
+
+    engine._run = run
+    with running(engine):
+        first = submit(engine, llama, "Once upon a time there was", max_tokens=8, seed=1)
+        for _, sink in [first] + late:
+            assert sink.ended.wait(30)
+    assert (2, 1) in forwards, forwards  # the forward that raised
+    assert "outside the vocabulary" in late[0][1].error and late[0][1].tokens == []
+    assert late[1][1].error is None and late[1][1].text == reference(generator, "Hello", 2, max_tokens=3)
+    assert first[1].text == reference(generator, "Once upon a time there was", 1, max_tokens=8)

@@ -6,6 +6,7 @@ kind of weights (fp32, bf16, int8, int4)."""
 
 import ctypes
 import functools
+import re
 
 import pytest
 import torch
@@ -234,6 +235,86 @@ def test_long_fp32_rows_taken_in_pieces_are_the_same_bits_as_a_row_alone(cols, v
     for bsz in (8, 13, 38, 47):
         got = product(x[47 - bsz :].contiguous())
         assert torch.equal(got, alone[47 - bsz :]), f"batch {bsz}: {(got - alone[47 - bsz:]).abs().max()}"
+
+
+# The server's forward: prompts (tokens, cache row) beside a step of rows (token, position, cache row).
+PROMPTS = [(list(range(3, 13)), 4), ([77], 9), ([400, 2, 31, 8, 8, 150, 61], 12)]
+STEP = [(17, 3, 1), (250, 0, 2), (5, 7, 14), (301, 5, 0), (42, 10, 6)]
+
+
+def prompts_and_rows(step, prompts, rows):
+    tokens, positions, cache_rows = (torch.tensor(column, dtype=torch.long) for column in zip(*rows)) if rows else \
+        (torch.zeros(0, dtype=torch.long),) * 3
+    with torch.inference_mode():
+        return step.prompts_and_rows([(torch.tensor(t), c) for t, c in prompts], tokens, positions, cache_rows)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_prompts_beside_a_step_are_each_prompt_and_row_alone(mode, variant, use_kernels, monkeypatch):  # noqa: F811
+    # One call for three prompts and a step of five rows; then each prompt alone and the step alone;
+    # then the same call in pieces of three rows (a prompt split over calls, its last row with
+    # another prompt's first): the same logits and the same cache, bit for bit.
+    use_kernels(variant)
+    model = rows_model(mode)
+    step = native.DecodeStep(model)
+    fill_cache_randomly(model, seed=9)
+    start = save_cache(model)
+    prompt_logits, row_logits = prompts_and_rows(step, PROMPTS, STEP)
+    assert prompt_logits.shape == (3, SHAPE["vocab_size"]) and row_logits.shape == (5, SHAPE["vocab_size"])
+    together = save_cache(model)
+
+    restore_cache(model, start)
+    alone = torch.cat([prompts_and_rows(step, [prompt], [])[0] for prompt in PROMPTS])
+    assert torch.equal(alone, prompt_logits)
+    assert torch.equal(ragged_step(step, STEP), row_logits)
+    assert all(torch.equal(a, b) for a, b in zip(save_cache(model), together)), "another cache than alone"
+
+    restore_cache(model, start)
+    monkeypatch.setattr(native, "PIECE_ROWS", 3)
+    in_pieces = prompts_and_rows(step, PROMPTS, STEP)
+    assert torch.equal(in_pieces[0], prompt_logits) and torch.equal(in_pieces[1], row_logits)
+    assert all(torch.equal(a, b) for a, b in zip(save_cache(model), together)), "another cache in pieces"
+
+    # A prompt's rows are those of the C step run one token at a time (which the tests above hold
+    # to the eager forward): the same bits, logits and cache.
+    for (tokens, cache_row), ours in zip(PROMPTS, prompt_logits):
+        restore_cache(model, start)
+        for position, token in enumerate(tokens):
+            one = ragged_step(step, [(token, position, cache_row)])[0]
+        assert torch.equal(one, ours)
+        for t, ours_cached in zip(caches(model), together):
+            assert torch.equal(t[cache_row, :, : len(tokens)], ours_cached[cache_row, :, : len(tokens)])
+
+
+def test_prompts_and_rows_refuse_what_does_not_fit_and_leave_the_cache():
+    model = rows_model("fp32")
+    step = native.DecodeStep(model)
+    fill_cache_randomly(model, seed=10)
+    start = save_cache(model)
+    cases = [
+        ([([5, 6], 1)], STEP[:1], ValueError, "cache row 1 is given twice"),
+        ([([5, 6], 3), ([7], 3)], [], ValueError, "cache row 3 is given twice"),
+        ([(list(range(MAX_SEQ + 1)), 3)], [], ValueError, f"longer than the cache ({MAX_SEQ} positions)"),
+        ([([], 3)], STEP, ValueError, "prompt 0 is empty"),
+        ([([5, SHAPE["vocab_size"]], 3)], STEP, IndexError, "outside the vocabulary"),
+        ([([5], 3)], [(1, MAX_SEQ, 0)], ValueError, f"position {MAX_SEQ} is outside the cache"),
+    ]
+    for prompts, rows, error, words in cases:
+        with pytest.raises(error, match=re.escape(words)):
+            prompts_and_rows(step, prompts, rows)
+        assert all(torch.equal(a, b) for a, b in zip(save_cache(model), start)), words
+
+    # C's own checks: the rows of one cache row at rising positions, the rows with logits rising.
+    lib = native._load()
+    logits = torch.empty(2, SHAPE["vocab_size"])
+    scratch = torch.empty(lib.llama_scratch_floats(ctypes.byref(step._model), 3))
+    for positions, logit_rows in [([0, 2, 1], [0, 1]), ([0, 1, 1], [0, 1]), ([0, 1, 2], [1, 1]), ([0, 1, 2], [2, 1]),
+                                  ([0, 1, 2], [0, 3])]:
+        ids, at, rows, wanted = (torch.tensor(v, dtype=torch.long) for v in ([5, 6, 7], positions, [3, 3, 3], logit_rows))
+        assert lib.llama_forward_rows(ctypes.byref(step._model), ids.data_ptr(), 3, at.data_ptr(), rows.data_ptr(),
+                                      wanted.data_ptr(), 2, logits.data_ptr(), scratch.data_ptr(), 1) == -2
+    assert all(torch.equal(a, b) for a, b in zip(save_cache(model), start))
 
 
 def test_the_one_position_step_is_the_rows_step():
