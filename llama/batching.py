@@ -222,13 +222,14 @@ class Engine:
                 self._step(admitted, [row for row in self._rows.values() if row.last_token is not None and not row.done])
                 self._drop_done()
 
-    def _next_admissions(self) -> Optional[List[_Row]]:
+    def _next_admissions(self, mid_step: bool = False) -> Optional[List[_Row]]:
         """The waiting requests that get a row now; waits while there is nothing to do.
-        None once stopped with nothing in flight."""
+        None once stopped with nothing in flight. `mid_step`: between a step and its draws,
+        whose rows keep their cache rows even if their client left (they go at the next call)."""
         with self._changed:
             while True:
                 for cache_row, row in list(self._rows.items()):
-                    if row.request.cancelled:
+                    if row.request.cancelled and not mid_step:
                         del self._rows[cache_row]
                         self.dropped += not row.done
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)
@@ -255,10 +256,10 @@ class Engine:
         """One forward: the prompts of `admitted`, each of which draws its first token, and one
         token of each of `rows` (requests in flight, each at its own position).
 
-        On the C step that is one pass over the weights for all of them (`prompts_and_rows`): a
-        request that arrives while one forward runs gets its prompt in the next, with the step of
-        the others, instead of a prompt and a step one after the other. Each row is computed as
-        it would be alone, so every request's tokens are those it gets alone."""
+        On the C step that is one pass over the weights for all of them (`prompts_and_rows`), so
+        requests admitted at a step boundary cost the requests in flight one forward, not a prompt
+        and then a step. Each row is computed as it would be alone, so every request's tokens are
+        those it gets alone."""
         if not admitted and not rows:
             return
         command = ("step", [row.request.prompt_tokens for row in admitted], [row.cache_row for row in admitted],
@@ -276,21 +277,31 @@ class Engine:
             for row in admitted + rows:
                 self._fail(row, error)
             return
+        # The prompts' first tokens at once; then, where this forward stepped the requests in flight,
+        # the prompts of the requests that arrived during it (prompts before draws: a forward of
+        # their own now, not a wait for this step's draws and the next forward), then the step's
+        # tokens. One such forward a step: arrivals during it join the next step's forward, so
+        # a stream of arrivals never holds the step's draws back for more than one prompt.
+        self._draw_all(admitted, [prompt_logits[i : i + 1] for i in range(len(admitted))])
         if rows:
             self.steps += 1
             self.largest_batch = max(self.largest_batch, len(rows))
-        drawing = admitted + rows
-        all_logits = [prompt_logits[i : i + 1] for i in range(len(admitted))]
-        all_logits += [row_logits[i : i + 1] for i in range(len(rows))]
-        if len(drawing) > 1:
+            late = self._next_admissions(mid_step=True)
+            if late:
+                self._step(late, [])
+            self._draw_all(rows, [row_logits[i : i + 1] for i in range(len(rows))])
+
+    def _draw_all(self, rows: List[_Row], logits: List[torch.Tensor]) -> None:
+        """Each row's token from its logits (1, vocab), given to it in order."""
+        if len(rows) > 1:
             # Each row's draw is its own (its logits, its generator) and its torch and numpy
             # work releases the GIL: two threads draw a step's rows in about 0.6x the time
             # (benchmarks/NOTES.md), with the same tokens. The rows then take them in order.
-            draws = list(self._samplers.map(_draw, drawing, all_logits))
+            draws = list(self._samplers.map(_draw, rows, logits))
         else:
-            draws = [_draw(drawing[0], all_logits[0])]
-        for row, logits, draw in zip(drawing, all_logits, draws):
-            self._take(row, logits, draw)
+            draws = [_draw(row, row_logits) for row, row_logits in zip(rows, logits)]
+        for row, row_logits, draw in zip(rows, logits, draws):
+            self._take(row, row_logits, draw)
 
     def _take(self, row: _Row, logits: torch.Tensor, draw: "Tuple[int, bool] | BaseException") -> None:
         """Give the row its drawn token (`_draw`), or fail it."""

@@ -181,34 +181,46 @@ def test_stop_texts_cut_the_text_and_are_never_shown(llama, generator):
     assert all(stop not in "".join(sink.pieces[: i + 1]) for i in range(len(sink.pieces)))
 
 
-def test_a_request_that_arrives_during_a_forward_has_its_prompt_in_the_next_with_the_step(llama, generator):
-    """A request submitted while a forward runs gets its prompt in the next forward, beside the
-    step of the requests in flight (one pass over the weights, not a prompt and then a step), and
-    requests that arrive together share one forward for their prompts; every request's tokens are
-    still its tokens alone."""
+def test_prompts_join_the_step_at_a_boundary_and_run_before_the_draws_of_a_step_they_arrive_in(llama, generator):
+    """Requests submitted while a forward of prompts alone runs get their prompts in the next
+    forward, beside the step of the requests in flight (one pass over the weights), and share it;
+    a request submitted while a step runs gets its prompt in a forward of its own right after,
+    before that step's draws (it waits for one forward, not for the draws and the next); every
+    request's tokens are still its tokens alone."""
+    from llama import batching
+
     engine = Engine(llama)
-    forwards, late = [], []
-    real_run = engine._run
+    forwards, late, draws = [], [], []
+    real_run, real_draw = engine._run, batching._draw
 
     def run(command):
         if command[0] == "step":
             forwards.append((len(command[1]), len(command[3])))  # (prompts, rows of the step)
-            if len(forwards) == 3:  # during the 3rd forward: two requests at once
+            if len(forwards) == 1:  # during the first request's prompt: two at once
                 late.append(submit(engine, llama, "Hello", max_tokens=3, seed=2))
                 late.append(submit(engine, llama, "The llama café", max_tokens=4, seed=3))
+            if len(forwards) == 3:  # during a step of the three
+                late.append(submit(engine, llama, "Why", max_tokens=5, seed=4))
         return real_run(command)
 
+    def draw(row, logits):
+        draws.append((len(forwards), row.request.seed))
+        return real_draw(row, logits)
+
     engine._run = run
-    with running(engine):
-        first = submit(engine, llama, "Once upon a time there was", max_tokens=10, seed=1)
-        for _, sink in [first] + late:
-            assert sink.ended.wait(30)
-    # The first request's prompt alone, its steps; the two late prompts in the 4th forward, with
-    # the first request's 4th token.
-    assert forwards[:5] == [(1, 0), (0, 1), (0, 1), (2, 1), (0, 3)], forwards
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batching, "_draw", draw)
+        with running(engine):
+            first = submit(engine, llama, "Once upon a time there was", max_tokens=10, seed=1)
+            for _, sink in [first] + late:
+                assert sink.ended.wait(30)
+    assert forwards[:5] == [(1, 0), (2, 1), (0, 3), (1, 0), (0, 4)], forwards
+    # The late request's first token came before the third forward's tokens of the three.
+    after_third = sorted(seed for n, seed in draws if n == 4)
+    assert after_third == [1, 2, 3, 4] and [seed for n, seed in draws if n == 4][0] == 4, draws
     assert first[1].text == reference(generator, "Once upon a time there was", 1, max_tokens=10)
-    assert late[0][1].text == reference(generator, "Hello", 2, max_tokens=3)
-    assert late[1][1].text == reference(generator, "The llama café", 3, max_tokens=4)
+    for (_, sink), (prompt, seed, n) in zip(late, [("Hello", 2, 3), ("The llama café", 3, 4), ("Why", 4, 5)]):
+        assert sink.text == reference(generator, prompt, seed, max_tokens=n)
 
 
 def test_a_bad_prompt_fails_alone_when_it_shares_a_forward(llama, generator):
@@ -222,7 +234,7 @@ def test_a_bad_prompt_fails_alone_when_it_shares_a_forward(llama, generator):
     def run(command):
         if command[0] == "step":
             forwards.append((len(command[1]), len(command[3])))
-            if len(forwards) == 2:
+            if len(forwards) == 1:  # during the first prompt: both join the next forward, with its step
                 bad = Request([1, 5, vocab + 7], 3, 0.8, 0.9, llama.stop_tokens, Collect(), seed=9)
                 engine.submit(bad)
                 late.append((bad, bad.sink))
@@ -234,7 +246,7 @@ def test_a_bad_prompt_fails_alone_when_it_shares_a_forward(llama, generator):
         first = submit(engine, llama, "Once upon a time there was", max_tokens=8, seed=1)
         for _, sink in [first] + late:
             assert sink.ended.wait(30)
-    assert (2, 1) in forwards, forwards  # the forward that raised
+    assert forwards[1:5] == [(2, 1), (1, 0), (1, 0), (0, 1)], forwards  # it raised; then each part alone
     assert "outside the vocabulary" in late[0][1].error and late[0][1].tokens == []
     assert late[1][1].error is None and late[1][1].text == reference(generator, "Hello", 2, max_tokens=3)
     assert first[1].text == reference(generator, "Once upon a time there was", 1, max_tokens=8)
