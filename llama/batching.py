@@ -5,9 +5,12 @@ rows wait for the longest. Here each request holds one row of the KV cache
 from its prompt to its last token, joins the running batch at the next step
 boundary and leaves it when done, so a new request never waits for the
 longest one in flight. Every step runs one token of each request in flight,
-each at its own position (`DecodeStep.rows`: the C step on the CPU, the
-eager forward elsewhere); a request's prompt runs alone, as `generate`
-runs a batch of one.
+each at its own position, and the prompts of the requests admitted at that
+step boundary (`DecodeStep.prompts_and_rows`: on the CPU one C call, every
+token a row of its own, the weights read once for all; elsewhere each prompt
+as `generate` runs a batch of one, then the step). Requests that arrive
+during a step get their prompts in a forward of their own before that step's
+draws.
 
 Each request samples from its own generator, seeded by its `seed`. On the
 C step the products give every row the sums it would get alone, so a seeded

@@ -1,14 +1,19 @@
 """How one decoding step runs: chosen once, when a `Llama` is made.
 
 A `DecodeStep` maps (tokens (bsz, seqlen), start_pos) to the float32 logits
-of `Transformer.forward`. Prompts (seqlen > 1) always run the eager forward;
-a one-token step runs one of:
+of `Transformer.forward`. In `generate`, prompts (seqlen > 1) run the eager
+forward; a one-token step runs one of:
 
     kind         what runs the one-token step                       when
     eager        Transformer.forward                                 otherwise
     native       llama/native.c, one call a step (native.DecodeStep)  CPU, one rank, a model C can read
     compiled     torch.compile of Transformer.forward, static shapes  Llama.build(compile=True)
     cuda_graph   a CUDA graph of the eager forward (cuda_graph.py)    Llama.build(cuda_graph=True)
+
+The server (llama/batching.py) runs `rows` (one token a row, each at its own
+position and cache row) and `prompts_and_rows` (prompts beside such a step):
+in C on the native step, every token a row computed as it would be alone;
+with the eager forward on the other kinds.
 
 The compiled and graphed steps pass the position as a one-element tensor:
 the shapes stay static, attention spans the whole cache and a mask hides
