@@ -82,15 +82,10 @@ class DecodeStep:
         row_logits = self.rows(tokens, positions, cache_rows) if len(tokens) else torch.empty(0, vocab, device=device)
         return prompt_logits, row_logits
 
-    def prompt(self, tokens: torch.Tensor, cache_row: int) -> torch.Tensor:
-        """The last position's logits (vocab,) for a prompt `tokens` (seqlen,) placed at
-        position 0 of cache row `cache_row`, as `prompts_and_rows` gives them."""
-        empty = torch.zeros(0, dtype=torch.long, device=tokens.device)
-        return self.prompts_and_rows([(tokens, cache_row)], empty, empty, empty)[0][0]
-
     def _eager_prompt(self, tokens: torch.Tensor, cache_row: int) -> torch.Tensor:
-        """`prompt` where the step has no forward of its own for prompts: the same computation as
-        `generate`'s first step for a batch of one."""
+        """The last position's logits (vocab,) for a prompt `tokens` (seqlen,) placed at position 0
+        of cache row `cache_row`, where the step has no forward of its own for prompts: the same
+        computation as `generate`'s first step for a batch of one."""
         if tokens.shape[0] == 1:
             zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
             return self.rows(tokens, zero, torch.full_like(zero, cache_row))[0]

@@ -680,9 +680,10 @@ class DecodeStep:
         Every token is a row of its own (llama_forward_rows), so each prompt's logits and keys and
         values are the same bits as that prompt's alone, with or beside any other rows, and the
         step's as `rows` gives them. The rows go in calls of at most `PIECE_ROWS`: the step's rows
-        first, then the prompts' tokens in order, a long prompt over several calls. Raises as
-        `rows` does (nothing is computed then), and ValueError for a prompt that does not fit the
-        cache row."""
+        first, then the prompts' tokens in order, a long prompt over several calls. Everything is
+        checked before the first call, so that an error leaves the cache as it was: IndexError for
+        a token outside the vocabulary, ValueError for a position, a cache row or a prompt outside
+        the cache, an empty prompt, or a cache row given twice."""
         ids, step_positions, step_rows = (_index_vector(values, name) for values, name in (
             (tokens, "tokens"), (positions, "positions"), (cache_rows, "cache_rows")))
         if not len(ids) == len(step_positions) == len(step_rows):
@@ -691,25 +692,34 @@ class DecodeStep:
         if self._bound_to != self.model.layout_version:
             self._bind()
         all_ids, all_positions, all_rows, wanted = [ids], [step_positions], [step_rows], list(range(len(ids)))
-        length = min(self._model.max_seq, self._model.rope_rows)
-        taken = set(step_rows.tolist())
+        length, cache = min(self._model.max_seq, self._model.rope_rows), self._model.max_batch
+        at, rows = step_positions.tolist(), step_rows.tolist()
+        taken = set(rows)
+        if len(taken) < len(rows) or len(rows) > cache or not all(0 <= a < length for a in at) or not all(
+                0 <= r < cache for r in rows):
+            raise ValueError(self._outside_the_cache(at, rows))
         total = len(ids)
         for p, (prompt, cache_row) in enumerate(prompts):
-            prompt = _index_vector(prompt, "a prompt's tokens")
+            prompt, cache_row = _index_vector(prompt, "a prompt's tokens"), int(cache_row)
             if len(prompt) == 0:
                 raise ValueError(f"prompt {p} is empty: a prompt needs one token at least")
             if len(prompt) > length:
                 raise ValueError(f"prompt {p} of {len(prompt)} tokens is longer than the cache ({length} positions)")
+            if not 0 <= cache_row < cache:
+                raise ValueError(f"prompt {p}'s cache row {cache_row} is outside the cache ({cache} rows: 0 to "
+                                 f"{cache - 1})")
             if cache_row in taken:
                 raise ValueError(f"prompt {p}'s cache row {cache_row} is given twice: each prompt and each row of "
                                  "a step needs a cache row of its own")
             taken.add(cache_row)
             all_ids.append(prompt)
             all_positions.append(torch.arange(len(prompt), dtype=torch.int64))
-            all_rows.append(torch.full((len(prompt),), int(cache_row), dtype=torch.int64))
+            all_rows.append(torch.full((len(prompt),), cache_row, dtype=torch.int64))
             total += len(prompt)
             wanted.append(total - 1)
         ids, positions, cache_rows = torch.cat(all_ids), torch.cat(all_positions), torch.cat(all_rows)
+        if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < self._model.vocab:
+            raise IndexError(f"a token id is outside the vocabulary of {self._model.vocab}: {ids.tolist()}")
         logits = torch.empty(len(wanted), self._model.vocab, dtype=torch.float32)
         done = 0  # logits filled
         for first in range(0, len(ids), PIECE_ROWS):

@@ -287,18 +287,23 @@ def test_prompts_beside_a_step_are_each_prompt_and_row_alone(mode, variant, use_
             assert torch.equal(t[cache_row, :, : len(tokens)], ours_cached[cache_row, :, : len(tokens)])
 
 
-def test_prompts_and_rows_refuse_what_does_not_fit_and_leave_the_cache():
+def test_prompts_and_rows_refuse_what_does_not_fit_and_leave_the_cache(monkeypatch):
     model = rows_model("fp32")
     step = native.DecodeStep(model)
     fill_cache_randomly(model, seed=10)
     start = save_cache(model)
+    # In pieces of three rows, so that a fault in a later prompt would meet a cache that the
+    # first pieces had written, were the checks not all made first.
+    monkeypatch.setattr(native, "PIECE_ROWS", 3)
     cases = [
         ([([5, 6], 1)], STEP[:1], ValueError, "cache row 1 is given twice"),
         ([([5, 6], 3), ([7], 3)], [], ValueError, "cache row 3 is given twice"),
+        ([([5], 3)], [(1, 2, 0), (2, 4, 0)], ValueError, "rows 0 and 1 both name cache row 0"),
         ([(list(range(MAX_SEQ + 1)), 3)], [], ValueError, f"longer than the cache ({MAX_SEQ} positions)"),
-        ([([], 3)], STEP, ValueError, "prompt 0 is empty"),
-        ([([5, SHAPE["vocab_size"]], 3)], STEP, IndexError, "outside the vocabulary"),
+        ([([5], 4), ([], 3)], STEP, ValueError, "prompt 1 is empty"),
+        ([([5, 6], 4), ([5, SHAPE["vocab_size"]], 3)], STEP, IndexError, "outside the vocabulary"),
         ([([5], 3)], [(1, MAX_SEQ, 0)], ValueError, f"position {MAX_SEQ} is outside the cache"),
+        ([([5], 4), ([5], MAX_BATCH)], STEP, ValueError, f"prompt 1's cache row {MAX_BATCH} is outside the cache"),
     ]
     for prompts, rows, error, words in cases:
         with pytest.raises(error, match=re.escape(words)):
