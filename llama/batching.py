@@ -24,7 +24,6 @@ the collectives of model parallelism stay in step, and only rank 0 samples.
 
 import itertools
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -176,7 +175,6 @@ class Engine:
         self._rows: Dict[int, _Row] = {}  # cache row -> request in flight
         self._stopping = False
         self._several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self._samplers = ThreadPoolExecutor(2, thread_name_prefix="llama-sample")
         # What /health reports: decode steps run, the most rows one step has run, and
         # the requests dropped in flight because their client left.
         self.steps = 0
@@ -295,16 +293,12 @@ class Engine:
             self._draw_all(rows, [row_logits[i : i + 1] for i in range(len(rows))])
 
     def _draw_all(self, rows: List[_Row], logits: List[torch.Tensor]) -> None:
-        """Each row's token from its logits (1, vocab), given to it in order."""
-        if len(rows) > 1:
-            # Each row's draw is its own (its logits, its generator) and its torch and numpy
-            # work releases the GIL: two threads draw a step's rows in about 0.6x the time
-            # (benchmarks/NOTES.md), with the same tokens. The rows then take them in order.
-            draws = list(self._samplers.map(_draw, rows, logits))
-        else:
-            draws = [_draw(row, row_logits) for row, row_logits in zip(rows, logits)]
-        for row, row_logits, draw in zip(rows, logits, draws):
-            self._take(row, row_logits, draw)
+        """Each row's token from its logits (1, vocab), given to it in order.
+
+        One row after another on this thread: since a draw sorts only what it keeps (~0.2 ms at a
+        32000-token vocabulary), two threads draw a step's rows slower than one (benchmarks/NOTES.md)."""
+        for row, row_logits in zip(rows, logits):
+            self._take(row, row_logits, _draw(row, row_logits))
 
     def _take(self, row: _Row, logits: torch.Tensor, draw: "Tuple[int, bool] | BaseException") -> None:
         """Give the row its drawn token (`_draw`), or fail it."""
@@ -377,8 +371,7 @@ def _draw(row: _Row, logits: torch.Tensor):
     row's generator, or the exception that raised. Touches nothing but the row's generator."""
     request = row.request
     try:
-        with torch.inference_mode():  # per thread: the sampling threads' own
-            token, nonfinite = sample_next_token(logits, request.temperature, request.top_p, row.generator)
+        token, nonfinite = sample_next_token(logits, request.temperature, request.top_p, row.generator)
         return int(token[0]), bool(nonfinite[0])
     except Exception as error:  # noqa: BLE001: the row fails, in `_take`
         return error

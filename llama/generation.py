@@ -72,58 +72,113 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
 
 
 def _sample_top_p_cpu(probs: torch.Tensor, p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """`sample_top_p` on the CPU: the same draws, about 3x-7x sooner at a 32000-token vocabulary.
+    """`sample_top_p` on the CPU: the same draws, several times sooner at a 32000-token vocabulary.
 
-    torch.sort takes ~2.7 ms there for 32000 values and numpy's ~0.2 ms, and
-    the exponential draws past a row's last kept token are skipped
-    (`_exponential_draws`; benchmarks/NOTES.md). Every number the reference computes from the sorted
-    probabilities (their running sums, the cut at p, the renormalised values,
-    multinomial's exponential draws over all `vocab` of them and the position
-    of the largest p / q) depends on the sorted *values* alone, and two sorts
-    agree on those. Only the token at the drawn position depends on the
-    order torch.sort gives equal values; so the token is read from the value,
-    and where another token has exactly that probability, from torch.sort.
+    Every number the reference computes from the sorted probabilities (their
+    running sums, the cut at p, the renormalised values, multinomial's
+    exponential draws and the position of the largest kept / q) depends on
+    the sorted *values* alone, and only on those up to the cut: so each row
+    sorts no further than the tokens it keeps (`_sorted_prefix`), draws the
+    exponentials it reads (`_exponential_draws`), and reads the token from
+    the drawn value, or, where another token has exactly that probability,
+    from torch.sort as the reference does. benchmarks/NOTES.md has the costs.
     """
-    values = torch.from_numpy(np.flip(np.sort(probs.numpy(), axis=-1), axis=-1).copy())
-    probs_sum = torch.cumsum(values, dim=-1)
-    kept = values.clone()
-    kept[probs_sum - values > p] = 0.0
-    kept.div_(kept.sum(dim=-1, keepdim=True))
-    # torch.multinomial(kept, 1) for one draw a row: argmax(kept / q), q ~ Exp(1) over every position.
-    q = _exponential_draws(kept, generator)
-    position = torch.argmax(kept / q, dim=-1, keepdim=True)
-    drawn = values.gather(-1, position)
-    next_token = torch.empty_like(position)
-    for row in range(probs.shape[0]):
-        holders = (probs[row] == drawn[row]).nonzero()
-        if len(holders) == 1:
-            next_token[row] = holders[0]
-        else:
-            next_token[row] = torch.sort(probs[row], descending=True).indices[position[row]]
+    rows, vocab = probs.shape
+    prefixes = [_sorted_prefix(row, p) for row in probs.numpy()]
+    kept = torch.zeros(rows, vocab)
+    for row, (values, _, length) in enumerate(prefixes):
+        kept[row, :length] = torch.from_numpy(values[:length])
+    # Summed over whole rows, zeros and all, as the reference sums: the same bits.
+    sums = kept.sum(dim=-1, keepdim=True)
+    exponentials = _exponential_draws([length for _, _, length in prefixes], vocab, generator)
+    next_token = torch.empty(rows, 1, dtype=torch.long)
+    for row, ((values, token_ids, length), q) in enumerate(zip(prefixes, exponentials)):
+        # torch.multinomial(kept, 1), one draw a row, is argmax(kept / q) with q ~ Exp(1) at every
+        # position; past `length` kept is 0, and so is kept / q.
+        position = int(torch.argmax(kept[row, :length] / sums[row] / q))
+        next_token[row] = _token_at(probs[row], values, token_ids, position)
     return next_token
 
 
-def _exponential_draws(kept: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """`torch.empty_like(kept).exponential_(1, generator=generator)` where `argmax(kept / q)` reads it,
-    and the generator left in the same state.
+def _sorted_prefix(probs: np.ndarray, p: float) -> Tuple[np.ndarray, Optional[np.ndarray], int]:
+    """One row's probabilities sorted high to low as far as top-p needs them: (values, their token
+    ids or None, kept length); positions `length` on are the ones the reference's cut zeroes.
 
-    Each row's draws past its last kept token only meet zeros (0 / q is 0, and a kept token's
-    share is above 0), so there they are skipped with the generator advanced by `random_` over
-    int64, which costs a fifth as much (benchmarks/NOTES.md) and, where
-    `_skipping_is_exact` finds it so for this length, takes the same numbers from the generator.
-    Elsewhere every position is drawn.
+    The tokens under `floor` hold at most (1 - p) / 2 of the mass between them, so the cut falls
+    among the tokens above it, which are the reference's sorted row up to there; it is found there
+    and not assumed (rounding, or a top_p of 1, can put it further), else the whole row is sorted.
+    Past the cut the reference zeroes every position: the running sum less the value is
+    nondecreasing along a sorted row of values >= 0.
     """
-    rows, vocab = kept.shape
+    vocab = len(probs)
+    if p < 1 and _prefix_sums_are_exact(vocab) and probs.min() >= 0:  # False for NaN too
+        floor = (1 - p) / (2 * vocab)
+        token_ids = np.flatnonzero(probs >= floor)
+        if len(token_ids) <= vocab // 8:  # else sorting it all costs no more
+            token_ids = token_ids[np.argsort(probs[token_ids])[::-1]]
+            values = probs[token_ids]
+            cut = _cut(values, p)
+            if len(cut):
+                return values, token_ids, int(cut[0])
+    values = np.sort(probs)[::-1].copy()
+    kept = torch.from_numpy(values).clone()
+    kept[_cut(values, p)] = 0.0
+    held = kept.nonzero()
+    return kept.numpy(), None, int(held[-1]) + 1 if len(held) else vocab
+
+
+def _cut(values: np.ndarray, p: float) -> torch.Tensor:
+    """Positions of sorted `values` that the reference's top-p zeroes: the tokens ranked above reach p."""
+    values = torch.from_numpy(values)[None]  # a (1, n) row, as the reference's (bsz, vocab)
+    return (torch.cumsum(values, dim=-1) - values > p)[0].nonzero()[:, 0]
+
+
+def _token_at(probs: torch.Tensor, values: np.ndarray, token_ids: Optional[np.ndarray], position: int) -> int:
+    """The token at `position` of the row sorted high to low: the only one with that probability,
+    or, where several share it, the one torch.sort puts there."""
+    drawn = values[position]
+    unique = (position == 0 or values[position - 1] != drawn) and (
+        position + 1 == len(values) or values[position + 1] != drawn)
+    if unique and token_ids is not None:
+        return int(token_ids[position])
+    holders = np.flatnonzero(probs.numpy() == drawn)
+    if len(holders) == 1:
+        return int(holders[0])
+    return int(torch.sort(probs, descending=True).indices[position])
+
+
+def _exponential_draws(lengths: List[int], vocab: int, generator: Optional[torch.Generator]) -> List[torch.Tensor]:
+    """For each row of `torch.empty(len(lengths), vocab).exponential_(1, generator=generator)`, its
+    first `length` numbers, and the generator left where that leaves it.
+
+    The rest of each row is skipped, with the generator advanced over it by `random_` over int64,
+    which costs a fifth as much (benchmarks/NOTES.md) and, where `_skipping_is_exact` finds it so
+    for this length, takes the same numbers from the generator. Elsewhere every position is drawn.
+    """
     if not _skipping_is_exact(vocab):
-        return torch.empty_like(kept).exponential_(1, generator=generator)
-    q = torch.ones_like(kept)  # not read: kept is 0 there
-    for row in range(rows):
-        held = kept[row].nonzero()
-        length = int(held[-1]) + 1 if len(held) else vocab
-        q[row, :length].exponential_(1, generator=generator)
+        drawn = torch.empty(len(lengths), vocab).exponential_(1, generator=generator)
+        return [drawn[row, :length] for row, length in enumerate(lengths)]
+    draws = []
+    for length in lengths:
+        draws.append(torch.empty(length).exponential_(1, generator=generator))
         if length < vocab:
             torch.empty(vocab - length, dtype=torch.int64).random_(generator=generator)
-    return q
+    return draws
+
+
+_PREFIX_SUMS_EXACT: dict = {}
+
+
+def _prefix_sums_are_exact(vocab: int) -> bool:
+    """Whether torch's running sum of a row's first values is the same bits as the first values of
+    the whole row's (one sum after another, as torch's CPU cumsum runs), tried once per length."""
+    if vocab not in _PREFIX_SUMS_EXACT:
+        row = torch.rand(1, vocab, generator=torch.Generator().manual_seed(vocab)).sort(descending=True).values
+        whole = torch.cumsum(row, dim=-1)
+        _PREFIX_SUMS_EXACT[vocab] = all(
+            torch.equal(torch.cumsum(row[:, :length], dim=-1), whole[:, :length])
+            for length in (1, 7, vocab // 8, vocab // 2 + 1))
+    return _PREFIX_SUMS_EXACT[vocab]
 
 
 _SKIPPING_EXACT: dict = {}

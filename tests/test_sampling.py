@@ -82,24 +82,19 @@ def test_sample_next_token_takes_a_generator():
 
 @pytest.mark.parametrize("vocab", [32000, 128256])
 def test_exponential_draws_are_torchs_where_read_and_leave_the_same_generator_state(vocab):
-    # _exponential_draws skips the draws that only meet zeros (past each row's last kept token)
-    # and advances the generator over them: what it returns must be exponential_'s numbers at
-    # every position up to that token, and the generator must end where exponential_ leaves it,
-    # at Llama 2's and Llama 3's vocabulary sizes and for rows of several lengths.
+    # _exponential_draws skips the draws past each row's last kept token, which only meet zeros,
+    # and advances the generator over them: what it returns must be exponential_'s numbers up to
+    # there, and the generator must end where exponential_ leaves it, at Llama 2's and Llama 3's
+    # vocabulary sizes and for rows of several lengths.
     from llama.generation import _exponential_draws
 
-    kept = torch.zeros(3, vocab)
-    kept[0, :5] = 0.2
-    kept[1, : vocab // 2 : 7] = 1.0  # zeros inside the kept prefix too
-    kept[2, :] = 1.0 / vocab
+    lengths = [5, vocab // 2, vocab, 1]
     for seed in range(3):
         ours_gen, torch_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        ours = _exponential_draws(kept, ours_gen)
-        theirs = torch.empty_like(kept).exponential_(1, generator=torch_gen)
-        for row in range(3):
-            read = int(kept[row].nonzero()[-1]) + 1  # up to the row's last kept token
-            assert torch.equal(ours[row, :read], theirs[row, :read]), row
-        assert torch.equal(torch.argmax(kept / ours, dim=-1), torch.argmax(kept / theirs, dim=-1))
+        ours = _exponential_draws(lengths, vocab, ours_gen)
+        theirs = torch.empty(len(lengths), vocab).exponential_(1, generator=torch_gen)
+        for row, length in enumerate(lengths):
+            assert torch.equal(ours[row], theirs[row, :length]), row
         assert torch.equal(ours_gen.get_state(), torch_gen.get_state())
 
 
@@ -124,3 +119,38 @@ def test_where_skipping_is_not_exact_every_position_is_drawn(monkeypatch):
         theirs = meta_sample_top_p(probs.clone(), 0.9, their_gen)
         assert torch.equal(ours, theirs)
     assert torch.equal(ours_gen.get_state(), their_gen.get_state())
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rows_sorted_only_up_to_their_cut_draw_the_reference_tokens(ties):
+    # Peaked rows, as a trained model's mostly are, keep few tokens: `_sorted_prefix` sorts only
+    # the tokens above its floor and finds the cut among them. Every row here must take that
+    # way, and with ties some draws must land on a probability that other tokens share too.
+    from llama.generation import _sorted_prefix
+
+    short, shared = 0, 0
+    for seed in range(30):
+        probs = probabilities(seed, 2, 32000, 6.0, ties)
+        short += sum(_sorted_prefix(row, 0.9)[1] is not None for row in probs.numpy())
+        ours = sample_top_p(probs.clone(), 0.9, torch.Generator().manual_seed(seed))
+        theirs = meta_sample_top_p(probs.clone(), 0.9, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, theirs), (seed, ours.flatten().tolist(), theirs.flatten().tolist())
+        shared += sum(int((row == row[token]).sum()) > 1 for row, token in zip(probs, ours.flatten()))
+    assert short == 60
+    assert shared > 0 if ties else shared == 0
+
+
+def test_rows_whose_cut_is_not_among_the_top_tokens_are_sorted_whole():
+    # Probabilities that sum to less than p (sample_top_p takes any rows) are kept whole by the
+    # reference: no cut above the floor, so `_sorted_prefix` sorts the whole row; the same for
+    # p = 1 and for rows too flat for a short sort to pay.
+    from llama.generation import _sorted_prefix
+
+    cases = [(probabilities(1, 3, 32000, 4.0, False) * 0.5, 0.9), (probabilities(2, 3, 32000, 4.0, False), 1.0),
+             (probabilities(3, 3, 32000, 0.1, False), 0.9)]
+    for probs, p in cases:
+        assert all(_sorted_prefix(row, p)[1] is None for row in probs.numpy())
+        for seed in range(5):
+            ours = sample_top_p(probs.clone(), p, torch.Generator().manual_seed(seed))
+            theirs = meta_sample_top_p(probs.clone(), p, torch.Generator().manual_seed(seed))
+            assert torch.equal(ours, theirs), (p, seed)
