@@ -31,7 +31,7 @@
 #include <immintrin.h>
 #endif
 
-#define LLAMA_NATIVE_ABI 11
+#define LLAMA_NATIVE_ABI 12
 
 /* Ask for the next block of rows while this one is summed: without it the compressed products
    waited on memory (each row is short, and the hardware prefetcher follows few streams); with it
@@ -517,6 +517,55 @@ int64_t llama_native_use(const char *name) {
     for (int i = 0; i < n_variants && can == 1; i++)
         if (strcmp(variants[i].name, name) == 0) kernels = &variants[i];
     return can;
+}
+
+/* torch's CPU generator: an mt19937 whose state `Generator.get_state()` writes out as this
+   (CPUGeneratorImplStateLegacy's start; the rest, a normal draw's cache, is left alone), each
+   32-bit word of the state widened to 64 bits. A draw: if --left is 0, the state is twisted
+   (left = 624, next = 0); then word `next++` is tempered and returned. */
+#define LLAMA_MT_N 624
+#define LLAMA_MT_M 397
+typedef struct {
+    uint64_t seed;
+    int32_t left, seeded;
+    uint64_t next;
+    uint64_t state[LLAMA_MT_N];
+} llama_torch_mt19937;
+
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+}
+
+static void mt_next_state(uint32_t *s) {
+    int i = 0;
+    for (; i < LLAMA_MT_N - LLAMA_MT_M; i++) s[i] = s[i + LLAMA_MT_M] ^ mt_twist(s[i], s[i + 1]);
+    for (; i < LLAMA_MT_N - 1; i++) s[i] = s[i + LLAMA_MT_M - LLAMA_MT_N] ^ mt_twist(s[i], s[i + 1]);
+    s[LLAMA_MT_N - 1] = s[LLAMA_MT_M - 1] ^ mt_twist(s[LLAMA_MT_N - 1], s[0]);
+}
+
+/* The state (`nbytes` of get_state's bytes) moved past `outputs` 32-bit draws without making them:
+   a twist every 624, nothing for the rest. Sampling skips the draws past a row's last kept token
+   this way, ~9x sooner than torch's random_ makes and throws them away (llama/generation.py checks
+   it against random_ before using it). 0, or -1 for a state it does not recognise (unchanged). */
+int64_t llama_mt19937_advance(void *bytes, int64_t nbytes, int64_t outputs) {
+    llama_torch_mt19937 *g = bytes;
+    if (nbytes < (int64_t)sizeof(*g) || outputs < 0 || g->left < 1 || g->left > LLAMA_MT_N || g->next > LLAMA_MT_N)
+        return -1;
+    int64_t left = g->left, next = (int64_t)g->next;
+    if (outputs >= left) {
+        uint32_t s[LLAMA_MT_N];
+        for (int i = 0; i < LLAMA_MT_N; i++) s[i] = (uint32_t)g->state[i];
+        while (outputs >= left) { /* the draw that finds --left at 0 twists, and takes word 0 */
+            outputs -= left;
+            mt_next_state(s);
+            left = LLAMA_MT_N;
+            next = 1;
+        }
+        for (int i = 0; i < LLAMA_MT_N; i++) g->state[i] = s[i];
+    }
+    g->left = (int32_t)(left - outputs);
+    g->next = (uint64_t)(next + outputs);
+    return 0;
 }
 
 static void matvec(const llama_matrix *m, const float *x, float *y, int64_t batch, float *work) {

@@ -40,7 +40,7 @@ import torch
 
 from llama import distributed
 
-ABI = 11  # LLAMA_NATIVE_ABI in native.c
+ABI = 12  # LLAMA_NATIVE_ABI in native.c
 ISA_VARIABLE = "LLAMA_NATIVE_ISA"
 PROMPT_VARIABLE = "LLAMA_NATIVE_PROMPT"
 THREADS_VARIABLE = "LLAMA_NATIVE_THREADS"
@@ -144,6 +144,8 @@ def _load() -> Optional[ctypes.CDLL]:
         ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
     ]
+    lib.llama_mt19937_advance.restype = ctypes.c_int64
+    lib.llama_mt19937_advance.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     for name in ("llama_native_variants", "llama_native_variant", "llama_native_best_variant"):
         getattr(lib, name).restype = ctypes.c_char_p
     for name in ("llama_native_can_run", "llama_native_use"):
@@ -315,6 +317,20 @@ def notice_fallback() -> None:
     _noticed = True
     if distributed.is_first_rank():
         print(f"llama: fp32 on the CPU decodes with torch's kernels, slower at batch 1: {reason}", file=sys.stderr)
+
+
+def advance_generator(generator: torch.Generator, outputs: int) -> bool:
+    """Move a CPU generator past `outputs` of its 32-bit draws without making them
+    (`llama_mt19937_advance` on its `get_state()`); False, and the generator as it was, where the
+    library is not loaded or does not recognise the state."""
+    lib = _load()
+    if lib is None:
+        return False
+    state = generator.get_state()
+    if lib.llama_mt19937_advance(state.data_ptr(), state.numel(), outputs) != 0:
+        return False
+    generator.set_state(state)
+    return True
 
 
 def _checked(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

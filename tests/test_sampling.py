@@ -154,3 +154,38 @@ def test_rows_whose_cut_is_not_among_the_top_tokens_are_sorted_whole():
             ours = sample_top_p(probs.clone(), p, torch.Generator().manual_seed(seed))
             theirs = meta_sample_top_p(probs.clone(), p, torch.Generator().manual_seed(seed))
             assert torch.equal(ours, theirs), (p, seed)
+
+
+@pytest.mark.skipif(not __import__("llama.native").native.available(), reason="llama/native.c is not compiled here")
+def test_the_c_skip_leaves_the_generator_where_random_does():
+    # llama_mt19937_advance moves torch's mt19937 past draws without making them; it must land
+    # where random_ over int64 lands (two 32-bit draws a number) from any point of the 624-word
+    # state and for counts that end before, on and after one or many twists. Checked here
+    # directly, not through the once-per-process check that would fall back to random_ unseen.
+    from llama import native
+
+    for used in (0, 1, 311, 623, 624, 1000):
+        for count in (0, 1, 5, 311, 312, 623, 624, 625, 31990, 128250):
+            drawn, skipped = torch.Generator().manual_seed(count), torch.Generator().manual_seed(count)
+            for generator in (drawn, skipped):
+                torch.empty(used).exponential_(1, generator=generator)
+            torch.empty(count, dtype=torch.int64).random_(generator=drawn)
+            assert native.advance_generator(skipped, 2 * count)
+            assert torch.equal(drawn.get_state(), skipped.get_state()), (used, count)
+            assert torch.equal(torch.rand(5, generator=drawn), torch.rand(5, generator=skipped))
+
+
+def test_without_the_c_skip_the_draws_are_the_same(monkeypatch):
+    # Where the C skip is not there or not exact, random_ moves the generator: the same tokens
+    # and the same generator state after, the default generator included.
+    from llama import generation
+
+    probs = probabilities(5, 2, 32000, 6.0, False)
+    results = []
+    for exact in ([True], [False]):
+        monkeypatch.setattr(generation, "_NATIVE_SKIP_EXACT", exact)
+        torch.manual_seed(11)
+        tokens = [sample_top_p(probs.clone(), 0.9) for _ in range(4)]
+        results.append((tokens, torch.default_generator.get_state()))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+    assert torch.equal(results[0][1], results[1][1])
