@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from llama.distributed import is_collective_failure, share_from_rank_0
-from llama.generation import Llama, sample_next_token
+from llama.generation import Llama
+from llama.sampling import sample_next_token
 from llama.tokenizer import IncrementalDecoder
 
 

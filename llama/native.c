@@ -545,7 +545,7 @@ static void mt_next_state(uint32_t *s) {
 
 /* The state (`nbytes` of get_state's bytes) moved past `outputs` 32-bit draws without making them:
    a twist every 624, nothing for the rest. Sampling skips the draws past a row's last kept token
-   this way, ~9x sooner than torch's random_ makes and throws them away (llama/generation.py checks
+   this way, ~9x sooner than torch's random_ makes and throws them away (llama/sampling.py checks
    it against random_ before using it). 0, or -1 for a state it does not recognise (unchanged). */
 int64_t llama_mt19937_advance(void *bytes, int64_t nbytes, int64_t outputs) {
     llama_torch_mt19937 *g = bytes;

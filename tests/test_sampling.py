@@ -1,7 +1,7 @@
 """`sample_top_p` draws what Meta's reference draws: the same tokens from the same generator state.
 
-On the CPU it sorts with numpy and reads the token from the drawn value
-(llama/generation.py); these tests hold it to the reference's steps, written
+On the CPU it sorts only as far as the cut and reads the token from the drawn value
+(llama/sampling.py); these tests hold it to the reference's steps, written
 out here as Meta wrote them, for single rows, batches, equal probabilities
 (where only torch.sort's order decides the token) and generators of its own.
 """
@@ -86,7 +86,7 @@ def test_exponential_draws_are_torchs_where_read_and_leave_the_same_generator_st
     # and advances the generator over them: what it returns must be exponential_'s numbers up to
     # there, and the generator must end where exponential_ leaves it, at Llama 2's and Llama 3's
     # vocabulary sizes and for rows of several lengths.
-    from llama.generation import _exponential_draws
+    from llama.sampling import _exponential_draws
 
     lengths = [5, vocab // 2, vocab, 1]
     for seed in range(3):
@@ -109,9 +109,9 @@ def test_same_tokens_as_the_reference_at_llama3s_vocabulary():
 def test_where_skipping_is_not_exact_every_position_is_drawn(monkeypatch):
     # The fallback for a torch whose generator would not give the skipped draws back: the same
     # tokens and the same generator state as Meta's steps, from drawing every position.
-    from llama import generation
+    from llama import sampling
 
-    monkeypatch.setitem(generation._SKIPPING_EXACT, 3000, False)
+    monkeypatch.setitem(sampling._SKIPPING_EXACT, 3000, False)
     probs = probabilities(4, 2, 3000, 3.0, False)
     ours_gen, their_gen = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     for _ in range(5):
@@ -126,7 +126,7 @@ def test_rows_sorted_only_up_to_their_cut_draw_the_reference_tokens(ties):
     # Peaked rows, as a trained model's mostly are, keep few tokens: `_sorted_prefix` sorts only
     # the tokens above its floor and finds the cut among them. Every row here must take that
     # way, and with ties some draws must land on a probability that other tokens share too.
-    from llama.generation import _sorted_prefix
+    from llama.sampling import _sorted_prefix
 
     short, shared = 0, 0
     for seed in range(30):
@@ -144,7 +144,7 @@ def test_rows_whose_cut_is_not_among_the_top_tokens_are_sorted_whole():
     # Probabilities that sum to less than p (sample_top_p takes any rows) are kept whole by the
     # reference: no cut above the floor, so `_sorted_prefix` sorts the whole row; the same for
     # p = 1 and for rows too flat for a short sort to pay.
-    from llama.generation import _sorted_prefix
+    from llama.sampling import _sorted_prefix
 
     cases = [(probabilities(1, 3, 32000, 4.0, False) * 0.5, 0.9), (probabilities(2, 3, 32000, 4.0, False), 1.0),
              (probabilities(3, 3, 32000, 0.1, False), 0.9)]
@@ -178,12 +178,12 @@ def test_the_c_skip_leaves_the_generator_where_random_does():
 def test_without_the_c_skip_the_draws_are_the_same(monkeypatch):
     # Where the C skip is not there or not exact, random_ moves the generator: the same tokens
     # and the same generator state after, the default generator included.
-    from llama import generation
+    from llama import sampling
 
     probs = probabilities(5, 2, 32000, 6.0, False)
     results = []
     for exact in ([True], [False]):
-        monkeypatch.setattr(generation, "_NATIVE_SKIP_EXACT", exact)
+        monkeypatch.setattr(sampling, "_NATIVE_SKIP_EXACT", exact)
         torch.manual_seed(11)
         tokens = [sample_top_p(probs.clone(), 0.9) for _ in range(4)]
         results.append((tokens, torch.default_generator.get_state()))
