@@ -767,7 +767,10 @@ static int64_t forward_rows(const llama_model *m, const int64_t *tokens, int64_t
             /* One row's scores for one head, this thread's (on the heap: max_seq may be long). */
             float *s = malloc(seq * sizeof(float));
             if (s == NULL) failed = 1;
-#pragma omp for schedule(static)
+            /* The (row, head) pairs dealt out one at a time in turn: a row's attention costs its
+               position, and a server's rows (and a prompt's tokens) sit at many; in halves, one
+               thread took the short rows and waited for the other (benchmarks/NOTES.md). */
+#pragma omp for schedule(static, 1)
             for (int64_t bh = 0; bh < batch * nh; bh++) {
                 if (s == NULL) continue;
                 int64_t b = bh / nh, h = bh % nh, kvh = h / n_rep;
