@@ -5,6 +5,7 @@
     python benchmarks/ablate.py 5b078ad HEAD --quantize int4     # quantized while loading, each revision's way
     python benchmarks/ablate.py HEAD~1 HEAD --dtype bf16         # a bf16 model
     python benchmarks/ablate.py HEAD~1 HEAD --prefill --prompt-len 47  # the prompt instead of the steps
+    python benchmarks/ablate.py HEAD~1 HEAD --temperature 0.6 --top-p 0.9  # sampled, as text_completion's defaults
     LLAMA_NATIVE_ISA=portable python benchmarks/ablate.py HEAD  # the revisions' C step on other kernels
 
 Each revision's `llama/` package is exported (`git archive`) to a temporary
@@ -12,7 +13,8 @@ folder, with its `llama/native.c` (where it has one) compiled there with the
 flags of the revision's own setup.py; every round runs each revision once, in its own process and in turn,
 so that the load of a busy machine falls on all of them alike. A run builds
 the shape from the same seeded random weights, warms up, then times greedy
-decoding through the revision's own `generate` loop (with --prefill, the
+decoding (with --temperature, sampled, torch's generator seeded alike in every
+run) through the revision's own `generate` loop (with --prefill, the
 time from the start to the first token instead: the prompt's forward and
 one draw). Prints the median milliseconds per decode step (or per prompt)
 and each revision's speed relative to the first,
@@ -42,7 +44,7 @@ from llama.model import ModelArgs, Transformer
 from llama.tiny import random_weights
 from llama.tokenizer import Tokenizer
 
-shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize, group_size, dtype, prefill = json.loads(sys.argv[1])
+shape, batch, prompt_len, gen_len, threads, tokenizer_path, options, quantize, group_size, dtype, prefill, temperature, top_p = json.loads(sys.argv[1])
 dtype = getattr(torch, dtype)
 torch.set_num_threads(threads)
 args = ModelArgs(**shape, max_seq_len=prompt_len + gen_len, max_batch_size=batch)
@@ -72,8 +74,9 @@ prompts = torch.randint(3, args.vocab_size, (batch, prompt_len), generator=torch
 def run():
     stamps = []
     with torch.inference_mode():
+        torch.manual_seed(0)  # the same draws in every run and revision
         start = time.perf_counter()
-        state = generator._start_decoding(prompts, gen_len, 0.0, 1.0, False)
+        state = generator._start_decoding(prompts, gen_len, temperature, top_p, False)
         for _ in generator._decode_steps(state):
             stamps.append(time.perf_counter())
             if prefill:  # the prompt's forward and its draw
@@ -133,6 +136,9 @@ def main(argv=None) -> int:
     parser.add_argument("--group-size", type=int, default=None, help="with --quantize int4")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the model's dtype (without --quantize)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (the default here): greedy; text_completion's default is 0.6")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature; text_completion's default is 0.9")
     parser.add_argument("--prefill", action="store_true",
                         help="time the prompt (start to first token) instead of the decode steps")
     opts = parser.parse_args(argv)
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
         folders = {rev: export(rev, Path(tmp)) for rev in opts.revs}
         options = {"compile": True} if opts.compile else {}
         job = [SHAPES[opts.shape], opts.batch, opts.prompt_len, opts.gen_len, opts.threads, str(tokenizer), options,
-               opts.quantize, opts.group_size, opts.dtype, opts.prefill]
+               opts.quantize, opts.group_size, opts.dtype, opts.prefill, opts.temperature, opts.top_p]
         steps = {rev: [] for rev in opts.revs}
         kernels = {}
         for round_ in range(opts.rounds):
@@ -166,7 +172,8 @@ def main(argv=None) -> int:
     mode = opts.quantize or opts.dtype
     what, unit, tokens = ("prompt", "ms/prompt", opts.batch * opts.prompt_len) if opts.prefill else ("decode", "ms/step",
                                                                                                       opts.batch)
-    print(f"\n{opts.shape} {mode}, batch {opts.batch}, {what}"
+    sampled = f", sampled at temperature {opts.temperature}, top-p {opts.top_p}" if opts.temperature > 0 else ""
+    print(f"\n{opts.shape} {mode}, batch {opts.batch}, {what}{sampled}"
           f"{f' of {opts.prompt_len} tokens' if opts.prefill else ''}, {opts.threads} threads, median of {opts.rounds} rounds")
     for rev in opts.revs:
         median = statistics.median(steps[rev])
