@@ -212,7 +212,11 @@ def sample_next_token(
     if temperature >= GREEDY_BELOW_TEMPERATURE:
         scaled = logits / temperature
         nonfinite = _nonfinite_rows(scaled)
-        probs = torch.softmax(scaled.masked_fill_(nonfinite[:, None], 0.0), dim=-1)
+        # On the CPU, asking costs less than the fill (2 us against 11 at 32000 tokens); on a GPU the
+        # question would wait for the device.
+        if scaled.device.type != "cpu" or bool(nonfinite.any()):
+            scaled.masked_fill_(nonfinite[:, None], 0.0)
+        probs = torch.softmax(scaled, dim=-1)
         return sample_top_p(probs, top_p, generator).reshape(-1), nonfinite
     return torch.argmax(logits, dim=-1).reshape(-1), _nonfinite_rows(logits)
 
