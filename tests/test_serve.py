@@ -326,3 +326,28 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_at_once(tiny_ckpt):
         engine.stop()
         for t in threads:
             t.join(30)
+
+
+def test_startup_objects_are_set_aside_from_the_garbage_collector_before_serving(tiny_ckpt, monkeypatch):
+    # A full collection walks every object Python tracks, holding the GIL: the model's modules,
+    # the tokenizer's tables and the libraries live as long as the server, so start() freezes
+    # them before it serves, and later walks meet only what requests make.
+    import gc
+
+    from llama import serve
+
+    seen = []
+
+    def record(server, sock, host, port):  # in place of serving: what the heap looks like then
+        seen.append((gc.get_freeze_count(), len(gc.get_objects())))
+        sock.close()
+
+    monkeypatch.setattr(serve, "serve", record)
+    gc.unfreeze()
+    try:
+        serve.start(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), port=free_port(), max_seq_len=64,
+                    max_batch_size=2, device="cpu")
+        frozen, walked = seen[0]
+        assert frozen > 10_000 and walked < frozen / 10, (frozen, walked)
+    finally:
+        gc.unfreeze()
