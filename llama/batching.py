@@ -299,15 +299,13 @@ class Engine:
         One row after another on this thread: since a draw sorts only what it keeps (~0.2 ms at a
         32000-token vocabulary), two threads draw a step's rows slower than one (benchmarks/NOTES.md)."""
         for row, row_logits in zip(rows, logits):
-            self._take(row, row_logits, _draw(row, row_logits))
+            self._take(row, row_logits)
 
-    def _take(self, row: _Row, logits: torch.Tensor, draw: "Tuple[int, bool] | BaseException") -> None:
-        """Give the row its drawn token (`_draw`), or fail it."""
+    def _take(self, row: _Row, logits: torch.Tensor) -> None:
+        """Draw the row's token from its logits (1, vocab) and give it to the row, or fail the row."""
         request = row.request
         try:
-            if isinstance(draw, BaseException):
-                raise draw
-            token, nonfinite = draw
+            token, nonfinite = _draw(row, logits)
             if nonfinite:
                 # Its cache row may hold NaN: cleared, or the eager step's masked attention
                 # over a longer row would carry it into another request (0 x NaN).
@@ -367,15 +365,12 @@ class Engine:
                     pass  # rank 0 met the same error on the same input, and tells its client
 
 
-def _draw(row: _Row, logits: torch.Tensor):
+def _draw(row: _Row, logits: torch.Tensor) -> Tuple[int, bool]:
     """(token, whether the logits were not finite) sampled from `logits` (1, vocab) with the
-    row's generator, or the exception that raised. Touches nothing but the row's generator."""
+    row's generator. Touches nothing but the row's generator."""
     request = row.request
-    try:
-        token, nonfinite = sample_next_token(logits, request.temperature, request.top_p, row.generator)
-        return int(token[0]), bool(nonfinite[0])
-    except Exception as error:  # noqa: BLE001: the row fails, in `_take`
-        return error
+    token, nonfinite = sample_next_token(logits, request.temperature, request.top_p, row.generator)
+    return int(token[0]), bool(nonfinite[0])
 
 
 def _token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -735,7 +735,14 @@ class DecodeStep:
             wanted.append(total - 1)
         ids, positions, cache_rows = torch.cat(all_ids), torch.cat(all_positions), torch.cat(all_rows)
         if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < self._model.vocab:
-            raise IndexError(f"a token id is outside the vocabulary of {self._model.vocab}: {ids.tolist()}")
+            bad = int(((ids < 0) | (ids >= self._model.vocab)).nonzero()[0])
+            where, start = f"row {bad} of the step", len(step_rows)
+            for p, part in enumerate(all_ids[1:]):
+                if start <= bad < start + len(part):
+                    where = f"prompt {p}, position {bad - start}"
+                start += len(part)
+            raise IndexError(f"token id {int(ids[bad])} ({where}) is outside the vocabulary of {self._model.vocab} "
+                             f"(0 to {self._model.vocab - 1})")
         logits = torch.empty(len(wanted), self._model.vocab, dtype=torch.float32)
         done = 0  # logits filled
         for first in range(0, len(ids), PIECE_ROWS):

@@ -146,15 +146,14 @@ def start(
         serve(server, sock, host, port)
 
 
-def freeze_startup_heap() -> int:
+def freeze_startup_heap() -> None:
     """Keep what startup made (the model's modules, the tokenizer's tables, the libraries: all of
     it lives as long as the server) out of the garbage collector's walks: a full collection went
     over ~180k objects for the 100M demo, ~90 ms holding the GIL, a pause of the engine's draws
     and of every stream (benchmarks/NOTES.md). What startup left unreachable is collected first.
-    Returns how many objects are set aside. As vLLM, SGLang and Ray Serve do after startup."""
+    As vLLM, SGLang and Ray Serve do after startup."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 def serve(server: "Server", sock: socket.socket, host: str, port: int) -> None:

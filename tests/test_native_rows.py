@@ -301,7 +301,9 @@ def test_prompts_and_rows_refuse_what_does_not_fit_and_leave_the_cache(monkeypat
         ([([5], 3)], [(1, 2, 0), (2, 4, 0)], ValueError, "rows 0 and 1 both name cache row 0"),
         ([(list(range(MAX_SEQ + 1)), 3)], [], ValueError, f"longer than the cache ({MAX_SEQ} positions)"),
         ([([5], 4), ([], 3)], STEP, ValueError, "prompt 1 is empty"),
-        ([([5, 6], 4), ([5, SHAPE["vocab_size"]], 3)], STEP, IndexError, "outside the vocabulary"),
+        ([([5, 6], 4), ([5, SHAPE["vocab_size"]], 3)], STEP, IndexError,
+         f"token id {SHAPE['vocab_size']} (prompt 1, position 1) is outside the vocabulary"),
+        ([([5], 4)], [(-1, 2, 0)], IndexError, "token id -1 (row 0 of the step) is outside the vocabulary"),
         ([([5], 3)], [(1, MAX_SEQ, 0)], ValueError, f"position {MAX_SEQ} is outside the cache"),
         ([([5], 4), ([5], MAX_BATCH)], STEP, ValueError, f"prompt 1's cache row {MAX_BATCH} is outside the cache"),
     ]
