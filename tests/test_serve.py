@@ -351,3 +351,31 @@ def test_startup_objects_are_set_aside_from_the_garbage_collector_before_serving
         assert frozen > 10_000 and walked < frozen / 10, (frozen, walked)
     finally:
         gc.unfreeze()
+
+
+def test_what_uvicorn_makes_as_it_starts_is_frozen_once_it_answers(generator, monkeypatch):
+    # start() freezes the heap before serve() starts uvicorn; uvicorn's own startup (the app, its
+    # routes, the event loop) is frozen once it answers, and only once.
+    import gc
+    import os
+    import signal
+
+    from llama import serve
+    from llama.batching import Engine
+    from llama.server import Server
+
+    port, calls = free_port(), []
+
+    def freeze():
+        status = request(f"http://127.0.0.1:{port}/health", timeout=10).status_code
+        calls.append((status, gc.get_freeze_count()))
+        os.kill(os.getpid(), signal.SIGTERM)  # serve()'s own handler: it stops, as on Ctrl-C
+
+    monkeypatch.setattr(serve, "freeze_startup_heap", freeze)
+    server = Server(generator, Engine(generator), MODEL)
+    gc.unfreeze()
+    try:
+        serve.serve(server, serve.bind("127.0.0.1", port), "127.0.0.1", port)
+    finally:
+        gc.unfreeze()
+    assert calls == [(200, 0)]
