@@ -5,12 +5,13 @@ rows wait for the longest. Here each request holds one row of the KV cache
 from its prompt to its last token, joins the running batch at the next step
 boundary and leaves it when done, so a new request never waits for the
 longest one in flight. Every step runs one token of each request in flight,
-each at its own position, and the prompts of the requests admitted at that
-step boundary (`DecodeStep.prompts_and_rows`: on the CPU one C call, every
-token a row of its own, the weights read once for all; elsewhere each prompt
-as `generate` runs a batch of one, then the step). Requests that arrive
-during a step get their prompts in a forward of their own before that step's
-draws.
+each at its own position. Prompts come first: the requests admitted at a step
+boundary get their prompts in a forward of their own, and the step follows,
+with the prompts admitted meanwhile in the same forward
+(`DecodeStep.prompts_and_rows`: on the CPU one C call, every token a row of
+its own, the weights read once for all; elsewhere each prompt as `generate`
+runs a batch of one, then the step). Requests that arrive during a step get
+their prompts in a forward of their own before that step's draws.
 
 Each request samples from its own generator, seeded by its `seed`. On the
 C step the products give every row the sums it would get alone, so a seeded
@@ -214,14 +215,24 @@ class Engine:
     # -- rank 0 ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Rank 0: admit, then prompt and step in one forward, until `stop`; then release the other ranks."""
+        """Rank 0: admit, run prompts and steps, until `stop`; then release the other ranks.
+
+        Prompts first: requests admitted while others are in flight have their prompts run in a
+        forward of their own, their first tokens drawn at once, and the requests in flight step
+        in the next forward, with the prompts admitted meanwhile riding in it. So the rows in
+        flight wait for at most one forward of prompts before each step (and the prompts that
+        arrive during the step, before its draws); a new request waits for the forward under way
+        and its own, without the rows' work in it. Figures in benchmarks/NOTES.md."""
+        prompts_alone = False  # whether the last forward was prompts only, the rows waiting
         with torch.inference_mode():
             while True:
                 admitted = self._next_admissions()
                 if admitted is None:
                     share_from_rank_0(("stop",))
                     return
-                self._step(admitted, [row for row in self._rows.values() if row.last_token is not None and not row.done])
+                rows = [row for row in self._rows.values() if row.last_token is not None and not row.done]
+                prompts_alone = bool(admitted and rows) and not prompts_alone
+                self._step(admitted, [] if prompts_alone else rows)
                 self._drop_done()
 
     def _next_admissions(self, mid_step: bool = False) -> Optional[List[_Row]]:

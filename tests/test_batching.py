@@ -181,26 +181,28 @@ def test_stop_texts_cut_the_text_and_are_never_shown(llama, generator):
     assert all(stop not in "".join(sink.pieces[: i + 1]) for i in range(len(sink.pieces)))
 
 
-def test_prompts_join_the_step_at_a_boundary_and_run_before_the_draws_of_a_step_they_arrive_in(llama, generator):
-    """Requests submitted while a forward of prompts alone runs get their prompts in the next
-    forward, beside the step of the requests in flight (one pass over the weights), and share it;
-    a request submitted while a step runs gets its prompt in a forward of its own right after,
-    before that step's draws (it waits for one forward, not for the draws and the next); every
-    request's tokens are still its tokens alone."""
+def test_prompts_run_first_then_the_step_with_the_prompts_admitted_meanwhile(llama, generator):
+    """Requests admitted while others are in flight get their prompts in a forward of their own,
+    first; the step of the requests in flight comes next, and the prompts admitted during that
+    forward of prompts share it (one pass over the weights): the rows wait for one forward of
+    prompts at most. A request submitted while a step runs gets its prompt in a forward of its own
+    right after, before that step's draws. Every request's tokens are still its tokens alone."""
     from llama import batching
 
     engine = Engine(llama)
     forwards, late, draws = [], [], []
     real_run, real_draw = engine._run, batching._draw
+    asked = [("Hello", 2, 3), ("The llama café", 3, 4), ("Why", 4, 5), ("Once", 5, 2)]
 
     def run(command):
         if command[0] == "step":
             forwards.append((len(command[1]), len(command[3])))  # (prompts, rows of the step)
             if len(forwards) == 1:  # during the first request's prompt: two at once
-                late.append(submit(engine, llama, "Hello", max_tokens=3, seed=2))
-                late.append(submit(engine, llama, "The llama café", max_tokens=4, seed=3))
-            if len(forwards) == 3:  # during a step of the three
-                late.append(submit(engine, llama, "Why", max_tokens=5, seed=4))
+                late.extend(submit(engine, llama, p, max_tokens=n, seed=s) for p, s, n in asked[:2])
+            if len(forwards) == 2:  # during the forward of those two prompts alone
+                late.append(submit(engine, llama, asked[2][0], max_tokens=asked[2][2], seed=asked[2][1]))
+            if len(forwards) == 3:  # during the step of the three, which the fourth prompt shares
+                late.append(submit(engine, llama, asked[3][0], max_tokens=asked[3][2], seed=asked[3][1]))
         return real_run(command)
 
     def draw(row, logits):
@@ -214,12 +216,13 @@ def test_prompts_join_the_step_at_a_boundary_and_run_before_the_draws_of_a_step_
             first = submit(engine, llama, "Once upon a time there was", max_tokens=10, seed=1)
             for _, sink in [first] + late:
                 assert sink.ended.wait(30)
-    assert forwards[:5] == [(1, 0), (2, 1), (0, 3), (1, 0), (0, 4)], forwards
-    # The late request's first token came before the third forward's tokens of the three.
-    after_third = sorted(seed for n, seed in draws if n == 4)
-    assert after_third == [1, 2, 3, 4] and [seed for n, seed in draws if n == 4][0] == 4, draws
+    assert forwards[:5] == [(1, 0), (2, 0), (1, 3), (1, 0), (0, 5)], forwards
+    # The prompt that rode in the step drew its first token at once; the one that came during
+    # the step drew its first before that step's tokens of the three.
+    assert [seed for n, seed in draws if n == 3] == [4], draws
+    assert [seed for n, seed in draws if n == 4] == [5, 1, 2, 3], draws
     assert first[1].text == reference(generator, "Once upon a time there was", 1, max_tokens=10)
-    for (_, sink), (prompt, seed, n) in zip(late, [("Hello", 2, 3), ("The llama café", 3, 4), ("Why", 4, 5)]):
+    for (_, sink), (prompt, seed, n) in zip(late, asked):
         assert sink.text == reference(generator, prompt, seed, max_tokens=n)
 
 
@@ -234,7 +237,9 @@ def test_a_bad_prompt_fails_alone_when_it_shares_a_forward(llama, generator):
     def run(command):
         if command[0] == "step":
             forwards.append((len(command[1]), len(command[3])))
-            if len(forwards) == 1:  # during the first prompt: both join the next forward, with its step
+            if len(forwards) == 1:  # during the first prompt: a prompt, which runs alone next
+                late.append(submit(engine, llama, "Why", max_tokens=3, seed=3))
+            if len(forwards) == 2:  # during that prompt alone: both share the next forward, the step's
                 bad = Request([1, 5, vocab + 7], 3, 0.8, 0.9, llama.stop_tokens, Collect(), seed=9)
                 engine.submit(bad)
                 late.append((bad, bad.sink))
@@ -246,7 +251,8 @@ def test_a_bad_prompt_fails_alone_when_it_shares_a_forward(llama, generator):
         first = submit(engine, llama, "Once upon a time there was", max_tokens=8, seed=1)
         for _, sink in [first] + late:
             assert sink.ended.wait(30)
-    assert forwards[1:5] == [(2, 1), (1, 0), (1, 0), (0, 1)], forwards  # it raised; then each part alone
-    assert "outside the vocabulary" in late[0][1].error and late[0][1].tokens == []
-    assert late[1][1].error is None and late[1][1].text == reference(generator, "Hello", 2, max_tokens=3)
+    assert forwards[1:6] == [(1, 0), (2, 2), (1, 0), (1, 0), (0, 2)], forwards  # it raised; then each part alone
+    assert "outside the vocabulary" in late[1][1].error and late[1][1].tokens == []
+    assert late[0][1].error is None and late[0][1].text == reference(generator, "Why", 3, max_tokens=3)
+    assert late[2][1].error is None and late[2][1].text == reference(generator, "Hello", 2, max_tokens=3)
     assert first[1].text == reference(generator, "Once upon a time there was", 1, max_tokens=8)
