@@ -76,7 +76,7 @@ def cpu_description() -> str:
                 flags = set(line.split(":", 1)[1].split())
                 break
     avx512 = sorted(f for f in flags if f.startswith("avx512"))
-    policy = "SCHED_FIFO" if os.sched_getscheduler(0) == os.SCHED_FIFO else f"nice {os.nice(0)}"
+    policy = f"SCHED_OTHER, nice {os.nice(0)}" if os.sched_getscheduler(0) == os.SCHED_OTHER else "a real-time policy"
     return (f"CPU: {model}, {os.cpu_count()} logical CPUs; avx2 {'yes' if 'avx2' in flags else 'no'}; "
             f"avx512: {' '.join(avx512) or 'none'}; torch {torch.__version__}; this process at {policy}; "
             f"load average {os.getloadavg()[0]:.2f}")
@@ -247,6 +247,20 @@ def start_server(ckpt_dir: Path, opts, max_seq_len: int, log) -> tuple:
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), port
 
 
+def normal_policy() -> str:
+    """Leave a real-time policy for the normal one (the server started here inherits it); what this
+    process was started under. Under `chrt -f` (which steadies the other benchmarks) Linux's throttling
+    of real-time threads (sched_rt_runtime_us: 0.95 s of each second by default) stops a server that
+    keeps the cores busy for ~50 ms every second, a stall that lands on whichever first tokens are
+    being made then; and real-time clients would preempt a normal server at every chunk they read
+    (benchmarks/NOTES.md). A server is not run that way."""
+    policy = os.sched_getscheduler(0)
+    if policy == os.SCHED_OTHER:
+        return f"SCHED_OTHER, nice {os.nice(0)}"
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return {os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}.get(policy, f"policy {policy}")
+
+
 def wait_until_healthy(process, port: int, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -325,7 +339,9 @@ def main(argv=None) -> int:
     if missing:  # before minutes of writing weights
         parser.error(f"the server needs {' and '.join(missing)}: run pip install -e \".[serve]\"")
 
-    print(cpu_description(), flush=True)
+    started_under = normal_policy()
+    print(cpu_description() + ("" if started_under.startswith("SCHED_OTHER") else
+                               f" (started under {started_under}; left for SCHED_OTHER: see normal_policy)"), flush=True)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt  # SIGTERM too stops the server on the way out (the finally below)
@@ -364,7 +380,7 @@ def main(argv=None) -> int:
           f"arrive over {lone_s:.1f} s (a lone request's median duration), one every {stagger_s * 1000:.0f} ms")
     same = sum(a is not None and b is not None and a["error"] is None and b["error"] is None and a["text"] == b["text"]
                for a, b in zip(lone, together))
-    report = {"machine": cpu_description(), "options": vars(opts), "stagger_s": stagger_s,
+    report = {"machine": cpu_description(), "started_under": started_under, "options": vars(opts), "stagger_s": stagger_s,
               "targets": print_report(phases), "same_text": same, "server_exit_status": process.returncode,
               "phases": phases}
     print(f"same text as one at a time (each request brings its seed): {same} of {len(requests)}")
