@@ -270,9 +270,9 @@ class Engine:
         token of each of `rows` (requests in flight, each at its own position).
 
         On the C step that is one pass over the weights for all of them (`prompts_and_rows`), so
-        requests admitted at a step boundary cost the requests in flight one forward, not a prompt
-        and then a step. Each row is computed as it would be alone, so every request's tokens are
-        those it gets alone."""
+        prompts that ride in a step cost the requests in flight less than a forward of their own.
+        Each row is computed as it would be alone, so every request's tokens are those it gets
+        alone."""
         if not admitted and not rows:
             return
         command = ("step", [row.request.prompt_tokens for row in admitted], [row.cache_row for row in admitted],
