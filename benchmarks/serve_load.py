@@ -351,6 +351,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as folder, open(Path(folder) / "server.log", "wb") as log:
         try:
             tokenizer = make_checkpoint(Path(folder))
+            # On disk now: the kernel writes dirty pages back ~30 s after they were written (here
+            # ~400 MB), which would fall inside a phase, its flusher threads taking the cores' time.
+            os.sync()
             requests = make_requests(tokenizer, opts)
             sizes = [len(tokenizer.encode(r["prompt"], bos=True, eos=False)) for r in requests]
             process, port = start_server(Path(folder), opts, max(sizes) + opts.max_tokens, log)
