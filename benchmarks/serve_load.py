@@ -76,7 +76,7 @@ def cpu_description() -> str:
                 flags = set(line.split(":", 1)[1].split())
                 break
     avx512 = sorted(f for f in flags if f.startswith("avx512"))
-    policy = f"SCHED_OTHER, nice {os.nice(0)}" if os.sched_getscheduler(0) == os.SCHED_OTHER else "a real-time policy"
+    policy = f"{policy_name(os.sched_getscheduler(0))}, nice {os.nice(0)}"
     return (f"CPU: {model}, {os.cpu_count()} logical CPUs; avx2 {'yes' if 'avx2' in flags else 'no'}; "
             f"avx512: {' '.join(avx512) or 'none'}; torch {torch.__version__}; this process at {policy}; "
             f"load average {os.getloadavg()[0]:.2f}")
@@ -255,10 +255,15 @@ def normal_policy() -> str:
     being made then; and real-time clients would preempt a normal server at every chunk they read
     (benchmarks/NOTES.md). A server is not run that way."""
     policy = os.sched_getscheduler(0)
-    if policy == os.SCHED_OTHER:
-        return f"SCHED_OTHER, nice {os.nice(0)}"
-    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    return {os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}.get(policy, f"policy {policy}")
+    if policy in (os.SCHED_FIFO, os.SCHED_RR):  # not BATCH or IDLE, which a user chose
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # lowering needs no privilege
+    return policy_name(policy)
+
+
+def policy_name(policy: int) -> str:
+    names = {getattr(os, name): name for name in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")
+             if hasattr(os, name)}
+    return names.get(policy, f"policy {policy}")
 
 
 def wait_until_healthy(process, port: int, timeout_s: float = 600) -> None:
@@ -340,7 +345,7 @@ def main(argv=None) -> int:
         parser.error(f"the server needs {' and '.join(missing)}: run pip install -e \".[serve]\"")
 
     started_under = normal_policy()
-    print(cpu_description() + ("" if started_under.startswith("SCHED_OTHER") else
+    print(cpu_description() + ("" if started_under not in ("SCHED_FIFO", "SCHED_RR") else
                                f" (started under {started_under}; left for SCHED_OTHER: see normal_policy)"), flush=True)
 
     def interrupt(signum, frame):
