@@ -24,7 +24,9 @@ the server's usage counts. A response counts as an error unless it is HTTP
 200, ends with a finish_reason and `data: [DONE]`, and its token count fits
 its finish_reason ("length": max_tokens; "stop": fewer, the random model drew
 EOS). Exit status 1 if any response is an error or the server does not exit
-0 on SIGTERM; a missed target is only reported.
+0 on SIGTERM; a missed target is only reported. Started under a real-time
+policy (`chrt -f`), it runs itself and the server at the normal one, as a
+server is run (`normal_policy`).
 """
 
 import argparse
